@@ -1,0 +1,35 @@
+"""The ``agman`` command line: one Typer app, one module per command group in ``commands/``."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Attribute-specific fashion image retrieval on Milvus.")
+
+
+@app.callback()
+def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging")) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
+
+
+def _register() -> None:
+    """Attach every command group. Each module exposes ``register(app)``."""
+    from agman_milvus.commands import models, weights
+
+    for module in (models, weights):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,75 @@
+"""Settings, read from ``AGMAN_*`` environment variables (pydantic-settings).
+
+With nothing set, everything lives in one data directory: a Milvus Lite database and a SQLite
+file, and ingest runs in-process. Setting the URIs switches to a Milvus server or cluster,
+PostgreSQL and Celery workers behind Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "agman"
+
+
+class Settings(BaseSettings):
+    """Every setting of agman_milvus. Environment variable = ``AGMAN_`` + upper-case name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGMAN_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Embedded-mode data directory")
+    milvus_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AGMAN_MILVUS_URI", "MILVUS_URI", "milvus_uri"),
+        description="Milvus server/cluster URI; unset = Milvus Lite in data_dir",
+    )
+    milvus_token: str = Field(default="", description="Milvus token (user:password or API key)")
+    milvus_db_name: str = Field(default="", description="Milvus database name")
+    collection_prefix: str = Field(default="agman", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+                                   description="Prefix of every Milvus collection")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in data_dir")
+    broker_url: str | None = Field(default=None, description="Celery broker URL; unset = in-process ingest")
+    result_backend: str | None = Field(default=None, description="Celery result backend; default = broker_url")
+    checkpoint: Path | None = Field(default=None, description="Model checkpoint (.safetensors); unset = the demo model")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Inference device")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
+    decode_workers: int = Field(default=2, ge=0, le=64, description="Threads decoding images ahead of the model")
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Largest accepted image file")
+    max_image_pixels: int = Field(default=64_000_000, ge=1, description="Largest accepted width x height")
+    fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds to fetch an http(s) image")
+    filter_fields: list[str] = Field(
+        default_factory=lambda: ["category", "brand", "gender", "colour"],
+        description="Product metadata keys stored in Milvus for filtering",
+    )
+    task_time_limit: int = Field(default=1800, ge=10, description="Seconds a worker task may run")
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Milvus server is configured (Milvus Lite in data_dir)."""
+        return not self.milvus_uri
+
+    @property
+    def resolved_milvus_uri(self) -> str:
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'catalog.sqlite'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with keyword overrides taking precedence."""
+    return Settings(**overrides)  # type: ignore[arg-type]
