@@ -224,13 +224,17 @@ def _resolve_limits(
     settings: Settings | None, max_bytes: int | None, max_pixels: int | None,
     timeout: float | None,
 ) -> ImageLimits:
-    base = _limits_from_settings(settings) if settings is not None else None
-    if base is None and (max_bytes is None or max_pixels is None or timeout is None):
+    """Explicit values, else ``settings``, else the cached environment defaults."""
+    if settings is not None:
+        base = _limits_from_settings(settings)
+    elif max_bytes is None or max_pixels is None or timeout is None:
         base = default_limits()
+    else:
+        return ImageLimits(max_bytes, max_pixels, timeout)
     return ImageLimits(
-        max_bytes=max_bytes if max_bytes is not None else base.max_bytes,  # type: ignore[union-attr]
-        max_pixels=max_pixels if max_pixels is not None else base.max_pixels,  # type: ignore[union-attr]
-        timeout=timeout if timeout is not None else base.timeout,  # type: ignore[union-attr]
+        max_bytes=base.max_bytes if max_bytes is None else max_bytes,
+        max_pixels=base.max_pixels if max_pixels is None else max_pixels,
+        timeout=base.timeout if timeout is None else timeout,
     )
 
 
@@ -297,7 +301,7 @@ def decode_image_bytes(
     """
     limits = _resolve_limits(settings, max_bytes, max_pixels, 1.0)
     data = bytes(data)
-    label = source or f"{len(data):,} bytes of image data"
+    label = source or "the given bytes"
     _check_size(len(data), limits.max_bytes, label)
     return _decode(data, limits.max_pixels, label)
 
@@ -309,7 +313,7 @@ def decode_image_bytes(
 
 def _describe(source: object) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"{len(source):,} bytes of image data"  # type: ignore[arg-type]
+        return "the given bytes"
     if isinstance(source, str) and _URI_RE.match(source):
         return _redact(source)
     return str(source)
@@ -326,10 +330,12 @@ def _redact(uri: str) -> str:
     return uri
 
 
-def _check_size(size: int, max_bytes: int, label: str) -> None:
+def _check_size(size: int, max_bytes: int, label: str, *, partial: bool = False) -> None:
+    """Raise ImageTooLargeError past max_bytes (``partial``: size is what was read so far)."""
     if size > max_bytes:
+        amount = f"more than {max_bytes:,} bytes" if partial else f"{size:,} bytes"
         raise ImageTooLargeError(
-            f"{label} is too large: {size:,} bytes, the limit is {max_bytes:,} bytes",
+            f"image is too large: {label} has {amount}, the limit is {max_bytes:,} bytes",
             source=label,
         )
 
@@ -338,7 +344,7 @@ def _read(source: object, limits: ImageLimits, http_client: httpx.Client | None)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = _describe(source)
-        _check_size(len(data), limits.max_bytes, "the image data")
+        _check_size(len(data), limits.max_bytes, "the given bytes")
     elif isinstance(source, str) and _URI_RE.match(source):
         data, label = _read_uri(source, limits, http_client)
     elif isinstance(source, (str, os.PathLike)):
@@ -419,7 +425,7 @@ def _read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes
     finally:
         if fd >= 0:
             os.close(fd)
-    _check_size(len(data), max_bytes, label)
+    _check_size(len(data), max_bytes, label, partial=True)
     return data
 
 
@@ -448,7 +454,8 @@ def _fetch(uri: str, label: str, limits: ImageLimits, client: httpx.Client | Non
                 code = response.status_code
                 phrase = response.reason_phrase or ""
                 raise ImageFetchError(
-                    f"could not download {label}: the server answered HTTP {code} {phrase}".rstrip(),
+                    f"could not download {label}: the server answered HTTP {code} "
+                    f"{phrase}".rstrip(),
                     reason="http_status", status_code=code, source=label,
                     transient=code >= 500 or code in (408, 429),
                 )
@@ -458,13 +465,13 @@ def _fetch(uri: str, label: str, limits: ImageLimits, client: httpx.Client | Non
             buf = bytearray()
             for chunk in response.iter_bytes():
                 buf += chunk
-                _check_size(len(buf), limits.max_bytes, label)
+                _check_size(len(buf), limits.max_bytes, label, partial=True)
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("download exceeded the total time limit")
             return bytes(buf)
     except httpx.TimeoutException:
         raise ImageFetchError(
-            f"could not download {label}: no complete answer within {timeout:g} seconds",
+            f"could not download {label}: no complete answer within {timeout:g} s",
             reason="timeout", source=label, transient=True,
         ) from None
     except httpx.TooManyRedirects:
@@ -512,9 +519,7 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise NotAnImageError(
-            f"not an image: {label} {_what_is_it(data)}", source=label
-        ) from None
+        raise _unidentified(data, label) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecompressionBombError(
             f"image is too large to decode safely: {label} ({_short(exc)})", source=label
@@ -525,7 +530,9 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
     fmt = im.format or "image"
     width, height = im.size
     if width < 1 or height < 1:
-        raise CorruptImageError(f"image is corrupt: {label} declares a {width}x{height} size")
+        raise CorruptImageError(
+            f"image is corrupt: {label} declares a {width}x{height} size", source=label
+        )
     if width * height > max_pixels:
         raise DecompressionBombError(
             f"image is too large: {label} declares {width:,}x{height:,} = {width * height:,} "
@@ -550,46 +557,81 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
 
 
 def _decode_failure(exc: Exception, data: bytes, label: str, fmt: str | None) -> ImageError:
+    """Map whatever PIL raised while opening/decoding to a typed error."""
     text = _short(exc)
-    kind = f"the {fmt} data" if fmt else "the data"
+    if fmt is None and _magic_format(data) is None:
+        description = _non_image_description(data)
+        if description:  # e.g. text starting with "BM" that PIL took for a BMP header
+            return NotAnImageError(f"not an image ({description}): {label}", source=label)
+    kind = f"the {fmt} data" if fmt else "the image data"
     if isinstance(exc, EOFError) or "truncated" in text.lower():
         return TruncatedImageError(
-            f"image is truncated: {kind} of {label} ends early ({len(data):,} bytes; "
-            f"decoder: {text})", source=label,
+            f"image is truncated: {kind} ends early ({len(data):,} bytes; decoder: {text}) "
+            f"— {label}", source=label,
         )
     if isinstance(exc, MemoryError):
         return DecompressionBombError(
-            f"image is too large to decode: {label} ran out of memory", source=label
+            f"image is too large to decode: ran out of memory — {label}", source=label
         )
     return CorruptImageError(
-        f"image is corrupt: {kind} of {label} cannot be decoded ({text})", source=label
+        f"image is corrupt: {kind} cannot be decoded ({text}) — {label}", source=label
     )
 
 
-def _what_is_it(data: bytes) -> str:
-    """A human description of bytes that are no supported raster image."""
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+          (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_SHORT_HEADER = 64  # bytes; a file this short with an image signature was cut off
+
+
+def _magic_format(data: bytes) -> str | None:
+    """The format named by a strong file signature, if any (BMP's "BM" is too weak)."""
+    fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WEBP"
+    return fmt
+
+
+def _unidentified(data: bytes, label: str) -> ImageError:
+    """Error for bytes PIL could not identify: a damaged image or something else entirely."""
+    fmt = _magic_format(data)
+    if fmt is None:
+        description = _non_image_description(data) or (
+            f"no supported image format: {', '.join(ALLOWED_FORMATS)}"
+        )
+        return NotAnImageError(f"not an image ({description}): {label}", source=label)
+    if len(data) <= _SHORT_HEADER:
+        return TruncatedImageError(
+            f"image is truncated: it starts like a {fmt} file but holds only {len(data):,} "
+            f"bytes — {label}", source=label,
+        )
+    return CorruptImageError(
+        f"image is corrupt: it starts like a {fmt} file but its header cannot be read "
+        f"— {label}", source=label,
+    )
+
+
+def _non_image_description(data: bytes) -> str | None:
+    """What well-known non-image content ``data`` is (PDF, SVG, HTML, text...), if any."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"%pdf"):
-        return "is a PDF document"
+        return "a PDF document"
     if b"<svg" in head:
-        return "is an SVG (vector) drawing; only raster images are supported"
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
-        return "is an HTML page (a web page, not the image itself)"
-    if head.startswith(b"<?xml") or head.startswith(b"<"):
-        return "is an XML/markup document"
+        return "an SVG vector drawing; only raster images are supported"
+    if head.startswith(b"<!doctype html") or b"<html" in head:
+        return "an HTML page, not the image itself"
+    if head.startswith(b"<"):
+        return "an XML/markup document"
     if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1"):
-        return "is a HEIC/HEIF image, which is not supported"
+        return "a HEIC/HEIF image, which is not supported"
     if head.startswith(b"%!ps") or head.startswith(b"\xc5\xd0\xd3\xc6"):
-        return "is a PostScript/EPS file, which is not supported"
-    sample = data[:512]
+        return "a PostScript/EPS file, which is not supported"
     try:
-        text = sample.decode("utf-8")
+        text = data[:512].decode("utf-8")
     except UnicodeDecodeError:
-        text = None
-    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
-        return "is plain text"
-    formats = ", ".join(ALLOWED_FORMATS)
-    return f"is not in a supported image format ({formats})"
+        return None
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "plain text"
+    return None
 
 
 def _apply_orientation(im: Image.Image, label: str) -> Image.Image:

@@ -1,0 +1,407 @@
+"""agman_milvus.images: every corpus case through load_image, limits, sources, threads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from agman_milvus import images
+from agman_milvus.config import Settings
+from agman_milvus.images import (
+    CorruptImageError,
+    DecompressionBombError,
+    EmptyImageError,
+    ImageError,
+    ImageFetchError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    NotAnImageError,
+    TruncatedImageError,
+    UnsupportedSourceError,
+    decode_image_bytes,
+    load_image,
+    read_image_bytes,
+    to_rgb,
+)
+from tests.support import require_shared
+from tests.support.bad_images import (
+    CASE_NAMES,
+    CORPUS_LIMITS,
+    Case,
+    CorpusServers,
+    corpus_servers,
+    make_corpus,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ERROR_CLASS = {
+    "empty": EmptyImageError,
+    "truncated": TruncatedImageError,
+    "not_an_image": NotAnImageError,
+    "corrupt": CorruptImageError,
+    "too_large_bytes": ImageTooLargeError,
+    "too_many_pixels": DecompressionBombError,
+    "not_found": ImageNotFoundError,
+    "not_a_file": ImageNotFoundError,
+    "unreachable": ImageFetchError,
+    "timeout": ImageFetchError,
+    "http_status": ImageFetchError,
+    "unsupported_scheme": UnsupportedSourceError,
+}
+SERVER_CASES = {"url_timeout", "url_404", "url_ok", "url_too_large_streamed"}
+
+
+@dataclass
+class Corpus:
+    root: Path
+    servers: CorpusServers
+    cases: dict[str, Case]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "www").mkdir()
+    with corpus_servers(root / "www") as servers:
+        cases = make_corpus(root, servers=servers)
+        yield Corpus(root, servers, {case.name: case for case in cases})
+
+
+def _encode(im: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus
+# --------------------------------------------------------------------------------------------
+
+
+def test_corpus_is_complete(corpus: Corpus, tmp_path: Path) -> None:
+    assert len(CASE_NAMES) >= 24
+    assert set(corpus.cases) == set(CASE_NAMES)
+    offline = {case.name for case in make_corpus(tmp_path)}
+    assert offline == set(CASE_NAMES) - SERVER_CASES
+    assert {c.expect for c in corpus.cases.values()} - {"ok"} <= set(ERROR_CLASS)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_corpus_case(corpus: Corpus, name: str) -> None:
+    case = corpus.cases[name]
+    if case.ok:
+        im = load_image(case.source, **CORPUS_LIMITS)
+        assert im.mode == "RGB"
+        assert np.asarray(im).shape == (im.height, im.width, 3)  # fully decoded
+        if case.check is not None:
+            case.check(im)
+        return
+    with pytest.raises(ImageError) as info:
+        load_image(case.source, **CORPUS_LIMITS)
+    err = info.value
+    assert err.reason == case.expect, f"{name}: {err.reason} ({err})"
+    assert isinstance(err, ERROR_CLASS[case.expect]) and isinstance(err, ValueError)
+    message = str(err)
+    assert message and "\n" not in message and "Traceback" not in message
+    assert len(message) < 400
+
+
+def test_errors_are_picklable_and_marked_transient(corpus: Corpus) -> None:
+    outcomes = {}
+    for name in ("url_404", "unreachable_url", "jpeg_corrupt_middle", "zero_bytes"):
+        with pytest.raises(ImageError) as info:
+            load_image(corpus.cases[name].source, **CORPUS_LIMITS)
+        outcomes[name] = info.value
+    assert outcomes["url_404"].status_code == 404
+    assert not outcomes["url_404"].transient
+    assert outcomes["unreachable_url"].transient
+    assert not outcomes["jpeg_corrupt_middle"].transient
+    for err in outcomes.values():
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is type(err)
+        assert (copy.reason, str(copy), copy.transient) == (err.reason, str(err), err.transient)
+    assert pickle.loads(pickle.dumps(outcomes["url_404"])).status_code == 404
+
+
+def test_concurrent_decoding_matches_sequential(corpus: Corpus) -> None:
+    local = [c for c in corpus.cases.values() if not isinstance(c.source, str)
+             or c.source.startswith("file:")]
+
+    def outcome(case: Case) -> str:
+        try:
+            return hashlib.sha256(load_image(case.source, **CORPUS_LIMITS).tobytes()).hexdigest()
+        except ImageError as err:
+            return err.reason
+
+    expected = [outcome(c) for c in local]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):
+            assert list(pool.map(outcome, local)) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------------------------
+
+
+def test_max_bytes_on_every_kind_of_source(corpus: Corpus, tmp_path: Path) -> None:
+    data = _encode(Image.new("RGB", (16, 16), (1, 2, 3)))
+    path = tmp_path / "small.png"
+    path.write_bytes(data)
+    assert load_image(data, max_bytes=len(data)).size == (16, 16)  # exactly at the limit
+    for source in (data, bytearray(data), memoryview(data), path, str(path), path.as_uri()):
+        with pytest.raises(ImageTooLargeError) as info:
+            load_image(source, max_bytes=len(data) - 1)
+        assert info.value.reason == "too_large_bytes"
+        assert f"{len(data) - 1:,}" in str(info.value)
+    served = corpus.cases["url_ok"].source
+    with pytest.raises(ImageTooLargeError):  # rejected from Content-Length
+        load_image(served, max_bytes=100)
+
+
+def test_max_pixels_boundary() -> None:
+    data = _encode(Image.new("RGB", (20, 10), (9, 9, 9)))
+    assert load_image(data, max_pixels=200).size == (20, 10)
+    with pytest.raises(DecompressionBombError) as info:
+        load_image(data, max_pixels=199)
+    assert "20x10" in str(info.value)
+
+
+def test_bomb_rejected_fast_with_little_memory(corpus: Corpus) -> None:
+    bomb = corpus.cases["png_bomb_30000"].source
+    assert Path(bomb).stat().st_size < 2048
+    script = (
+        "import resource, sys, time\n"
+        "from agman_milvus.images import load_image, DecompressionBombError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "t = time.perf_counter()\n"
+        "for limit in (40_000_000, 10**12):\n"
+        "    try:\n"
+        "        load_image(sys.argv[1], max_pixels=limit)\n"
+        "    except DecompressionBombError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise SystemExit('not rejected')\n"
+        "elapsed = time.perf_counter() - t\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(elapsed, grown)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    elapsed, grown_kib = float(out[0]), int(out[1])
+    assert elapsed < 0.5
+    assert grown_kib < 20 * 1024  # a decoded 30000x30000 RGB image would be 2.7 GB
+
+
+def test_pil_globals_untouched(corpus: Corpus) -> None:
+    before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    for name in ("png_bomb_30000", "truncated_jpeg", "truncated_png", "cmyk_jpeg"):
+        try:
+            load_image(corpus.cases[name].source, **CORPUS_LIMITS)
+        except ImageError:
+            pass
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
+
+
+def test_total_download_deadline_against_a_slow_drip_server() -> None:
+    """A server sending one byte every 0.2 s never trips a per-read timeout; the total must."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"\x00")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ImageFetchError) as info:
+            load_image(f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png", timeout=1.0)
+        assert info.value.reason == "timeout" and info.value.transient
+        assert time.monotonic() - start < 3.0
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_limits_from_settings_and_overrides(tmp_path: Path) -> None:
+    data = _encode(Image.new("RGB", (10, 10)))
+    settings = Settings(data_dir=tmp_path, max_image_bytes=len(data) - 1, max_image_pixels=10_000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(data, settings=settings)
+    assert load_image(data, settings=settings, max_bytes=len(data)).size == (10, 10)
+    with pytest.raises(DecompressionBombError):
+        load_image(data, settings=settings, max_bytes=10**6, max_pixels=99)
+
+
+def test_default_limits_read_once_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    images.default_limits.cache_clear()
+    monkeypatch.setenv("AGMAN_MAX_IMAGE_BYTES", "50")
+    try:
+        assert images.default_limits().max_bytes == 50
+        monkeypatch.setenv("AGMAN_MAX_IMAGE_BYTES", "60")
+        assert images.default_limits().max_bytes == 50  # cached, not reread per call
+        with pytest.raises(ImageTooLargeError):
+            load_image(_encode(Image.new("RGB", (10, 10))))
+    finally:
+        images.default_limits.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_image_bytes_returns_the_original_bytes(corpus: Corpus, tmp_path: Path) -> None:
+    data = (corpus.root / "www" / "scene.jpg").read_bytes()
+    path = tmp_path / "copy.jpg"
+    path.write_bytes(data)
+    for source in (path, str(path), path.as_uri(), corpus.cases["url_ok"].source, data):
+        assert read_image_bytes(source, **CORPUS_LIMITS_NO_PIXELS) == data
+    png = read_image_bytes(Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
+    assert decode_image_bytes(png).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(EmptyImageError):
+        read_image_bytes(b"")
+
+
+CORPUS_LIMITS_NO_PIXELS = {k: v for k, v in CORPUS_LIMITS.items() if k != "max_pixels"}
+
+
+def test_decode_image_bytes_names_the_source_in_errors() -> None:
+    with pytest.raises(NotAnImageError) as info:
+        decode_image_bytes(b"hello world, not an image", source="upload #7")
+    assert "upload #7" in str(info.value) and "plain text" in str(info.value)
+    im = decode_image_bytes(_encode(Image.new("L", (3, 2), 77)))
+    assert (im.mode, im.size, im.getpixel((0, 0))) == ("RGB", (3, 2), (77, 77, 77))
+
+
+def test_pil_image_input_is_converted_not_mutated() -> None:
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 255, 0))
+    out = load_image(rgba)
+    assert rgba.mode == "RGBA" and out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    rgb = Image.new("RGB", (4, 4), (5, 6, 7))
+    out = load_image(rgb)
+    assert out is not rgb and out.tobytes() == rgb.tobytes()
+    with pytest.raises(DecompressionBombError):
+        load_image(Image.new("L", (100, 100)), max_pixels=9_999)
+
+
+def test_lazily_opened_pil_image_with_exif_orientation(corpus: Corpus) -> None:
+    with Image.open(corpus.cases["exif_rotated_jpeg"].source) as lazy:
+        assert lazy.size == (40, 20)
+        corpus.cases["exif_rotated_jpeg"].check(load_image(lazy))
+
+
+def test_unsupported_sources() -> None:
+    with pytest.raises(UnsupportedSourceError) as info:
+        load_image(12345)  # type: ignore[arg-type]
+    assert info.value.reason == "unsupported_type"
+    with pytest.raises(UnsupportedSourceError) as info:
+        load_image("blob://" + "a" * 64)
+    assert "BlobStore.open_uri" in str(info.value)
+    with pytest.raises(UnsupportedSourceError) as info:
+        load_image("file://other-host/x.jpg")
+    assert info.value.reason == "invalid_uri"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageNotFoundError) as info:
+        load_image(fifo)
+    assert info.value.reason == "not_a_file"
+
+
+def test_credentials_are_not_echoed(corpus: Corpus) -> None:
+    port = corpus.servers.base_url.rsplit(":", 1)[1]
+    with pytest.raises(ImageFetchError) as info:
+        load_image(f"http://user:s3cret@127.0.0.1:{port}/missing.jpg")
+    assert "s3cret" not in str(info.value) and info.value.reason == "http_status"
+
+
+def test_html_error_page_served_as_image(corpus: Corpus) -> None:
+    (corpus.root / "www" / "blocked.jpg").write_bytes(b"<html><body>Access denied</body></html>")
+    with pytest.raises(NotAnImageError) as info:
+        load_image(f"{corpus.servers.base_url}/blocked.jpg")
+    assert "HTML" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Modes and the JPEG structure check
+# --------------------------------------------------------------------------------------------
+
+
+def test_damaged_headers_are_not_called_non_images() -> None:
+    png = _encode(Image.new("RGB", (8, 8)))
+    with pytest.raises(TruncatedImageError):
+        load_image(png[:30])
+    broken = bytearray(png)
+    broken[12:16] = b"XXXX"  # the IHDR chunk type
+    with pytest.raises(CorruptImageError) as info:
+        load_image(bytes(broken))
+    assert "starts like a PNG" in str(info.value)
+    with pytest.raises(NotAnImageError):
+        load_image(b"BMW catalogue 2024, spring collection")
+
+
+def test_16bit_is_scaled_not_clipped() -> None:
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    for mode, raw in (("I;16", values.astype("<u2")), ("I;16B", values.astype(">u2"))):
+        im = Image.frombytes(mode, (4, 1), raw.tobytes())
+        assert np.asarray(to_rgb(im))[0].tolist() == [[0] * 3, [1] * 3, [128] * 3, [255] * 3]
+
+
+def test_rgb_with_transparency_key_is_composited() -> None:
+    im = Image.new("RGB", (2, 1), (10, 20, 30))
+    im.putpixel((1, 0), (1, 2, 3))
+    loaded = load_image(_encode(im, "PNG", transparency=(1, 2, 3)))
+    assert loaded.getpixel((0, 0)) == (10, 20, 30) and loaded.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_jpeg_with_out_of_sequence_restart_marker_is_corrupt() -> None:
+    data = bytearray(_encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG",
+                             restart_marker_blocks=2))
+    first = data.find(b"\xff\xd1")
+    assert first > 0
+    data[first + 1] = 0xD5  # RST1 -> RST5
+    with pytest.raises(CorruptImageError) as info:
+        load_image(bytes(data))
+    assert "restart marker" in str(info.value)
+
+
+@pytest.mark.realdata
+def test_real_catalogue_images_decode_without_false_alarms() -> None:
+    folder = require_shared("data", "fashion-products", "images")
+    files = sorted(folder.glob("*.jpg"))[::25]
+    assert len(files) > 100
+    for path in files:
+        im = load_image(path)
+        assert im.mode == "RGB" and im.size == (224, 224)
