@@ -22,9 +22,9 @@ def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debu
 
 def _register() -> None:
     """Attach every command group. Each module exposes ``register(app)``."""
-    from agman_milvus.commands import models, weights
+    from agman_milvus.commands import db, models, reconcile, train, weights
 
-    for module in (models, weights):
+    for module in (db, models, reconcile, train, weights):
         module.register(app)
 
 
