@@ -201,8 +201,9 @@ class Catalog:
                     height=height, phash=phash, status=ImageStatus.pending, attempts=0,
                 )
                 .on_conflict_do_nothing(index_elements=["product_id", "sha256"])
+                .returning(Image.id)
             )
-            created = result.rowcount == 1
+            created = result.scalar_one_or_none() is not None
             image = s.scalars(
                 select(Image).where(Image.product_id == product_id, Image.sha256 == sha256)
             ).one()

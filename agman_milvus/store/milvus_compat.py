@@ -39,6 +39,11 @@ class Deployment:
     lite: bool
     grouping_search: bool
 
+    @property
+    def binary_vectors(self) -> bool:
+        """Lite rejects BINARY_VECTOR fields, so 64-bit perceptual hashes are kept in SQL."""
+        return not self.lite
+
     def index_params(self, client: MilvusClient, field: str, metric: str = "COSINE") -> Any:
         """HNSW index params for ``field`` in the form this deployment honours."""
         params = client.prepare_index_params()

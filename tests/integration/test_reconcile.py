@@ -1,0 +1,162 @@
+"""Reconcile repairs drift created on purpose between a real catalog and real Milvus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+from typer.testing import CliRunner
+
+from agman_milvus.reconcile import reconcile
+from agman_milvus.schema import AttributeSchema
+from agman_milvus.store.catalog import Catalog, ImageStatus
+from agman_milvus.store.vectors import COPY, VectorRow, VectorStore
+
+SCHEMA = AttributeSchema.from_dict({"colour": ["red", "blue"], "pattern": 3})
+DIM, DESC_DIM = 8, 12
+
+
+def vector_for(image_id: int, salt: str, dim: int) -> np.ndarray:
+    """A deterministic unit vector per image (what an embedder would give for its pixels)."""
+    seed = int.from_bytes(hashlib.sha256(f"{image_id}:{salt}".encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class Embedder:
+    """A real re-embed step: writes every image's vectors and marks the rows indexed."""
+
+    def __init__(self, catalog: Catalog, store: VectorStore) -> None:
+        self.catalog, self.store, self.calls = catalog, store, []  # type: list[list[int]]
+
+    def __call__(self, image_ids: list[int]) -> None:
+        self.calls.append(list(image_ids))
+        images = self.catalog.get_images(image_ids)
+        rows = [
+            VectorRow(i, images[i].product_id,
+                      {a: vector_for(i, a, DIM) for a in SCHEMA.names}, vector_for(i, COPY, DESC_DIM))
+            for i in image_ids if images[i].status == ImageStatus.pending
+        ]
+        self.store.upsert(rows)
+        self.catalog.mark_indexed([r.image_id for r in rows], self.store.model_version)
+
+
+@pytest.fixture
+def world(sqlite_catalog: Catalog, milvus_client: MilvusClient, collection_prefix: str):
+    store = VectorStore(milvus_client, SCHEMA, "v2", embed_dim=DIM, descriptor_dim=DESC_DIM,
+                        prefix=collection_prefix, search_consistency="Strong")
+    store.ensure_collections()
+    embed = Embedder(sqlite_catalog, store)
+    product = sqlite_catalog.upsert_product("p1").id
+    ids = [sqlite_catalog.add_image(product, f"{i:064x}")[0].id for i in range(8)]
+    embed(ids)
+    embed.calls.clear()
+    return sqlite_catalog, store, embed, ids
+
+
+def make_drift(catalog: Catalog, store: VectorStore, ids: list[int]) -> dict[str, object]:
+    client = store.client
+    # 1. an indexed row lost its vector in one attribute collection
+    client.delete(store.collection("pattern"), ids=[ids[0]])
+    # 2. vectors whose row does not exist at all
+    orphan = VectorRow(9999, 1, {a: vector_for(9999, a, DIM) for a in SCHEMA.names},
+                       vector_for(9999, COPY, DESC_DIM))
+    store.upsert([orphan])
+    # 3. vectors of a row that failed, and of a row that was deleted
+    catalog.mark_failed(ids[1], "decode error")
+    deleted_product = catalog.upsert_product("p-deleted").id
+    deleted_id = catalog.add_image(deleted_product, "f" * 64)[0].id
+    store.upsert([VectorRow(deleted_id, deleted_product,
+                            {a: vector_for(deleted_id, a, DIM) for a in SCHEMA.names})])
+    catalog.soft_delete_product("p-deleted")
+    # 4. a row indexed by an older model version
+    catalog.mark_indexed([ids[2]], "v1")
+    # 5. a vector written by another model version into the active collection
+    client.upsert(store.collection("colour"), [{
+        "image_id": ids[3], "product_id": 1, "model_version": "v1",
+        "vector": vector_for(ids[3], "old", DIM).tolist(),
+        **{f: "" for f in store.filter_fields},
+    }])
+    store.deployment.after_write(client, store.collection("colour"))
+    return {"deleted_id": deleted_id}
+
+
+def test_reconcile_finds_and_repairs_drift(world) -> None:
+    catalog, store, embed, ids = world
+    drift = make_drift(catalog, store, ids)
+    deleted_id = drift["deleted_id"]
+
+    dry = reconcile(catalog, store, "v2", dry_run=True, reembed=embed)
+    assert not dry.clean
+    assert dry.missing_vectors == [ids[0], ids[3]]
+    assert dry.stale_rows == [ids[2]]
+    assert dry.stale_vectors["colour"] == [ids[3]]
+    for label in (*SCHEMA.names, COPY):
+        expected = {9999, ids[1]} | ({deleted_id} if label != COPY else set())
+        assert set(dry.orphan_vectors[label]) == expected, label
+    # a dry run changes nothing
+    assert embed.calls == [] and store.count("colour") == 10
+    assert catalog.get_images([ids[2]])[ids[2]].model_version == "v1"
+
+    report = reconcile(catalog, store, "v2", dry_run=False, reembed=embed)
+    assert report.deleted_vectors == 3 + 3 + 2 + 1  # 9999 x3, failed x3, deleted x2, stale x1
+    assert report.reembedded == 3 and embed.calls == [sorted([ids[0], ids[2], ids[3]])]
+
+    after = reconcile(catalog, store, "v2", dry_run=True, reembed=embed)
+    assert after.clean, after.to_dict()
+    for label in (*SCHEMA.names, COPY):
+        assert store.count(label) == 7  # the 8 images minus the failed one
+    assert {v for _, v in store.iter_image_ids(store.collection("colour"))} == {"v2"}
+    assert catalog.get_images([ids[2]])[ids[2]].model_version == "v2"
+    np.testing.assert_allclose(store.get_vectors("colour", [ids[3]])[ids[3]],
+                               vector_for(ids[3], "colour", DIM), atol=1e-6)
+
+
+def test_reconcile_without_pipeline_reports_missing(world) -> None:
+    catalog, store, embed, ids = world
+    store.client.delete(store.collection(COPY), ids=[ids[4]])
+    store.upsert([VectorRow(5555, 1, {a: vector_for(5555, a, DIM) for a in SCHEMA.names})])
+    report = reconcile(catalog, store, "v2", dry_run=False, reembed=None)
+    assert report.missing_vectors == [ids[4]]
+    assert report.deleted_vectors == 2  # the orphan is still removed
+    assert report.unrepaired and "reembed_images" in report.unrepaired[0]
+    assert catalog.get_images([ids[4]])[ids[4]].status == ImageStatus.indexed  # left alone
+    with pytest.raises(ValueError, match="not the active version"):
+        reconcile(catalog, store, "v3", dry_run=True, reembed=None)
+
+
+@pytest.mark.parametrize("milvus_client", ["lite"], indirect=True)
+def test_reconcile_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, milvus_client: MilvusClient) -> None:
+    """``agman reconcile --dry-run`` on the embedded default (SQLite + Milvus Lite in data_dir)."""
+    from agman_milvus.cli import app
+    from agman_milvus.config import Settings
+    from agman_milvus.store.catalog import open_catalog
+
+    monkeypatch.setenv("AGMAN_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("AGMAN_DATABASE_URL", raising=False)
+    monkeypatch.delenv("AGMAN_MILVUS_URI", raising=False)
+    monkeypatch.delenv("MILVUS_URI", raising=False)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["reconcile", "--dry-run"])
+    assert refused.exit_code == 2 and "no active model" in refused.output
+
+    settings = Settings(data_dir=tmp_path)
+    catalog = open_catalog(settings)
+    catalog.register_model("v2", name="agman", backbone="mobilenet_v2",
+                           attribute_schema=SCHEMA.to_json(), embed_dim=DIM, descriptor_dim=DESC_DIM)
+    catalog.set_active_model("v2")
+    store = VectorStore.from_settings(settings, SCHEMA, "v2", embed_dim=DIM, descriptor_dim=DESC_DIM)
+    store.ensure_collections()
+    product = catalog.upsert_product("p").id
+    image_id = catalog.add_image(product, "a" * 64)[0].id
+    catalog.mark_indexed([image_id], "v2")  # indexed, but no vectors: drift
+
+    result = runner.invoke(app, ["reconcile", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["missing_vectors"] == 1 and report["dry_run"] is True and not report["clean"]
+    catalog.dispose()

@@ -1,0 +1,324 @@
+"""The vector store against real Milvus Lite, and a real Milvus 2.3.5 server in the server tier."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+
+from agman_milvus.config import Settings
+from agman_milvus.schema import AttributeSchema
+from agman_milvus.store.filters import FilterError, build_filter, quote_string
+from agman_milvus.store.milvus_compat import HNSW_BUILD, probe
+from agman_milvus.store.vectors import (
+    COPY,
+    Hit,
+    MilvusLiteLockedError,
+    VectorRow,
+    VectorStore,
+    dedupe_by_product,
+    open_milvus,
+    search_distinct_products,
+    version_tag,
+)
+
+SCHEMA = AttributeSchema.from_dict({"sleeve length": ["short", "long"], "neckline": 3})
+DIM, DESC_DIM = 16, 24
+HOSTILE = [
+    'x" or product_id > 0 or "',
+    "x' or product_id > 0 or '",
+    "back\\slash",
+    "trailing\\",
+    '\\"',
+    "line\nbreak\r\ttab",
+    "ünïcödé 🙂 中文",
+    "a) or (product_id >= 0",
+    "%_like",
+]
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_store(client: MilvusClient, prefix: str, version: str = "v1", **kw: object) -> VectorStore:
+    store = VectorStore(client, SCHEMA, version, embed_dim=DIM, descriptor_dim=DESC_DIM,
+                        prefix=prefix, search_consistency="Strong", **kw)  # type: ignore[arg-type]
+    store.ensure_collections()
+    return store
+
+
+def make_rows(rng: np.random.Generator, ids: list[int], products: list[int],
+              brands: list[str] | None = None) -> list[VectorRow]:
+    rows = []
+    for k, (image_id, product_id) in enumerate(zip(ids, products)):
+        vecs = {a: unit(rng, 1, DIM)[0] for a in SCHEMA.names}
+        meta = {"brand": brands[k] if brands else f"brand{product_id % 3}", "colour": "Red"}
+        rows.append(VectorRow(image_id, product_id, vecs, unit(rng, 1, DESC_DIM)[0], meta))
+    return rows
+
+
+# -- filters (pure) ---------------------------------------------------------------------------
+def test_build_filter_declared_fields_only() -> None:
+    fields = {"brand": str, "colour": str, "product_id": int}
+    assert build_filter(None, fields) == ""
+    assert build_filter({"brand": "Nike", "colour": ["Red", "Blue"]}, fields) == \
+        'brand == "Nike" and colour in ["Red", "Blue"]'
+    assert build_filter({"product_id": 7}, fields) == "product_id == 7"
+    with pytest.raises(FilterError, match="filterable fields: brand, colour, product_id"):
+        build_filter({"brand or 1": "x"}, fields)
+    with pytest.raises(FilterError, match="integer"):
+        build_filter({"product_id": "7 or 1"}, fields)
+    with pytest.raises(FilterError, match="empty list"):
+        build_filter({"colour": []}, fields)
+    with pytest.raises(FilterError, match="control character"):
+        build_filter({"brand": "bell\x07"}, fields)
+
+
+def test_quote_string_round_trips_through_python_literal_rules() -> None:
+    # Milvus' escapes are a C-style subset; Python's literal syntax agrees on that subset.
+    import ast
+
+    for value in HOSTILE:
+        assert ast.literal_eval(quote_string(value)) == value
+
+
+# -- deployment quirks ------------------------------------------------------------------------
+def test_deployment_probe_and_index_params(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    deployment = probe(milvus_client)
+    store = make_store(milvus_client, collection_prefix)
+    index = milvus_client.describe_index(store.collection(0), "vector")
+    assert index["index_type"] == "HNSW" and index["metric_type"] == "COSINE"
+    # Lite drops flat build params silently; the compat layer must make them stick
+    assert {k: int(v) for k, v in index.items() if k in HNSW_BUILD} == HNSW_BUILD or \
+        {k: int(v) for k, v in index.get("params", {}).items()} == HNSW_BUILD
+    if deployment.lite:
+        assert deployment.grouping_search and not deployment.binary_vectors
+    else:
+        assert deployment.version.startswith("v2.3") and not deployment.grouping_search
+
+    store.upsert(make_rows(np.random.default_rng(9), [1, 2, 3], [1, 1, 2]))
+    if deployment.lite:  # writes are flushed, so the HNSW index covers them (no slow path)
+        index = milvus_client.describe_index(store.collection(0), "vector")
+        assert index["indexed_rows"] == 3 and index["pending_index_rows"] == 0
+
+
+def test_lite_quirk_no_binary_vectors(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    """Why perceptual hashes live in SQL: Lite cannot store binary vectors."""
+    from pymilvus import DataType, MilvusException
+
+    if not probe(milvus_client).lite:
+        pytest.skip("a Lite quirk")
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("image_id", DataType.INT64, is_primary=True)
+    schema.add_field("phash", DataType.BINARY_VECTOR, dim=64)
+    index = milvus_client.prepare_index_params()
+    index.add_index(field_name="phash", index_type="BIN_FLAT", metric_type="HAMMING")
+    with pytest.raises(MilvusException, match="BinaryVector"):
+        milvus_client.create_collection(f"{collection_prefix}_phash", schema=schema, index_params=index)
+
+
+def test_ensure_collections_layout_and_idempotence(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    store = make_store(milvus_client, collection_prefix)
+    store.ensure_collections()
+    names = store.collection_names()
+    assert set(names) == {"sleeve length", "neckline", COPY}
+    assert names["sleeve length"] == f"{collection_prefix}_sleeve_length__v1"
+    assert set(names.values()) <= set(milvus_client.list_collections())
+    assert store.active_version() == "v1" and store.is_active
+    fields = {f["name"] for f in milvus_client.describe_collection(names[COPY])["fields"]}
+    assert fields == {"image_id", "product_id", "model_version", "vector", *store.filter_fields}
+    other_dim = VectorStore(milvus_client, SCHEMA, "v1", embed_dim=DIM + 1, descriptor_dim=DESC_DIM,
+                            prefix=collection_prefix)
+    with pytest.raises(Exception, match="different layout"):
+        other_dim.ensure_collections()
+
+
+def test_upsert_is_idempotent_and_delete(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    rng = np.random.default_rng(0)
+    store = make_store(milvus_client, collection_prefix)
+    rows = make_rows(rng, [1, 2, 3], [10, 10, 11])
+    store.upsert(rows)
+    store.upsert(rows)  # the same images again: no duplicates
+    for label in store.collection_names():
+        assert store.count(label) == 3
+
+    changed = VectorRow(1, 10, {a: unit(rng, 1, DIM)[0] for a in SCHEMA.names}, None, {"brand": "new"})
+    store.upsert([changed])
+    got = store.get_vectors("neckline", [1, 2, 999])
+    assert set(got) == {1, 2}
+    np.testing.assert_allclose(got[1], changed.vectors["neckline"], atol=1e-6)
+    assert store.count(COPY) == 3  # no descriptor given -> copy row untouched
+
+    store.delete_images([2])
+    assert all(store.count(label) == 2 for label in store.collection_names())
+    store.delete_product(10)
+    assert all(store.count(label) == 1 for label in store.collection_names())
+    assert [i for i, _ in store.iter_image_ids(store.collection(0))] == [3]
+
+
+def test_upsert_rejects_bad_rows(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    store = make_store(milvus_client, collection_prefix)
+    good = np.ones(DIM, np.float32)
+    with pytest.raises(ValueError, match="no vector for attributes"):
+        store.upsert([VectorRow(1, 1, {"neckline": good})])
+    with pytest.raises(ValueError, match="expected a 16-d vector"):
+        store.upsert([VectorRow(1, 1, {"neckline": good, "sleeve length": np.ones(3)})])
+    with pytest.raises(ValueError, match="NaN"):
+        store.upsert([VectorRow(1, 1, {"neckline": good, "sleeve length": good * np.nan})])
+    with pytest.raises(KeyError, match="known attributes"):
+        store.search("hem", [good], 3)
+    assert store.count(0) == 0
+
+
+def test_search_self_match_and_attribute_spaces(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    rng = np.random.default_rng(1)
+    store = make_store(milvus_client, collection_prefix)
+    rows = make_rows(rng, list(range(1, 41)), list(range(1, 41)))
+    store.upsert(rows)
+    for attr in SCHEMA.names:
+        queries = np.stack([rows[5].vectors[attr], rows[17].vectors[attr]])
+        hits = store.search(attr, queries, top_k=5)
+        assert [h[0].image_id for h in hits] == [6, 18]
+        assert hits[0][0].score == pytest.approx(1.0, abs=1e-4)
+        assert all(a.score >= b.score for a, b in zip(hits[0], hits[0][1:]))
+    copy_hits = store.search_copy([rows[3].descriptor], top_k=3)  # type: ignore[list-item]
+    assert copy_hits[0][0].image_id == 4
+
+
+@pytest.mark.parametrize("grouping", [None, False], ids=["probed", "overfetch"])
+def test_one_hit_per_product(milvus_client: MilvusClient, collection_prefix: str,
+                             grouping: bool | None) -> None:
+    rng = np.random.default_rng(2)
+    store = make_store(milvus_client, collection_prefix, grouping=grouping)
+    # 12 products with 1..8 images each; product 0's images crowd the neighbourhood of q
+    q = unit(rng, 1, DIM)[0]
+    ids, products, vecs = [], [], []
+    next_id = 1
+    for product in range(12):
+        for k in range(8 if product == 0 else 1 + product % 3):
+            noise = 0.05 if product == 0 else 0.6
+            v = q + noise * rng.normal(size=DIM).astype(np.float32)
+            ids.append(next_id); products.append(product); vecs.append(v / np.linalg.norm(v))
+            next_id += 1
+    rows = [VectorRow(i, p, {a: v for a in SCHEMA.names}, None, {}) for i, p, v in zip(ids, products, vecs)]
+    store.upsert(rows)
+
+    hits = store.search("neckline", [q], top_k=5)[0]
+    # exact answer by brute force: best image per product, top 5 products
+    sims = np.stack(vecs) @ q
+    best: dict[int, tuple[float, int]] = {}
+    for i, p, s in zip(ids, products, sims):
+        if p not in best or s > best[p][0]:
+            best[p] = (float(s), i)
+    expected = sorted(best.items(), key=lambda kv: -kv[1][0])[:5]
+    assert [h.product_id for h in hits] == [p for p, _ in expected]
+    assert [h.image_id for h in hits] == [i for _, (_, i) in expected]
+    assert len({h.product_id for h in hits}) == 5
+
+    everything = store.search("neckline", [q], top_k=50)[0]  # more than there are products
+    assert sorted(h.product_id for h in everything) == list(range(12))
+    raw = store.search("neckline", [q], top_k=5, one_per_product=False)[0]
+    assert [h.product_id for h in raw].count(0) >= 4  # without dedupe product 0 dominates
+
+
+def test_search_distinct_products_fetches_more_until_enough() -> None:
+    calls: list[int] = []
+    pool = [Hit(i, 0 if i < 30 else i, 1.0 - i / 100) for i in range(40)]
+
+    def run(batch: list[list[float]], limit: int) -> list[list[Hit]]:
+        calls.append(limit)
+        return [pool[:limit] for _ in batch]
+
+    out = search_distinct_products(run, [[0.0]], top_k=3)
+    assert [h.product_id for h in out[0]] == [0, 30, 31]
+    assert calls == [12, 48]  # 12 hits held only 1 product; 48 exhausted the pool
+    assert dedupe_by_product([Hit(1, 5, 0.2), Hit(2, 5, 0.9)], 3) == [Hit(2, 5, 0.9)]
+
+
+def test_hostile_filter_values(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    rng = np.random.default_rng(3)
+    store = make_store(milvus_client, collection_prefix)
+    brands = [*HOSTILE, "plain"]
+    rows = make_rows(rng, list(range(1, len(brands) + 1)), list(range(1, len(brands) + 1)), brands)
+    store.upsert(rows)
+    q = [rows[0].vectors["neckline"]]
+    for k, brand in enumerate(brands):
+        hits = store.search("neckline", q, top_k=20, filters={"brand": brand})[0]
+        assert [h.image_id for h in hits] == [k + 1], brand
+    hits = store.search("neckline", q, top_k=20, filters={"brand": [HOSTILE[0], "plain"]})[0]
+    assert sorted(h.image_id for h in hits) == [1, len(brands)]
+    hits = store.search("neckline", q, top_k=20, filters={"brand": "plain", "product_id": 1})[0]
+    assert hits == []
+    with pytest.raises(FilterError, match="filterable fields: brand, category, colour, gender, product_id"):
+        store.search("neckline", q, top_k=3, filters={"model_version": "v1"})
+
+
+def test_version_switch_never_mixes_versions(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    rng = np.random.default_rng(4)
+    v1 = make_store(milvus_client, collection_prefix, "v1")
+    v1.upsert(make_rows(rng, [1, 2, 3], [1, 2, 3]))
+    assert v1.active_version() == "v1"
+
+    v2 = make_store(milvus_client, collection_prefix, "model-2.0+abc")  # built while v1 serves
+    assert v2.active_version() == "v1" and not v2.is_active
+    v2.upsert(make_rows(rng, [1, 2], [1, 2]))
+    q = [np.ones(DIM, np.float32)]
+    assert {h.image_id for h in v2.search("neckline", q, top_k=10)[0]} == {1, 2}
+    assert {h.image_id for h in v1.search("neckline", q, top_k=10)[0]} == {1, 2, 3}
+    assert {v for _, v in v2.iter_image_ids(v2.collection(0))} == {"model-2.0+abc"}
+
+    v2.activate()
+    assert v1.active_version() == v2.active_version() == "model-2.0+abc"
+    alias = milvus_client.describe_alias(v2.alias("neckline"))
+    assert alias["collection_name"] == v2.collection("neckline")
+    assert set(v2.versions()) == {"v1", "model-2.0+abc"}
+
+    v2.delete_images([1])  # deletes reach every version's collections
+    assert v1.count("neckline") == 2 and v2.count("neckline") == 1
+    with pytest.raises(Exception, match="is active"):
+        v1.drop_version("model-2.0+abc")
+    assert sorted(v2.drop_version("v1")) == sorted(v1.collection_names().values())
+    assert set(v2.versions()) == {"model-2.0+abc"}
+
+
+def test_version_tag_is_collection_safe() -> None:
+    assert version_tag("v1") == "v1"
+    tag = version_tag("agman-mobilenet_v2@2026.11/abc")
+    assert tag.replace("_", "").isalnum() and len(tag) <= 40
+    assert version_tag("a.b") != version_tag("a_b")
+
+
+# -- opening Milvus Lite ----------------------------------------------------------------------
+@pytest.mark.skipif(__import__("os").environ.get("AGMAN_TEST_MILVUS_SERVER") == "1",
+                    reason="Milvus Lite tests run in the default tier")
+def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pymilvus import MilvusClient
+            MilvusClient({str(tmp_path / "milvus.db")!r})
+            print("ready", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        start = time.monotonic()
+        with pytest.raises(MilvusLiteLockedError, match="agman milvus-serve.*AGMAN_MILVUS_URI"):
+            open_milvus(settings)
+        assert time.monotonic() - start < 30
+    finally:
+        holder.communicate("", timeout=60)
+    client = open_milvus(settings)  # the holder exited: now it opens, once per process
+    assert open_milvus(settings) is client
+    assert client.list_collections() == []
