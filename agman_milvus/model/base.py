@@ -66,6 +66,9 @@ class AttributeEmbeddingModel(nn.Module):
 
     @property
     def descriptor_dim(self) -> int:
+        """Copy descriptor size: the top map's channels when the trunk has its top stage."""
+        if self.trunk.has_top:
+            return self.trunk.top_channels
         return self.trunk.mid_channels + self.trunk.high_channels
 
     @property
@@ -110,7 +113,7 @@ class AttributeEmbeddingModel(nn.Module):
         return self._all_heads(inputs), self._descriptor(mid, high)
 
     def copy_descriptor(self, images: torch.Tensor) -> torch.Tensor:
-        """Copy-detection descriptor [B, Dc]: GeM over mid- and high-level maps, L2-normalised."""
+        """Copy-detection descriptor [B, Dc], L2-normalised (see :meth:`_descriptor`)."""
         _, mid, high = self._features(images)
         return self._descriptor(mid, high)
 
@@ -119,6 +122,15 @@ class AttributeEmbeddingModel(nn.Module):
         raise NotImplementedError(f"{self.model_name} has no attribute attention map")
 
     def _descriptor(self, mid: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """SSCD-style GeM(p=3) + L2 over the trunk's top map (computed from ``high``, i.e. the
+        plain ImageNet path), or over [mid, high] for trunks without a top stage.
+
+        bench/copydetect.py (docs/benchmarks.md, "Copy detection") measured the top map far
+        better than [mid, high] on edited catalogue copies (mobilenet_v2: the 128-d [mid, high]
+        GeM has too few channels to tell near-identical products apart).
+        """
+        if self.trunk.has_top:
+            return l2_normalize(self.descriptor_pool(self.trunk.forward_top(high).float()))
         pooled = torch.cat([self.descriptor_pool(mid.float()), self.descriptor_pool(high.float())], dim=1)
         return l2_normalize(pooled)
 

@@ -1,0 +1,129 @@
+"""Copy checks and their calibration through the real Client (Milvus Lite, SQLite, ingest).
+
+The copy descriptor is the production one (GeM + L2 over the ImageNet MobileNetV2 trunk; the
+tests skip when its weights are not in torchvision's cache, see scripts/setup.sh); the thresholds are calibrated on this catalogue, as a user would
+with ``agman calibrate``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agman_milvus.copyright import (
+    COPY,
+    DISTINCT,
+    EDITS,
+    CopyThresholds,
+    micro_average_precision,
+    random_edit,
+    threshold_for_precision,
+    thresholds_path,
+)
+from tests.integration.test_search import make_client
+
+pytestmark = pytest.mark.timeout(300)
+N = 28
+
+
+def photo(seed: int, size: int = 64) -> Image.Image:
+    """A distinct 'product photo': a smooth random colour field."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def jpeg(im: Image.Image, quality: int = 60) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def require_imagenet() -> None:
+    from agman_milvus.model.weights import MOBILENET_V2_FILE, checkpoint_dir
+
+    if not (checkpoint_dir() / MOBILENET_V2_FILE).is_file():
+        pytest.skip("MobileNetV2 ImageNet weights are not in torchvision's cache (run scripts/setup.sh)")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Client"]:  # noqa: F821
+    require_imagenet()
+    c = make_client(tmp_path_factory.mktemp("copy"), pretrained="imagenet", image_size=96)
+    for i in range(N):
+        assert c.ingest(f"p{i}", photo(i), {"brand": "acme"}).status == "indexed"
+    yield c
+    c.close()
+
+
+def test_metrics_on_a_known_ranking() -> None:
+    # ranked: T F T F ; 3 positives in total (one never retrieved)
+    scores, labels = [0.9, 0.8, 0.7, 0.6], [True, False, True, False]
+    assert micro_average_precision(scores, labels, 3) == pytest.approx((1 + 2 / 3) / 3)
+    t, recall, precision = threshold_for_precision(scores, labels, 3, 0.99)
+    assert (t, recall, precision) == (0.9, pytest.approx(1 / 3), 1.0)
+    t, recall, _ = threshold_for_precision(scores, labels, 3, 0.6)
+    assert t == 0.7 and recall == pytest.approx(2 / 3)
+    assert threshold_for_precision([0.5], [False], 1, 0.9)[0] == math.inf
+
+
+def test_every_edit_produces_a_valid_image() -> None:
+    r = random.Random(0)
+    for name, fn in EDITS.items():
+        out = fn(photo(1), r)
+        assert out.mode == "RGB" and min(out.size) >= 8, name
+    edited, names = random_edit(photo(2), r, edits=(3, 3), background=photo(3))
+    assert len(names) == 3 and edited.mode == "RGB"
+
+
+def test_uncalibrated_check_says_so_and_finds_an_exact_copy(client) -> None:
+    check = client.check_copy(jpeg(photo(5), 90))
+    assert not check.calibrated and check.verdict == COPY
+    match = next(m for m in check.matches if m.product_id == "p5")
+    assert match.verdict == COPY  # the pHash confirms it whatever the (default) score threshold
+    assert match.phash_distance is not None and match.phash_distance <= 4
+
+
+def test_calibrated_checks_copy_vs_distinct(client) -> None:
+    result = client.calibrate_copy(precision=0.95, sample=N, seed=1)
+    t = result.thresholds
+    assert t.calibrated and t.model_version == client.services.embedder.version
+    assert t.near_duplicate <= t.copy and set(t.attribute) == {"colour", "shape"}
+    path = thresholds_path(client.settings.data_dir, t.model_version)
+    assert result.path == path and json.loads(path.read_text())["copy"] == t.copy
+    assert CopyThresholds.load(path, t.model_version).copy == t.copy
+    assert result.queries == 2 * N and 0 < result.micro_ap <= 1
+
+    # an edited copy (crop, rescale, JPEG) of an indexed image
+    original = photo(11)
+    edited = jpeg(original.crop((2, 2, 62, 63)).resize((80, 84)), 70)
+    check = client.check_copy(edited, top_k=3)
+    assert check.calibrated and check.verdict == COPY
+    best = check.best
+    assert best.product_id == "p11" and best.score == check.score
+    assert best.descriptor_similarity > 0.9
+    assert set(best.attributes) == {"colour", "shape"}
+    assert best.attributes_agreeing == 2
+    d = check.to_dict()
+    assert d["matches"][0]["product_id"] == "p11" and "attributes_agreeing" in d["matches"][0]
+
+    # an unrelated picture
+    unrelated = Image.fromarray(np.random.default_rng(999).integers(0, 256, (64, 64, 3), np.uint8))
+    check = client.check_copy(unrelated)
+    assert check.verdict == DISTINCT, check.to_dict()
+    assert all(m.verdict == DISTINCT for m in check.matches)
+
+
+def test_thresholds_of_another_model_are_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    CopyThresholds(model_version="other", copy=0.1, calibrated=True).save(path)
+    loaded = CopyThresholds.load(path, "mine")
+    assert not loaded.calibrated and loaded.model_version == "mine"
