@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="Product metadata keys stored in Milvus for filtering",
     )
     task_time_limit: int = Field(default=1800, ge=10, description="Seconds a worker task may run")
+    visibility_timeout: int | None = Field(
+        default=None, ge=1,
+        description="Seconds before Redis redelivers an unacknowledged task; default task_time_limit + 300",
+    )
+    broker_key_prefix: str = Field(default="", description="Prefix of every Redis key Celery uses (isolates deployments)")
 
     @property
     def embedded(self) -> bool:

@@ -1,0 +1,67 @@
+"""Celery tasks: thin wrappers around the ingest use cases (no logic of their own).
+
+The model, the database engine and the Milvus client are built lazily, once per worker
+process, inside that process (never in a parent before ``fork``): the Celery documentation's
+lazy-property base task. Tasks carry SQL ids only; the SQL image status is the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from agman_milvus.ingest import TRANSIENT_ERRORS
+from agman_milvus.pipeline.dispatch import DELETE_TASK, EMBED_TASK, UPDATE_TASK
+from agman_milvus.services import Services
+from agman_milvus.workers.app import app
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PipelineTask", "delete_product", "embed_images", "update_product"]
+
+_RETRY: dict[str, Any] = {
+    "autoretry_for": TRANSIENT_ERRORS,  # infrastructure trouble only; bad images never raise
+    "retry_backoff": True,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+class PipelineTask(Task):
+    """Base task holding this process's :class:`Services`, built on first use."""
+
+    abstract = True
+    _services: Services | None = None
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:  # Services itself rebuilds its parts after a fork
+            type(self)._services = Services()
+        return self._services  # type: ignore[return-value]
+
+
+@app.task(base=PipelineTask, bind=True, name=EMBED_TASK, acks_late=True, ignore_result=True, **_RETRY)
+def embed_images(self: PipelineTask, image_ids: list[int]) -> dict[str, object]:
+    """Embed and index these images (idempotent: redelivery rewrites the same rows)."""
+    from agman_milvus.pipeline.runner import index_images
+
+    return index_images([int(i) for i in image_ids], self.services).to_dict()
+
+
+@app.task(base=PipelineTask, bind=True, name=DELETE_TASK, acks_late=True, ignore_result=True, **_RETRY)
+def delete_product(self: PipelineTask, product_id: str) -> list[int]:
+    """Remove a product's vectors everywhere, then mark it deleted in SQL."""
+    from agman_milvus.ingest import delete_product as run
+
+    return run(product_id, self.services)
+
+
+@app.task(base=PipelineTask, bind=True, name=UPDATE_TASK, acks_late=True, ignore_result=True, **_RETRY)
+def update_product(self: PipelineTask, product_id: str, metadata: dict[str, Any]) -> int:
+    """Change a product's metadata in SQL and in its Milvus rows."""
+    from agman_milvus.ingest import update_product as run
+
+    return run(product_id, metadata, self.services)
