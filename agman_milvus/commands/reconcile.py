@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import typer
 
 
-def _reembed_pipeline(settings: object) -> Callable[[list[int]], None] | None:
-    """The ingest pipeline's re-embed function, when the ingest module provides one."""
-    try:
-        from agman_milvus.ingest import reembed_images  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return lambda ids: reembed_images(ids, settings=settings)
+def _check_checkpoint_is_active(checkpoint: object, active_version: str) -> None:
+    """Repairs re-embed with AGMAN_CHECKPOINT: it must be the active model version."""
+    from agman_milvus.model import read_checkpoint_config
+
+    if checkpoint is None:
+        typer.echo("AGMAN_CHECKPOINT is not set: repairs need the active model's checkpoint", err=True)
+        raise typer.Exit(2)
+    version = read_checkpoint_config(checkpoint)["version"]
+    if version != active_version:
+        typer.echo(
+            f"AGMAN_CHECKPOINT is model {version}, but the active model is {active_version}; "
+            "point it at the active model's checkpoint (or run `agman reindex`) before repairing",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +46,12 @@ def register(app: typer.Typer) -> None:
             settings, AttributeSchema.from_json(model.attribute_schema), model.version,
             embed_dim=model.embed_dim, descriptor_dim=model.descriptor_dim,
         )
-        reembed = None if dry_run else _reembed_pipeline(settings)
+        reembed = None
+        if not dry_run:
+            from agman_milvus.ingest import reembed_images
+
+            _check_checkpoint_is_active(settings.checkpoint, model.version)
+            reembed = lambda ids: reembed_images(ids, settings=settings)  # noqa: E731
         report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed)
         typer.echo(json.dumps(report.to_dict(), indent=2))
         if report.unrepaired:

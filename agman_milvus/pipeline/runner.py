@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sqlalchemy import bindparam, update
 
 from agman_milvus.pipeline.decode import Decoded, decode_image_row
-from agman_milvus.store.catalog import Catalog, ImageStatus
+from agman_milvus.store.catalog import Catalog, ImageFeatures, ImageStatus
 from agman_milvus.store.models import Image
 from agman_milvus.store.vectors import VectorRow
 
@@ -78,17 +77,8 @@ class IndexReport:
 
 
 def _record_features(catalog: Catalog, decoded: Sequence[Decoded]) -> None:
-    """Store width, height and perceptual hash of decoded images (one executemany)."""
-    if not decoded:
-        return
-    stmt = (
-        update(Image)
-        .where(Image.id == bindparam("b_id"))
-        .values(width=bindparam("b_w"), height=bindparam("b_h"), phash=bindparam("b_p"))
-    )
-    params = [{"b_id": d.image_id, "b_w": d.width, "b_h": d.height, "b_p": d.phash} for d in decoded]
-    with catalog.sessions.begin() as s:
-        s.connection().execute(stmt, params)
+    """Store width, height and perceptual hash of decoded images."""
+    catalog.record_features(ImageFeatures(d.image_id, d.width, d.height, d.phash) for d in decoded)
 
 
 class _Batch:

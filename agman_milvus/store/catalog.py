@@ -12,9 +12,9 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,8 +32,8 @@ from agman_milvus.store.models import (
 )
 
 __all__ = [
-    "Base", "Catalog", "CatalogError", "Image", "ImageInfo", "ImageStatus", "JobStatus",
-    "ModelRecord", "Product", "ScreeningJob", "ScreeningMatch", "create_catalog_engine",
+    "Base", "Catalog", "CatalogError", "Image", "ImageFeatures", "ImageInfo", "ImageStatus",
+    "JobStatus", "ModelRecord", "Product", "ScreeningJob", "ScreeningMatch", "create_catalog_engine",
     "open_catalog", "PRODUCT_FIELDS",
 ]
 
@@ -71,6 +71,15 @@ class ImageInfo:
         out: dict[str, Any] = dict(self.extra)
         out.update({f: getattr(self, f) for f in PRODUCT_FIELDS})
         return out
+
+
+class ImageFeatures(NamedTuple):
+    """What decoding learned about an image (see :meth:`Catalog.record_features`)."""
+
+    image_id: int
+    width: int | None
+    height: int | None
+    phash: int | None  # signed 64-bit
 
 
 def _utcnow() -> datetime:
@@ -226,6 +235,21 @@ class Catalog:
             failure_reason=None,
         )
 
+    def record_features(self, features: Iterable[ImageFeatures]) -> int:
+        """Store width, height and perceptual hash of decoded images (one executemany)."""
+        params = [{"b_id": f.image_id, "b_w": f.width, "b_h": f.height, "b_p": f.phash}
+                  for f in features]
+        if not params:
+            return 0
+        stmt = (
+            update(Image)
+            .where(Image.id == bindparam("b_id"))
+            .values(width=bindparam("b_w"), height=bindparam("b_h"), phash=bindparam("b_p"))
+        )
+        with self.sessions.begin() as s:
+            s.connection().execute(stmt, params)
+        return len(params)
+
     def mark_failed(self, image_id: int, reason: str) -> None:
         """Record a failure with a human-readable reason; counts an attempt."""
         with self.sessions.begin() as s:
@@ -336,6 +360,25 @@ class Catalog:
                 raise CatalogError(f"model version {version!r} is not registered")
             s.execute(update(ModelRecord).where(ModelRecord.version != version).values(active=False))
             s.execute(update(ModelRecord).where(ModelRecord.version == version).values(active=True))
+
+    def switch_model(self, version: str, image_ids: Sequence[int]) -> int:
+        """Make ``version`` the active model and, in the same transaction, mark ``image_ids``
+        (live images whose vectors of ``version`` are stored) indexed by it; returns how many."""
+        changed = 0
+        now = _utcnow()
+        with self.sessions.begin() as s:
+            if s.get(ModelRecord, version) is None:
+                raise CatalogError(f"model version {version!r} is not registered")
+            s.execute(update(ModelRecord).where(ModelRecord.version != version).values(active=False))
+            s.execute(update(ModelRecord).where(ModelRecord.version == version).values(active=True))
+            for chunk in _chunks(list(image_ids), 1000):
+                changed += s.execute(
+                    update(Image)
+                    .where(Image.id.in_(chunk), Image.status.in_(LIVE_STATUSES))
+                    .values(status=ImageStatus.indexed, model_version=version, indexed_at=now,
+                            failure_reason=None, updated_at=now)
+                ).rowcount
+        return changed
 
     def active_model(self) -> ModelRecord | None:
         with self.sessions() as s:
