@@ -47,6 +47,9 @@ class TripletSampler:
 
     def __init__(self, labels: Iterable[Label], num_attributes: int) -> None:
         grouped: dict[int, dict[int, list[int]]] = {}
+        labels = list(labels)
+        #: every image id that appears in the training labels
+        self.images: list[int] = sorted({label.image for label in labels})
         for label in labels:
             if not 0 <= label.attribute < num_attributes:
                 raise ValueError(f"label {label} has attribute id outside 0..{num_attributes - 1}")

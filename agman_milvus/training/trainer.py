@@ -12,6 +12,10 @@ so a resumed run continues exactly); evaluation runs in eval mode under no_grad 
 shuffling; undecodable images are skipped and counted instead of crashing the collate; the
 sampler never hangs on empty pools; CPU training works.
 
+With ``freeze_backbone`` the trunk is frozen in eval mode (BatchNorm statistics too); adding
+``cache_features`` computes its maps once per image (and mirror) and reads them back each step,
+which is the same model, much faster (:mod:`agman_milvus.training.feature_cache`).
+
 Files in ``output_dir``: ``best.safetensors`` (best validation score), ``last.safetensors`` +
 ``last.optim.safetensors`` + ``last.state.json`` (resume), ``metrics.jsonl`` (one line per
 epoch; epoch 0 = before training).
@@ -23,7 +27,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,6 +39,8 @@ from agman_milvus.data.datasets import ImageTable, TrainTransform, TripletDatase
 from agman_milvus.data.formats import RetrievalSplit, Triplet
 from agman_milvus.data.sampler import TripletSampler
 from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
+from agman_milvus.training.feature_cache import FeatureCache, cached_trunk
+from agman_milvus.training.metrics import mean_average_precision
 from agman_milvus.training.losses import triplet_objective
 from agman_milvus.training.state import load_training_state, save_training_state
 
@@ -55,6 +61,8 @@ class TrainConfig:
     margin: float = 0.2
     cls_loss: bool = True
     freeze_backbone: bool = False
+    cache_features: bool = False
+    cache_path: Path | None = None
     seed: int = 1
     device: str = "auto"
     workers: int = 2
@@ -64,6 +72,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
+        data["cache_path"] = str(self.cache_path) if self.cache_path else None
         return data
 
 
@@ -106,7 +115,6 @@ class _Running:
     steps: int = 0
     triplets: int = 0
     dropped: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     def mean(self, value: float) -> float:
         return value / self.steps if self.steps else float("nan")
@@ -129,6 +137,8 @@ class Trainer:
     ) -> None:
         if config.batch_size < 1 or config.triplets_per_epoch < 1 or config.epochs < 0:
             raise ValueError("batch size and triplets per epoch must be >= 1, epochs >= 0")
+        if config.cache_features and not config.freeze_backbone:
+            raise ValueError("--cache-features needs --freeze-backbone (a training trunk changes its features)")
         self.config = config
         self.device = resolve_device(config.device)
         if config.threads:
@@ -152,6 +162,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.epoch = 0
         self.best: float | None = None
+        self.cache: FeatureCache | None = None
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -193,6 +204,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         records: list[dict[str, Any]] = []
         torch.manual_seed(self.config.seed)
+        if self.config.cache_features and self.cache is None:
+            self.cache = self._build_cache(callbacks)
         if self.epoch == 0 and self._has_validation():
             record = {"epoch": 0, **self._validate(callbacks)}
             self.best = record["score"]
@@ -242,7 +255,11 @@ class Trainer:
 
     def _validate(self, callbacks: Callbacks) -> dict[str, Any]:
         started = time.perf_counter()
-        if self.valid is not None:
+        if self.valid is not None and self.cache is not None:
+            result = self._cached_map(self.valid)
+            out = {"score": result.overall, "valid_map": result.overall,
+                   "valid_per_attribute": {k: v["map"] for k, v in result.to_json()["per_attribute"].items()}}
+        elif self.valid is not None:
             result = evaluate_map(self.model, self.valid, self.valid_table,
                                   batch_size=self.config.eval_batch_size,
                                   workers=self.config.workers, progress=callbacks.on_eval)
@@ -264,6 +281,11 @@ class Trainer:
     def _train_epoch(self, epoch: int, callbacks: Callbacks) -> _Running:
         cfg = self.config
         triplets = self._triplets(epoch)
+        if self.cache is not None:
+            return self._train_epoch_cached(epoch, triplets, callbacks)
+        # Per-epoch seeds (not one global stream), so a resumed run draws the same flips and
+        # order as an uninterrupted one; workers are seeded from the loader's generator.
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         loader = DataLoader(
             TripletDataset(triplets, self.table, TrainTransform(self.model.preprocess)),
@@ -288,14 +310,104 @@ class Trainer:
             logger.warning("epoch %d: dropped %d triplet(s) with undecodable images", epoch, running.dropped)
         return running
 
+    # -- frozen backbone with cached trunk features ---------------------------------------------
+    def _build_cache(self, callbacks: Callbacks) -> FeatureCache:
+        model = self.model
+        train_images = sorted({i for t in self.fixed_triplets for i in t[:3]}) \
+            if self.fixed_triplets is not None else self.sampler.images
+        valid_images = sorted({lab.image for lab in (self.valid.queries + self.valid.candidates)}) \
+            if self.valid is not None else []
+        meta = {
+            "trunk": model.trunk.name, "trunk_sha256": _mid_high_digest(model.trunk),
+            "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
+            "train": [str(self.table.path(i)) for i in train_images],
+            "valid": [str(self.valid_table.path(i)) for i in valid_images],
+        }
+        path = self.config.cache_path
+        cache = FeatureCache.load(path, meta) if path else None
+        if cache is not None:
+            logger.info("feature cache: loaded %d rows from %s", len(cache), path)
+            return cache
+        if self.valid_table is not self.table and valid_images:
+            raise ValueError("--cache-features needs train and valid images in one image table")
+        started = time.perf_counter()
+        kwargs = dict(batch_size=self.config.eval_batch_size, workers=self.config.workers,
+                      progress=callbacks.on_eval)
+        cache = FeatureCache.build(model.trunk, self.table, train_images, model.preprocess,
+                                   with_flips=True, **kwargs)
+        if valid_images:
+            cache = cache.extend(FeatureCache.build(model.trunk, self.table, valid_images,
+                                                    model.preprocess, with_flips=False, **kwargs))
+        logger.info("feature cache: %d rows in %.0f s", len(cache), time.perf_counter() - started)
+        if path:
+            cache.save(path, meta)
+        return cache
+
+    def _train_epoch_cached(self, epoch: int, triplets: list[Triplet], callbacks: Callbacks) -> _Running:
+        cache = self.cache
+        assert cache is not None
+        flips = np.random.default_rng([self.config.seed, epoch, 1]).random((len(triplets), 3)) < 0.5
+        rows, dropped = [], 0
+        for triplet, flip in zip(triplets, flips.tolist()):
+            row = [cache.row(image, f) for image, f in zip(triplet[:3], flip)]
+            if None in row:
+                dropped += 1
+            else:
+                rows.append([*row, triplet.attribute])
+        table = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+        batch = self.config.batch_size
+        steps = math.ceil(len(table) / batch)
+        if callbacks.on_epoch_start:
+            callbacks.on_epoch_start(epoch, steps)
+        running = _Running(dropped=dropped)
+        with cached_trunk(self.model, cache):
+            self.model.train()
+            for step in range(steps):
+                chunk = table[step * batch : (step + 1) * batch]
+                self._step([chunk[:, 0], chunk[:, 1], chunk[:, 2], chunk[:, 3]], running)
+                if callbacks.on_step:
+                    callbacks.on_step(StepInfo(epoch, step + 1, steps, running.mean(running.total)))
+        if dropped:
+            logger.warning("epoch %d: dropped %d triplet(s) with undecodable images", epoch, dropped)
+        return running
+
+    @torch.no_grad()
+    def _cached_map(self, split: RetrievalSplit):
+        cache = self.cache
+        assert cache is not None
+        parts = []
+        for labels in (split.queries, split.candidates):
+            kept = [(cache.row(lab.image), lab) for lab in labels if cache.row(lab.image) is not None]
+            rows = torch.tensor([r for r, _ in kept], dtype=torch.long)
+            attrs = torch.tensor([lab.attribute for _, lab in kept], dtype=torch.long)
+            embeddings = []
+            with cached_trunk(self.model, cache):
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    for start in range(0, len(rows), self.config.eval_batch_size):
+                        end = start + self.config.eval_batch_size
+                        emb = self.model.embed(rows[start:end], attrs[start:end].to(self.device))
+                        embeddings.append(emb.float().cpu().numpy())
+                finally:
+                    self.model.train(was_training)
+            values = np.asarray([lab.value for _, lab in kept])
+            parts.append((np.concatenate(embeddings), attrs.numpy(), values))
+        (qe, qa, qv), (ce, ca, cv) = parts
+        return mean_average_precision(qe, qa, qv, ce, ca, cv, names=dict(enumerate(self.model.schema.names)))
+
     def _step(self, fields: list[torch.Tensor], running: _Running) -> None:
         anchor, negative, positive, attributes = (f.to(self.device, non_blocking=True) for f in fields)
         with autocast(self.device):
             # Three separate passes, as the reference: BN statistics per group of B images.
-            outputs = [self.model(x, attributes) for x in (anchor, negative, positive)]
-        logits = [o.logits for o in outputs] if self.use_cls else None
-        parts = triplet_objective(outputs[0].embeddings, outputs[1].embeddings, outputs[2].embeddings,
-                                  attributes, logits, margin=self.config.margin)
+            if self.use_cls:
+                outputs = [self.model(x, attributes) for x in (anchor, negative, positive)]
+                embeddings = [o.embeddings for o in outputs]
+                logits = [o.logits for o in outputs]
+            else:  # no classification loss: skip the classifier branch (same embeddings)
+                embeddings = [self.model.embed(x, attributes) for x in (anchor, negative, positive)]
+                logits = None
+        parts = triplet_objective(*embeddings, attributes, logits, margin=self.config.margin)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.optimizer.step()
@@ -313,3 +425,16 @@ class Trainer:
         logger.info("epoch %d: %s", record["epoch"],
                     ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                               if isinstance(v, float) and k in ("loss", "valid_map", "score", "lr")))
+
+
+def _mid_high_digest(trunk: torch.nn.Module) -> str:
+    """Digest of the trunk weights the cache depends on (mid and high stages, not the top).
+
+    Models without a classifier build their trunk without the top stage, so this lets AG-MAN,
+    ASEN_v2 and global share one cache when their trunks agree.
+    """
+    from agman_milvus.model.backbones import build_trunk
+    from agman_milvus.model.checkpoint import weights_digest
+
+    keys = set(build_trunk(trunk.name, with_top=False).state_dict())
+    return weights_digest({k: v for k, v in trunk.state_dict().items() if k in keys})

@@ -1,0 +1,159 @@
+"""Cached trunk features for frozen-backbone training (a CPU budget measure).
+
+With ``--freeze-backbone`` the trunk runs in eval mode with fixed weights, so its mid- and
+high-level maps of an image are a pure function of the image: computing them once and reading
+them back is *exactly* the frozen-backbone model, only faster. Each training image is cached
+twice (as is, and mirrored, so the random horizontal flip is kept); evaluation images once.
+Everything after the trunk (AG-MAN's multi-level fusion, its layer4-style classification
+branch, all heads) still runs and trains every step.
+
+:class:`CachedTrunk` stands in for the trunk while a batch of *cache row indices* (LongTensor
+[B]) is fed to the model in place of images: ``forward_mid(rows)`` returns the cached mid maps,
+``forward_high`` the matching high maps, ``forward_top`` runs the real (frozen) top stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from agman_milvus.data.datasets import ImageTable, LabeledImageDataset, collate_skipping
+from agman_milvus.data.formats import Label
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """Rows of (mid, high) trunk maps; ``row(image, flipped)`` -> row index or None."""
+
+    def __init__(self, mid: torch.Tensor, high: torch.Tensor, keys: list[tuple[int, bool]],
+                 meta: dict[str, object]) -> None:
+        self.mid, self.high, self.meta = mid, high, meta
+        self.keys = keys
+        self._rows = {key: i for i, key in enumerate(keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row(self, image: int, flipped: bool = False) -> int | None:
+        return self._rows.get((image, flipped))
+
+    def extend(self, other: "FeatureCache") -> "FeatureCache":
+        """A cache holding both (rows of ``other`` that are new are appended)."""
+        new = [i for i, key in enumerate(other.keys) if key not in self._rows]
+        return FeatureCache(torch.cat([self.mid, other.mid[new]]), torch.cat([self.high, other.high[new]]),
+                            self.keys + [other.keys[i] for i in new], self.meta)
+
+    @classmethod
+    def build(
+        cls,
+        trunk: nn.Module,
+        table: ImageTable,
+        images: Sequence[int],
+        preprocess: Callable,
+        *,
+        with_flips: bool,
+        batch_size: int = 64,
+        workers: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> "FeatureCache":
+        """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors)."""
+        was_training = trunk.training
+        trunk.eval()
+        device = next(trunk.parameters()).device
+        labels = [Label(i, 0, 0) for i in sorted(set(images))]
+        loader = DataLoader(LabeledImageDataset(labels, table, preprocess), batch_size=batch_size,
+                            num_workers=workers, collate_fn=collate_skipping)
+        mids, highs, keys = [], [], []
+        dropped = 0
+        try:
+            with torch.no_grad():
+                for fields, skipped in loader:
+                    dropped += skipped
+                    if fields:
+                        batch, _, _, positions = fields
+                        variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
+                        for flipped, x in variants:
+                            mid = trunk.forward_mid(x.to(device))
+                            mids.append(mid.cpu())
+                            highs.append(trunk.forward_high(mid).cpu())
+                            keys += [(labels[int(p)].image, flipped) for p in positions]
+                    if progress is not None:
+                        progress(skipped + (len(fields[0]) if fields else 0))
+        finally:
+            trunk.train(was_training)
+        if not keys:
+            raise ValueError("no image could be decoded for the feature cache")
+        if dropped:
+            logger.warning("feature cache: %d undecodable image(s) left out", dropped)
+        return cls(torch.cat(mids), torch.cat(highs), keys, {})
+
+    def save(self, path: Path, meta: dict[str, object]) -> None:
+        """Write to a safetensors file (``meta`` identifies trunk, size and image list)."""
+        keys = torch.tensor([[image, int(flipped)] for image, flipped in self.keys], dtype=torch.long)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"mid": self.mid.contiguous(), "high": self.high.contiguous(), "keys": keys}, str(tmp),
+                  metadata={"meta": json.dumps(meta, sort_keys=True)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, meta: dict[str, object]) -> "FeatureCache | None":
+        """The cache at ``path`` if it was built with the same ``meta``; else None."""
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            saved = json.loads((handle.metadata() or {}).get("meta", "{}"))
+        if saved != json.loads(json.dumps(meta, sort_keys=True)):
+            logger.info("feature cache %s was built for another setup; rebuilding", path)
+            return None
+        tensors = load_file(str(path))
+        keys = [(int(i), bool(f)) for i, f in tensors["keys"].tolist()]
+        return cls(tensors["mid"], tensors["high"], keys, meta)
+
+
+class CachedTrunk(nn.Module):
+    """A trunk whose ``forward_mid`` takes cache row indices instead of images."""
+
+    def __init__(self, trunk: nn.Module, cache: FeatureCache) -> None:
+        super().__init__()
+        object.__setattr__(self, "real", trunk)  # not a submodule: parameters stay where they are
+        self.cache = cache
+        self._rows: torch.Tensor | None = None
+        for name in ("name", "mid_channels", "high_channels", "top_channels", "has_top"):
+            object.__setattr__(self, name, getattr(trunk, name))
+
+    def forward_mid(self, rows: torch.Tensor) -> torch.Tensor:
+        self._rows = rows.detach().cpu()
+        device = next(self.real.parameters()).device
+        return self.cache.mid[self._rows].to(device)
+
+    def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            raise RuntimeError("forward_high called before forward_mid")
+        return self.cache.high[self._rows].to(mid.device)
+
+    def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        return self.real.forward_top(high)
+
+
+@contextlib.contextmanager
+def cached_trunk(model: nn.Module, cache: FeatureCache) -> Iterator[None]:
+    """Temporarily swap ``model.trunk`` for a :class:`CachedTrunk` (restored on exit)."""
+    real = model._modules["trunk"]
+    real.eval()  # frozen: BatchNorm running statistics, exactly as when the cache was built
+    model._modules["trunk"] = CachedTrunk(real, cache)
+    try:
+        yield
+    finally:
+        model._modules["trunk"] = real
