@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,15 @@ from agman_milvus.runtime import prepare_for_inference, resolve_device
 from agman_milvus.schema import AttributeSchema
 
 logger = logging.getLogger(__name__)
+
+
+def compile_encode(model: AttributeEmbeddingModel, device: torch.device) -> Callable:
+    """``torch.compile`` of ``model.encode`` (with weight freezing on CPU, where it pays off)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    return torch.compile(model.encode, dynamic=False)
 
 
 class NoModelConfiguredError(RuntimeError):
@@ -46,6 +55,7 @@ class Embedder:
         checkpoint: str | Path | None = None,
         device: str = "auto",
         batch_size: int = 32,
+        compile: bool = False,
     ) -> None:
         if model is None and checkpoint is None:
             raise NoModelConfiguredError(
@@ -56,8 +66,10 @@ class Embedder:
         self._checkpoint = Path(checkpoint) if checkpoint is not None else None
         self._device_name = device
         self.batch_size = batch_size
+        self.compile = compile
         self._lock = threading.Lock()
         self._device: torch.device | None = None
+        self._encode_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load(self) -> AttributeEmbeddingModel:
@@ -68,6 +80,7 @@ class Embedder:
                 model = self._model if self._model is not None else load_checkpoint(self._checkpoint)
                 model_version(model)
                 self._model = prepare_for_inference(model, device)
+                self._encode_fn = compile_encode(self._model, device) if self.compile else self._model.encode
                 self._device = device
                 logger.info("model %s loaded on %s", self._model.version, device)
         return self._model  # type: ignore[return-value]
@@ -102,15 +115,30 @@ class Embedder:
 
     def encode_tensor(self, batch: torch.Tensor) -> EncodedBatch:
         """As :meth:`encode`, for an already preprocessed batch [N, 3, S, S]."""
-        model = self.load()
+        self.load()
         embeddings, descriptors = [], []
         for start in range(0, batch.shape[0], self.batch_size):
-            chunk = batch[start : start + self.batch_size].to(self._device, memory_format=torch.channels_last)
+            chunk = batch[start : start + self.batch_size]
+            size = chunk.shape[0]
+            if self.compile and size < self.batch_size:  # one static shape: no recompiles
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - size, *chunk.shape[1:]))])
+            chunk = chunk.to(self._device, memory_format=torch.channels_last)
             with torch.inference_mode(), self._autocast():
-                emb, desc = model.encode(chunk)
-            embeddings.append(emb.float().cpu().numpy())
-            descriptors.append(desc.float().cpu().numpy())
+                emb, desc = self._run_encode(chunk)
+            embeddings.append(emb[:size].float().cpu().numpy())
+            descriptors.append(desc[:size].float().cpu().numpy())
         return EncodedBatch(np.concatenate(embeddings), np.concatenate(descriptors))
+
+    def _run_encode(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (possibly compiled) encode; falls back to eager if compilation fails here."""
+        try:
+            return self._encode_fn(chunk)  # type: ignore[misc]
+        except Exception as exc:  # inductor needs a C++ compiler; never lose work over speed
+            if self._encode_fn == self.model.encode:
+                raise
+            logger.warning("torch.compile failed (%s); using eager mode", exc)
+            self._encode_fn = self.model.encode
+            return self._encode_fn(chunk)
 
     def embed(self, images: Sequence[Image.Image], attribute: str | int) -> np.ndarray:
         """Unit vectors [N, D] for one attribute (a query)."""

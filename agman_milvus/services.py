@@ -65,7 +65,8 @@ class Services:
 
                 s = self.settings
                 self._embedder = Embedder(
-                    checkpoint=s.checkpoint, device=s.device, batch_size=s.batch_size
+                    checkpoint=s.checkpoint, device=s.device, batch_size=s.batch_size,
+                    compile=s.compile,
                 )
             return self._embedder
 

@@ -71,6 +71,9 @@ def register(app: typer.Typer) -> None:
         pool: str = typer.Option("solo", "--pool", "-P", help="solo | prefork | threads"),
         name: str = typer.Option("", "--name", "-n", help="Worker node name (default agman@%h, gpuN@%h)"),
         loglevel: str = typer.Option("info", "--loglevel", "-l", help="Celery log level"),
+        compile_model: bool = typer.Option(
+            True, "--compile/--no-compile", help="torch.compile the model (exact, faster after warm-up)"
+        ),
     ) -> None:
         """Start a Celery worker (Redis broker from AGMAN_BROKER_URL)."""
         from agman_milvus.config import get_settings
@@ -101,6 +104,7 @@ def register(app: typer.Typer) -> None:
             typer.echo("warning: prefork with CUDA loads one model per child on the same GPU; "
                        "prefer --pool solo (one worker per GPU)", err=True)
         env = worker_env()
+        env["AGMAN_COMPILE"] = "1" if compile_model else "0"
         gpus = visible_gpus() if "agman.gpu" in queues and pool == "solo" else []
         if len(gpus) > 1 and not name:
             argv_for = {g: celery_argv(queues, pool, concurrency, f"gpu{g}@%h", loglevel) for g in gpus}

@@ -94,7 +94,7 @@ class Worker:
         self.env = env
         self.log_path = log_path
         self.argv = [str(BIN / "agman"), "worker", "-Q", queues, "-P", pool, "-c", str(concurrency),
-                     "-n", f"t{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
+                     "-n", f"t{uuid.uuid4().hex[:6]}@%h", "-l", "info", "--no-compile"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> "Worker":

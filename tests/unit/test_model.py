@@ -188,3 +188,17 @@ def test_refuses_pickle_and_tampered_files(tmp_path, schema8) -> None:
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match=".safetensors files"):
         save_checkpoint(model, tmp_path / "x.pt")
+
+
+def test_compiled_embedder_matches_eager(schema8) -> None:
+    from PIL import Image
+
+    from agman_milvus.embedding import Embedder
+
+    model = build_model("agman", schema=schema8, backbone="mobilenet_v2", image_size=64)
+    images = [Image.new("RGB", (80, 64), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
+    eager = Embedder(model, device="cpu", batch_size=4).encode(images)
+    compiled = Embedder(model, device="cpu", batch_size=4, compile=True).encode(images)
+    assert compiled.embeddings.shape == (5, 8, 512)
+    assert abs(compiled.embeddings - eager.embeddings).max() < 1e-4
+    assert abs(compiled.descriptors - eager.descriptors).max() < 1e-4
