@@ -22,12 +22,12 @@ def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debu
 
 def _register() -> None:
     """Attach every command group. Each module exposes ``register(app)``."""
-    from agman_milvus.commands import db, models, reconcile, reindex, train, weights
+    from agman_milvus.commands import db, demo, models, reconcile, reindex, train, weights
     from agman_milvus.commands import ingest, worker
     from agman_milvus.commands import copyright as copyright_commands
     from agman_milvus.commands import search as search_commands
 
-    for module in (db, models, reconcile, reindex, train, weights, ingest, worker, search_commands,
+    for module in (demo, db, models, reconcile, reindex, train, weights, ingest, worker, search_commands,
                    copyright_commands):
         module.register(app)
 

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in data_dir")
     broker_url: str | None = Field(default=None, description="Celery broker URL; unset = in-process ingest")
     result_backend: str | None = Field(default=None, description="Celery result backend; default = broker_url")
-    checkpoint: Path | None = Field(default=None, description="Model checkpoint (.safetensors); unset = the demo model")
+    checkpoint: Path | None = Field(default=None, description="Model checkpoint (.safetensors); unset = the one `agman demo` built, if any")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Inference device")
     compile: bool = Field(default=False, description="torch.compile the model (exact; ~1.5x on CPU after a 20-60 s warm-up); `agman worker` turns it on")
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'catalog.sqlite'}"
+
+    @property
+    def demo_checkpoint(self) -> Path:
+        """Where `agman demo` leaves its trained model for later use."""
+        return self.data_dir / "demo" / "model.safetensors"
+
+    @property
+    def resolved_checkpoint(self) -> Path | None:
+        """``checkpoint``, else the demo model when `agman demo` has built one."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        return self.demo_checkpoint if self.demo_checkpoint.is_file() else None
 
     @property
     def blob_dir(self) -> Path:

@@ -31,7 +31,7 @@ class Services:
     """Lazily built Embedder, Catalog, VectorStore and BlobStore for one :class:`Settings`.
 
     ``embedder`` may be given (an already built :class:`Embedder`, e.g. around an in-memory
-    model); otherwise it is loaded from ``settings.checkpoint``.
+    model); otherwise it is loaded from ``settings.resolved_checkpoint``.
     """
 
     def __init__(self, settings: Settings | None = None, *, embedder: Embedder | None = None) -> None:
@@ -65,7 +65,7 @@ class Services:
 
                 s = self.settings
                 self._embedder = Embedder(
-                    checkpoint=s.checkpoint, device=s.device, batch_size=s.batch_size,
+                    checkpoint=s.resolved_checkpoint, device=s.device, batch_size=s.batch_size,
                     compile=s.compile,
                 )
             return self._embedder
@@ -136,7 +136,7 @@ class Services:
         emb = self.embedder
         model = emb.model
         catalog = self.catalog
-        checkpoint = self.settings.checkpoint
+        checkpoint = self.settings.resolved_checkpoint
         catalog.register_model(
             emb.version, name=str(getattr(model, "model_name", "unknown")),
             backbone=str(getattr(model, "backbone_name", "unknown")),

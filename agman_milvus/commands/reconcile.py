@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if not dry_run:
             from agman_milvus.ingest import reembed_images
 
-            _check_checkpoint_is_active(settings.checkpoint, model.version)
+            _check_checkpoint_is_active(settings.resolved_checkpoint, model.version)
             reembed = lambda ids: reembed_images(ids, settings=settings)  # noqa: E731
         report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed)
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -35,13 +35,15 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}
 section.card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 16px;margin:12px 0}
 .row{display:flex;gap:10px;flex-wrap:wrap;align-items:flex-start}
-figure{margin:0;width:132px;font-size:.78em;text-align:center}
-figure img{width:128px;height:128px;object-fit:contain;border:3px solid #eee;border-radius:4px;background:#f3f3f3}
+figure{margin:0;width:116px;flex:none;font-size:.74em;text-align:center}
+section.search .row{flex-wrap:nowrap;overflow-x:auto;padding-bottom:4px}
+figure img{width:112px;height:112px;object-fit:contain;border:3px solid #eee;border-radius:4px;background:#f3f3f3}
 figure.match img{border-color:#2e9d4b}figure.miss img{border-color:#d0393e}
 figure.query img{border-color:#3a6fd8}
 .verdict{font-weight:bold;padding:2px 8px;border-radius:4px;color:#fff}
-.verdict.copy{background:#c2372f}.verdict.no_copy,.verdict.unique{background:#2e9d4b}
-.verdict.uncertain,.verdict.review{background:#d88a1c}
+.verdict.copy{background:#c2372f}.verdict.no_copy,.verdict.unique,.verdict.distinct{background:#2e9d4b}
+.verdict.uncertain,.verdict.review,.verdict.near_duplicate{background:#d88a1c}
+span.right{color:#2e9d4b}span.miss{color:#d0393e;font-weight:bold}
 .verdict.other{background:#666}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f0f0f0}.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -169,7 +171,8 @@ def _figure(image: ImageLike, caption_lines: Iterable[str], css: str = "", alt: 
 
 def _table(rows: Iterable[tuple[Any, Any]], header: tuple[str, str] | None = None) -> str:
     head = f"<tr><th>{_e(header[0])}</th><th>{_e(header[1])}</th></tr>" if header else ""
-    body = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_e(_number(v))}</td></tr>' for k, v in rows)
+    body = "".join(f'<tr><td>{_e(k)}</td><td class="{"num" if isinstance(v, (int, float)) else ""}">'
+                   f'{_e(_number(v))}</td></tr>' for k, v in rows)
     return f"<table>{head}{body}</table>"
 
 
@@ -217,11 +220,11 @@ def render_copy_check(check: CopyCheck | Mapping[str, Any]) -> str:
     c = _coerce(CopyCheck, check)
     match = _coerce(CopyMatch, c.best_match) if c.best_match is not None else None
     slug = c.verdict.strip().lower().replace(" ", "_").replace("-", "_")
-    css = slug if slug in {"copy", "no_copy", "unique", "uncertain", "review"} else "other"
+    css = slug if slug in {"copy", "no_copy", "unique", "uncertain", "review", "near_duplicate", "distinct"} else "other"
     verdict = f'<span class="verdict {_e(css)}">{_e(c.verdict)}</span>'
-    if c.expected is not None:
-        right = c.expected.strip().lower() == c.verdict.strip().lower()
-        verdict += f' <span class="{"" if right else "miss"}">({"correct" if right else "wrong"}; expected {_e(c.expected)})</span>'
+    if c.expected is not None:  # "a or b": either answer is right
+        right = c.verdict.strip().lower() in {e.strip().lower() for e in c.expected.split(" or ")}
+        verdict += f' <span class="{"right" if right else "miss"}">({"correct" if right else "wrong"}; expected {_e(c.expected)})</span>'
     figures = [_figure(c.query_image, ["query", c.query_label], "query", "copy-check query")]
     if match is not None:
         score = f"score {match.score:.3f}" if match.score is not None else ""

@@ -115,6 +115,25 @@ def open_milvus(settings: Settings) -> MilvusClient:
         return client
 
 
+def close_milvus(settings: Settings) -> bool:
+    """Close and forget this process's client for ``settings``' Milvus URI (True if one was open).
+
+    Needed before deleting an embedded Milvus Lite directory that this process used, so a
+    later :func:`open_milvus` on the same path starts afresh instead of reusing a dead client.
+    """
+    uri = settings.resolved_milvus_uri
+    key = (os.getpid(), uri, settings.milvus_token, settings.milvus_db_name)
+    with _clients_lock:
+        client = _clients.pop(key, None)
+    if client is None:
+        return False
+    try:
+        client.close()
+    except Exception as exc:  # noqa: BLE001 - closing is best effort; the entry is gone either way
+        log.warning("closing the Milvus client for %s failed: %s", uri, exc)
+    return True
+
+
 def _lite_dir_locked(path: Path) -> bool:
     """True when another process holds Milvus Lite's exclusive lock on ``path``."""
     import fcntl
