@@ -18,16 +18,6 @@ _STAGES = {
 }
 
 
-class _LiteUnimplementedFilter(logging.Filter):
-    """Drop the Milvus Lite gRPC server's "Method not implemented" tracebacks: pymilvus asks it for
-    a timestamp (AllocTimestamp) after each index creation, Lite does not implement it, and
-    the client carries on; a fresh deployment would otherwise print five tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, NotImplementedError)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
@@ -67,9 +57,6 @@ def register(app: typer.Typer) -> None:
             images=images, image_size=image_size, model=model, copies=copies,
             queries_per_attribute=queries_per_attribute, calibration_sample=calibration_sample, seed=seed,
         )
-        grpc_log = logging.getLogger("grpc._server")
-        if not any(isinstance(f, _LiteUnimplementedFilter) for f in grpc_log.filters):
-            grpc_log.addFilter(_LiteUnimplementedFilter())
         if logging.getLogger().level > logging.DEBUG:  # the bars are the display; -v shows every log line
             logging.getLogger().setLevel(logging.WARNING)
         console = Console(stderr=True)

@@ -67,10 +67,29 @@ def _server_supports_grouping(version: str) -> bool:
     return (int(match.group(1)), int(match.group(2))) >= (2, 4)
 
 
+class _LiteUnimplementedFilter(logging.Filter):
+    """Drops the in-process Lite server's "Method not implemented" tracebacks: pymilvus asks it
+    for a timestamp (AllocTimestamp) after each index creation, Lite does not implement it and
+    the client carries on, so a fresh deployment would otherwise log one traceback per index."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, NotImplementedError)
+
+
+def quiet_lite_server_logs() -> None:
+    """Install :class:`_LiteUnimplementedFilter` on gRPC's server logger (idempotent)."""
+    grpc_log = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _LiteUnimplementedFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(_LiteUnimplementedFilter())
+
+
 def probe(client: MilvusClient) -> Deployment:
     """Ask the server what it is; decides index form, flushing and grouping search."""
     version = str(client.get_server_version())
     lite = version.startswith(LITE_VERSION_PREFIX)
+    if lite:
+        quiet_lite_server_logs()
     deployment = Deployment(
         version=version, lite=lite, grouping_search=lite or _server_supports_grouping(version)
     )
