@@ -47,7 +47,7 @@ from agman_milvus.config import Settings
 from agman_milvus.embedding import Embedder
 from agman_milvus.images import ImageSource
 from agman_milvus.phash import from_signed64, hamming, phash
-from agman_milvus.search import load_query_image
+from agman_milvus.search import UseCase, load_query_image
 from agman_milvus.store.catalog import Catalog, ImageStatus
 from agman_milvus.store.vectors import Hit, VectorStore, version_tag
 
@@ -183,7 +183,7 @@ class CopyCheck:
 
 
 # -- the checker -----------------------------------------------------------------------------
-class CopyChecker:
+class CopyChecker(UseCase):
     """Copy checks against the indexed catalogue (see the module docstring)."""
 
     def __init__(
@@ -196,18 +196,8 @@ class CopyChecker:
         blobs: BlobStore | None = None,
         thresholds: CopyThresholds | None = None,
     ) -> None:
-        self.embedder = embedder
-        self.vectors = vectors
-        self.catalog = catalog
-        self.settings = settings
-        self.blobs = blobs
+        super().__init__(embedder, vectors, catalog, settings=settings, blobs=blobs)
         self._thresholds = thresholds
-
-    @classmethod
-    def from_services(cls, services: Any) -> "CopyChecker":
-        """Built from a :class:`agman_milvus.services.Services`."""
-        return cls(services.embedder, services.vectors, services.catalog,
-                   settings=services.settings, blobs=services.blobs)
 
     @property
     def thresholds(self) -> CopyThresholds:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 from PIL import Image
@@ -77,8 +77,8 @@ def _live(info: ImageInfo | None) -> bool:
     return info is not None and info.status == ImageStatus.indexed and not info.product_deleted
 
 
-class SearchService:
-    """The search use case over an :class:`Embedder`, a :class:`VectorStore` and a :class:`Catalog`."""
+class UseCase:
+    """The services a use case works with: the model, Milvus, the SQL catalog (and blobs)."""
 
     def __init__(
         self,
@@ -96,10 +96,14 @@ class SearchService:
         self.blobs = blobs
 
     @classmethod
-    def from_services(cls, services: Any) -> "SearchService":
+    def from_services(cls, services: Any) -> Self:
         """Built from a :class:`agman_milvus.services.Services`."""
         return cls(services.embedder, services.vectors, services.catalog,
                    settings=services.settings, blobs=services.blobs)
+
+
+class SearchService(UseCase):
+    """The search use case over an :class:`Embedder`, a :class:`VectorStore` and a :class:`Catalog`."""
 
     @property
     def schema(self):  # noqa: ANN201 - AttributeSchema

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw
 
 from agman_milvus.config import Settings
