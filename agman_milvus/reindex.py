@@ -30,9 +30,10 @@ import torch
 from agman_milvus.config import Settings
 from agman_milvus.embedding import Embedder
 from agman_milvus.pipeline.decode import Decoded, decode_image_row
+from agman_milvus.pipeline.runner import vector_rows
 from agman_milvus.services import Services
 from agman_milvus.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
-from agman_milvus.store.vectors import COPY, VectorRow, VectorStore
+from agman_milvus.store.vectors import COPY, VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -314,14 +315,7 @@ def _write(
     info = catalog.image_info([d.image_id for d in ok])
     keep = [j for j, d in enumerate(ok) if (m := info.get(d.image_id)) is not None
             and m.status in LIVE_STATUSES and not m.product_deleted]
-    store.upsert(
-        VectorRow(
-            image_id=ok[j].image_id, product_id=info[ok[j].image_id].product_id,
-            vectors={name: embeddings[j, k] for k, name in enumerate(names)},
-            descriptor=descriptors[j], metadata=info[ok[j].image_id].metadata(),
-        )
-        for j in keep
-    )
+    store.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
     ids = [ok[j].image_id for j in keep]
     rows = catalog.get_images(ids)
     gone = [i for i in ids if i not in rows or rows[i].status == ImageStatus.deleted]

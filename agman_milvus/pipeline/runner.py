@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from agman_milvus.pipeline.decode import Decoded, decode_image_row
-from agman_milvus.store.catalog import Catalog, ImageFeatures, ImageStatus
+from agman_milvus.store.catalog import Catalog, ImageFeatures, ImageInfo, ImageStatus
 from agman_milvus.store.models import Image
 from agman_milvus.store.vectors import VectorRow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexReport", "index_images"]
+__all__ = ["IndexReport", "index_images", "vector_rows"]
 
 STAGES = ("read_decode", "decode_wait", "model", "write", "write_wait")
 
@@ -74,6 +74,21 @@ class IndexReport:
             "images_per_second": round(self.images_per_second, 2),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+
+
+def vector_rows(
+    ok: Sequence[Decoded], keep: Iterable[int], info: Mapping[int, ImageInfo], names: Sequence[str],
+    embeddings: np.ndarray, descriptors: np.ndarray,
+) -> Iterator[VectorRow]:
+    """Milvus rows for the images ``ok[j]``, ``j`` in ``keep``: one vector per attribute, the
+    copy descriptor and the product's filter metadata."""
+    for j in keep:
+        image = info[ok[j].image_id]
+        yield VectorRow(
+            image_id=ok[j].image_id, product_id=image.product_id,
+            vectors={name: embeddings[j, k] for k, name in enumerate(names)},
+            descriptor=descriptors[j], metadata=image.metadata(),
+        )
 
 
 def _record_features(catalog: Catalog, decoded: Sequence[Decoded]) -> None:
@@ -175,14 +190,7 @@ def index_images(
         keep = [j for j, d in enumerate(ok) if d.image_id in info
                 and info[d.image_id].status != ImageStatus.deleted
                 and not info[d.image_id].product_deleted]
-        vectors.upsert(
-            VectorRow(
-                image_id=ok[j].image_id, product_id=info[ok[j].image_id].product_id,
-                vectors={name: embeddings[j, k] for k, name in enumerate(names)},
-                descriptor=descriptors[j], metadata=info[ok[j].image_id].metadata(),
-            )
-            for j in keep
-        )
+        vectors.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
         written = [ok[j] for j in keep]
         _record_features(catalog, written)
         ids = [d.image_id for d in written]
