@@ -1,7 +1,7 @@
 """Copy-detection benchmark on the fashion-products catalogue (ISC2021-style metrics).
 
 A reference set of catalogue photos; queries are edited copies of references (1-3 random edits
-from :data:`agman_milvus.copyright.EDITS`: crop, rescale, JPEG, rotation, flip, colour jitter,
+from :data:`agman_milvus.usecases.copyright.EDITS`: crop, rescale, JPEG, rotation, flip, colour jitter,
 grayscale, blur, padding, text overlay, pasted into another catalogue photo) plus edited copies
 of photos that are NOT in the reference set (the catalogue has near-identical products, so
 these are realistic hard negatives). Three methods are compared side by side on the same
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agman_milvus.copyright import (
+from agman_milvus.usecases.copyright import (
     NORM_BETA,
     NORM_K,
     micro_average_precision,
@@ -42,9 +42,9 @@ from agman_milvus.copyright import (
     recall_at_precision,
     threshold_for_precision,
 )
-from agman_milvus.model import build_model
-from agman_milvus.model.layers import GeM, l2_normalize
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.core.model import build_model
+from agman_milvus.core.model.layers import GeM, l2_normalize
+from agman_milvus.core.schema import AttributeSchema
 
 TOP = 10
 

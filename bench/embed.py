@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet50
 
-from agman_milvus.model import build_model
-from agman_milvus.runtime import configure_process, tcmalloc_loaded
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.core.model import build_model
+from agman_milvus.core.runtime import configure_process, tcmalloc_loaded
+from agman_milvus.core.schema import AttributeSchema
 
 SCHEMA = AttributeSchema.from_dict({f"attribute_{i}": 6 for i in range(8)})
 

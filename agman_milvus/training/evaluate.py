@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from agman_milvus.data.datasets import ImageTable, LabeledImageDataset, collate_skipping, load_tensor
-from agman_milvus.data.formats import Label, RetrievalSplit, Triplet
+from agman_milvus.training.datasets import ImageTable, LabeledImageDataset, collate_skipping, load_tensor
+from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
 from agman_milvus.training.metrics import MAPResult, mean_average_precision, triplet_accuracy
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from agman_milvus.data.datasets import ImageTable, LabeledImageDataset, collate_skipping
-from agman_milvus.data.formats import Label
+from agman_milvus.training.datasets import ImageTable, LabeledImageDataset, collate_skipping
+from agman_milvus.training.readers import Label
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.core.schema import AttributeSchema
 
 
 class PooledImageNetFeatures(nn.Module):
@@ -22,8 +22,8 @@ class PooledImageNetFeatures(nn.Module):
     def __init__(self, schema: AttributeSchema, backbone: str = "mobilenet_v2", image_size: int = 224,
                  pretrained: str | None = "imagenet") -> None:
         super().__init__()
-        from agman_milvus.model.backbones import build_trunk
-        from agman_milvus.model.transforms import Preprocess
+        from agman_milvus.core.model.backbones import build_trunk
+        from agman_milvus.core.model.transforms import Preprocess
 
         self.schema = schema
         self.trunk = build_trunk(backbone, with_top=True, pretrained=pretrained)

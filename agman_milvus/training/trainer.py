@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from agman_milvus.data.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.data.formats import RetrievalSplit, Triplet
-from agman_milvus.data.sampler import TripletSampler
+from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
+from agman_milvus.training.readers import RetrievalSplit, Triplet
+from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
 from agman_milvus.training.feature_cache import FeatureCache, cached_trunk
 from agman_milvus.training.metrics import mean_average_precision
@@ -179,7 +179,7 @@ class Trainer:
 
     def resume(self, checkpoint: Path | None = None) -> int:
         """Restore model, optimizer, scheduler, epoch and best score from ``last.safetensors``."""
-        from agman_milvus.model import load_checkpoint
+        from agman_milvus.core.model import load_checkpoint
 
         path = Path(checkpoint) if checkpoint else self.last_path
         stem = path.with_suffix("")
@@ -198,7 +198,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, callbacks: Callbacks | None = None) -> list[dict[str, Any]]:
         """Train until ``config.epochs``; returns the per-epoch records (also in metrics.jsonl)."""
-        from agman_milvus.model import save_checkpoint
+        from agman_milvus.core.model import save_checkpoint
 
         callbacks = callbacks or Callbacks()
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -433,8 +433,8 @@ def _mid_high_digest(trunk: torch.nn.Module) -> str:
     Models without a classifier build their trunk without the top stage, so this lets AG-MAN,
     ASEN_v2 and global share one cache when their trunks agree.
     """
-    from agman_milvus.model.backbones import build_trunk
-    from agman_milvus.model.checkpoint import weights_digest
+    from agman_milvus.core.model.backbones import build_trunk
+    from agman_milvus.core.model.checkpoint import weights_digest
 
     keys = set(build_trunk(trunk.name, with_top=False).state_dict())
     return weights_digest({k: v for k, v in trunk.state_dict().items() if k in keys})

@@ -79,7 +79,7 @@ def pg_databases() -> Iterator[PostgresDatabases]:
 @pytest.fixture(scope="session")
 def pg_catalog_url(pg_databases: PostgresDatabases) -> str:
     """One migrated PostgreSQL database for the session (emptied by ``database_url``)."""
-    from agman_milvus.store.migrate import upgrade
+    from agman_milvus.services.store.migrate import upgrade
 
     url = pg_databases.create()
     upgrade(url)
@@ -89,8 +89,8 @@ def pg_catalog_url(pg_databases: PostgresDatabases) -> str:
 def _truncate_all(url: str) -> None:
     from sqlalchemy import text
 
-    from agman_milvus.store.catalog import create_catalog_engine
-    from agman_milvus.store.models import Base
+    from agman_milvus.services.store.catalog import create_catalog_engine
+    from agman_milvus.services.store.tables import Base
 
     engine = create_catalog_engine(url)
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
@@ -103,7 +103,7 @@ def _truncate_all(url: str) -> None:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty catalog database: SQLite file or PostgreSQL."""
     if request.param == "sqlite":
-        from agman_milvus.store.migrate import upgrade
+        from agman_milvus.services.store.migrate import upgrade
 
         url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
         upgrade(url)
@@ -115,7 +115,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
-    from agman_milvus.store.catalog import Catalog, create_catalog_engine
+    from agman_milvus.services.store.catalog import Catalog, create_catalog_engine
 
     cat = Catalog(create_catalog_engine(database_url))
     yield cat
@@ -124,8 +124,8 @@ def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
 
 @pytest.fixture
 def sqlite_catalog(tmp_path: Path) -> Iterator["Catalog"]:  # noqa: F821
-    from agman_milvus.store.catalog import Catalog, create_catalog_engine
-    from agman_milvus.store.migrate import upgrade
+    from agman_milvus.services.store.catalog import Catalog, create_catalog_engine
+    from agman_milvus.services.store.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     upgrade(url)

@@ -39,13 +39,13 @@ def _good_jpeg(seed: int) -> bytes:
 def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
     if not redis_available():
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
-    from agman_milvus.config import Settings
-    from agman_milvus.embedding import Embedder
-    from agman_milvus.images import load_image
-    from agman_milvus.ingest import register_image
-    from agman_milvus.pipeline.dispatch import CeleryDispatcher
-    from agman_milvus.services import Services
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.core.config import Settings
+    from agman_milvus.services.embedding import Embedder
+    from agman_milvus.core.images import load_image
+    from agman_milvus.usecases.ingest import register_image
+    from agman_milvus.usecases.dispatch import CeleryDispatcher
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app
 
     checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from agman_milvus.config import Settings
-from agman_milvus.store.catalog import Catalog, CatalogError, ImageStatus, open_catalog
-from agman_milvus.store.migrate import CatalogNotMigratedError
-from agman_milvus.store.models import Image, Product
+from agman_milvus.core.config import Settings
+from agman_milvus.services.store.catalog import Catalog, CatalogError, ImageStatus, open_catalog
+from agman_milvus.services.store.migrate import CatalogNotMigratedError
+from agman_milvus.services.store.tables import Image, Product
 
 
 def sha(n: int) -> str:

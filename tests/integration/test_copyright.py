@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agman_milvus.copyright import (
+from agman_milvus.usecases.copyright import (
     COPY,
     DISTINCT,
     EDITS,
@@ -48,7 +48,7 @@ def jpeg(im: Image.Image, quality: int = 60) -> Image.Image:
 
 
 def require_imagenet() -> None:
-    from agman_milvus.model.weights import MOBILENET_V2_FILE, checkpoint_dir
+    from agman_milvus.core.model.weights import MOBILENET_V2_FILE, checkpoint_dir
 
     if not (checkpoint_dir() / MOBILENET_V2_FILE).is_file():
         pytest.skip("MobileNetV2 ImageNet weights are not in torchvision's cache (run scripts/setup.sh)")

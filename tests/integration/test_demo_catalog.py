@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agman_milvus.data.catalog import read_catalog, split_catalog
-from agman_milvus.demo.catalog import (
+from agman_milvus.training.catalog_split import read_catalog, split_catalog
+from agman_milvus.app.demo.photos import (
     DEMO_ATTRIBUTES,
     MANIFEST_COLUMNS,
     ensure_catalog,
     generate_catalog,
     sample_products,
 )
-from agman_milvus.demo.garments import COLOURS, TOPS, Garment, Shot, render
-from agman_milvus.demo.report import CopyCheck, ReportError, SearchHit, SearchResult, build_page
-from agman_milvus.images import load_image
+from agman_milvus.app.demo.garments import COLOURS, TOPS, Garment, Shot, render
+from agman_milvus.app.demo.page import CopyCheck, ReportError, SearchHit, SearchResult, build_page
+from agman_milvus.core.images import load_image
 
 
 def _digest(root: Path) -> dict[str, str]:

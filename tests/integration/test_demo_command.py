@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agman_milvus.cli import app
-from agman_milvus.demo.catalog import DEMO_ATTRIBUTES
+from agman_milvus.app.cli import app
+from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +26,7 @@ TINY = ["demo", "--images", "80", "--image-size", "64", "--epochs", "1", "--trip
 
 @pytest.fixture(scope="module", autouse=True)
 def imagenet_weights() -> None:
-    from agman_milvus.model.weights import MOBILENET_V2_FILE, checkpoint_dir
+    from agman_milvus.core.model.weights import MOBILENET_V2_FILE, checkpoint_dir
 
     if not (checkpoint_dir() / MOBILENET_V2_FILE).is_file():
         pytest.skip("MobileNetV2 ImageNet weights are not in torchvision's cache (run scripts/setup.sh)")
@@ -93,7 +93,7 @@ def test_summary_json_has_measured_figures_in_range(first_run) -> None:
     assert copy["accuracy"] == pytest.approx(100 * (found + copy["unrelated_confusion"]["distinct"]) / 12, abs=0.1)
     assert summary["model"]["trained_now"] and Path(summary["model"]["checkpoint"]).is_file()
     # the model is left where the default settings find it afterwards
-    from agman_milvus.config import get_settings
+    from agman_milvus.core.config import get_settings
 
     published = get_settings(data_dir=data_dir, checkpoint=None).resolved_checkpoint
     assert published == data_dir / "demo" / "model.safetensors"
@@ -175,7 +175,7 @@ def test_unknown_attribute_column_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_second_demo_on_the_same_directory_is_refused_while_one_runs(tmp_path: Path) -> None:
-    from agman_milvus.demo.run import _exclusive
+    from agman_milvus.app.demo.run import _exclusive
 
     (tmp_path / "demo").mkdir()
     with _exclusive(tmp_path / "demo"):  # what a running demo holds

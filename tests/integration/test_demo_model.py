@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from agman_milvus.demo.catalog import DEMO_ATTRIBUTES, generate_catalog
-from agman_milvus.demo.model import (
+from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, generate_catalog
+from agman_milvus.app.demo.demo_model import (
     CHECKPOINT_NAME,
     DemoModelConfig,
     demo_model_key,
@@ -34,7 +34,7 @@ TINY = DemoModelConfig(image_size=96, epochs=2, triplets_per_epoch=384, batch_si
 
 @pytest.fixture(scope="module", autouse=True)
 def imagenet_weights() -> None:
-    from agman_milvus.model.weights import MOBILENET_V2_FILE, checkpoint_dir
+    from agman_milvus.core.model.weights import MOBILENET_V2_FILE, checkpoint_dir
 
     if not (checkpoint_dir() / MOBILENET_V2_FILE).is_file():
         pytest.skip("MobileNetV2 ImageNet weights are not in torchvision's cache (run scripts/setup.sh)")

@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def client(tmp_path: Path, checkpoint: Path) -> Iterator["Client"]:  # noqa: F821
-    from agman_milvus.client import Client
+    from agman_milvus.app.client import Client
 
     with Client(data_dir=tmp_path / "data", checkpoint=checkpoint, device="cpu", batch_size=4,
                 broker_url=None, milvus_uri=None, database_url=None) as c:
@@ -52,8 +52,8 @@ def _counts(client) -> dict[str, int]:
 
 
 def test_ingest_writes_every_collection_with_the_models_vectors(client, tmp_path: Path) -> None:
-    from agman_milvus.images import decode_image_bytes
-    from agman_milvus.phash import phash, to_signed64
+    from agman_milvus.core.images import decode_image_bytes
+    from agman_milvus.core.phash import phash, to_signed64
 
     data = _jpeg(1)
     path = tmp_path / "p2.png"
@@ -84,7 +84,7 @@ def test_ingest_writes_every_collection_with_the_models_vectors(client, tmp_path
 
 
 def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_path: Path) -> None:
-    from agman_milvus.ingest import index_images
+    from agman_milvus.usecases.ingest import index_images
 
     data = _jpeg(7)
     first = client.ingest("sku-7", data)
@@ -103,8 +103,8 @@ def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_pa
 
 
 def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Path) -> None:
-    from agman_milvus.ingest import index_images, register_image
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import index_images, register_image
+    from agman_milvus.services.store.catalog import ImageStatus
 
     services = client.services
     good = [register_image(services, f"g{i}", _jpeg(20 + i)) for i in range(5)]
@@ -128,8 +128,8 @@ def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Pat
 
 
 def test_update_reaches_milvus_filter_fields_and_delete_removes_vectors_first(client) -> None:
-    from agman_milvus.ingest import UnknownProductError
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import UnknownProductError
+    from agman_milvus.services.store.catalog import ImageStatus
 
     a = client.ingest("sku-a", _jpeg(40), {"colour": "red", "brand": "acme"})
     b = client.ingest("sku-a", _jpeg(41))
@@ -155,8 +155,8 @@ def test_update_reaches_milvus_filter_fields_and_delete_removes_vectors_first(cl
 
 
 def test_deleted_while_embedding_leaves_no_vector(client) -> None:
-    from agman_milvus.ingest import index_images, register_image
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import index_images, register_image
+    from agman_milvus.services.store.catalog import ImageStatus
 
     services = client.services
     reg = register_image(services, "sku-race", _jpeg(50))
@@ -175,8 +175,8 @@ def test_deleted_while_embedding_leaves_no_vector(client) -> None:
 
 
 def test_reconcile_reembeds_missing_vectors(client) -> None:
-    from agman_milvus.ingest import reembed_images
-    from agman_milvus.reconcile import reconcile
+    from agman_milvus.usecases.ingest import reembed_images
+    from agman_milvus.usecases.reconcile import reconcile
 
     handles = [client.ingest(f"sku-r{i}", _jpeg(70 + i)) for i in range(3)]
     store = client.services.vectors
@@ -189,8 +189,8 @@ def test_reconcile_reembeds_missing_vectors(client) -> None:
 
 
 def test_broker_without_shared_milvus_fails_fast(tmp_path: Path) -> None:
-    from agman_milvus.client import Client
-    from agman_milvus.services import DeploymentError
+    from agman_milvus.app.client import Client
+    from agman_milvus.services.container import DeploymentError
 
     with pytest.raises(DeploymentError, match="agman milvus-serve"):
         Client(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", milvus_uri=None)
@@ -199,10 +199,10 @@ def test_broker_without_shared_milvus_fails_fast(tmp_path: Path) -> None:
 def test_agman_ingest_manifest_resumes(tmp_path: Path, checkpoint: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from agman_milvus.cli import app
-    from agman_milvus.config import Settings
-    from agman_milvus.services import Services
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.app.cli import app
+    from agman_milvus.core.config import Settings
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
 
     root = tmp_path / "catalog"
     (root / "images").mkdir(parents=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from agman_milvus.config import Settings
-from agman_milvus.model import build_model, save_checkpoint
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.core.config import Settings
+from agman_milvus.core.model import build_model, save_checkpoint
+from agman_milvus.core.schema import AttributeSchema
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

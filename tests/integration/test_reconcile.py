@@ -11,10 +11,10 @@ import pytest
 from pymilvus import MilvusClient
 from typer.testing import CliRunner
 
-from agman_milvus.reconcile import reconcile
-from agman_milvus.schema import AttributeSchema
-from agman_milvus.store.catalog import Catalog, ImageStatus
-from agman_milvus.store.vectors import COPY, VectorRow, VectorStore
+from agman_milvus.usecases.reconcile import reconcile
+from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store.catalog import Catalog, ImageStatus
+from agman_milvus.services.store.vectors import COPY, VectorRow, VectorStore
 
 SCHEMA = AttributeSchema.from_dict({"colour": ["red", "blue"], "pattern": 3})
 DIM, DESC_DIM = 8, 12
@@ -132,9 +132,9 @@ def test_reconcile_without_pipeline_reports_missing(world) -> None:
 @pytest.mark.parametrize("milvus_client", ["lite"], indirect=True)
 def test_reconcile_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, milvus_client: MilvusClient) -> None:
     """``agman reconcile --dry-run`` on the embedded default (SQLite + Milvus Lite in data_dir)."""
-    from agman_milvus.cli import app
-    from agman_milvus.config import Settings
-    from agman_milvus.store.catalog import open_catalog
+    from agman_milvus.app.cli import app
+    from agman_milvus.core.config import Settings
+    from agman_milvus.services.store.catalog import open_catalog
 
     monkeypatch.setenv("AGMAN_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("AGMAN_DATABASE_URL", raising=False)

@@ -27,7 +27,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _settings(data_dir: Path, checkpoint: Path):  # noqa: ANN202 - Settings
-    from agman_milvus.config import Settings
+    from agman_milvus.core.config import Settings
 
     return Settings(data_dir=data_dir, checkpoint=checkpoint, device="cpu", batch_size=2,
                     broker_url=None, milvus_uri=None, database_url=None)
@@ -41,7 +41,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def _ingest(services, product: str, seed: int, **metadata: str) -> int:  # noqa: ANN001
-    from agman_milvus.ingest import index_images, register_image
+    from agman_milvus.usecases.ingest import index_images, register_image
 
     reg = register_image(services, product, _jpeg(seed), metadata or None)
     index_images([reg.image_id], services)
@@ -49,7 +49,7 @@ def _ingest(services, product: str, seed: int, **metadata: str) -> int:  # noqa:
 
 
 def _store(settings, checkpoint: Path):  # noqa: ANN001, ANN202 - VectorStore of a checkpoint
-    from agman_milvus.services import Services
+    from agman_milvus.services.container import Services
 
     return Services(settings.model_copy(update={"checkpoint": checkpoint})).vectors
 
@@ -59,7 +59,7 @@ def _counts(store) -> dict[str, int]:  # noqa: ANN001
 
 
 def _reconcile(services, store):  # noqa: ANN001, ANN202
-    from agman_milvus.reconcile import reconcile
+    from agman_milvus.usecases.reconcile import reconcile
 
     return reconcile(services.catalog, store, store.model_version, dry_run=True, reembed=None)
 
@@ -72,11 +72,11 @@ def _assert_found(search, image_id: int, seed: int) -> None:  # noqa: ANN001 - S
 
 
 def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints) -> None:
-    from agman_milvus.ingest import delete_product, update_product
-    from agman_milvus.reindex import reindex
-    from agman_milvus.search import SearchService
-    from agman_milvus.services import Services
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import delete_product, update_product
+    from agman_milvus.usecases.reindex import reindex
+    from agman_milvus.usecases.search import SearchService
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
 
     ckpt_a, ckpt_b = checkpoints
     settings = _settings(tmp_path / "data", ckpt_a)
@@ -141,8 +141,8 @@ def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints
 def test_cli_reindex_drops_the_old_version(tmp_path: Path, checkpoints, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from agman_milvus.cli import app
-    from agman_milvus.services import Services
+    from agman_milvus.app.cli import app
+    from agman_milvus.services.container import Services
 
     ckpt_a, ckpt_b = checkpoints
     settings = _settings(tmp_path / "data", ckpt_a)

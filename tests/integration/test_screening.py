@@ -113,8 +113,8 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
 
 
 def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
-    from agman_milvus.copyright import CopyChecker
-    from agman_milvus.screening import create_job, run_job
+    from agman_milvus.usecases.copyright import CopyChecker
+    from agman_milvus.usecases.screening import create_job, run_job
 
     refs = [str(Path("/nonexistent/a.jpg")), str(Path("/nonexistent/b.jpg"))]
     job_id = create_job(client.services.catalog, refs, top_k=2)
@@ -131,8 +131,8 @@ def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
 def test_cli_inputs_from_directory_and_manifests(tmp_path: Path) -> None:
     import typer
 
-    from agman_milvus.commands.copyright import screening_inputs
-    from agman_milvus.commands.search import parse_filters
+    from agman_milvus.app.commands.copyright import screening_inputs
+    from agman_milvus.app.commands.search import parse_filters
 
     (tmp_path / "d" / "sub").mkdir(parents=True)
     for name in ("b.jpg", "a.PNG", "sub/c.webp", "notes.txt"):

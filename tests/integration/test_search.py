@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from agman_milvus.model.backbones import build_trunk
-from agman_milvus.model.base import AttributeEmbeddingModel
-from agman_milvus.model.layers import l2_normalize
-from agman_milvus.schema import AttributeSchema, UnknownAttributeError
+from agman_milvus.core.model.backbones import build_trunk
+from agman_milvus.core.model.base import AttributeEmbeddingModel
+from agman_milvus.core.model.layers import l2_normalize
+from agman_milvus.core.schema import AttributeSchema, UnknownAttributeError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,10 +90,10 @@ def draw(colour: str, shape: str, seed: int, size: int = SIZE) -> Image.Image:
 
 
 def make_client(data_dir: Path, **model_kwargs: object):  # noqa: ANN201 - Client
-    from agman_milvus.client import Client
-    from agman_milvus.config import Settings
-    from agman_milvus.embedding import Embedder
-    from agman_milvus.services import Services
+    from agman_milvus.app.client import Client
+    from agman_milvus.core.config import Settings
+    from agman_milvus.services.embedding import Embedder
+    from agman_milvus.services.container import Services
 
     settings = Settings(data_dir=data_dir, device="cpu", batch_size=16, broker_url=None,
                         milvus_uri=None, database_url=None, collection_prefix="agman")
@@ -181,7 +181,7 @@ def test_search_similar_excludes_the_product_itself(client) -> None:
     colour = client.search_similar("sku-blue-square-0", "colour", top_k=5, filters={"brand": "acme"})
     assert all(h.metadata["colour"] == "blue" for h in colour[:5] if h.score > 0.9)
     assert all(h.metadata["brand"] == "acme" for h in colour)
-    from agman_milvus.search import ProductNotFoundError
+    from agman_milvus.usecases.search import ProductNotFoundError
 
     with pytest.raises(ProductNotFoundError):
         client.search_similar("no-such-sku", "shape")
@@ -190,7 +190,7 @@ def test_search_similar_excludes_the_product_itself(client) -> None:
 def _brute_force(client, query: Image.Image, weights: dict[str, float], top_k: int,
                  filters: dict | None = None) -> list[tuple[str, float]]:
     """numpy over every live image's stored vectors: max over images of sum_a w_a cos_a."""
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.services.store.catalog import ImageStatus
 
     services = client.services
     store, catalog = services.vectors, services.catalog
@@ -211,7 +211,7 @@ def _brute_force(client, query: Image.Image, weights: dict[str, float], top_k: i
 
 @pytest.mark.parametrize("candidates", [None, 2])
 def test_search_multi_weighted_is_exact(client, candidates: int | None) -> None:
-    from agman_milvus.search import SearchService
+    from agman_milvus.usecases.search import SearchService
 
     service = SearchService.from_services(client.services)
     query = draw("red", "square", seed=2024)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from agman_milvus.data.datasets import TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.data.formats import Triplet
-from agman_milvus.data.sampler import TripletSampler
-from agman_milvus.data.sources import catalog_source
-from agman_milvus.model import build_model, load_checkpoint
+from agman_milvus.training.datasets import TrainTransform, TripletDataset, collate_skipping
+from agman_milvus.training.readers import Triplet
+from agman_milvus.training.sampler import TripletSampler
+from agman_milvus.training.sources import catalog_source
+from agman_milvus.core.model import build_model, load_checkpoint
 from agman_milvus.training.evaluate import evaluate_map
 from agman_milvus.training.trainer import TrainConfig, Trainer
 
@@ -145,7 +145,7 @@ def test_resume_without_state_and_cache_without_freeze_fail(catalog: Path, tmp_p
 def test_cli_train_then_eval(catalog: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from agman_milvus.cli import app
+    from agman_milvus.app.cli import app
 
     runner = CliRunner()
     data = ["--catalog", str(catalog), "--attributes", "colour,mark", "--min-count", "2"]

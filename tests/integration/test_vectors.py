@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from pymilvus import MilvusClient
 
-from agman_milvus.config import Settings
-from agman_milvus.schema import AttributeSchema
-from agman_milvus.store.filters import FilterError, build_filter, quote_string
-from agman_milvus.store.milvus_compat import HNSW_BUILD, probe
-from agman_milvus.store.vectors import (
+from agman_milvus.core.config import Settings
+from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store.filters import FilterError, build_filter, quote_string
+from agman_milvus.services.store.milvus_compat import HNSW_BUILD, probe
+from agman_milvus.services.store.vectors import (
     COPY,
     Hit,
     MilvusLiteLockedError,

@@ -38,7 +38,7 @@ VISIBILITY_TIMEOUT = 12  # seconds; the test's tasks take a few seconds
 
 @dataclass
 class Deployment:
-    settings: object  # agman_milvus.config.Settings
+    settings: object  # agman_milvus.core.config.Settings
     env: dict[str, str]
     tmp: Path
 
@@ -50,7 +50,7 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     if not redis_available():
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
-    from agman_milvus.config import Settings
+    from agman_milvus.core.config import Settings
 
     tmp = tmp_path_factory.mktemp("workers")
     checkpoint = tiny_checkpoint(tmp / "tiny.safetensors")
@@ -92,9 +92,9 @@ def _counts(services) -> dict[str, int]:
 
 
 def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deployment) -> None:
-    from agman_milvus.client import Client
-    from agman_milvus.pipeline.dispatch import EMBED_TASK, GPU_QUEUE
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.app.client import Client
+    from agman_milvus.usecases.dispatch import EMBED_TASK, GPU_QUEUE
+    from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app
 
     worker = deployment.worker("w1").start()
@@ -126,10 +126,10 @@ def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deploymen
 
 
 def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
-    from agman_milvus.ingest import register_image
-    from agman_milvus.pipeline.dispatch import CeleryDispatcher
-    from agman_milvus.services import Services
-    from agman_milvus.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import register_image
+    from agman_milvus.usecases.dispatch import CeleryDispatcher
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app
 
     services = Services(deployment.settings)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agman_milvus.data.formats import (
+from agman_milvus.training.readers import (
     read_deepfashion_labels,
     read_fashionai_label_csv,
     read_filenames,

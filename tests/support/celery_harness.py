@@ -140,8 +140,8 @@ class Worker:
 
 def tiny_checkpoint(path: Path, image_size: int = 64) -> Path:
     """A real, small AG-MAN model (MobileNetV2 backbone, random init) saved to ``path``."""
-    from agman_milvus.model import build_model, save_checkpoint
-    from agman_milvus.schema import AttributeSchema
+    from agman_milvus.core.model import build_model, save_checkpoint
+    from agman_milvus.core.schema import AttributeSchema
 
     schema = AttributeSchema.from_dict({"colour": ["red", "green", "blue"], "sleeve": ["short", "long"]})
     model = build_model("agman", schema=schema, backbone="mobilenet_v2", image_size=image_size)

@@ -1,4 +1,4 @@
-"""agman_milvus.blobs: content addressing, idempotency, atomic writes, traversal refusal."""
+"""agman_milvus.services.blobs: content addressing, idempotency, atomic writes, traversal refusal."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agman_milvus.blobs import (
+from agman_milvus.services.blobs import (
     BlobCorruptError,
     BlobNotFoundError,
     BlobStore,
@@ -172,7 +172,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     root = tmp_path / "blobs"
     script = (
         "import resource, signal, sys\n"
-        "from agman_milvus.blobs import BlobStore\n"
+        "from agman_milvus.services.blobs import BlobStore\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
         "store = BlobStore(sys.argv[1])\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agman_milvus.data.catalog import read_catalog, split_catalog
-from agman_milvus.data.formats import FormatError
+from agman_milvus.training.catalog_split import read_catalog, split_catalog
+from agman_milvus.training.readers import FormatError
 
 
 def _write_catalog(path: Path, n: int = 400) -> Path:

@@ -9,8 +9,8 @@ import pytest
 import typer.main
 import yaml
 
-from agman_milvus.cli import app
-from agman_milvus.config import Settings
+from agman_milvus.app.cli import app
+from agman_milvus.core.config import Settings
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from agman_milvus.embedding_function import AgmanEmbeddingFunction, BaseEmbeddingFunction
-from agman_milvus.model import build_model
-from agman_milvus.schema import AttributeSchema, UnknownAttributeError
+from agman_milvus.app.embedding_function import AgmanEmbeddingFunction, BaseEmbeddingFunction
+from agman_milvus.core.model import build_model
+from agman_milvus.core.schema import AttributeSchema, UnknownAttributeError
 
 SCHEMA = AttributeSchema.from_dict({"colour": 3, "sleeve length": 2})
 

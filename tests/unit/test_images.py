@@ -1,4 +1,4 @@
-"""agman_milvus.images: every corpus case through load_image, limits, sources, threads."""
+"""agman_milvus.core.images: every corpus case through load_image, limits, sources, threads."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from agman_milvus import images
-from agman_milvus.config import Settings
-from agman_milvus.images import (
+from agman_milvus.core import images
+from agman_milvus.core.config import Settings
+from agman_milvus.core.images import (
     CorruptImageError,
     DecompressionBombError,
     EmptyImageError,
@@ -188,7 +188,7 @@ def test_bomb_rejected_fast_with_little_memory(corpus: Corpus) -> None:
     assert Path(bomb).stat().st_size < 2048
     script = (
         "import resource, sys, time\n"
-        "from agman_milvus.images import load_image, DecompressionBombError\n"
+        "from agman_milvus.core.images import load_image, DecompressionBombError\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "t = time.perf_counter()\n"
         "for limit in (40_000_000, 10**12):\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agman_milvus.model import (
+from agman_milvus.core.model import (
     CheckpointError,
     build_model,
     create_model_and_transforms,
@@ -13,8 +13,8 @@ from agman_milvus.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from agman_milvus.model.agman import csn_masks
-from agman_milvus.schema import AttributeSchema, UnknownAttributeError
+from agman_milvus.core.model.agman import csn_masks
+from agman_milvus.core.schema import AttributeSchema, UnknownAttributeError
 
 BACKBONES = ["resnet50", "mobilenet_v2"]
 
@@ -193,7 +193,7 @@ def test_refuses_pickle_and_tampered_files(tmp_path, schema8) -> None:
 def test_compiled_embedder_matches_eager(schema8) -> None:
     from PIL import Image
 
-    from agman_milvus.embedding import Embedder
+    from agman_milvus.services.embedding import Embedder
 
     model = build_model("agman", schema=schema8, backbone="mobilenet_v2", image_size=64)
     images = [Image.new("RGB", (80, 64), (40 * i, 200 - 30 * i, 90)) for i in range(5)]

@@ -1,4 +1,4 @@
-"""agman_milvus.phash: stability under re-encoding, separation, agreement with imagehash."""
+"""agman_milvus.core.phash: stability under re-encoding, separation, agreement with imagehash."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from agman_milvus.images import load_image
-from agman_milvus.phash import from_signed64, hamming, phash, to_signed64
+from agman_milvus.core.images import load_image
+from agman_milvus.core.phash import from_signed64, hamming, phash, to_signed64
 from tests.support import require_shared
 
 SIZE = 128

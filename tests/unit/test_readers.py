@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agman_milvus.data.formats import (
+from agman_milvus.training.readers import (
     DeepFashionLabel,
     FormatError,
     Label,
@@ -21,8 +21,8 @@ from agman_milvus.data.formats import (
     read_retrieval_split,
     rebuild_fashionai_train,
 )
-from agman_milvus.data.zappos import read_triplet_list, read_zappos_filenames, read_zappos_triplets
-from agman_milvus.schema import AttributeSchema
+from agman_milvus.training.zappos import read_triplet_list, read_zappos_filenames, read_zappos_triplets
+from agman_milvus.core.schema import AttributeSchema
 
 
 def _write(path: Path, lines: list[str], crlf: bool = False) -> Path:

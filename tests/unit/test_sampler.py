@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from agman_milvus.data.formats import Label
-from agman_milvus.data.sampler import NothingToSampleError, TripletSampler
+from agman_milvus.training.readers import Label
+from agman_milvus.training.sampler import NothingToSampleError, TripletSampler
 
 
 def _labels() -> list[Label]:

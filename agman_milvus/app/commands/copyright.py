@@ -1,0 +1,113 @@
+"""``agman check-copy``, ``agman screen`` and ``agman calibrate``: copyright near-duplicates."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import typer
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
+
+
+def screening_inputs(source: Path) -> list[str]:
+    """Images of a directory (recursively, sorted), or of a manifest: a CSV with a ``file``,
+    ``path``, ``uri`` or ``image`` column (relative paths resolved against the manifest), or a
+    text file with one path/URI per line."""
+    if source.is_dir():
+        return [str(p) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not source.is_file():
+        raise typer.BadParameter(f"{source} is neither a directory nor a manifest file")
+    base = source.parent
+
+    def resolve(ref: str) -> str:
+        ref = ref.strip()
+        return ref if "://" in ref else str((base / ref).resolve())
+
+    if source.suffix.lower() == ".csv":
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            column = next((c for c in ("file", "path", "uri", "image") if c in (reader.fieldnames or [])), None)
+            if column is None:
+                raise typer.BadParameter(f"{source} needs a file, path, uri or image column")
+            return [resolve(row[column]) for row in reader if row.get(column)]
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return [resolve(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("check-copy")
+    def check_copy_command(
+        image: str = typer.Argument(..., help="Image to check: path or http(s):// URI"),
+        top_k: int = typer.Option(5, "--top-k", "-k", min=1),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+    ) -> None:
+        """Is IMAGE a copy of a catalogue image? Verdict, score and evidence."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from agman_milvus.app.client import Client
+
+        with Client() as client:
+            check = client.check_copy(image, top_k=top_k)
+        if as_json:
+            typer.echo(json.dumps(check.to_dict(), indent=2, default=str))
+            return
+        note = "" if check.calibrated else " (uncalibrated defaults: run `agman calibrate`)"
+        table = Table(title=f"{image}: {check.verdict} ({check.score:.3f}){note}")
+        for col in ("product", "verdict", "score", "descriptor", "pHash dist", "attributes agreeing"):
+            table.add_column(col)
+        for m in check.matches:
+            table.add_row(m.product_id, m.verdict, f"{m.score:.3f}", f"{m.descriptor_similarity:.3f}",
+                          "-" if m.phash_distance is None else str(m.phash_distance),
+                          f"{m.attributes_agreeing}/{len(m.attributes)}")
+        Console().print(table)
+
+    @app.command("calibrate")
+    def calibrate_command(
+        precision: float = typer.Option(0.99, "--precision", min=0.5, max=1.0,
+                                        help="Precision the copy threshold must reach"),
+        sample: int = typer.Option(300, "--sample", min=20, help="Catalogue images to edit"),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Calibrate the copy thresholds on edited copies of this catalogue's images."""
+        from agman_milvus.app.client import Client
+        from agman_milvus.usecases.copyright import NotEnoughImagesError
+
+        with Client() as client:
+            try:
+                result = client.calibrate_copy(precision=precision, sample=sample, seed=seed)
+            except NotEnoughImagesError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+
+    @app.command("screen")
+    def screen_command(
+        source: Path = typer.Argument(..., help="A directory of images or a manifest (CSV/text)"),
+        top_k: int = typer.Option(5, "--top-k", "-k", min=1),
+        report: list[Path] = typer.Option([], "--report", "-o",
+                                          help="Write the report (.csv, .json or .html); repeatable"),
+        wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends"),
+        timeout: float = typer.Option(3600, "--timeout"),
+    ) -> None:
+        """Screen many images for copies of catalogue images, in the background."""
+        from agman_milvus.app.client import Client
+
+        refs = screening_inputs(source)
+        if not refs:
+            typer.echo(f"no images found in {source}", err=True)
+            raise typer.Exit(2)
+        with Client() as client:
+            job = client.screen(refs, top_k=top_k)
+            typer.echo(f"screening job {job.id}: {job.total} images")
+            if not wait:
+                return
+            job.wait(timeout=timeout)
+            typer.echo(f"job {job.id} {job.status}: {job.done}/{job.total}"
+                       + (f" ({job.error})" if job.error else ""))
+            for path in report:
+                typer.echo(f"wrote {job.export(path)}")
+            if job.status != "done":
+                raise typer.Exit(1)

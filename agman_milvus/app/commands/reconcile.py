@@ -1,0 +1,60 @@
+"""``agman reconcile``: find and repair drift between the catalog and Milvus."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def _check_checkpoint_is_active(checkpoint: object, active_version: str) -> None:
+    """Repairs re-embed with AGMAN_CHECKPOINT: it must be the active model version."""
+    from agman_milvus.core.model import read_checkpoint_config
+
+    if checkpoint is None:
+        typer.echo("AGMAN_CHECKPOINT is not set: repairs need the active model's checkpoint", err=True)
+        raise typer.Exit(2)
+    version = read_checkpoint_config(checkpoint)["version"]
+    if version != active_version:
+        typer.echo(
+            f"AGMAN_CHECKPOINT is model {version}, but the active model is {active_version}; "
+            "point it at the active model's checkpoint (or run `agman reindex`) before repairing",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("reconcile")
+    def reconcile_command(
+        dry_run: bool = typer.Option(False, "--dry-run", help="Only report, change nothing"),
+    ) -> None:
+        """Compare SQL rows with Milvus vectors of the active model version; repair drift."""
+        from agman_milvus.core.config import get_settings
+        from agman_milvus.usecases.reconcile import reconcile
+        from agman_milvus.core.schema import AttributeSchema
+        from agman_milvus.services.store.catalog import open_catalog
+        from agman_milvus.services.store.vectors import VectorStore
+
+        settings = get_settings()
+        catalog = open_catalog(settings)
+        model = catalog.active_model()
+        if model is None:
+            typer.echo("no active model version is registered in the catalog; ingest first", err=True)
+            raise typer.Exit(2)
+        store = VectorStore.from_settings(
+            settings, AttributeSchema.from_json(model.attribute_schema), model.version,
+            embed_dim=model.embed_dim, descriptor_dim=model.descriptor_dim,
+        )
+        reembed = None
+        if not dry_run:
+            from agman_milvus.usecases.ingest import reembed_images
+
+            _check_checkpoint_is_active(settings.resolved_checkpoint, model.version)
+            reembed = lambda ids: reembed_images(ids, settings=settings)  # noqa: E731
+        report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed)
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        if report.unrepaired:
+            for line in report.unrepaired:
+                typer.echo(line, err=True)
+            raise typer.Exit(1)

@@ -1,0 +1,150 @@
+"""Backbone trunks that give a mid-level and a high-level feature map.
+
+Both trunks keep torchvision's module names, so torchvision's ImageNet state dicts load into
+them key for key.
+
+| trunk        | mid level (stride 8)                 | high level (stride 16)          | top (stride 32, classifier only) |
+|--------------|--------------------------------------|---------------------------------|----------------------------------|
+| resnet50     | layer2: 512 x 28 x 28                | layer3: 1024 x 14 x 14          | layer4: 2048 x 7 x 7             |
+| mobilenet_v2 | features[0:7] (end of the 32-ch stage): 32 x 28 x 28 | features[7:14] (end of the 96-ch stage): 96 x 14 x 14 | features[14:19]: 1280 x 7 x 7 |
+
+Sizes are for a 224 input; any input size works (every map is ceil-halved per stride).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2, resnet50
+
+from agman_milvus.core.model.weights import load_imagenet_state_dict
+
+BACKBONES = ("resnet50", "mobilenet_v2")
+
+
+class Trunk(nn.Module):
+    """A CNN cut into ``mid`` -> ``high`` -> ``top`` stages."""
+
+    name: str
+    mid_channels: int
+    high_channels: int
+    top_channels: int
+    has_top: bool
+
+    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_imagenet(self) -> None:
+        """Overwrite the trunk with torchvision's IMAGENET1K_V1 weights (local cache only)."""
+        state = load_imagenet_state_dict(self.name)
+        own = self.state_dict()
+        matched = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(matched))
+        if missing:
+            raise RuntimeError(f"ImageNet weights for {self.name} lack keys: {missing[:5]}")
+        self.load_state_dict(matched, strict=True)
+
+
+class ResNet50Trunk(Trunk):
+    """torchvision ResNet-50 (Bottleneck [3, 4, 6, 3]) without its fc layer."""
+
+    name = "resnet50"
+    mid_channels, high_channels, top_channels = 512, 1024, 2048
+
+    def __init__(self, with_top: bool = True) -> None:
+        super().__init__()
+        net = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.has_top = with_top
+        if with_top:
+            self.layer4 = net.layer4
+        _init_like_reference(self)
+
+    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer2(self.layer1(x))
+
+    def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        return self.layer3(mid)
+
+    def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        return self.layer4(high)
+
+
+class MobileNetV2Trunk(Trunk):
+    """torchvision MobileNetV2 ``features`` cut at the ends of its stride-8 and stride-16 stages."""
+
+    name = "mobilenet_v2"
+    mid_channels, high_channels, top_channels = 32, 96, 1280
+    _MID_END, _HIGH_END = 7, 14
+
+    def __init__(self, with_top: bool = True) -> None:
+        super().__init__()
+        features = mobilenet_v2(weights=None).features
+        self.has_top = with_top
+        self.features = features if with_top else features[: self._HIGH_END]
+
+    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.features[: self._MID_END]:
+            x = layer(x)
+        return x
+
+    def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        for layer in self.features[self._MID_END : self._HIGH_END]:
+            mid = layer(mid)
+        return mid
+
+    def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        for layer in self.features[self._HIGH_END :]:
+            high = layer(high)
+        return high
+
+
+def _init_like_reference(module: nn.Module) -> None:
+    """Reference init: every Conv2d ~ N(0, sqrt(2 / (k*k*out))), BatchNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = None) -> Trunk:
+    """A trunk by name; ``pretrained="imagenet"`` loads torchvision's ImageNet weights."""
+    trunks = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}
+    if name not in trunks:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+    trunk = trunks[name](with_top=with_top)
+    if pretrained in ("imagenet", "IMAGENET1K_V1"):
+        trunk.load_imagenet()
+    elif pretrained not in (None, False, "", "none"):
+        raise ValueError(f"unknown pretrained weights {pretrained!r}; use None or 'imagenet'")
+    return trunk
+
+
+class MultiLevelFusion(nn.Module):
+    """AG-MAN's multi-level map: maxpool(3,2,1)(mid) -> 1x1 conv (+bias) added to high.
+
+    Returns ``(fused, x_local)`` with ``fused = concat[high, high + proj(pool(mid))]``.
+    """
+
+    def __init__(self, mid_channels: int, high_channels: int) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.conv1_1 = nn.Conv2d(mid_channels, high_channels, kernel_size=1, bias=True)
+        nn.init.normal_(self.conv1_1.weight, 0.0, math.sqrt(2.0 / high_channels))
+
+    def forward(self, mid: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_local = high + self.conv1_1(self.pool(mid))
+        return torch.cat([high, x_local], dim=1), x_local

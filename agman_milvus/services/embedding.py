@@ -1,0 +1,165 @@
+"""The Embedder: images in, per-attribute vectors and copy descriptors out, in batches.
+
+It loads its model lazily (once, thread-safe, never at import or before a worker forks), picks
+CUDA with bf16 autocast when present and CPU otherwise, and hides preprocessing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from agman_milvus.core.model import AttributeEmbeddingModel, load_checkpoint, model_version
+from agman_milvus.core.runtime import prepare_for_inference, resolve_device
+from agman_milvus.core.schema import AttributeSchema
+
+logger = logging.getLogger(__name__)
+
+
+def compile_encode(model: AttributeEmbeddingModel, device: torch.device) -> Callable:
+    """``torch.compile`` of ``model.encode`` (with weight freezing on CPU, where it pays off)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    return torch.compile(model.encode, dynamic=False)
+
+
+class NoModelConfiguredError(RuntimeError):
+    """No checkpoint was configured for the embedder."""
+
+
+@dataclass
+class EncodedBatch:
+    """Per-image outputs of one pass: ``embeddings`` [N, K, D] and ``descriptors`` [N, Dc]."""
+
+    embeddings: np.ndarray
+    descriptors: np.ndarray
+
+
+class Embedder:
+    """Batched inference around an :class:`AttributeEmbeddingModel`."""
+
+    def __init__(
+        self,
+        model: AttributeEmbeddingModel | None = None,
+        *,
+        checkpoint: str | Path | None = None,
+        device: str = "auto",
+        batch_size: int = 32,
+        compile: bool = False,
+    ) -> None:
+        if model is None and checkpoint is None:
+            raise NoModelConfiguredError(
+                "no model: pass a model or a checkpoint (set AGMAN_CHECKPOINT, or run `agman demo` "
+                "to build the demo model)"
+            )
+        self._model = model
+        self._checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._device_name = device
+        self.batch_size = batch_size
+        self.compile = compile
+        self._lock = threading.Lock()
+        self._device: torch.device | None = None
+        self._encode_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> AttributeEmbeddingModel:
+        """Load (once) and return the model, ready for inference on the chosen device."""
+        with self._lock:
+            if self._device is None:
+                device = resolve_device(self._device_name)
+                model = self._model if self._model is not None else load_checkpoint(self._checkpoint)
+                model_version(model)
+                self._model = prepare_for_inference(model, device)
+                self._encode_fn = compile_encode(self._model, device) if self.compile else self._model.encode
+                self._device = device
+                logger.info("model %s loaded on %s", self._model.version, device)
+        return self._model  # type: ignore[return-value]
+
+    @property
+    def model(self) -> AttributeEmbeddingModel:
+        return self.load()
+
+    @property
+    def schema(self) -> AttributeSchema:
+        return self.model.schema
+
+    @property
+    def version(self) -> str:
+        return model_version(self.model)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.model.descriptor_dim
+
+    # -- inference ------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.model.preprocess.batch(list(images))
+
+    def encode(self, images: Sequence[Image.Image]) -> EncodedBatch:
+        """All attribute vectors and the copy descriptor for every image."""
+        return self.encode_tensor(self.preprocess(images)) if images else self._empty()
+
+    def encode_tensor(self, batch: torch.Tensor) -> EncodedBatch:
+        """As :meth:`encode`, for an already preprocessed batch [N, 3, S, S]."""
+        self.load()
+        embeddings, descriptors = [], []
+        for start in range(0, batch.shape[0], self.batch_size):
+            chunk = batch[start : start + self.batch_size]
+            size = chunk.shape[0]
+            if self.compile and size < self.batch_size:  # one static shape: no recompiles
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - size, *chunk.shape[1:]))])
+            chunk = chunk.to(self._device, memory_format=torch.channels_last)
+            with torch.inference_mode(), self._autocast():
+                emb, desc = self._run_encode(chunk)
+            embeddings.append(emb[:size].float().cpu().numpy())
+            descriptors.append(desc[:size].float().cpu().numpy())
+        return EncodedBatch(np.concatenate(embeddings), np.concatenate(descriptors))
+
+    def _run_encode(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (possibly compiled) encode; falls back to eager if compilation fails here."""
+        try:
+            return self._encode_fn(chunk)  # type: ignore[misc]
+        except Exception as exc:  # inductor needs a C++ compiler; never lose work over speed
+            if self._encode_fn == self.model.encode:
+                raise
+            logger.warning("torch.compile failed (%s); using eager mode", exc)
+            self._encode_fn = self.model.encode
+            return self._encode_fn(chunk)
+
+    def embed(self, images: Sequence[Image.Image], attribute: str | int) -> np.ndarray:
+        """Unit vectors [N, D] for one attribute (a query)."""
+        model = self.load()
+        ids = model.schema.resolve(attribute)
+        out = []
+        batch = self.preprocess(images)
+        for start in range(0, batch.shape[0], self.batch_size):
+            chunk = batch[start : start + self.batch_size].to(self._device, memory_format=torch.channels_last)
+            with torch.inference_mode(), self._autocast():
+                out.append(model.embed(chunk, ids).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._device is not None and self._device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _empty(self) -> EncodedBatch:
+        model = self.load()
+        return EncodedBatch(
+            np.zeros((0, len(model.schema), model.embed_dim), np.float32),
+            np.zeros((0, model.descriptor_dim), np.float32),
+        )

@@ -1,0 +1,560 @@
+"""Vectors in Milvus: one collection per attribute plus one for copy descriptors.
+
+Layout (hidden behind :class:`VectorStore`):
+
+* physical collections ``{prefix}_{attribute.slug}__{version tag}`` and
+  ``{prefix}_copy__{version tag}``: each holds vectors of exactly one model version, so a search
+  can never mix versions;
+* aliases ``{prefix}_{attribute.slug}`` / ``{prefix}_copy`` point at the active version's
+  collections; switching models = fill the new version's collections, then :meth:`activate`;
+* primary key ``image_id`` = the SQL image id (``auto_id`` off): re-embedding is an upsert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from agman_milvus.core.config import Settings
+from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store.filters import FilterValue, build_filter
+from agman_milvus.services.store.milvus_compat import Deployment, probe
+
+log = logging.getLogger(__name__)
+
+COPY = "copy"
+VECTOR_FIELD = "vector"
+META_MAX_LENGTH = 512
+VERSION_MAX_LENGTH = 64
+_PROPERTY_VERSION = "agman.model_version"
+_PROPERTY_ROLE = "agman.role"
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_RESERVED_FIELDS = {"image_id", "product_id", "model_version", VECTOR_FIELD}
+MAX_TOP_K = 16384  # Milvus limit on limit (topk)
+
+
+class VectorStoreError(RuntimeError):
+    """A vector store operation that cannot proceed; the message says why."""
+
+
+class MilvusLiteLockedError(VectorStoreError):
+    """The embedded Milvus Lite directory is held by another process."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: ``score`` is the cosine similarity (higher is closer)."""
+
+    image_id: int
+    product_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    """Everything stored for one image: one vector per attribute, optionally a descriptor."""
+
+    image_id: int
+    product_id: int
+    vectors: Mapping[str, Sequence[float] | np.ndarray]
+    descriptor: Sequence[float] | np.ndarray | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+# -- opening ---------------------------------------------------------------------------------
+_clients: dict[tuple[int, str, str, str], MilvusClient] = {}
+_clients_lock = threading.Lock()
+
+
+def _is_local_path(uri: str) -> bool:
+    return "://" not in uri
+
+
+def open_milvus(settings: Settings) -> MilvusClient:
+    """The process-wide client for ``settings``' Milvus URI (created lazily, once per process).
+
+    The cache key includes the process id, so a client made before ``fork`` is never reused
+    in the child. An embedded Milvus Lite directory held by another process raises
+    :class:`MilvusLiteLockedError` explaining how to share it.
+    """
+    uri = settings.resolved_milvus_uri
+    key = (os.getpid(), uri, settings.milvus_token, settings.milvus_db_name)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None:
+            return client
+        kwargs: dict[str, Any] = {}
+        if settings.milvus_token:
+            kwargs["token"] = settings.milvus_token
+        if settings.milvus_db_name:
+            kwargs["db_name"] = settings.milvus_db_name
+        if _is_local_path(uri):
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            client = MilvusClient(uri=uri, **kwargs)
+        except Exception as exc:
+            if _is_local_path(uri) and _lite_dir_locked(Path(uri)):
+                raise MilvusLiteLockedError(
+                    f"the embedded Milvus Lite database {uri} is in use by another process "
+                    "(Milvus Lite allows one process per directory). For several processes, run "
+                    "`agman milvus-serve` once and set AGMAN_MILVUS_URI=http://127.0.0.1:19540 "
+                    "for every process"
+                ) from exc
+            raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+        _clients[key] = client
+        return client
+
+
+def close_milvus(settings: Settings) -> bool:
+    """Close and forget this process's client for ``settings``' Milvus URI (True if one was open).
+
+    Needed before deleting an embedded Milvus Lite directory that this process used, so a
+    later :func:`open_milvus` on the same path starts afresh instead of reusing a dead client.
+    """
+    uri = settings.resolved_milvus_uri
+    key = (os.getpid(), uri, settings.milvus_token, settings.milvus_db_name)
+    with _clients_lock:
+        client = _clients.pop(key, None)
+    if client is None:
+        return False
+    try:
+        client.close()
+    except Exception as exc:  # noqa: BLE001 - closing is best effort; the entry is gone either way
+        log.warning("closing the Milvus client for %s failed: %s", uri, exc)
+    return True
+
+
+def _lite_dir_locked(path: Path) -> bool:
+    """True when another process holds Milvus Lite's exclusive lock on ``path``."""
+    import fcntl
+
+    lock = path / "LOCK"
+    if not lock.exists():
+        return False
+    with open(lock, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def version_tag(version: str) -> str:
+    """``version`` made safe for a collection name (hashed when it had to change)."""
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", version).strip("_")
+    if tag == version and 0 < len(tag) <= 40:
+        return tag
+    digest = hashlib.sha1(version.encode("utf-8")).hexdigest()[:10]
+    return f"{tag[:28]}_{digest}".strip("_")
+
+
+# -- the store -------------------------------------------------------------------------------
+class VectorStore:
+    """Per-attribute Milvus collections of one model version.
+
+    ``schema`` names the attributes; ``embed_dim`` and ``descriptor_dim`` come from the model.
+    ``grouping`` forces (True) or disables (False) Milvus grouping search; by default it is
+    used where the deployment supports it.
+    """
+
+    def __init__(
+        self,
+        client: MilvusClient,
+        schema: AttributeSchema,
+        model_version: str,
+        *,
+        embed_dim: int,
+        descriptor_dim: int,
+        prefix: str = "agman",
+        filter_fields: Sequence[str] = ("category", "brand", "gender", "colour"),
+        search_consistency: str = "Bounded",
+        grouping: bool | None = None,
+    ) -> None:
+        if not model_version or len(model_version) > VERSION_MAX_LENGTH:
+            raise ValueError(f"model version must be 1-{VERSION_MAX_LENGTH} characters: {model_version!r}")
+        if COPY in [a.slug for a in schema]:
+            raise ValueError(f"an attribute may not be called {COPY!r}: that collection holds copy descriptors")
+        for name in filter_fields:
+            if not _FIELD_NAME.match(name) or name in _RESERVED_FIELDS:
+                raise ValueError(f"invalid filter field name {name!r}")
+        if embed_dim < 1 or descriptor_dim < 1:
+            raise ValueError("embedding and descriptor dimensions must be positive")
+        self.client = client
+        self.schema = schema
+        self.model_version = model_version
+        self.embed_dim = embed_dim
+        self.descriptor_dim = descriptor_dim
+        self.prefix = prefix
+        self.filter_fields = tuple(filter_fields)
+        self.search_consistency = search_consistency
+        self._grouping = grouping
+        self._deployment: Deployment | None = None
+        self._tag = version_tag(model_version)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, schema: AttributeSchema, model_version: str, *,
+        embed_dim: int, descriptor_dim: int, **kwargs: Any,
+    ) -> "VectorStore":
+        return cls(
+            open_milvus(settings), schema, model_version, embed_dim=embed_dim,
+            descriptor_dim=descriptor_dim, prefix=settings.collection_prefix,
+            filter_fields=settings.filter_fields, **kwargs,
+        )
+
+    # -- naming --------------------------------------------------------------------------------
+    @property
+    def deployment(self) -> Deployment:
+        if self._deployment is None:
+            self._deployment = probe(self.client)
+        return self._deployment
+
+    @property
+    def uses_grouping(self) -> bool:
+        return self.deployment.grouping_search if self._grouping is None else self._grouping
+
+    def _label(self, attribute: int | str) -> str:
+        """``"copy"`` or the canonical attribute name (raises UnknownAttributeError)."""
+        if attribute == COPY:
+            return COPY
+        return self.schema[self.schema.resolve(attribute)].name
+
+    def _slug(self, label: str) -> str:
+        return COPY if label == COPY else self.schema[label].slug
+
+    def alias(self, attribute: int | str) -> str:
+        """The stable name that points at the active version's collection."""
+        return f"{self.prefix}_{self._slug(self._label(attribute))}"
+
+    def collection(self, attribute: int | str) -> str:
+        """The physical collection of ``attribute`` (or ``"copy"``) for this model version."""
+        return f"{self.alias(attribute)}__{self._tag}"
+
+    def collection_names(self) -> dict[str, str]:
+        """``{attribute name or "copy": physical collection}`` for this version."""
+        labels = [*self.schema.names, COPY]
+        return {label: self.collection(label) for label in labels}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _collection_schema(self, dim: int) -> Any:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("image_id", DataType.INT64, is_primary=True)
+        schema.add_field("product_id", DataType.INT64)
+        schema.add_field("model_version", DataType.VARCHAR, max_length=VERSION_MAX_LENGTH)
+        for name in self.filter_fields:
+            schema.add_field(name, DataType.VARCHAR, max_length=META_MAX_LENGTH)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+        return schema
+
+    def ensure_collections(self) -> None:
+        """Create this version's collections if missing; the first version becomes active."""
+        existing = set(self.client.list_collections())
+        for label, name in self.collection_names().items():
+            dim = self.descriptor_dim if label == COPY else self.embed_dim
+            if name in existing:
+                self._check_existing(name, dim)
+                continue
+            log.info("creating Milvus collection %s (dim %d)", name, dim)
+            try:
+                self.client.create_collection(
+                    name,
+                    schema=self._collection_schema(dim),
+                    index_params=self.deployment.index_params(self.client, VECTOR_FIELD),
+                    consistency_level=self.search_consistency,
+                    properties={_PROPERTY_VERSION: self.model_version, _PROPERTY_ROLE: label},
+                )
+            except MilvusException:
+                if name not in self.client.list_collections():
+                    raise
+                self._check_existing(name, dim)  # another process created it meanwhile
+        if self.active_version() is None:
+            self.activate()
+
+    def _check_existing(self, name: str, dim: int) -> None:
+        desc = self.client.describe_collection(name)
+        fields = {f["name"]: f for f in desc["fields"]}
+        have = int(fields.get(VECTOR_FIELD, {}).get("params", {}).get("dim", -1))
+        missing = [f for f in self.filter_fields if f not in fields]
+        if have != dim or missing:
+            raise VectorStoreError(
+                f"collection {name} exists with a different layout (dim {have}, expected {dim}"
+                + (f"; missing filter fields {missing}" if missing else "")
+                + "); drop it or use another AGMAN_COLLECTION_PREFIX"
+            )
+
+    def _prefixed_collections(self) -> list[str]:
+        return [c for c in self.client.list_collections() if c.startswith(f"{self.prefix}_")]
+
+    def _aliases(self) -> dict[str, str]:
+        """``{alias: collection}`` for this store's aliases that exist.
+
+        Listed per collection: ``describe_alias`` of a missing alias logs an RPC error.
+        """
+        wanted = {self.alias(label) for label in self.collection_names()}
+        out = {}
+        for name in self._prefixed_collections():
+            for alias in self.client.list_aliases(name).get("aliases", []):
+                if alias in wanted:
+                    out[alias] = name
+        return out
+
+    def active_version(self) -> str | None:
+        """The model version the aliases point at (``None`` before any activation)."""
+        target = self._aliases().get(self.alias(COPY))
+        if target is None:
+            return None
+        props = self.client.describe_collection(target).get("properties") or {}
+        return props.get(_PROPERTY_VERSION)
+
+    @property
+    def is_active(self) -> bool:
+        return self.active_version() == self.model_version
+
+    def activate(self) -> None:
+        """Point every alias at this version's collections (the model switch)."""
+        current = self._aliases()
+        for label, name in self.collection_names().items():
+            alias = self.alias(label)
+            if alias not in current:
+                try:
+                    self.client.create_alias(name, alias)
+                except MilvusException:  # created concurrently: point it here
+                    self.client.alter_alias(name, alias)
+            elif current[alias] != name:
+                self.client.alter_alias(name, alias)
+        log.info("model version %s is now active for prefix %s", self.model_version, self.prefix)
+
+    def versions(self) -> dict[str, list[str]]:
+        """``{model version: [physical collections]}`` for every version under this prefix."""
+        out: dict[str, list[str]] = {}
+        for name in self._prefixed_collections():
+            props = self.client.describe_collection(name).get("properties") or {}
+            version = props.get(_PROPERTY_VERSION)
+            if version is not None and "__" in name:
+                out.setdefault(version, []).append(name)
+        return out
+
+    def drop_version(self, version: str) -> list[str]:
+        """Drop every collection of an inactive model version; returns their names."""
+        if version == self.active_version():
+            raise VectorStoreError(f"model version {version!r} is active; activate another first")
+        names = self.versions().get(version, [])
+        for name in names:
+            self.client.drop_collection(name)
+        return names
+
+    # -- writes --------------------------------------------------------------------------------
+    def _vector(self, value: Sequence[float] | np.ndarray, dim: int, what: str) -> list[float]:
+        arr = np.asarray(value, dtype=np.float32).reshape(-1)
+        if arr.shape[0] != dim:
+            raise ValueError(f"{what}: expected a {dim}-d vector, got {arr.shape[0]}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{what}: vector has NaN or infinite values")
+        return arr.tolist()
+
+    def _meta(self, metadata: Mapping[str, Any]) -> dict[str, str]:
+        out = {}
+        for name in self.filter_fields:
+            value = metadata.get(name)
+            text = "" if value is None else str(value)
+            if len(text.encode("utf-8")) > META_MAX_LENGTH:
+                text = text.encode("utf-8")[:META_MAX_LENGTH].decode("utf-8", "ignore")
+            out[name] = text
+        return out
+
+    def upsert(self, rows: Iterable[VectorRow]) -> int:
+        """Write rows into every attribute collection (and copy, when a descriptor is given).
+
+        Idempotent: the image id is the primary key. Returns the number of rows written.
+        """
+        rows = list(rows)
+        if not rows:
+            return 0
+        names = self.collection_names()
+        per_collection: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
+        for row in rows:
+            base = {"image_id": int(row.image_id), "product_id": int(row.product_id),
+                    "model_version": self.model_version, **self._meta(row.metadata)}
+            vectors = {self._label(k): v for k, v in row.vectors.items()}
+            missing = [a for a in self.schema.names if a not in vectors]
+            if missing:
+                raise ValueError(f"image {row.image_id}: no vector for attributes {missing}")
+            for attr in self.schema.names:
+                vec = self._vector(vectors[attr], self.embed_dim, f"image {row.image_id} {attr}")
+                per_collection[names[attr]].append({**base, VECTOR_FIELD: vec})
+            if row.descriptor is not None:
+                vec = self._vector(row.descriptor, self.descriptor_dim, f"image {row.image_id} descriptor")
+                per_collection[names[COPY]].append({**base, VECTOR_FIELD: vec})
+        for name, data in per_collection.items():
+            if data:
+                self.client.upsert(name, data)
+                self.deployment.after_write(self.client, name)
+        return len(rows)
+
+    def delete_images(self, image_ids: Iterable[int]) -> None:
+        """Remove images' vectors from every collection of every model version."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return
+        for name in self._all_collections():
+            self.client.delete(name, ids=ids)
+            self.deployment.after_write(self.client, name)
+
+    def delete_product(self, product_id: int) -> None:
+        """Remove every vector of a product, in every collection of every model version."""
+        expr = f"product_id == {int(product_id)}"
+        for name in self._all_collections():
+            self.client.delete(name, filter=expr)
+            self.deployment.after_write(self.client, name)
+
+    def _all_collections(self) -> list[str]:
+        names = set(self.collection_names().values()) & set(self.client.list_collections())
+        for collections in self.versions().values():
+            names.update(collections)
+        return sorted(names)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def filter_expression(self, filters: Mapping[str, FilterValue] | None) -> str:
+        kinds: dict[str, type] = {name: str for name in self.filter_fields}
+        kinds["product_id"] = int
+        return build_filter(filters, kinds)
+
+    def search(
+        self,
+        attribute: int | str,
+        vectors: Sequence[Sequence[float]] | np.ndarray,
+        top_k: int = 10,
+        filters: Mapping[str, FilterValue] | None = None,
+        one_per_product: bool = True,
+        consistency: str | None = None,
+    ) -> list[list[Hit]]:
+        """Nearest images for each query vector in ``attribute``'s space of this version."""
+        name = self.collection(self._label(attribute))
+        return self._search(name, vectors, self.embed_dim, top_k, filters, one_per_product, consistency)
+
+    def search_copy(
+        self,
+        descriptors: Sequence[Sequence[float]] | np.ndarray,
+        top_k: int = 10,
+        filters: Mapping[str, FilterValue] | None = None,
+        consistency: str | None = None,
+    ) -> list[list[Hit]]:
+        """Nearest copy descriptors (every image, not one per product)."""
+        return self._search(self.collection(COPY), descriptors, self.descriptor_dim, top_k,
+                            filters, False, consistency)
+
+    def _search(
+        self, name: str, vectors: Sequence[Sequence[float]] | np.ndarray, dim: int, top_k: int,
+        filters: Mapping[str, FilterValue] | None, one_per_product: bool, consistency: str | None,
+    ) -> list[list[Hit]]:
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        queries = [self._vector(v, dim, "query") for v in np.atleast_2d(np.asarray(vectors, np.float32))]
+        expr = self.filter_expression(filters)
+        level = consistency or self.search_consistency
+
+        def run(batch: list[list[float]], limit: int, group: bool) -> list[list[Hit]]:
+            kwargs: dict[str, Any] = {}
+            if group:
+                kwargs["group_by_field"] = "product_id"
+            result = self.client.search(
+                name, data=batch, limit=limit, filter=expr,
+                output_fields=["image_id", "product_id"],
+                search_params=self.deployment.search_params(limit),
+                consistency_level=level, **kwargs,
+            )
+            return [[_to_hit(h) for h in hits] for hits in result]
+
+        if not one_per_product:
+            return run(queries, top_k, False)
+        if self.uses_grouping:
+            return [dedupe_by_product(hits, top_k) for hits in run(queries, top_k, True)]
+        return search_distinct_products(lambda batch, limit: run(batch, limit, False), queries, top_k)
+
+    def get_vectors(self, attribute: int | str, image_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """Stored vectors of ``image_ids`` in ``attribute``'s collection (missing ids absent)."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return {}
+        rows = self.client.get(
+            self.collection(self._label(attribute)), ids=ids,
+            output_fields=["image_id", VECTOR_FIELD], consistency_level="Strong",
+        )
+        return {int(r["image_id"]): np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
+
+    def count(self, attribute: int | str) -> int:
+        """Rows in ``attribute``'s (or ``"copy"``) collection of this version."""
+        rows = self.client.query(
+            self.collection(self._label(attribute)), filter="", output_fields=["count(*)"],
+            consistency_level="Strong",
+        )
+        return int(rows[0]["count(*)"])
+
+    def iter_image_ids(self, collection: str, batch_size: int = 1000) -> Iterator[tuple[int, str]]:
+        """Stream ``(image_id, model_version)`` of every row of a physical collection."""
+        iterator = self.client.query_iterator(
+            collection, batch_size=batch_size, filter="",
+            output_fields=["image_id", "model_version"], consistency_level="Strong",
+        )
+        try:
+            while True:
+                batch = iterator.next()
+                if not batch:
+                    return
+                for row in batch:
+                    yield int(row["image_id"]), str(row["model_version"])
+        finally:
+            iterator.close()
+
+
+def _to_hit(hit: Mapping[str, Any]) -> Hit:
+    entity = hit.get("entity") or {}
+    image_id = entity.get("image_id", hit.get("image_id", hit.get("id")))
+    return Hit(image_id=int(image_id), product_id=int(entity["product_id"]),
+               score=float(hit["distance"]))
+
+
+def dedupe_by_product(hits: Sequence[Hit], top_k: int) -> list[Hit]:
+    """Best hit per product, best first, at most ``top_k``."""
+    best: dict[int, Hit] = {}
+    for hit in hits:
+        if hit.product_id not in best or hit.score > best[hit.product_id].score:
+            best[hit.product_id] = hit
+    return sorted(best.values(), key=lambda h: -h.score)[:top_k]
+
+
+def search_distinct_products(
+    run: Any, queries: list[list[float]], top_k: int, factor: int = 4
+) -> list[list[Hit]]:
+    """One hit per product without grouping search: over-fetch, de-duplicate, fetch more.
+
+    ``run(queries, limit)`` returns raw hits per query. A query is finished when it has
+    ``top_k`` distinct products or the collection returned fewer than ``limit`` hits
+    (exhausted); unfinished queries are retried with a larger limit, up to Milvus's maximum.
+    """
+    results: list[list[Hit] | None] = [None] * len(queries)
+    pending = list(range(len(queries)))
+    limit = min(MAX_TOP_K, top_k * factor)
+    while pending:
+        raw = run([queries[i] for i in pending], limit)
+        still = []
+        for i, hits in zip(pending, raw):
+            distinct = dedupe_by_product(hits, top_k)
+            if len(distinct) >= top_k or len(hits) < limit or limit >= MAX_TOP_K:
+                results[i] = distinct
+            else:
+                still.append(i)
+        pending = still
+        limit = min(MAX_TOP_K, limit * factor)
+    return [r or [] for r in results]

@@ -1,0 +1,242 @@
+"""Bulk ingest of a catalog manifest (CSV), resumable.
+
+The manifest format is the fashion-products one: a ``file`` column relative to the manifest's
+folder (or ``image_root``), a product id column and metadata columns. Every row is registered
+(bytes into the blob store, product + image rows in SQL); images already indexed are skipped,
+so re-running after an interruption redoes nothing that finished. Registration runs in a
+background thread, one chunk ahead of the embedding, and progress is read from the SQL
+statuses (the real completion), not from what was sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agman_milvus.usecases.dispatch import Dispatcher
+from agman_milvus.services.store.catalog import Catalog, ImageStatus
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BulkSummary", "DEFAULT_COLUMN_MAP", "ManifestError", "ManifestItem", "bulk_ingest",
+    "count_statuses", "read_manifest",
+]
+
+#: fashion-products columns renamed onto the catalog's typed product fields by default.
+DEFAULT_COLUMN_MAP: dict[str, str] = {
+    "productDisplayName": "title", "articleType": "category", "baseColour": "colour",
+}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be read as asked (missing file, missing column)."""
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    product_id: str
+    path: Path
+    metadata: dict[str, Any]
+
+
+def parse_metadata_columns(specs: Sequence[str] | None) -> dict[str, str] | None:
+    """``["baseColour=colour", "gender"]`` -> ``{"baseColour": "colour", "gender": "gender"}``."""
+    if not specs:
+        return None
+    out: dict[str, str] = {}
+    for spec in specs:
+        for part in spec.split(","):
+            part = part.strip()
+            if part:
+                column, _, key = part.partition("=")
+                out[column.strip()] = (key or column).strip()
+    return out
+
+
+def read_manifest(
+    manifest: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    limit: int | None = None,
+    product_column: str = "id",
+    file_column: str = "file",
+    metadata_columns: Mapping[str, str] | None = None,
+) -> list[ManifestItem]:
+    """Rows of ``manifest`` as items. ``metadata_columns`` maps CSV column -> metadata key;
+    by default every other column is kept, renamed by :data:`DEFAULT_COLUMN_MAP`."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"manifest not found: {manifest}")
+    root = Path(image_root) if image_root is not None else manifest.parent
+    items: list[ManifestItem] = []
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        for needed in (product_column, file_column):
+            if needed not in columns:
+                raise ManifestError(
+                    f"{manifest} has no column {needed!r}; its columns: {', '.join(columns)}"
+                )
+        if metadata_columns is None:
+            mapping = {c: DEFAULT_COLUMN_MAP.get(c, c) for c in columns
+                       if c not in (product_column, file_column)}
+        else:
+            missing = [c for c in metadata_columns if c not in columns]
+            if missing:
+                raise ManifestError(
+                    f"{manifest} has no column(s) {', '.join(missing)}; its columns: {', '.join(columns)}"
+                )
+            mapping = dict(metadata_columns)
+        for row in reader:
+            if limit is not None and len(items) >= limit:
+                break
+            product = (row.get(product_column) or "").strip()
+            name = (row.get(file_column) or "").strip()
+            if not product or not name:
+                logger.warning("skipping manifest row without %s/%s: %s", product_column, file_column, row)
+                continue
+            meta = {key: row[col] for col, key in mapping.items() if row.get(col) not in (None, "")}
+            items.append(ManifestItem(product, root / name, meta))
+    return items
+
+
+@dataclass
+class BulkSummary:
+    """Outcome of a bulk ingest. ``duplicate``: rows that were already registered (a repeat in
+    the manifest, or an earlier run); ``already_indexed``: skipped because they were done."""
+
+    total: int = 0
+    new: int = 0
+    duplicate: int = 0
+    already_indexed: int = 0
+    dispatched: int = 0
+    indexed: int = 0
+    failed: int = 0
+    pending: int = 0
+    register_seconds: float = 0.0
+    seconds: float = 0.0
+    failures: dict[int, str] = field(default_factory=dict)  # first failures, image id -> reason
+
+    def to_dict(self) -> dict[str, object]:
+        out = {k: v for k, v in self.__dict__.items() if k != "failures"}
+        out["images_per_second"] = round(self.dispatched / self.seconds, 2) if self.seconds else 0.0
+        out["failures"] = {str(k): v for k, v in list(self.failures.items())[:20]}
+        return out
+
+
+def count_statuses(catalog: Catalog, image_ids: Sequence[int]) -> Counter[str]:
+    """How many of ``image_ids`` are in each status."""
+    rows = catalog.get_images(image_ids)
+    return Counter(r.status.value for r in rows.values())
+
+
+def _chunks(items: Sequence[ManifestItem], size: int) -> Iterator[Sequence[ManifestItem]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def bulk_ingest(
+    items: Sequence[ManifestItem],
+    services: Any,
+    dispatcher: Dispatcher,
+    *,
+    chunk_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+    poll: float = 0.5,
+    timeout: float | None = None,
+) -> BulkSummary:
+    """Register ``items`` and embed the ones not yet indexed; returns the summary.
+
+    ``progress(done, total)`` is called as SQL statuses change (done = indexed + failed among
+    the dispatched images). With an asynchronous dispatcher (Celery) this waits for the workers
+    until nothing is pending, or ``timeout`` seconds (then the rest stays pending and a later
+    run picks it up).
+    """
+    from agman_milvus.usecases.ingest import register_image
+
+    summary = BulkSummary(total=len(items))
+    catalog = services.catalog
+    started = time.perf_counter()
+    services.vectors  # load the model and create the collections before the clock matters
+    todo: list[int] = []
+    chunks: queue.Queue[list[int] | BaseException | None] = queue.Queue(maxsize=2)
+
+    def register_all() -> None:
+        try:
+            for chunk in _chunks(items, chunk_size):
+                t0 = time.perf_counter()
+                ids: list[int] = []
+                for item in chunk:
+                    reg = register_image(services, item.product_id, item.path, item.metadata)
+                    summary.new += reg.created
+                    summary.duplicate += not reg.created
+                    if reg.status == ImageStatus.indexed:
+                        summary.already_indexed += 1
+                    elif reg.needs_embedding:
+                        ids.append(reg.image_id)
+                    elif reg.status == ImageStatus.failed and reg.reason:
+                        summary.failures.setdefault(reg.image_id, reg.reason)
+                summary.register_seconds += time.perf_counter() - t0
+                chunks.put(ids)
+            chunks.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            chunks.put(exc)
+
+    def registered() -> Iterator[list[int]]:
+        while True:
+            ids = chunks.get()
+            if ids is None:
+                return
+            if isinstance(ids, BaseException):
+                raise ids
+            todo.extend(ids)
+            yield ids
+
+    registrar = threading.Thread(target=register_all, name="agman-register", daemon=True)
+    registrar.start()
+    if dispatcher.asynchronous:
+        for ids in registered():
+            dispatcher.submit(ids)
+    else:  # one pipeline over the ids as they are registered: no refill between chunks
+        finished = [0]
+
+        def on_batch(part: Any) -> None:  # part: the IndexReport of a batch just written
+            finished[0] += len(part.indexed) + len(part.failed)
+            if progress is not None:
+                progress(finished[0], max(len(todo), finished[0]))
+
+        dispatcher.submit((i for ids in registered() for i in ids), on_batch=on_batch)  # type: ignore[call-arg]
+    registrar.join()
+    summary.dispatched = len(todo)
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        counts = count_statuses(catalog, todo)
+        done = counts["indexed"] + counts["failed"]
+        if progress is not None:
+            progress(done, len(todo))
+        if counts["pending"] == 0 or not dispatcher.asynchronous:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.warning("%d images still pending after %.0f s", counts["pending"], timeout)
+            break
+        time.sleep(poll)
+    summary.indexed = counts["indexed"]
+    summary.failed = counts["failed"]
+    summary.pending = counts["pending"]
+    for image_id, row in catalog.get_images(todo).items():
+        if row.status == ImageStatus.failed and len(summary.failures) < 100:
+            summary.failures[image_id] = row.failure_reason or ""
+    dispatched = set(todo)
+    summary.failed += sum(1 for image_id in summary.failures if image_id not in dispatched)
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,561 @@
+"""Copyright near-duplicate checks: is this image an (edited) copy of one in the catalog?
+
+A check runs one backbone pass over the query (its K attribute vectors and its copy
+descriptor), retrieves candidates from ``{prefix}_copy`` and verifies each with three kinds of
+evidence:
+
+* **descriptor score**: cosine similarity of the GeM descriptors, normalised SSCD/ISC-style by
+  the similarity to the query's ``NORM_K``-th neighbour in the catalog:
+  ``score = cos - NORM_BETA * cos_k``. Many product photos look alike (white background,
+  centred item); the k-th neighbour measures how "generic" the query is, so the score says how
+  much the match stands out from the crowd rather than how similar two catalogue shots are.
+* **pHash hamming distance** (64-bit DCT hash): tiny for re-encoded or resized copies, useless
+  after crops, flips or pasting, so it can only *confirm* a copy (``phash_copy``).
+* **attribute agreement**: for every attribute, the cosine of the query's and the match's
+  attribute embeddings against a per-attribute threshold calibrated so that 95% of true copies
+  agree. An edited copy agrees on every attribute its edits leave alone; a different product
+  that merely looks similar typically disagrees on some (colour, sleeve length...). We compare
+  embeddings rather than nearest value names because the embeddings are what the model was
+  trained to make attribute-specific, and they need no labelled prototypes.
+
+The verdict of a match is ``copy`` when ``score >= copy`` or its hash distance is at most
+``phash_copy``, ``near_duplicate`` when ``score >= near_duplicate``, else ``distinct``. The
+thresholds come from :func:`calibrate` (``agman calibrate``): edited copies of the user's own
+indexed images are checked against the catalog, and the thresholds are chosen for a stated
+precision (99% for ``copy``, 90% for ``near_duplicate`` by default). They are stored as JSON in
+the data directory, keyed by model version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+from agman_milvus.services.blobs import BlobStore
+from agman_milvus.core.config import Settings
+from agman_milvus.services.embedding import Embedder
+from agman_milvus.core.images import ImageSource
+from agman_milvus.core.phash import from_signed64, hamming, phash
+from agman_milvus.usecases.search import UseCase, load_query_image
+from agman_milvus.services.store.catalog import Catalog, ImageStatus
+from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
+
+__all__ = [
+    "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
+    "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
+    "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
+    "thresholds_path",
+]
+
+log = logging.getLogger(__name__)
+
+COPY, NEAR_DUPLICATE, DISTINCT = "copy", "near_duplicate", "distinct"
+_RANK = {COPY: 2, NEAR_DUPLICATE: 1, DISTINCT: 0}
+NORM_K = 10
+NORM_BETA = 0.5
+
+
+class NotEnoughImagesError(RuntimeError):
+    """Calibration needs more indexed images than the catalog has."""
+
+
+# -- thresholds ------------------------------------------------------------------------------
+@dataclass
+class CopyThresholds:
+    """Decision thresholds of one model version (see the module docstring)."""
+
+    model_version: str
+    copy: float = 0.45
+    near_duplicate: float = 0.30
+    phash_copy: int = 4
+    attribute: dict[str, float] = field(default_factory=dict)
+    default_attribute: float = 0.8
+    precision: float = 0.99
+    near_precision: float = 0.90
+    calibrated: bool = False
+    calibrated_at: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def attribute_threshold(self, name: str) -> float:
+        return self.attribute.get(name, self.default_attribute)
+
+    def verdict(self, score: float, phash_distance: int | None) -> str:
+        if score >= self.copy or (phash_distance is not None and phash_distance <= self.phash_copy):
+            return COPY
+        return NEAR_DUPLICATE if score >= self.near_duplicate else DISTINCT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CopyThresholds":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path, model_version: str) -> "CopyThresholds":
+        """The thresholds stored at ``path``, or uncalibrated defaults when there are none."""
+        if not path.is_file():
+            return cls(model_version=model_version)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("model_version") != model_version:
+            log.warning("thresholds in %s are for model %s, not %s; using defaults",
+                        path, data.get("model_version"), model_version)
+            return cls(model_version=model_version)
+        return cls.from_dict(data)
+
+
+def thresholds_path(data_dir: Path, model_version: str) -> Path:
+    """Where the calibrated thresholds of ``model_version`` live."""
+    return Path(data_dir) / "calibration" / f"copy_{version_tag(model_version)}.json"
+
+
+# -- results ---------------------------------------------------------------------------------
+@dataclass
+class AttributeAgreement:
+    similarity: float
+    threshold: float
+    agrees: bool
+
+
+@dataclass
+class CopyMatch:
+    """One catalogue image that the query may copy, with the evidence."""
+
+    product_id: str
+    image_id: int
+    score: float
+    verdict: str
+    descriptor_similarity: float
+    phash_distance: int | None
+    attributes: dict[str, AttributeAgreement] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source_uri: str | None = None
+
+    @property
+    def attributes_agreeing(self) -> int:
+        return sum(a.agrees for a in self.attributes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attributes_agreeing"] = self.attributes_agreeing
+        return data
+
+
+@dataclass
+class CopyCheck:
+    """The verdict for one query: the best match's verdict and score, and every match."""
+
+    verdict: str
+    score: float
+    matches: list[CopyMatch]
+    calibrated: bool
+    model_version: str
+    phash: int | None = None
+
+    @property
+    def best(self) -> CopyMatch | None:
+        return self.matches[0] if self.matches else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "score": self.score, "calibrated": self.calibrated,
+                "model_version": self.model_version,
+                "phash": None if self.phash is None else f"{self.phash:016x}",
+                "matches": [m.to_dict() for m in self.matches]}
+
+
+# -- the checker -----------------------------------------------------------------------------
+class CopyChecker(UseCase):
+    """Copy checks against the indexed catalogue (see the module docstring)."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        vectors: VectorStore,
+        catalog: Catalog,
+        *,
+        settings: Settings | None = None,
+        blobs: BlobStore | None = None,
+        thresholds: CopyThresholds | None = None,
+    ) -> None:
+        super().__init__(embedder, vectors, catalog, settings=settings, blobs=blobs)
+        self._thresholds = thresholds
+
+    @property
+    def thresholds(self) -> CopyThresholds:
+        if self._thresholds is None:
+            version = self.vectors.model_version
+            if self.settings is not None:
+                self._thresholds = CopyThresholds.load(
+                    thresholds_path(self.settings.data_dir, version), version)
+            else:
+                self._thresholds = CopyThresholds(model_version=version)
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: CopyThresholds) -> None:
+        self._thresholds = value
+
+    def load_image(self, source: ImageSource) -> Image.Image:
+        return load_query_image(source, settings=self.settings, blobs=self.blobs)
+
+    def check(self, image: ImageSource, top_k: int = 5) -> CopyCheck:
+        """Check one image (path, URI, bytes or PIL image); matches best first."""
+        return self.check_many([image], top_k)[0]
+
+    def check_many(self, images: Sequence[ImageSource], top_k: int = 5) -> list[CopyCheck]:
+        """Check several images with batched inference."""
+        pil = [self.load_image(im) for im in images]
+        scored = self.score_candidates(pil, top_k)
+        return [self._verify(q, cands, top_k) for q, cands in zip(scored.queries, scored.candidates)]
+
+    # -- internals shared with calibration ------------------------------------------------------
+    def score_candidates(
+        self, images: Sequence[Image.Image], top_k: int, exclude: Sequence[set[int]] | None = None,
+    ) -> "_Scored":
+        """Descriptor candidates with normalised scores for each image (``exclude``: image ids
+        to treat as absent from the catalogue, per query)."""
+        encoded = self.embedder.encode(list(images))
+        extra = max(len(e) for e in exclude) if exclude else 0
+        limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
+        raw = self.vectors.search_copy(encoded.descriptors, limit)
+        queries, candidates = [], []
+        for n, (image, hits) in enumerate(zip(images, raw)):
+            skip = exclude[n] if exclude else set()
+            hits = [h for h in hits if h.image_id not in skip]
+            infos = self.catalog.image_info([h.image_id for h in hits])
+            hits = [h for h in hits if (i := infos.get(h.image_id)) is not None
+                    and i.status == ImageStatus.indexed and not i.product_deleted]
+            background = hits[min(NORM_K, len(hits)) - 1].score if len(hits) > 1 else 0.0
+            queries.append(_Query(image, encoded.embeddings[n], phash(image)))
+            candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
+                               for h in hits[:top_k]])
+        return _Scored(queries, candidates)
+
+    def _verify(self, query: "_Query", candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
+        t = self.thresholds
+        ids = [h.image_id for h, _, _ in candidates]
+        rows = self.catalog.get_images(ids)
+        stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
+        matches = []
+        for hit, score, info in candidates:
+            row = rows.get(hit.image_id)
+            distance = (hamming(query.phash, from_signed64(row.phash))
+                        if row is not None and row.phash is not None else None)
+            attributes = {}
+            for k, name in enumerate(self.vectors.schema.names):
+                vec = stored[name].get(hit.image_id)
+                if vec is None:
+                    continue
+                sim = float(np.dot(query.embeddings[k], vec))
+                thr = t.attribute_threshold(name)
+                attributes[name] = AttributeAgreement(sim, thr, sim >= thr)
+            matches.append(CopyMatch(
+                product_id=info.external_id, image_id=hit.image_id, score=float(score),
+                verdict=t.verdict(score, distance), descriptor_similarity=float(hit.score),
+                phash_distance=distance, attributes=attributes, metadata=info.metadata(),
+                source_uri=info.source_uri,
+            ))
+        matches.sort(key=lambda m: (-_RANK[m.verdict], -m.score))
+        best = matches[0] if matches else None
+        return CopyCheck(verdict=best.verdict if best else DISTINCT,
+                         score=best.score if best else 0.0, matches=matches[:top_k],
+                         calibrated=t.calibrated, model_version=t.model_version, phash=query.phash)
+
+
+@dataclass
+class _Query:
+    image: Image.Image
+    embeddings: np.ndarray  # [K, D]
+    phash: int
+
+
+@dataclass
+class _Scored:
+    queries: list[_Query]
+    candidates: list[list[tuple[Hit, float, Any]]]
+
+
+# -- edits: the transform benchmark ----------------------------------------------------------
+def _crop(im: Image.Image, r: random.Random) -> Image.Image:
+    f = r.uniform(0.55, 0.9)
+    w, h = im.size
+    cw, ch = max(8, int(w * f)), max(8, int(h * f))
+    x, y = r.randint(0, w - cw), r.randint(0, h - ch)
+    return im.crop((x, y, x + cw, y + ch))
+
+
+def _rescale(im: Image.Image, r: random.Random) -> Image.Image:
+    s = r.uniform(0.3, 0.8) if r.random() < 0.7 else r.uniform(1.2, 2.0)
+    return im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.Resampling.BILINEAR)
+
+
+def _jpeg(im: Image.Image, r: random.Random) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=r.randint(8, 40))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _rotate(im: Image.Image, r: random.Random) -> Image.Image:
+    angle = r.choice([-1, 1]) * r.uniform(5, 30)
+    return im.rotate(angle, expand=True, fillcolor=(255, 255, 255), resample=Image.Resampling.BILINEAR)
+
+
+def _flip(im: Image.Image, r: random.Random) -> Image.Image:
+    return ImageOps.mirror(im)
+
+
+def _jitter(im: Image.Image, r: random.Random) -> Image.Image:
+    im = ImageEnhance.Brightness(im).enhance(r.uniform(0.6, 1.4))
+    im = ImageEnhance.Contrast(im).enhance(r.uniform(0.6, 1.4))
+    return ImageEnhance.Color(im).enhance(r.uniform(0.2, 1.8))
+
+
+def _grayscale(im: Image.Image, r: random.Random) -> Image.Image:
+    return ImageOps.grayscale(im).convert("RGB")
+
+
+def _blur(im: Image.Image, r: random.Random) -> Image.Image:
+    return im.filter(ImageFilter.GaussianBlur(r.uniform(1.0, 3.0)))
+
+
+def _pad(im: Image.Image, r: random.Random) -> Image.Image:
+    border = int(min(im.size) * r.uniform(0.08, 0.3))
+    return ImageOps.expand(im, border, fill=tuple(r.randint(0, 255) for _ in range(3)))
+
+
+def _text(im: Image.Image, r: random.Random) -> Image.Image:
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    words = ["SALE", "-50%", "NEW IN", "free shipping", "(c) shop", "BEST PRICE", "limited"]
+    for _ in range(r.randint(2, 5)):
+        xy = (r.randint(0, max(1, im.width * 2 // 3)), r.randint(0, max(1, im.height - 12)))
+        colour = tuple(r.randint(0, 255) for _ in range(3))
+        draw.text(xy, r.choice(words), fill=colour, font_size=r.randint(10, 28))
+    return im
+
+
+def _paste(im: Image.Image, r: random.Random, background: Image.Image | None = None) -> Image.Image:
+    w, h = im.size
+    size = (int(w * r.uniform(1.3, 2.0)), int(h * r.uniform(1.3, 2.0)))
+    if background is None:
+        noise = np.random.default_rng(r.randrange(2**32)).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        bg = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
+    else:
+        bg = background.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    scale = r.uniform(0.5, 0.8)
+    small = im.resize((max(8, int(size[0] * scale)), max(8, int(size[1] * scale))))
+    bg.paste(small, (r.randint(0, size[0] - small.width), r.randint(0, size[1] - small.height)))
+    return bg
+
+
+#: The edits of the transform benchmark, by name.
+EDITS: dict[str, Callable[..., Image.Image]] = {
+    "crop": _crop, "rescale": _rescale, "jpeg": _jpeg, "rotate": _rotate, "flip": _flip,
+    "jitter": _jitter, "grayscale": _grayscale, "blur": _blur, "pad": _pad, "text": _text,
+    "paste": _paste,
+}
+
+
+def random_edit(
+    image: Image.Image, rng: random.Random, edits: tuple[int, int] = (1, 3),
+    background: Image.Image | None = None,
+) -> tuple[Image.Image, list[str]]:
+    """An edited copy of ``image``: ``edits`` = (min, max) random edits from :data:`EDITS`.
+
+    ``background`` is the picture ``paste`` puts the image into (noise when None).
+    """
+    names = rng.sample(sorted(EDITS), rng.randint(*edits))
+    out = image.convert("RGB")
+    for name in names:
+        out = _paste(out, rng, background) if name == "paste" else EDITS[name](out, rng)
+    return out, names
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(bool)
+    tp = np.cumsum(y)
+    precision = tp / np.arange(1, len(y) + 1)
+    return s, tp, precision
+
+
+def micro_average_precision(scores: Sequence[float], labels: Sequence[bool], positives: int) -> float:
+    """ISC2021 micro-AP: one ranked list of every (query, reference, score) prediction;
+    ``positives`` counts every query that has a true reference (found or not)."""
+    if positives <= 0 or len(scores) == 0:
+        return 0.0
+    _, tp, precision = _curve(np.asarray(scores, float), np.asarray(labels, bool))
+    y = np.diff(np.concatenate([[0], tp])) > 0
+    return float((precision * y).sum() / positives)
+
+
+def recall_at_precision(
+    scores: Sequence[float], labels: Sequence[bool], positives: int, precision: float
+) -> float:
+    """Largest recall over operating points whose precision is at least ``precision``."""
+    return threshold_for_precision(scores, labels, positives, precision)[1]
+
+
+def threshold_for_precision(
+    scores: Sequence[float], labels: Sequence[bool], positives: int, precision: float
+) -> tuple[float, float, float]:
+    """``(threshold, recall, achieved precision)`` of the loosest threshold that keeps
+    ``precision``; the threshold is ``inf`` (nothing passes) when no threshold does."""
+    if len(scores) == 0 or positives <= 0:
+        return math.inf, 0.0, 1.0
+    s, tp, prec = _curve(np.asarray(scores, float), np.asarray(labels, bool))
+    # only cut between distinct scores: the operating point is the last index of a score run
+    last_of_run = np.append(s[1:] != s[:-1], True)
+    ok = np.flatnonzero((prec >= precision) & last_of_run)
+    if len(ok) == 0:
+        return math.inf, 0.0, 1.0
+    k = ok[-1]
+    return float(s[k]), float(tp[k] / positives), float(prec[k])
+
+
+# -- calibration -----------------------------------------------------------------------------
+@dataclass
+class CalibrationResult:
+    thresholds: CopyThresholds
+    path: Path | None
+    queries: int
+    positives_found: int
+    micro_ap: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds.to_dict(), "path": str(self.path) if self.path else None,
+                "queries": self.queries, "positives_found": self.positives_found,
+                "micro_ap": self.micro_ap}
+
+
+def _sample_indexed(catalog: Catalog, n: int, rng: random.Random) -> list[tuple[int, int, str]]:
+    from sqlalchemy import select
+
+    from agman_milvus.services.store.tables import Image as ImageRow
+
+    with catalog.session() as s:
+        rows = s.execute(select(ImageRow.id, ImageRow.product_id, ImageRow.source_uri)
+                         .where(ImageRow.status == ImageStatus.indexed,
+                                ImageRow.source_uri.is_not(None))).all()
+    rows = [tuple(r) for r in rows]
+    rng.shuffle(rows)
+    return rows[:n]  # type: ignore[return-value]
+
+
+def calibrate(
+    checker: CopyChecker,
+    *,
+    precision: float = 0.99,
+    near_precision: float = 0.90,
+    sample: int = 300,
+    seed: int = 0,
+    attribute_quantile: float = 0.05,
+    save_to: Path | None = None,
+    batch_size: int = 32,
+) -> CalibrationResult:
+    """Calibrate the copy thresholds on edited copies of the catalogue's own images.
+
+    For each sampled indexed image two queries are made: an edited copy checked against the
+    whole catalogue (a positive: the original should come back), and a second edited copy
+    checked as if its original were *not* indexed (its image excluded), so its best candidates
+    are realistic hard negatives (look-alike products). Every (query, candidate) pair counts,
+    as in ISC2021's micro-AP. ``copy`` is the loosest score threshold with ``precision``,
+    ``near_duplicate`` the one with ``near_precision``, ``phash_copy`` the largest hash
+    distance with ``precision``, and each attribute threshold the ``attribute_quantile`` of the
+    true copies' attribute similarities.
+    """
+    if not 0 < near_precision <= precision <= 1:
+        raise ValueError("need 0 < near_precision <= precision <= 1")
+    rng = random.Random(seed)
+    picks = _sample_indexed(checker.catalog, sample, rng)
+    if len(picks) < 2 * NORM_K:
+        raise NotEnoughImagesError(
+            f"calibration needs at least {2 * NORM_K} indexed images with a stored source; "
+            f"the catalogue has {len(picks)}"
+        )
+    images = [checker.load_image(uri) for _, _, uri in picks]
+    scores: list[float] = []
+    labels: list[bool] = []
+    distances: list[int] = []
+    hash_labels: list[bool] = []
+    attr_sims: dict[str, list[float]] = {a: [] for a in checker.vectors.schema.names}
+    found = 0
+    top_k = 5
+    t0 = checker.thresholds
+    for start in range(0, len(picks), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(picks))))
+        queries, exclude, targets, held = [], [], [], []
+        for i in chunk:
+            background = images[rng.randrange(len(images))]
+            for held_out in (False, True):
+                edited, _ = random_edit(images[i], rng, background=background)
+                queries.append(edited)
+                exclude.append({picks[i][0]} if held_out else set())
+                targets.append(None if held_out else picks[i][0])
+                held.append(picks[i][1] if held_out else None)
+        scored = checker.score_candidates(queries, top_k, exclude)
+        for q, cands, target, held_product in zip(scored.queries, scored.candidates, targets, held):
+            rows = checker.catalog.get_images([h.image_id for h, _, _ in cands])
+            for hit, score, _ in cands:
+                if hit.product_id == held_product:
+                    continue  # another photo of the held-out product: neither copy nor distinct
+                is_copy = hit.image_id == target
+                scores.append(score)
+                labels.append(is_copy)
+                found += is_copy
+                row = rows.get(hit.image_id)
+                if row is not None and row.phash is not None:
+                    distances.append(hamming(q.phash, from_signed64(row.phash)))
+                    hash_labels.append(is_copy)
+                if is_copy:
+                    for k, a in enumerate(checker.vectors.schema.names):
+                        vec = checker.vectors.get_vectors(a, [hit.image_id]).get(hit.image_id)
+                        if vec is not None:
+                            attr_sims[a].append(float(np.dot(q.embeddings[k], vec)))
+    positives = len(picks)
+    copy_t, copy_recall, copy_prec = threshold_for_precision(scores, labels, positives, precision)
+    near_t, near_recall, _ = threshold_for_precision(scores, labels, positives, near_precision)
+    hash_t, hash_recall, _ = threshold_for_precision(
+        [-d for d in distances], hash_labels, positives, precision)
+    ap = micro_average_precision(scores, labels, positives)
+    thresholds = CopyThresholds(
+        model_version=checker.vectors.model_version,
+        copy=copy_t if math.isfinite(copy_t) else t0.copy,
+        near_duplicate=min(near_t, copy_t) if math.isfinite(near_t) else t0.near_duplicate,
+        phash_copy=int(-hash_t) if math.isfinite(hash_t) else -1,
+        attribute={a: float(np.quantile(v, attribute_quantile)) for a, v in attr_sims.items() if v},
+        precision=precision, near_precision=near_precision, calibrated=True,
+        calibrated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        stats={"sampled_images": len(picks), "queries": 2 * len(picks), "pairs": len(scores),
+               "micro_ap": ap, "copy_recall": copy_recall, "copy_precision": copy_prec,
+               "near_duplicate_recall": near_recall, "phash_recall": hash_recall, "seed": seed},
+    )
+    path = None
+    if save_to is not None:
+        path = thresholds.save(save_to)
+    elif checker.settings is not None:
+        path = thresholds.save(thresholds_path(checker.settings.data_dir, thresholds.model_version))
+    checker.thresholds = thresholds
+    log.info("calibrated copy thresholds for %s: copy >= %.3f (recall %.2f at precision %.2f)",
+             thresholds.model_version, thresholds.copy, copy_recall, precision)
+    return CalibrationResult(thresholds, path, 2 * len(picks), found, ap)

@@ -1,0 +1,274 @@
+"""Index images: read/decode -> model -> write, with the stages overlapped.
+
+A thread pool reads and decodes batch n+1 while the model runs batch n, and a writer thread
+stores batch n-1 (vectors into every Milvus collection, then the SQL status) meanwhile, in the
+style of clip-retrieval's reader -> mapper -> writer. Per-stage timings are logged per batch.
+
+Guarantees:
+
+* a bad image is marked failed with its reason; the rest of the batch goes on;
+* vectors are written before a row is marked indexed, so SQL never claims a vector that Milvus
+  lacks; an image deleted while it was being embedded has its fresh vectors removed again;
+* re-running a batch (task redelivery) rewrites the same rows by primary key: no duplicates.
+  Images already indexed by the current model version are skipped unless ``force``.
+
+Errors of Milvus or the database propagate (the caller, e.g. a Celery task, retries them);
+the images they concern simply stay pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from agman_milvus.usecases.row_decoding import Decoded, decode_image_row
+from agman_milvus.services.store.catalog import Catalog, ImageFeatures, ImageInfo, ImageStatus
+from agman_milvus.services.store.tables import Image
+from agman_milvus.services.store.vectors import VectorRow
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IndexReport", "index_images", "vector_rows"]
+
+STAGES = ("read_decode", "decode_wait", "model", "write", "write_wait")
+
+
+@dataclass
+class IndexReport:
+    """What one :func:`index_images` call did. ``timings`` are seconds per stage:
+    ``read_decode`` (summed over decode threads), ``decode_wait`` (the model waiting for
+    decoded images), ``model``, ``write`` (writer thread), ``write_wait`` (the model waiting
+    for the writer) and ``total`` (wall clock)."""
+
+    indexed: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    model_version: str | None = None
+    batches: int = 0
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*STAGES, "total"), 0.0))
+
+    @property
+    def images_per_second(self) -> float:
+        done = len(self.indexed) + len(self.failed)
+        return done / self.timings["total"] if self.timings["total"] > 0 else 0.0
+
+    def merge(self, other: "IndexReport") -> None:
+        self.indexed += other.indexed
+        self.failed.update(other.failed)
+        self.skipped += other.skipped
+        self.batches += other.batches
+        self.model_version = other.model_version or self.model_version
+        for key, value in other.timings.items():
+            self.timings[key] = self.timings.get(key, 0.0) + value
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "indexed": len(self.indexed), "failed": len(self.failed), "skipped": len(self.skipped),
+            "batches": self.batches, "model_version": self.model_version,
+            "images_per_second": round(self.images_per_second, 2),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def vector_rows(
+    ok: Sequence[Decoded], keep: Iterable[int], info: Mapping[int, ImageInfo], names: Sequence[str],
+    embeddings: np.ndarray, descriptors: np.ndarray,
+) -> Iterator[VectorRow]:
+    """Milvus rows for the images ``ok[j]``, ``j`` in ``keep``: one vector per attribute, the
+    copy descriptor and the product's filter metadata."""
+    for j in keep:
+        image = info[ok[j].image_id]
+        yield VectorRow(
+            image_id=ok[j].image_id, product_id=image.product_id,
+            vectors={name: embeddings[j, k] for k, name in enumerate(names)},
+            descriptor=descriptors[j], metadata=image.metadata(),
+        )
+
+
+def _record_features(catalog: Catalog, decoded: Sequence[Decoded]) -> None:
+    """Store width, height and perceptual hash of decoded images."""
+    catalog.record_features(ImageFeatures(d.image_id, d.width, d.height, d.phash) for d in decoded)
+
+
+class _Batch:
+    """One batch moving through the stages."""
+
+    def __init__(self, number: int, rows: Sequence[Image]) -> None:
+        self.number = number
+        self.rows = rows
+        self.futures: list[Future[Decoded]] = []
+        self.decoded: list[Decoded] = []
+        self.times: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+
+def _batches(
+    image_ids: Iterable[int], size: int, catalog: Catalog, version: str, force: bool,
+    report: IndexReport,
+) -> Iterator[_Batch]:
+    """Group ids (possibly still arriving) into batches of rows that need embedding."""
+    seen: set[int] = set()
+    number = 0
+
+    def make(ids: list[int]) -> _Batch | None:
+        nonlocal number
+        rows = catalog.get_images(ids)
+        todo = []
+        for image_id in ids:
+            row = rows.get(image_id)
+            if row is None or row.status == ImageStatus.deleted:
+                report.skipped.append(image_id)
+            elif not force and row.status == ImageStatus.indexed and row.model_version == version:
+                report.skipped.append(image_id)
+            else:
+                todo.append(row)
+        if not todo:
+            return None
+        number += 1
+        return _Batch(number - 1, todo)
+
+    buffer: list[int] = []
+    for raw in image_ids:
+        image_id = int(raw)
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        buffer.append(image_id)
+        if len(buffer) == size:
+            batch = make(buffer)
+            buffer = []
+            if batch is not None:
+                yield batch
+    if buffer and (batch := make(buffer)) is not None:
+        yield batch
+
+
+def index_images(
+    image_ids: Iterable[int],
+    services: "Services",  # noqa: F821 - agman_milvus.services.container.Services (imported lazily)
+    *,
+    force: bool = False,
+    batch_size: int | None = None,
+    on_batch: Callable[[IndexReport], None] | None = None,
+) -> IndexReport:
+    """Embed and store ``image_ids`` (SQL image ids); see the module docstring.
+
+    ``image_ids`` may be a lazy iterable (ids still being registered): batches are formed as
+    ids arrive, so embedding starts with the first full batch.
+
+    ``batch_size`` images go through the model at once (default: ``settings.batch_size``);
+    ``on_batch`` is called with each written batch's report (e.g. for progress).
+    """
+    settings = services.settings
+    started = time.perf_counter()
+    report = IndexReport()
+    catalog = services.catalog
+    embedder = services.embedder
+    vectors = services.vectors  # loads the model and ensures the collections
+    version = embedder.version
+    report.model_version = version
+    preprocess = embedder.model.preprocess
+    names = embedder.schema.names
+
+    size = batch_size or settings.batch_size
+    batches = _batches(image_ids, size, catalog, version, force, report)
+    workers = settings.decode_workers
+
+    def decode(row: Image) -> Decoded:
+        return decode_image_row(row.id, row.sha256, row.source_uri, blobs=services.blobs,
+                                settings=settings, preprocess=preprocess)
+
+    def write(batch: _Batch, ok: list[Decoded], embeddings: np.ndarray, descriptors: np.ndarray) -> IndexReport:
+        t0 = time.perf_counter()
+        part = IndexReport(batches=1, model_version=version)
+        info = catalog.image_info([d.image_id for d in ok])
+        keep = [j for j, d in enumerate(ok) if d.image_id in info
+                and info[d.image_id].status != ImageStatus.deleted
+                and not info[d.image_id].product_deleted]
+        vectors.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
+        written = [ok[j] for j in keep]
+        _record_features(catalog, written)
+        ids = [d.image_id for d in written]
+        catalog.mark_indexed(ids, version)
+        # An image deleted while we embedded it: its row stayed deleted, drop the fresh vectors.
+        gone = [i for i, r in catalog.get_images(ids).items() if r.status == ImageStatus.deleted]
+        if gone:
+            vectors.delete_images(gone)
+            logger.info("batch %d: %d images were deleted meanwhile; vectors removed", batch.number, len(gone))
+        for d in batch.decoded:
+            if d.failure is not None:
+                catalog.mark_failed(d.image_id, d.failure)
+                part.failed[d.image_id] = d.failure
+        gone_set, keep_set = set(gone), set(keep)
+        part.indexed = [i for i in ids if i not in gone_set]
+        part.skipped = [d.image_id for j, d in enumerate(ok) if j not in keep_set] + gone
+        batch.times["write"] = time.perf_counter() - t0
+        return part
+
+    def submit(pool: ThreadPoolExecutor | None, batch: _Batch) -> None:
+        if pool is not None:
+            batch.futures = [pool.submit(decode, row) for row in batch.rows]
+
+    def finish(batch: _Batch, part: IndexReport) -> None:
+        for key, value in batch.times.items():
+            part.timings[key] = value
+        t = batch.times
+        logger.info(
+            "batch %d: %d images, %d indexed, %d failed | read/decode %.3fs (model waited "
+            "%.3fs) model %.3fs write %.3fs (waited %.3fs)",
+            batch.number + 1, len(batch.rows), len(part.indexed), len(part.failed),
+            t["read_decode"], t["decode_wait"], t["model"], t["write"], t["write_wait"],
+        )
+        report.merge(part)
+        if on_batch is not None:
+            on_batch(part)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="agman-decode") if workers > 0 else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="agman-write")
+    in_flight: tuple[_Batch, Future[IndexReport]] | None = None
+    try:
+        upcoming = next(batches, None)
+        if upcoming is not None:
+            submit(pool, upcoming)
+        while upcoming is not None:
+            batch = upcoming
+            upcoming = next(batches, None)
+            if upcoming is not None:
+                submit(pool, upcoming)  # decode the next batch while the model runs this one
+            t0 = time.perf_counter()
+            batch.decoded = [f.result() for f in batch.futures] if pool else [decode(r) for r in batch.rows]
+            batch.times["decode_wait"] = time.perf_counter() - t0
+            batch.times["read_decode"] = sum(d.seconds for d in batch.decoded)
+            ok = [d for d in batch.decoded if d.ok]
+            t0 = time.perf_counter()
+            if ok:
+                encoded = embedder.encode_tensor(torch.stack([d.tensor for d in ok]))  # type: ignore[misc]
+                embeddings, descriptors = encoded.embeddings, encoded.descriptors
+            else:
+                embeddings = np.zeros((0, len(names), embedder.embed_dim), np.float32)
+                descriptors = np.zeros((0, embedder.descriptor_dim), np.float32)
+            for d in ok:
+                d.tensor = None  # free memory early
+            batch.times["model"] = time.perf_counter() - t0
+            if in_flight is not None:  # at most one batch being written while the next embeds
+                t0 = time.perf_counter()
+                previous, future = in_flight
+                part = future.result()
+                previous.times["write_wait"] = time.perf_counter() - t0
+                finish(previous, part)
+            in_flight = (batch, writer.submit(write, batch, ok, embeddings, descriptors))
+        if in_flight is not None:
+            previous, future = in_flight
+            finish(previous, future.result())
+            in_flight = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+    report.timings["total"] = time.perf_counter() - started
+    return report

@@ -1,0 +1,135 @@
+"""Find and repair drift between the SQL catalog (the truth) and Milvus.
+
+Drift, both ways:
+
+* **orphan vectors**: vectors whose image row is missing, deleted or failed -> deleted;
+* **stale vectors**: vectors written by another model version than the active one -> deleted;
+* **missing vectors**: rows marked indexed that lack a vector in some collection of the active
+  version (the copy collection counts) -> marked pending and re-embedded;
+* **stale rows**: rows marked indexed by another model version -> pending and re-embedded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agman_milvus.services.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
+from agman_milvus.services.store.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+Reembed = Callable[[list[int]], None]
+
+
+@dataclass
+class ReconcileReport:
+    """What reconcile found, and what it did about it."""
+
+    active_version: str
+    dry_run: bool
+    indexed_rows: int = 0
+    vectors_seen: dict[str, int] = field(default_factory=dict)
+    orphan_vectors: dict[str, list[int]] = field(default_factory=dict)
+    stale_vectors: dict[str, list[int]] = field(default_factory=dict)
+    missing_vectors: list[int] = field(default_factory=list)
+    stale_rows: list[int] = field(default_factory=list)
+    deleted_vectors: int = 0
+    reembedded: int = 0
+    unrepaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """True when no drift was found."""
+        return not (any(self.orphan_vectors.values()) or any(self.stale_vectors.values())
+                    or self.missing_vectors or self.stale_rows)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "active_version": self.active_version, "dry_run": self.dry_run, "clean": self.clean,
+            "indexed_rows": self.indexed_rows, "vectors_seen": self.vectors_seen,
+            "orphan_vectors": {k: len(v) for k, v in self.orphan_vectors.items()},
+            "stale_vectors": {k: len(v) for k, v in self.stale_vectors.items()},
+            "missing_vectors": len(self.missing_vectors), "stale_rows": len(self.stale_rows),
+            "deleted_vectors": self.deleted_vectors, "reembedded": self.reembedded,
+            "unrepaired": self.unrepaired,
+        }
+
+
+def reconcile(
+    catalog: Catalog,
+    vectors: VectorStore,
+    active_version: str,
+    *,
+    dry_run: bool,
+    reembed: Reembed | None,
+    batch_size: int = 500,
+) -> ReconcileReport:
+    """Compare the catalog with the active version's collections and (unless ``dry_run``) repair.
+
+    ``reembed(image_ids)`` must (re)write the images' vectors and mark them indexed; it is
+    called in batches of ``batch_size`` after the rows were marked pending. Without it, missing
+    vectors are only reported.
+    """
+    if vectors.model_version != active_version:
+        raise ValueError(
+            f"the vector store is for model version {vectors.model_version!r}, "
+            f"not the active version {active_version!r}"
+        )
+    report = ReconcileReport(active_version=active_version, dry_run=dry_run)
+
+    live = {image_id for image_id, _ in catalog.iter_image_ids(LIVE_STATUSES)}
+    indexed: dict[int, str | None] = dict(catalog.iter_image_ids(ImageStatus.indexed))
+    report.indexed_rows = len(indexed)
+    report.stale_rows = sorted(i for i, v in indexed.items() if v != active_version)
+
+    existing = set(vectors.client.list_collections())
+    current_ids = {i for i, v in indexed.items() if v == active_version}
+    missing: set[int] = set()
+    for label, name in vectors.collection_names().items():
+        seen: set[int] = set()
+        orphans, stale = [], []
+        if name in existing:
+            for image_id, version in vectors.iter_image_ids(name):
+                seen.add(image_id)
+                if image_id not in live:
+                    orphans.append(image_id)
+                elif version != active_version:
+                    stale.append(image_id)
+        else:
+            log.warning("collection %s of the active version does not exist", name)
+        report.vectors_seen[label] = len(seen)
+        report.orphan_vectors[label] = sorted(orphans)
+        report.stale_vectors[label] = sorted(stale)
+        missing |= current_ids - seen
+        missing |= set(stale) & current_ids
+    report.missing_vectors = sorted(missing)
+    log.info("reconcile found: %s", report.to_dict())
+
+    if dry_run:
+        return report
+
+    for label, name in vectors.collection_names().items():
+        doomed = report.orphan_vectors[label] + report.stale_vectors[label]
+        for start in range(0, len(doomed), batch_size):
+            vectors.client.delete(name, ids=doomed[start:start + batch_size])
+        if doomed:
+            vectors.deployment.after_write(vectors.client, name)
+            report.deleted_vectors += len(doomed)
+
+    todo = sorted(set(report.missing_vectors) | set(report.stale_rows))
+    if not todo:
+        return report
+    if reembed is None:
+        report.unrepaired.append(
+            f"{len(todo)} images need re-embedding but no embedding pipeline is available "
+            "(agman_milvus.usecases.ingest.reembed_images); they were left as they are"
+        )
+        return report
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        catalog.mark_pending(batch)
+        reembed(batch)
+        report.reembedded += len(batch)
+    return report

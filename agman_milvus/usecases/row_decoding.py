@@ -1,0 +1,96 @@
+"""The read/decode stage: one catalog image row in, a model-ready tensor (or a failure) out.
+
+Bytes come from the content-addressed blob store when the image's SHA-256 is stored there,
+otherwise from the row's source URI (http(s) images are fetched here, in the worker). All
+decoding goes through :mod:`agman_milvus.core.images`; anything that goes wrong with one image is
+captured as a :class:`Decoded` failure so the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from agman_milvus.services.blobs import BlobStore, is_blob_uri
+from agman_milvus.core.config import Settings
+from agman_milvus.core.images import ImageError, decode_image_bytes, read_image_bytes
+from agman_milvus.core.phash import phash, to_signed64
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Decoded", "decode_image_row", "failure_text"]
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class Decoded:
+    """One image after the read/decode stage: either ``tensor`` + features, or ``failure``."""
+
+    image_id: int
+    tensor: torch.Tensor | None = None
+    width: int | None = None
+    height: int | None = None
+    phash: int | None = None  # signed 64-bit, as stored in SQL
+    failure: str | None = None  # "<reason>: <message>"
+    seconds: float = 0.0  # time spent reading + decoding + preprocessing
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+def failure_text(exc: BaseException) -> str:
+    """``"<reason>: <message>"`` for storage in ``images.failure_reason``."""
+    if isinstance(exc, ImageError):
+        return f"{exc.reason}: {exc.message}"
+    return f"error: {type(exc).__name__}: {exc}"
+
+
+def read_row_bytes(
+    image_id: int, sha256: str, source_uri: str | None, blobs: BlobStore, settings: Settings
+) -> bytes:
+    """The stored bytes of an image: its blob when present, else its source URI."""
+    if blobs.exists(sha256):
+        return blobs.get(sha256)
+    if source_uri is None or is_blob_uri(source_uri):
+        raise ImageError(
+            f"image {image_id}: its bytes are gone (blob {sha256[:12]}... is not in "
+            f"{blobs.root}) and it has no source URI to read again",
+            reason="missing_blob",
+        )
+    return read_image_bytes(source_uri, settings=settings)
+
+
+def decode_image_row(
+    image_id: int,
+    sha256: str,
+    source_uri: str | None,
+    *,
+    blobs: BlobStore,
+    settings: Settings,
+    preprocess: Preprocess,
+) -> Decoded:
+    """Read, decode, hash and preprocess one image; never raises for a bad image."""
+    start = time.perf_counter()
+    try:
+        data = read_row_bytes(image_id, sha256, source_uri, blobs, settings)
+        label = source_uri or f"image {image_id}"
+        image = decode_image_bytes(data, settings=settings, source=label)
+        out = Decoded(
+            image_id=image_id, tensor=preprocess(image), width=image.width,
+            height=image.height, phash=to_signed64(phash(image)),
+        )
+    except ImageError as exc:
+        out = Decoded(image_id=image_id, failure=failure_text(exc))
+        logger.info("image %d failed: %s", image_id, out.failure)
+    except Exception as exc:  # noqa: BLE001 - one broken image must not stop the batch
+        out = Decoded(image_id=image_id, failure=failure_text(exc))
+        logger.warning("image %d failed unexpectedly: %s", image_id, out.failure, exc_info=True)
+    out.seconds = time.perf_counter() - start
+    return out

@@ -1,0 +1,237 @@
+"""Screening jobs: copy-check many images in the background and keep every match in SQL.
+
+A job is a ``screening_jobs`` row (status, done/total, the query references in ``params``);
+each query found to be a ``copy`` or ``near_duplicate`` of a catalogue image adds a
+``screening_matches`` row with its score and evidence, and a query that cannot be read adds one
+``error`` row with the reason. The work runs on a Celery worker (queue ``agman.default``) when a
+broker is configured, else in a background thread of this process. It advances in batches, each
+committed with its progress, so a redelivered task resumes where the last commit left off and
+never duplicates a match.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image as PILImage
+from sqlalchemy import delete, select, update
+
+from agman_milvus.services.blobs import BlobStore, is_blob_uri
+from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
+from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
+from agman_milvus.services.store.catalog import Catalog
+from agman_milvus.services.store.tables import JobStatus, ScreeningJob, ScreeningMatch
+
+__all__ = [
+    "ERROR", "JobNotFoundError", "ScreeningJobHandle", "create_job", "query_references",
+    "run_job", "start_thread",
+]
+
+log = logging.getLogger(__name__)
+
+ERROR = "error"
+SCREEN_TASK = "agman_milvus.workers.screening_tasks.screen"
+
+
+class JobNotFoundError(LookupError):
+    """No screening job with that id."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def query_references(images: Sequence[ImageSource], blobs: BlobStore) -> list[str]:
+    """Strings a worker can read back: URIs and ``blob://`` as they are, local paths made
+    absolute, and bytes or PIL images stored in the blob directory (``blob://<sha256>``)."""
+    refs = []
+    for image in images:
+        if isinstance(image, str) and ("://" in image or is_blob_uri(image)):
+            refs.append(image)
+        elif isinstance(image, (str, Path)):
+            refs.append(str(Path(image).absolute()))
+        elif isinstance(image, (bytes, bytearray, memoryview, PILImage.Image)):
+            refs.append(BlobStore.uri(blobs.put(read_image_bytes(image))))
+        else:
+            raise TypeError(f"cannot screen a {type(image).__name__}; pass paths, URIs, bytes or PIL images")
+    return refs
+
+
+def create_job(catalog: Catalog, refs: Sequence[str], *, top_k: int = 5, **params: Any) -> int:
+    """Record a queued job over ``refs``; returns its id."""
+    if not refs:
+        raise ValueError("a screening job needs at least one image")
+    with catalog.sessions.begin() as s:
+        job = ScreeningJob(status=JobStatus.queued, total=len(refs), done=0,
+                           params={"queries": list(refs), "top_k": int(top_k), **params})
+        s.add(job)
+        s.flush()
+        return int(job.id)
+
+
+def _get(catalog: Catalog, job_id: int) -> ScreeningJob:
+    with catalog.session() as s:
+        job = s.get(ScreeningJob, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no screening job {job_id}")
+    return job
+
+
+def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = 16) -> ScreeningJob:
+    """Run (or resume) job ``job_id`` to the end; returns its final row.
+
+    Each batch deletes any matches an interrupted earlier run left for its queries, stores the
+    new ones and advances ``done`` in one transaction. An unexpected error marks the job
+    failed (with the message) and is re-raised.
+    """
+    catalog = checker.catalog
+    job = _get(catalog, job_id)
+    if job.status == JobStatus.done:
+        return job
+    refs: list[str] = list(job.params.get("queries", []))
+    top_k = int(job.params.get("top_k", 5))
+    with catalog.sessions.begin() as s:
+        s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
+                  .values(status=JobStatus.running, error=None))
+    try:
+        for start in range(job.done, len(refs), batch_size):
+            batch = refs[start:start + batch_size]
+            rows = _screen_batch(checker, batch, top_k)
+            with catalog.sessions.begin() as s:
+                s.execute(delete(ScreeningMatch).where(
+                    ScreeningMatch.job_id == job_id, ScreeningMatch.query_ref.in_(batch)))
+                s.add_all([ScreeningMatch(job_id=job_id, **row) for row in rows])
+                s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
+                          .values(done=start + len(batch)))
+            log.debug("screening job %d: %d/%d", job_id, start + len(batch), len(refs))
+    except Exception as exc:
+        with catalog.sessions.begin() as s:
+            s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
+                      .values(status=JobStatus.failed, error=f"{type(exc).__name__}: {exc}"[:4000],
+                              finished_at=_utcnow()))
+        raise
+    with catalog.sessions.begin() as s:
+        s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
+                  .values(status=JobStatus.done, finished_at=_utcnow()))
+    log.info("screening job %d finished: %d images", job_id, len(refs))
+    return _get(catalog, job_id)
+
+
+def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    readable: list[tuple[str, Any]] = []
+    for ref in refs:
+        try:
+            readable.append((ref, checker.load_image(ref)))
+        except (ImageError, OSError, ValueError) as exc:
+            rows.append({"query_ref": ref, "matched_image_id": None, "matched_product_id": None,
+                         "verdict": ERROR, "score": 0.0, "evidence": {"error": str(exc)}})
+    checks = checker.check_many([im for _, im in readable], top_k) if readable else []
+    for (ref, _), check in zip(readable, checks):
+        for rank, match in enumerate(check.matches, start=1):
+            if match.verdict == DISTINCT:
+                continue
+            info = checker.catalog.image_info([match.image_id]).get(match.image_id)
+            evidence = {
+                "rank": rank, "product_id": match.product_id,
+                "descriptor_similarity": match.descriptor_similarity,
+                "phash_distance": match.phash_distance,
+                "attributes": {k: {"similarity": a.similarity, "threshold": a.threshold,
+                                   "agrees": a.agrees} for k, a in match.attributes.items()},
+                "attributes_agreeing": match.attributes_agreeing,
+                "source_uri": match.source_uri, "title": match.metadata.get("title"),
+                "calibrated": check.calibrated, "model_version": check.model_version,
+            }
+            rows.append({"query_ref": ref, "matched_image_id": match.image_id,
+                         "matched_product_id": info.product_id if info else None,
+                         "verdict": match.verdict, "score": match.score, "evidence": evidence})
+    return rows
+
+
+def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
+    """Run the job in a daemon thread of this process (the embedded default)."""
+
+    def target() -> None:
+        try:
+            run_job(job_id, checker)
+        except Exception:  # recorded on the job row by run_job
+            log.exception("screening job %d failed", job_id)
+
+    thread = threading.Thread(target=target, name=f"agman-screen-{job_id}", daemon=True)
+    thread.start()
+    return thread
+
+
+class ScreeningJobHandle:
+    """Follow a screening job: ``status``, ``done``/``total``, ``wait()``, ``report()``."""
+
+    def __init__(self, catalog: Catalog, job_id: int, *, loader: Callable[[str], Any] | None = None,
+                 thread: threading.Thread | None = None) -> None:
+        self.catalog = catalog
+        self.id = int(job_id)
+        self._loader = loader
+        self._thread = thread
+        self._row = _get(catalog, self.id)
+
+    def __repr__(self) -> str:
+        return f"ScreeningJobHandle(id={self.id}, status={self.status!r}, done={self.done}/{self.total})"
+
+    def refresh(self) -> "ScreeningJobHandle":
+        self._row = _get(self.catalog, self.id)
+        return self
+
+    @property
+    def status(self) -> str:
+        return self._row.status.value
+
+    @property
+    def done(self) -> int:
+        return self._row.done
+
+    @property
+    def total(self) -> int:
+        return self._row.total
+
+    @property
+    def error(self) -> str | None:
+        return self._row.error
+
+    @property
+    def progress(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.done.value, JobStatus.failed.value)
+
+    def wait(self, timeout: float = 600.0, poll: float = 0.2) -> "ScreeningJobHandle":
+        """Block until the job is done or failed; TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.refresh().finished:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"screening job {self.id} is at {self.done}/{self.total} after "
+                                   f"{timeout:g} s; are workers consuming the agman.default queue?")
+            time.sleep(poll)
+        return self
+
+    def matches(self) -> list[ScreeningMatch]:
+        with self.catalog.session() as s:
+            return list(s.scalars(select(ScreeningMatch).where(ScreeningMatch.job_id == self.id)
+                                  .order_by(ScreeningMatch.id)))
+
+    def report(self):  # noqa: ANN201 - reports.ScreeningReport
+        from agman_milvus.usecases.reports import load_screening_report
+
+        return load_screening_report(self.catalog, self.id)
+
+    def export(self, path: str | Path, fmt: str | None = None) -> Path:
+        """Write the report as CSV, JSON or HTML (by ``fmt`` or the file suffix)."""
+        from agman_milvus.usecases.reports import export_report
+
+        return export_report(self.report(), Path(path), fmt, loader=self._loader)
