@@ -7,27 +7,29 @@ The public API, by stable import path (the layers behind it are described in the
 * ``agman_milvus.model``: ``build_model``, ``list_models``, ``load_checkpoint``,
   ``save_checkpoint`` ...;
 * ``agman_milvus.schema``: :class:`AttributeSchema` and its errors.
+
+Names are imported on first use, so importing a light submodule (e.g. the worker queue names)
+does not load pydantic, torch, pymilvus or SQLAlchemy.
 """
 
-from agman_milvus.core.config import Settings, get_settings
-from agman_milvus.core.schema import Attribute, AttributeSchema, UnknownAttributeError
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AgmanEmbeddingFunction", "Attribute", "AttributeSchema", "Client", "Settings",
-    "UnknownAttributeError", "get_settings",
-]
+_EXPORTS = {
+    "AgmanEmbeddingFunction": "agman_milvus.app.embedding_function",
+    "Attribute": "agman_milvus.core.schema",
+    "AttributeSchema": "agman_milvus.core.schema",
+    "Client": "agman_milvus.app.client",
+    "Settings": "agman_milvus.core.config",
+    "UnknownAttributeError": "agman_milvus.core.schema",
+    "get_settings": "agman_milvus.core.config",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> object:
-    # Client and AgmanEmbeddingFunction pull in torch, pymilvus and SQLAlchemy: import on demand.
-    if name == "Client":
-        from agman_milvus.app.client import Client
-
-        return Client
-    if name == "AgmanEmbeddingFunction":
-        from agman_milvus.app.embedding_function import AgmanEmbeddingFunction
-
-        return AgmanEmbeddingFunction
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'agman_milvus' has no attribute {name!r}")

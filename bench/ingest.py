@@ -71,7 +71,7 @@ def run_embedded(items, settings) -> dict:
 def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path) -> dict:
     from agman_milvus.core.config import Settings
     from agman_milvus.usecases.bulk_ingest import bulk_ingest
-    from agman_milvus.usecases.dispatch import CeleryDispatcher
+    from agman_milvus.workers.producer import CeleryDispatcher
     from agman_milvus.services.container import Services
     from agman_milvus.workers.app import create_app
     from tests.support.celery_harness import REDIS_URL, Worker, delete_redis_keys, milvus_lite_server

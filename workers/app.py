@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 
 from agman_milvus.core.config import Settings, get_settings
-from agman_milvus.usecases.dispatch import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE
+from agman_milvus.workers.names import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": max(5, settings.task_time_limit - 5),
         "task_default_queue": DEFAULT_QUEUE,
-        "task_routes": {
-            EMBED_TASK: {"queue": GPU_QUEUE},
-            "agman_milvus.workers.tasks.*": {"queue": DEFAULT_QUEUE},
-        },
+        "task_routes": {EMBED_TASK: {"queue": GPU_QUEUE}},
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from agman_milvus.usecases.screening import SCREEN_TASK
+from agman_milvus.workers.names import SCREEN_TASK
 from agman_milvus.workers.app import app
 from agman_milvus.workers.tasks import PipelineTask
 

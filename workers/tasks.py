@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers around the ingest use cases (no logic of their own).
+"""Celery task for embedding (queue ``agman.gpu``): a thin wrapper around ``index_images``.
 
 The model, the database engine and the Milvus client are built lazily, once per worker
 process, inside that process (never in a parent before ``fork``): the Celery documentation's
@@ -13,13 +13,13 @@ from typing import Any
 from celery import Task
 
 from agman_milvus.usecases.ingest import TRANSIENT_ERRORS
-from agman_milvus.usecases.dispatch import DELETE_TASK, EMBED_TASK, UPDATE_TASK
+from agman_milvus.workers.names import EMBED_TASK
 from agman_milvus.services.container import Services
 from agman_milvus.workers.app import app
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PipelineTask", "delete_product", "embed_images", "update_product"]
+__all__ = ["PipelineTask", "embed_images"]
 
 _RETRY: dict[str, Any] = {
     "autoretry_for": TRANSIENT_ERRORS,  # infrastructure trouble only; bad images never raise
@@ -49,19 +49,3 @@ def embed_images(self: PipelineTask, image_ids: list[int]) -> dict[str, object]:
     from agman_milvus.usecases.indexing import index_images
 
     return index_images([int(i) for i in image_ids], self.services).to_dict()
-
-
-@app.task(base=PipelineTask, bind=True, name=DELETE_TASK, acks_late=True, ignore_result=True, **_RETRY)
-def delete_product(self: PipelineTask, product_id: str) -> list[int]:
-    """Remove a product's vectors everywhere, then mark it deleted in SQL."""
-    from agman_milvus.usecases.ingest import delete_product as run
-
-    return run(product_id, self.services)
-
-
-@app.task(base=PipelineTask, bind=True, name=UPDATE_TASK, acks_late=True, ignore_result=True, **_RETRY)
-def update_product(self: PipelineTask, product_id: str, metadata: dict[str, Any]) -> int:
-    """Change a product's metadata in SQL and in its Milvus rows."""
-    from agman_milvus.usecases.ingest import update_product as run
-
-    return run(product_id, metadata, self.services)

@@ -16,7 +16,7 @@ from typing import Any
 from agman_milvus.core.config import Settings, get_settings
 from agman_milvus.core.images import ImageSource
 from agman_milvus.usecases.ingest import Registration, delete_product, register_image, update_product
-from agman_milvus.usecases.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from agman_milvus.usecases.dispatch import Dispatcher, InProcessDispatcher
 from agman_milvus.services.container import Services, check_shared_deployment
 from agman_milvus.services.store.catalog import ImageStatus
 
@@ -106,6 +106,7 @@ class Client:
         if self._dispatcher is None:
             if self.settings.broker_url:
                 from agman_milvus.workers.app import create_app
+                from agman_milvus.workers.producer import CeleryDispatcher
 
                 self._dispatcher = CeleryDispatcher(create_app(self.settings))
             else:
@@ -218,9 +219,8 @@ class Client:
 
         Celery (queue ``agman.default``) when a broker is configured, else a thread here.
         """
-        from agman_milvus.usecases.dispatch import DEFAULT_QUEUE
         from agman_milvus.usecases.screening import (
-            SCREEN_TASK, ScreeningJobHandle, create_job, query_references, start_thread,
+            ScreeningJobHandle, create_job, query_references, start_thread,
         )
 
         refs = query_references(list(images), self.services.blobs)
@@ -228,8 +228,9 @@ class Client:
         thread = None
         if self.settings.broker_url:
             from agman_milvus.workers.app import create_app
+            from agman_milvus.workers.producer import send_screening_job
 
-            create_app(self.settings).send_task(SCREEN_TASK, args=[job_id], queue=DEFAULT_QUEUE)
+            send_screening_job(create_app(self.settings), job_id)
         else:
             thread = start_thread(job_id, self._copy_checker())
         return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from agman_milvus.services.embedding import Embedder
-from agman_milvus.core.images import ImageSource, load_image
+from agman_milvus.core.images import ImageSource
+from agman_milvus.services.fetch import load_image
 from agman_milvus.core.model import AttributeEmbeddingModel
 
 __all__ = ["AgmanEmbeddingFunction", "BaseEmbeddingFunction"]

@@ -1,15 +1,14 @@
 """The only door for image bytes: read, check and decode untrusted images safely.
 
-Every image that enters agman_milvus (ingest, search queries, training data) goes through
-:func:`load_image`. It accepts a path, a ``file://`` or ``http(s)://`` URI, raw bytes or a
-PIL image and returns a fully decoded RGB :class:`PIL.Image.Image` with the EXIF orientation
-applied. Everything that can go wrong is an :class:`ImageError` (a ``ValueError``) with a short
+Every image that enters agman_milvus (ingest, search queries, training data) is decoded here.
+:func:`load_image` accepts a path, a ``file://`` URI, raw bytes or a PIL image and returns a
+fully decoded RGB :class:`PIL.Image.Image` with the EXIF orientation applied; http(s) images
+are downloaded by :mod:`agman_milvus.services.fetch` and decoded by :func:`decode_image_bytes`. Everything that can go wrong is an :class:`ImageError` (a ``ValueError``) with a short
 machine-readable ``reason`` and a message a person understands.
 
 Safety rules:
 
-* byte limit (``max_bytes``) enforced while reading — files are never read past it, downloads
-  are streamed and cut off;
+* byte limit (``max_bytes``) enforced while reading — files are never read past it;
 * pixel limit (``max_pixels``) checked on the header's declared size *before* decoding
   (``Image.open`` is lazy), per call; PIL's global ``Image.MAX_IMAGE_PIXELS`` is neither relied
   on nor changed (its own bomb error, raised above twice that global, is mapped too);
@@ -36,15 +35,12 @@ import logging
 import os
 import re
 import stat
-import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-import httpx
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
@@ -68,10 +64,14 @@ __all__ = [
     "CorruptImageError",
     "UnsupportedModeError",
     "UnsupportedSourceError",
+    "check_size",
     "decode_image_bytes",
     "default_limits",
     "load_image",
     "read_image_bytes",
+    "redact_uri",
+    "resolve_limits",
+    "short_error",
     "to_rgb",
 ]
 
@@ -83,7 +83,6 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_USER_AGENT = "agman-milvus (image fetch)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +219,7 @@ def _limits_from_settings(settings: Settings) -> ImageLimits:
     return ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.fetch_timeout)
 
 
-def _resolve_limits(
+def resolve_limits(
     settings: Settings | None, max_bytes: int | None, max_pixels: int | None,
     timeout: float | None,
 ) -> ImageLimits:
@@ -250,17 +249,16 @@ def load_image(
     max_pixels: int | None = None,
     timeout: float | None = None,
     settings: Settings | None = None,
-    http_client: httpx.Client | None = None,
 ) -> Image.Image:
     """Read and decode ``source`` into a fully loaded RGB image, EXIF orientation applied.
 
     Explicit keyword limits win over ``settings``, which win over the environment's defaults.
     Raises an :class:`ImageError` subclass on any problem with the source or its bytes.
     """
-    limits = _resolve_limits(settings, max_bytes, max_pixels, timeout)
+    limits = resolve_limits(settings, max_bytes, max_pixels, timeout)
     if isinstance(source, Image.Image):
         return _from_pil(source, limits.max_pixels)
-    data = _read(source, limits, http_client)
+    data = _read(source, limits)
     return _decode(data, limits.max_pixels, _describe(source))
 
 
@@ -270,21 +268,20 @@ def read_image_bytes(
     max_bytes: int | None = None,
     timeout: float | None = None,
     settings: Settings | None = None,
-    http_client: httpx.Client | None = None,
 ) -> bytes:
     """The raw bytes of ``source`` (at most ``max_bytes``), without decoding them.
 
     A PIL image is encoded as PNG (after conversion to RGB). Empty sources raise
     :class:`EmptyImageError`.
     """
-    limits = _resolve_limits(settings, max_bytes, None, timeout)
+    limits = resolve_limits(settings, max_bytes, None, timeout)
     if isinstance(source, Image.Image):
         buf = io.BytesIO()
         _from_pil(source, limits.max_pixels).save(buf, "PNG")
         data = buf.getvalue()
-        _check_size(len(data), limits.max_bytes, "the encoded image")
+        check_size(len(data), limits.max_bytes, "the encoded image")
         return data
-    return _read(source, limits, http_client)
+    return _read(source, limits)
 
 
 def decode_image_bytes(
@@ -299,10 +296,10 @@ def decode_image_bytes(
 
     ``source`` only names the origin in error messages.
     """
-    limits = _resolve_limits(settings, max_bytes, max_pixels, 1.0)
+    limits = resolve_limits(settings, max_bytes, max_pixels, 1.0)
     data = bytes(data)
     label = source or "the given bytes"
-    _check_size(len(data), limits.max_bytes, label)
+    check_size(len(data), limits.max_bytes, label)
     return _decode(data, limits.max_pixels, label)
 
 
@@ -315,11 +312,11 @@ def _describe(source: object) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "the given bytes"
     if isinstance(source, str) and _URI_RE.match(source):
-        return _redact(source)
+        return redact_uri(source)
     return str(source)
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     """Drop user:password from a URI before it goes into a message or log."""
     parts = urllib.parse.urlsplit(uri)
     if parts.username or parts.password:
@@ -330,7 +327,7 @@ def _redact(uri: str) -> str:
     return uri
 
 
-def _check_size(size: int, max_bytes: int, label: str, *, partial: bool = False) -> None:
+def check_size(size: int, max_bytes: int, label: str, *, partial: bool = False) -> None:
     """Raise ImageTooLargeError past max_bytes (``partial``: size is what was read so far)."""
     if size > max_bytes:
         amount = f"more than {max_bytes:,} bytes" if partial else f"{size:,} bytes"
@@ -340,13 +337,13 @@ def _check_size(size: int, max_bytes: int, label: str, *, partial: bool = False)
         )
 
 
-def _read(source: object, limits: ImageLimits, http_client: httpx.Client | None) -> bytes:
+def _read(source: object, limits: ImageLimits) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = _describe(source)
-        _check_size(len(data), limits.max_bytes, "the given bytes")
+        check_size(len(data), limits.max_bytes, "the given bytes")
     elif isinstance(source, str) and _URI_RE.match(source):
-        data, label = _read_uri(source, limits, http_client)
+        data, label = _read_uri(source, limits)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         data, label = _read_file(path, limits.max_bytes), str(path)
@@ -361,9 +358,9 @@ def _read(source: object, limits: ImageLimits, http_client: httpx.Client | None)
     return data
 
 
-def _read_uri(uri: str, limits: ImageLimits, http_client: httpx.Client | None) -> tuple[bytes, str]:
+def _read_uri(uri: str, limits: ImageLimits) -> tuple[bytes, str]:
     scheme = uri.split("://", 1)[0].lower()
-    label = _redact(uri)
+    label = redact_uri(uri)
     if scheme == "file":
         parts = urllib.parse.urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
@@ -374,7 +371,10 @@ def _read_uri(uri: str, limits: ImageLimits, http_client: httpx.Client | None) -
         path = Path(urllib.request.url2pathname(parts.path))
         return _read_file(path, limits.max_bytes, label=label), label
     if scheme in ("http", "https"):
-        return _fetch(uri, label, limits, http_client), label
+        raise UnsupportedSourceError(
+            f"{label} is an http(s) URI: core reads local sources only; download it with "
+            "agman_milvus.services.fetch", source=label,
+        )
     hint = " (blob:// URIs are read with BlobStore.open_uri)" if scheme == "blob" else ""
     raise UnsupportedSourceError(
         f"unsupported URI scheme {scheme!r} in {label}: only file://, http:// and https:// "
@@ -414,7 +414,7 @@ def _read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes
                 f"{label} is not a regular file (a pipe, socket or device)",
                 reason="not_a_file", source=label,
             )
-        _check_size(st.st_size, max_bytes, label)
+        check_size(st.st_size, max_bytes, label)
         with os.fdopen(fd, "rb", closefd=True) as fh:
             fd = -1
             data = fh.read(max_bytes + 1)  # the file may have grown since fstat
@@ -425,85 +425,11 @@ def _read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes
     finally:
         if fd >= 0:
             os.close(fd)
-    _check_size(len(data), max_bytes, label, partial=True)
+    check_size(len(data), max_bytes, label, partial=True)
     return data
 
 
-_thread_clients = threading.local()
-
-
-def _shared_client() -> httpx.Client:
-    """One httpx.Client per thread and process (reuses connections; safe after fork)."""
-    client = getattr(_thread_clients, "client", None)
-    if client is None or getattr(_thread_clients, "pid", None) != os.getpid():
-        client = httpx.Client(
-            follow_redirects=True, max_redirects=5, headers={"User-Agent": _USER_AGENT}
-        )
-        _thread_clients.client, _thread_clients.pid = client, os.getpid()
-    return client
-
-
-def _fetch(uri: str, label: str, limits: ImageLimits, client: httpx.Client | None) -> bytes:
-    """GET ``uri`` streamed, stopping past ``max_bytes`` and after ``timeout`` seconds in all."""
-    client = client or _shared_client()
-    timeout = limits.timeout
-    deadline = time.monotonic() + timeout
-    try:
-        with client.stream("GET", uri, timeout=httpx.Timeout(timeout)) as response:
-            if response.status_code >= 400 or response.status_code < 200:
-                code = response.status_code
-                phrase = response.reason_phrase or ""
-                raise ImageFetchError(
-                    f"could not download {label}: the server answered HTTP {code} "
-                    f"{phrase}".rstrip(),
-                    reason="http_status", status_code=code, source=label,
-                    transient=code >= 500 or code in (408, 429),
-                )
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit():
-                _check_size(int(declared), limits.max_bytes, label)
-            buf = bytearray()
-            for chunk in response.iter_bytes():
-                buf += chunk
-                _check_size(len(buf), limits.max_bytes, label, partial=True)
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("download exceeded the total time limit")
-            return bytes(buf)
-    except httpx.TimeoutException:
-        raise ImageFetchError(
-            f"could not download {label}: no complete answer within {timeout:g} s",
-            reason="timeout", source=label, transient=True,
-        ) from None
-    except httpx.TooManyRedirects:
-        raise ImageFetchError(
-            f"could not download {label}: too many redirects", reason="http_status", source=label,
-        ) from None
-    except httpx.UnsupportedProtocol as exc:
-        raise UnsupportedSourceError(
-            f"could not download {label}: {exc}", reason="unsupported_scheme", source=label
-        ) from None
-    except httpx.InvalidURL as exc:
-        raise UnsupportedSourceError(
-            f"invalid URL {label}: {exc}", reason="invalid_uri", source=label
-        ) from None
-    except httpx.DecodingError as exc:
-        raise ImageFetchError(
-            f"could not download {label}: the response could not be decoded ({exc})",
-            reason="bad_response", source=label,
-        ) from None
-    except httpx.ConnectError as exc:
-        raise ImageFetchError(
-            f"could not download {label}: cannot connect to the server ({_short(exc)})",
-            reason="unreachable", source=label, transient=True,
-        ) from None
-    except httpx.TransportError as exc:
-        raise ImageFetchError(
-            f"could not download {label}: the connection failed ({_short(exc)})",
-            reason="unreachable", source=label, transient=True,
-        ) from None
-
-
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
 
@@ -522,7 +448,7 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
         raise _unidentified(data, label) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecompressionBombError(
-            f"image is too large to decode safely: {label} ({_short(exc)})", source=label
+            f"image is too large to decode safely: {label} ({short_error(exc)})", source=label
         ) from None
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on bad headers
         raise _decode_failure(exc, data, label, fmt=None) from None
@@ -550,7 +476,7 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecompressionBombError(
-            f"image is too large to decode safely: {label} ({_short(exc)})", source=label
+            f"image is too large to decode safely: {label} ({short_error(exc)})", source=label
         ) from None
     except Exception as exc:  # noqa: BLE001
         raise _decode_failure(exc, data, label, fmt=fmt) from None
@@ -558,7 +484,7 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
 
 def _decode_failure(exc: Exception, data: bytes, label: str, fmt: str | None) -> ImageError:
     """Map whatever PIL raised while opening/decoding to a typed error."""
-    text = _short(exc)
+    text = short_error(exc)
     if fmt is None and _magic_format(data) is None:
         description = _non_image_description(data)
         if description:  # e.g. text starting with "BM" that PIL took for a BMP header
@@ -639,7 +565,7 @@ def _apply_orientation(im: Image.Image, label: str) -> Image.Image:
     try:
         orientation = im.getexif().get(0x0112)
     except Exception as exc:  # noqa: BLE001 - unreadable EXIF must not reject good pixels
-        logger.warning("ignoring unreadable EXIF data in %s: %s", label, _short(exc))
+        logger.warning("ignoring unreadable EXIF data in %s: %s", label, short_error(exc))
         return im
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         return ImageOps.exif_transpose(im)
@@ -676,7 +602,7 @@ def to_rgb(im: Image.Image, *, label: str = "image") -> Image.Image:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:
         raise UnsupportedModeError(
-            f"cannot convert {label} from colour mode {mode!r} to RGB ({_short(exc)})",
+            f"cannot convert {label} from colour mode {mode!r} to RGB ({short_error(exc)})",
             source=label,
         ) from None
 
@@ -733,7 +659,7 @@ def _from_pil(im: Image.Image, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001
-        text = _short(exc)
+        text = short_error(exc)
         cls = TruncatedImageError if "truncated" in text.lower() else CorruptImageError
         raise cls(f"cannot decode {label}: {text}", source=label) from None
     return rgb.copy() if rgb is im else rgb

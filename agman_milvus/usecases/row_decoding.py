@@ -18,7 +18,8 @@ from PIL import Image
 
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.core.config import Settings
-from agman_milvus.core.images import ImageError, decode_image_bytes, read_image_bytes
+from agman_milvus.core.images import ImageError, decode_image_bytes
+from agman_milvus.services.fetch import read_image_bytes
 from agman_milvus.core.phash import phash, to_signed64
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ERROR = "error"
-SCREEN_TASK = "agman_milvus.workers.screening_tasks.screen"
 
 
 class JobNotFoundError(LookupError):

@@ -20,7 +20,8 @@ from PIL import Image
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.core.config import Settings
 from agman_milvus.services.embedding import Embedder
-from agman_milvus.core.images import ImageSource, decode_image_bytes, load_image
+from agman_milvus.core.images import ImageSource, decode_image_bytes
+from agman_milvus.services.fetch import load_image
 from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus
 from agman_milvus.services.store.filters import FilterValue
 from agman_milvus.services.store.vectors import MAX_TOP_K, Hit, VectorStore

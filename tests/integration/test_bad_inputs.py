@@ -41,9 +41,9 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
     from agman_milvus.core.config import Settings
     from agman_milvus.services.embedding import Embedder
-    from agman_milvus.core.images import load_image
+    from agman_milvus.services.fetch import load_image
     from agman_milvus.usecases.ingest import register_image
-    from agman_milvus.usecases.dispatch import CeleryDispatcher
+    from agman_milvus.workers.producer import CeleryDispatcher
     from agman_milvus.services.container import Services
     from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app

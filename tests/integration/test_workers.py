@@ -93,7 +93,7 @@ def _counts(services) -> dict[str, int]:
 
 def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deployment) -> None:
     from agman_milvus.app.client import Client
-    from agman_milvus.usecases.dispatch import EMBED_TASK, GPU_QUEUE
+    from agman_milvus.workers.names import EMBED_TASK, GPU_QUEUE
     from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app
 
@@ -127,7 +127,7 @@ def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deploymen
 
 def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
     from agman_milvus.usecases.ingest import register_image
-    from agman_milvus.usecases.dispatch import CeleryDispatcher
+    from agman_milvus.workers.producer import CeleryDispatcher
     from agman_milvus.services.container import Services
     from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app

@@ -1,4 +1,5 @@
-"""agman_milvus.core.images: every corpus case through load_image, limits, sources, threads."""
+"""Safe decoding (core.images) and fetching (services.fetch): every corpus case through
+load_image, limits, sources, threads."""
 
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ from agman_milvus.core.images import (
     TruncatedImageError,
     UnsupportedSourceError,
     decode_image_bytes,
-    load_image,
-    read_image_bytes,
     to_rgb,
 )
+from agman_milvus.services.fetch import load_image, read_image_bytes
 from tests.support import require_shared
 from tests.support.bad_images import (
     CASE_NAMES,
@@ -329,6 +329,11 @@ def test_unsupported_sources() -> None:
     with pytest.raises(UnsupportedSourceError) as info:
         load_image("file://other-host/x.jpg")
     assert info.value.reason == "invalid_uri"
+
+
+def test_core_decoding_never_downloads() -> None:
+    with pytest.raises(UnsupportedSourceError, match="services.fetch"):
+        images.load_image("http://127.0.0.1:9/x.jpg")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
         from agman_milvus.core.config import get_settings
         from agman_milvus.usecases.bulk_ingest import ManifestError, bulk_ingest, parse_metadata_columns, read_manifest
-        from agman_milvus.usecases.dispatch import CeleryDispatcher, InProcessDispatcher
+        from agman_milvus.usecases.dispatch import InProcessDispatcher
         from agman_milvus.services.container import DeploymentError, Services, check_shared_deployment
 
         settings = get_settings()
@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         services = Services(settings)
         if settings.broker_url:
             from agman_milvus.workers.app import create_app
+            from agman_milvus.workers.producer import CeleryDispatcher
 
             dispatcher = CeleryDispatcher(create_app(settings))
         else:

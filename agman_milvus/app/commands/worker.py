@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
     def worker(
         queue: list[str] = typer.Option(
             ["agman.gpu", "agman.default"], "--queue", "-Q",
-            help="Queue(s) to consume: agman.gpu (embedding), agman.default (deletes, updates)",
+            help="Queue(s) to consume: agman.gpu (embedding), agman.default (screening jobs)",
         ),
         concurrency: int = typer.Option(1, "--concurrency", "-c", min=1, help="Worker processes/threads"),
         pool: str = typer.Option("solo", "--pool", "-P", help="solo | prefork | threads"),
