@@ -17,13 +17,14 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from agman_milvus.core.config import Settings
 from agman_milvus.core.schema import AttributeSchema
@@ -41,6 +42,10 @@ _PROPERTY_ROLE = "agman.role"
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RESERVED_FIELDS = {"image_id", "product_id", "model_version", VECTOR_FIELD}
 MAX_TOP_K = 16384  # Milvus limit on limit (topk)
+#: How Lite ("is in state 'released'; call load()") and servers ("collection not loaded")
+#: say that a collection must be loaded first.
+_NOT_LOADED = re.compile(r"released|not loaded|call load\(\)", re.IGNORECASE)
+T = TypeVar("T")
 
 
 class VectorStoreError(RuntimeError):
@@ -201,6 +206,7 @@ class VectorStore:
         self._grouping = grouping
         self._deployment: Deployment | None = None
         self._tag = version_tag(model_version)
+        self._loaded: set[str] = set()
 
     @classmethod
     def from_settings(
@@ -354,6 +360,31 @@ class VectorStore:
             self.client.drop_collection(name)
         return names
 
+    # -- loading -------------------------------------------------------------------------------
+    def _load(self, name: str) -> None:
+        """Load ``name`` into memory unless it already is (Lite reopens collections released,
+        and a restarted server forgets what was loaded)."""
+        state = self.client.get_load_state(name).get("state")
+        if state != LoadState.Loaded:
+            log.info("loading Milvus collection %s (was %s)", name, getattr(state, "name", state))
+            self.client.load_collection(name)
+        self._loaded.add(name)
+
+    def _on_loaded(self, name: str, operation: Callable[[], T]) -> T:
+        """Run ``operation`` on collection ``name``, loaded first (once per process); a
+        "not loaded" answer (e.g. after a server restart) loads it again and retries once."""
+        if name not in self._loaded:
+            self._load(name)
+        try:
+            return operation()
+        except MilvusException as exc:
+            if not _NOT_LOADED.search(str(exc)):
+                raise
+            log.warning("collection %s was released (%s); loading it and retrying", name, exc)
+            self._loaded.discard(name)
+            self._load(name)
+            return operation()
+
     # -- writes --------------------------------------------------------------------------------
     def _vector(self, value: Sequence[float] | np.ndarray, dim: int, what: str) -> list[float]:
         arr = np.asarray(value, dtype=np.float32).reshape(-1)
@@ -398,7 +429,7 @@ class VectorStore:
                 per_collection[names[COPY]].append({**base, VECTOR_FIELD: vec})
         for name, data in per_collection.items():
             if data:
-                self.client.upsert(name, data)
+                self._on_loaded(name, lambda: self.client.upsert(name, data))
                 self.deployment.after_write(self.client, name)
         return len(rows)
 
@@ -408,14 +439,14 @@ class VectorStore:
         if not ids:
             return
         for name in self._all_collections():
-            self.client.delete(name, ids=ids)
+            self._on_loaded(name, lambda: self.client.delete(name, ids=ids))
             self.deployment.after_write(self.client, name)
 
     def delete_product(self, product_id: int) -> None:
         """Remove every vector of a product, in every collection of every model version."""
         expr = f"product_id == {int(product_id)}"
         for name in self._all_collections():
-            self.client.delete(name, filter=expr)
+            self._on_loaded(name, lambda: self.client.delete(name, filter=expr))
             self.deployment.after_write(self.client, name)
 
     def _all_collections(self) -> list[str]:
@@ -468,12 +499,12 @@ class VectorStore:
             kwargs: dict[str, Any] = {}
             if group:
                 kwargs["group_by_field"] = "product_id"
-            result = self.client.search(
+            result = self._on_loaded(name, lambda: self.client.search(
                 name, data=batch, limit=limit, filter=expr,
                 output_fields=["image_id", "product_id"],
                 search_params=self.deployment.search_params(limit),
                 consistency_level=level, **kwargs,
-            )
+            ))
             return [[_to_hit(h) for h in hits] for hits in result]
 
         if not one_per_product:
@@ -487,26 +518,26 @@ class VectorStore:
         ids = [int(i) for i in image_ids]
         if not ids:
             return {}
-        rows = self.client.get(
-            self.collection(self._label(attribute)), ids=ids,
-            output_fields=["image_id", VECTOR_FIELD], consistency_level="Strong",
-        )
+        name = self.collection(self._label(attribute))
+        rows = self._on_loaded(name, lambda: self.client.get(
+            name, ids=ids, output_fields=["image_id", VECTOR_FIELD], consistency_level="Strong",
+        ))
         return {int(r["image_id"]): np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
 
     def count(self, attribute: int | str) -> int:
         """Rows in ``attribute``'s (or ``"copy"``) collection of this version."""
-        rows = self.client.query(
-            self.collection(self._label(attribute)), filter="", output_fields=["count(*)"],
-            consistency_level="Strong",
-        )
+        name = self.collection(self._label(attribute))
+        rows = self._on_loaded(name, lambda: self.client.query(
+            name, filter="", output_fields=["count(*)"], consistency_level="Strong",
+        ))
         return int(rows[0]["count(*)"])
 
     def iter_image_ids(self, collection: str, batch_size: int = 1000) -> Iterator[tuple[int, str]]:
         """Stream ``(image_id, model_version)`` of every row of a physical collection."""
-        iterator = self.client.query_iterator(
+        iterator = self._on_loaded(collection, lambda: self.client.query_iterator(
             collection, batch_size=batch_size, filter="",
             output_fields=["image_id", "model_version"], consistency_level="Strong",
-        )
+        ))
         try:
             while True:
                 batch = iterator.next()
