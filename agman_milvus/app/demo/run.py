@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agman_milvus.app.demo import report as page
+from agman_milvus.app.demo import page
 from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, ensure_catalog, generate_catalog
 from agman_milvus.app.demo.demo_model import DemoModel, DemoModelConfig, DemoSplit, ensure_demo_model, split_for_demo
 from agman_milvus.training.trainer import Callbacks, StepInfo
