@@ -1,4 +1,8 @@
-"""The ``agman`` command line: one Typer app, one module per command group in ``commands/``."""
+"""The ``agman`` command line: one Typer app, one module per command group in ``commands/``.
+
+Logs go to stderr (stdout carries results, e.g. ``--json``): agman's own at INFO (DEBUG with
+``--verbose``), other libraries' at WARNING.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ app = typer.Typer(no_args_is_help=True, help="Attribute-specific fashion image r
 
 @app.callback()
 def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging")) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
+    logging.getLogger("agman_milvus").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _register() -> None:

@@ -4,10 +4,13 @@ It subclasses ``pymilvus.model.base.BaseEmbeddingFunction`` when ``pymilvus[mode
 installed, else a local base with the same method names, so code written for
 ``pymilvus.model`` embedding functions works with images::
 
-    ef = AgmanEmbeddingFunction(checkpoint="model.safetensors")
+    ef = AgmanEmbeddingFunction()                            # AGMAN_CHECKPOINT, or the demo model
     docs = ef.encode_documents(["a.jpg", "b.jpg"])          # {attribute: [np.ndarray, ...]}
     queries = ef.encode_queries(["q.jpg"], "sleeve_length")  # [np.ndarray]
-    client.search(f"agman_{attribute}", data=queries, limit=10)
+    client.search("agman_sleeve_length", data=queries, limit=10)
+
+    sleeves = AgmanEmbeddingFunction(attribute="sleeve_length")  # a drop-in for pymilvus code
+    docs, queries = sleeves(["a.jpg", "b.jpg"]), sleeves.encode_queries(["q.jpg"])
 
 Vectors are float32, 1-D and L2-normalised (the collections use COSINE).
 """
@@ -20,10 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-from agman_milvus.services.embedding import Embedder
+from agman_milvus.core.config import get_settings
 from agman_milvus.core.images import ImageSource
-from agman_milvus.services.fetch import load_image
 from agman_milvus.core.model import AttributeEmbeddingModel
+from agman_milvus.services.embedding import Embedder
+from agman_milvus.services.fetch import load_image
 
 __all__ = ["AgmanEmbeddingFunction", "BaseEmbeddingFunction"]
 
@@ -47,23 +51,35 @@ class AgmanEmbeddingFunction(BaseEmbeddingFunction):
     """Images -> attribute-specific embeddings (one vector per attribute per image).
 
     Args:
-        checkpoint: a model checkpoint (``.safetensors``); or pass ``model``.
+        checkpoint: a model checkpoint (``.safetensors``); default: ``AGMAN_CHECKPOINT``, else
+            the demo model (as everywhere in agman_milvus).
+        attribute: bind the function to one attribute, so it behaves like any pymilvus
+            embedding function (``ef(images)`` and ``ef.encode_queries(images)`` return one
+            vector per image). Unbound, documents come as ``{attribute: vectors}`` and queries
+            need an attribute.
         model: an already built :class:`AttributeEmbeddingModel` (tests, notebooks).
-        device: ``cpu``, ``cuda`` or ``auto``.
-        batch_size: images per forward pass.
+        device: ``cpu``, ``cuda`` or ``auto`` (default: ``AGMAN_DEVICE``).
+        batch_size: images per forward pass (default: ``AGMAN_BATCH_SIZE``).
     """
 
     def __init__(
         self,
         checkpoint: str | Path | None = None,
         *,
+        attribute: str | None = None,
         model: AttributeEmbeddingModel | None = None,
-        device: str = "cpu",
-        batch_size: int = 32,
+        device: str | None = None,
+        batch_size: int | None = None,
         embedder: Embedder | None = None,
     ) -> None:
-        self._embedder = embedder or Embedder(model, checkpoint=checkpoint, device=device,
-                                              batch_size=batch_size)
+        if embedder is None:
+            settings = get_settings()
+            if model is None and checkpoint is None:
+                checkpoint = settings.resolved_checkpoint
+            embedder = Embedder(model, checkpoint=checkpoint, device=device or settings.device,
+                                batch_size=batch_size or settings.batch_size)
+        self._embedder = embedder
+        self.attribute = None if attribute is None else self._embedder.schema[attribute].name
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -89,16 +105,25 @@ class AgmanEmbeddingFunction(BaseEmbeddingFunction):
     def encode_documents(
         self, images: Sequence[ImageSource], attribute: str | None = None
     ) -> list[np.ndarray] | dict[str, list[np.ndarray]]:
-        """Vectors for images to be stored: ``{attribute: [vector per image]}``, or only
-        ``attribute``'s list when one is named. One backbone pass per image either way."""
+        """Vectors for images to be stored: ``{attribute: [vector per image]}``, or only one
+        attribute's list when one is named (or bound). One backbone pass per image either way."""
         pil = _load_all(images)
+        attribute = attribute or self.attribute
         if attribute is not None:
             return _rows(self._embedder.embed(pil, attribute))
         embeddings = self._embedder.encode(pil).embeddings  # [N, K, D]
         return {name: _rows(embeddings[:, k]) for k, name in enumerate(self.attributes)}
 
-    def encode_queries(self, images: Sequence[ImageSource], attribute: str) -> list[np.ndarray]:
-        """Query vectors for ``attribute`` (the same space as the stored documents)."""
+    def encode_queries(
+        self, images: Sequence[ImageSource], attribute: str | None = None
+    ) -> list[np.ndarray]:
+        """Query vectors for ``attribute`` (default: the bound one), in the documents' space."""
+        attribute = attribute or self.attribute
+        if attribute is None:
+            raise ValueError(
+                "name the attribute to query (encode_queries(images, attribute)) or bind one "
+                f"(AgmanEmbeddingFunction(attribute=...)); attributes: {', '.join(self.attributes)}"
+            )
         return _rows(self._embedder.embed(_load_all(images), attribute))
 
     def encode_copy_descriptors(self, images: Sequence[ImageSource]) -> list[np.ndarray]:

@@ -80,7 +80,7 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image
 
 #: Raster formats PIL may try. Deliberately excludes EPS (runs Ghostscript), PDF-like and
 #: header-less formats (TGA) that arbitrary bytes could be misread as.
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "PPM")
 
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 

@@ -63,3 +63,16 @@ def test_errors(ef: AgmanEmbeddingFunction) -> None:
         ef.encode_queries(_images()[:1], "neckline")
     with pytest.raises(TypeError, match="list of images"):
         ef.encode_queries(_images()[0], "colour")  # type: ignore[arg-type]
+
+
+def test_a_drop_in_for_pymilvus_model_code(ef: AgmanEmbeddingFunction) -> None:
+    base = pytest.importorskip("pymilvus.model.base", reason="pymilvus[model] is not installed")
+    assert issubclass(AgmanEmbeddingFunction, base.BaseEmbeddingFunction)
+    bound = AgmanEmbeddingFunction(embedder=ef._embedder, attribute="colour")
+    images = _images()
+    documents, queries = bound(images), bound.encode_queries(images)
+    assert len(documents) == len(queries) == 3
+    for d, q in zip(documents, queries):
+        np.testing.assert_allclose(d, q, atol=1e-5)
+    with pytest.raises(ValueError, match="name the attribute to query"):
+        ef.encode_queries(images)
