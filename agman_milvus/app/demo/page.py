@@ -135,6 +135,8 @@ class _Figure:
 
 @dataclass(frozen=True)
 class _SearchCard:
+    """One search as the page shows it: heading, the facts line and the figures in rank order."""
+
     heading: str
     attributes: str
     query_value: str | None
@@ -146,6 +148,8 @@ class _SearchCard:
 
 @dataclass(frozen=True)
 class _CopyCard:
+    """One copy check as the page shows it: verdict badge, query and best match, evidence rows."""
+
     heading: str
     verdict: str
     verdict_style: str
