@@ -1,15 +1,13 @@
 """Reports people read: screening reports (CSV, JSON, HTML) and a search result page (HTML).
 
-HTML pages are self-contained: thumbnails are inlined as ``data:`` JPEG URIs and every text
-value is escaped. A thumbnail that cannot be read shows as a short note instead.
+The HTML pages are rendered from the templates ``screening_report.html`` and
+``search_results.html`` (see :mod:`agman_milvus.usecases.rendering`): self-contained, every text
+value escaped. A thumbnail that cannot be read shows as a short note instead.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -22,16 +20,18 @@ from sqlalchemy import select
 
 from agman_milvus.services.store.catalog import Catalog
 from agman_milvus.services.store.tables import ScreeningJob, ScreeningMatch
+from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 
 __all__ = [
     "ReportRow", "ScreeningReport", "ThumbnailLoader", "export_report", "load_screening_report",
-    "search_page_html", "thumbnail_data_uri", "write_csv", "write_html", "write_json",
+    "search_page_html", "write_csv", "write_html", "write_json",
 ]
 
 log = logging.getLogger(__name__)
 
 ImageLoader = Callable[[str], Image.Image]
 THUMB = 160
+QUERY_THUMB = 224
 CSV_FIELDS = ["query", "verdict", "score", "product_id", "image_id", "title",
               "descriptor_similarity", "phash_distance", "attributes_agreeing",
               "attributes_total", "attributes", "match_source"]
@@ -132,9 +132,10 @@ def write_json(report: ScreeningReport, path: Path) -> Path:
     return path
 
 
-# -- thumbnails --------------------------------------------------------------------------------
+# -- HTML --------------------------------------------------------------------------------------
 class ThumbnailLoader:
-    """Loads images for thumbnails: paths, URIs and ``blob://`` (through ``load``)."""
+    """Thumbnails (``data:`` URIs) of images named by reference: paths, URIs and ``blob://``
+    (read through ``load``); None for an image that cannot be read."""
 
     def __init__(self, load: ImageLoader, size: int = THUMB) -> None:
         self._load = load
@@ -147,85 +148,50 @@ class ThumbnailLoader:
         if ref not in self._cache:
             try:
                 self._cache[ref] = thumbnail_data_uri(self._load(ref), self.size)
-            except Exception as exc:  # a report must render even when an image is gone
+            except Exception as exc:  # noqa: BLE001 - a report must render when an image is gone
                 log.warning("no thumbnail for %s: %s", ref, exc)
                 self._cache[ref] = None
         return self._cache[ref]
 
 
-def thumbnail_data_uri(image: Image.Image, size: int = THUMB) -> str:
-    """A small JPEG of ``image`` as a ``data:`` URI."""
-    thumb = image.convert("RGB")
-    thumb.thumbnail((size, size))
-    buf = io.BytesIO()
-    thumb.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+@dataclass(frozen=True)
+class _MatchView:
+    """What the HTML report shows for one match: the row, its thumbnails (``data:`` URIs, None
+    when unavailable) and its figures as (label, formatted value) pairs, one line each in the
+    scores cell. A further image or figure of a match is one more field or pair here and one
+    line in ``screening_report.html``."""
+
+    row: ReportRow
+    query_thumbnail: str | None
+    match_thumbnail: str | None
+    scores: list[tuple[str, str]]
 
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222}
-table{border-collapse:collapse;width:100%}th,td{border:1px solid #ccc;padding:6px;vertical-align:top}
-th{background:#f3f3f3;text-align:left}img{max-width:160px;max-height:160px;display:block}
-.copy{background:#fde2e2}.near_duplicate{background:#fff4d6}.error{background:#eee}
-.verdict{font-weight:bold}.missing{color:#999;font-style:italic}ul{margin:0;padding-left:18px}
-.no{color:#b00}.yes{color:#070}caption{text-align:left;font-size:1.1em;margin-bottom:8px}
-"""
+def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None]) -> _MatchView:
+    scores: list[tuple[str, str]] = []
+    if row.descriptor_similarity is not None:
+        scores = [("score", f"{row.score:.3f}"), ("descriptor", f"{row.descriptor_similarity:.3f}"),
+                  ("pHash distance", "-" if row.phash_distance is None else str(row.phash_distance))]
+    return _MatchView(row=row, query_thumbnail=thumbs(row.query),
+                      match_thumbnail=thumbs(row.match_source) if row.image_id is not None else None,
+                      scores=scores)
 
 
-def _img(uri: str | None, alt: str) -> str:
-    if uri is None:
-        return f'<span class="missing">image unavailable ({html.escape(alt)})</span>'
-    return f'<img src="{uri}" alt="{html.escape(alt)}">'
-
-
-def _page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
-
-
-def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None = None) -> Path:
-    path.write_text(report_html(report, loader), encoding="utf-8")
-    return path
+def _no_thumbnail(ref: str | None) -> None:
+    return None
 
 
 def report_html(report: ScreeningReport, loader: ImageLoader | None = None) -> str:
     """The screening report as one HTML page: query and match side by side, scores, and the
     per-attribute agreement."""
-    thumbs = ThumbnailLoader(loader) if loader else (lambda ref: None)
-    e = html.escape
-    copies = sum(r.verdict == "copy" for r in report.rows)
-    near = sum(r.verdict == "near_duplicate" for r in report.rows)
-    summary = (f'<p class="summary">Job {report.job_id}: status <b>{e(report.status)}</b>, '
-               f"{report.done} of {report.total} images screened; {copies} copy and {near} "
-               f"near-duplicate matches.</p>")
-    if report.error:
-        summary += f'<p class="error">Error: {e(report.error)}</p>'
-    head = ("<tr><th>query</th><th>catalogue match</th><th>verdict</th><th>scores</th>"
-            "<th>attributes</th></tr>")
-    body = []
-    for r in report.rows:
-        attrs = "".join(
-            f'<li class="{"yes" if a.get("agrees") else "no"}">{e(k)}: '
-            f'{"agrees" if a.get("agrees") else "differs"} '
-            f'({float(a.get("similarity", 0)):.3f} vs {float(a.get("threshold", 0)):.3f})</li>'
-            for k, a in r.attributes.items())
-        scores = (f"score {r.score:.3f}<br>descriptor {r.descriptor_similarity:.3f}<br>"
-                  f"pHash distance {'-' if r.phash_distance is None else r.phash_distance}"
-                  if r.descriptor_similarity is not None else e(r.error or ""))
-        match = (f"{_img(thumbs(r.match_source), r.match_source or '')}"
-                 f"<div>product {e(str(r.product_id))}</div><div>{e(r.title or '')}</div>"
-                 if r.image_id is not None else '<span class="missing">-</span>')
-        body.append(
-            f'<tr class="match {e(r.verdict)}"><td class="query">{_img(thumbs(r.query), r.query)}'
-            f"<div>{e(r.query)}</div></td><td class=\"catalogue\">{match}</td>"
-            f'<td class="verdict">{e(r.verdict)}</td><td class="scores">{scores}</td>'
-            f'<td class="attributes"><ul>{attrs}</ul></td></tr>')
-    table = (f'<table class="matches"><caption>Matches</caption><thead>{head}</thead>'
-             f"<tbody>{''.join(body)}</tbody></table>")
-    if not report.rows:
-        table = '<p class="empty">No copies or near-duplicates were found.</p>'
-    return _page(f"Screening report, job {report.job_id}", summary + table)
+    thumbs = ThumbnailLoader(loader) if loader else _no_thumbnail
+    return render_page("screening_report.html", title=f"Screening report, job {report.job_id}",
+                       report=report, matches=[_match_view(r, thumbs) for r in report.rows])
+
+
+def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None = None) -> Path:
+    path.write_text(report_html(report, loader), encoding="utf-8")
+    return path
 
 
 def export_report(report: ScreeningReport, path: Path, fmt: str | None = None,
@@ -245,18 +211,7 @@ def export_report(report: ScreeningReport, path: Path, fmt: str | None = None,
 def search_page_html(query: Image.Image, attribute: str, hits: Sequence[Any],
                      loader: ImageLoader | None = None, title: str | None = None) -> str:
     """A result page: the query image, then each hit's thumbnail, product id, score, metadata."""
-    thumbs = ThumbnailLoader(loader) if loader else (lambda ref: None)
-    e = html.escape
-    cells = []
-    for rank, hit in enumerate(hits, start=1):
-        meta = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>"
-                       for k, v in hit.metadata.items() if v not in (None, "", {}))
-        cells.append(
-            f'<tr class="hit"><td>{rank}</td><td>{_img(thumbs(hit.source_uri), str(hit.product_id))}</td>'
-            f'<td class="product">{e(str(hit.product_id))}</td><td class="score">{hit.score:.4f}</td>'
-            f"<td><ul>{meta}</ul></td></tr>")
-    body = (f'<div class="query"><h2>Query</h2>{_img(thumbnail_data_uri(query, 224), "query")}'
-            f"<p>attribute: <b>{e(attribute)}</b></p></div>"
-            '<table class="hits"><thead><tr><th>#</th><th>image</th><th>product</th><th>score</th>'
-            f"<th>metadata</th></tr></thead><tbody>{''.join(cells)}</tbody></table>")
-    return _page(title or f"Search by {attribute}", body)
+    thumbs = ThumbnailLoader(loader) if loader else _no_thumbnail
+    return render_page("search_results.html", title=title or f"Search by {attribute}",
+                       attribute=attribute, query_thumbnail=thumbnail_data_uri(query, QUERY_THUMB),
+                       hits=[(hit, thumbs(hit.source_uri)) for hit in hits])

@@ -630,19 +630,19 @@ def _page(summary: DemoSummary, demo_model: DemoModel, searches: list[page.Searc
                   f"offline test MAP {summary.model['offline_test_map']} vs ImageNet floor {summary.model['imagenet_floor_map']})"),
         ("total time", f"{summary.seconds['total']:.0f} s"),
     ]
-    per_attribute = page.render_table(
+    per_attribute = page.Table(
         f"Attribute search on held-out images (precision@{k}, one hit per product)",
         ["attribute", f"P@{k} %", "queries", "offline test MAP", "ImageNet floor MAP"],
         [[a.attribute, a.precision_at_k, a.queries, a.offline_map if a.offline_map is not None else "–",
           a.imagenet_floor_map if a.imagenet_floor_map is not None else "–"] for a in summary.per_attribute])
-    confusion = page.render_table(
+    confusion = page.Table(
         "Copy checks (verdict counts)", ["queries", "copy", "near_duplicate", "distinct", "wrong product"],
         [[f"{copy.copies} edited copies of ingested images", copy.copies_confusion.get("copy", 0),
           copy.copies_confusion.get("near_duplicate", 0), copy.copies_confusion.get("distinct", 0),
           copy.copies_confusion.get("wrong_match", 0)],
          [f"{copy.unrelated} unrelated images", copy.unrelated_confusion.get("copy", 0),
           copy.unrelated_confusion.get("near_duplicate", 0), copy.unrelated_confusion.get("distinct", 0), "–"]])
-    timing = page.render_table("Time (seconds)", ["stage", "seconds"], [[k_, v] for k_, v in summary.seconds.items()])
+    timing = page.Table("Time (seconds)", ["stage", "seconds"], [[k_, v] for k_, v in summary.seconds.items()])
     notes = [
         "Every figure on this page was measured by this run on a fresh embedded deployment "
         "(Milvus Lite + SQLite, in-process ingest). Queries are held-out images: not trained on, not ingested.",
