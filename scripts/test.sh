@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit + integration (Milvus Lite, SQLite, PostgreSQL, Redis + Celery
-# workers), the real-data tier when ../shared exists, then the real Milvus server tier.
+# workers), the real-data tier when ../shared exists, then the server-stack tier (a real
+# Milvus server, PostgreSQL, Redis and Celery workers in a loopback-only network namespace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 .venv/bin/python -m pytest -q "$@"
-if [ -f tests/milvus_server_tier.sh ]; then
-  bash tests/milvus_server_tier.sh
-fi
+bash tests/server_stack_tier.sh

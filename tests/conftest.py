@@ -1,8 +1,15 @@
-"""Suite-wide fixtures: where the shared real data lives, and skipping when it is absent."""
+"""Suite-wide fixtures: the shared real data (skipped when absent) and the real Milvus server
+(started only in the loopback-only server-stack tier, ``tests/server_stack_tier.sh``)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +39,67 @@ def shared_dir() -> Path:
         pytest.skip("needs ../shared (or AGMAN_SHARED_DIR): not on this machine")
     return path
 
+
+SERVER_ENV = "AGMAN_TEST_MILVUS_SERVER"
+SERVER_PORT = 19530
+
+
+def _only_loopback() -> bool:
+    """True when this process's network namespace has no interface but ``lo``."""
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    return {line.split(":", 1)[0].strip() for line in lines} <= {"lo"}
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"milvus-server exited early with code {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"milvus-server did not open port {port} within {timeout:.0f} s")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Milvus 2.3.5 standalone, started only in the loopback-only server tier."""
+    if os.environ.get(SERVER_ENV) != "1":
+        pytest.skip(f"set {SERVER_ENV}=1 and run tests/server_stack_tier.sh for the server tier")
+    if not _only_loopback():
+        pytest.fail("refusing to start milvus-server: it binds all interfaces and this network "
+                    "namespace has more than loopback; run tests/server_stack_tier.sh")
+    exe = Path(sys.executable).with_name("milvus-server")
+    if not exe.exists():
+        pytest.skip("milvus-server is not installed (pip install 'milvus==2.3.5')")
+    data = Path(os.environ.get("AGMAN_TEST_MILVUS_DATA") or tmp_path_factory.mktemp("milvus-server"))
+    data.mkdir(parents=True, exist_ok=True)
+    log = open(data / "server.log", "ab")
+    proc = subprocess.Popen([str(exe), "--data", str(data)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(SERVER_PORT, proc, timeout=120)
+        yield f"http://127.0.0.1:{SERVER_PORT}"
+    finally:
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for child in children:  # SIGINT normally takes the child down; never leave an orphan
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        log.close()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The server-stack test tier: a real Milvus server, PostgreSQL and Redis, private to a
+# loopback-only network namespace, with the tests marked `milvus_server` or `server_stack`.
+#
+# milvus==2.3.5 (PyPI, console script `milvus-server`) binds most of its ports on ALL
+# interfaces, so it may only run inside a network namespace that has nothing but loopback.
+# This script creates one (`unshare -n`; needs root), brings `lo` up, starts a throwaway
+# PostgreSQL cluster (127.0.0.1:5432 of the namespace, its own socket dir) and Redis
+# (127.0.0.1:6379, AOF on, as in docker/), then runs pytest there. The session fixture in
+# tests/conftest.py starts the Milvus server on 127.0.0.1:19530 with its data in a fresh
+# directory under /tmp (the first start extracts ~250 MB into it) and stops it with SIGINT.
+# Everything is stopped and removed on exit.
+#
+# Usage: bash tests/server_stack_tier.sh [extra pytest args]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+if [ ! -x "$(dirname "$PYTHON")/milvus-server" ]; then
+  echo "milvus-server not found next to $PYTHON; install the dev extra (milvus==2.3.5)" >&2
+  exit 2
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "server-stack tier: needs root (a network namespace, and PostgreSQL run as its own user)" >&2
+  exit 2
+fi
+PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+if [ -z "$PGBIN" ] || ! command -v redis-server >/dev/null; then
+  echo "server-stack tier: needs PostgreSQL and redis-server installed (scripts/services.sh)" >&2
+  exit 2
+fi
+
+WORK="$(mktemp -d /tmp/agman-server-stack-XXXXXX)"
+chown postgres "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+
+cd "$ROOT"
+unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
+  set -euo pipefail
+  ip link set lo up
+  runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust -E UTF8 \
+    --no-locale >/dev/null
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p 5432 -k $WORK" start >/dev/null
+  mkdir -p "$WORK/redis"
+  redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly yes --daemonize yes \
+    --dir "$WORK/redis" --pidfile "$WORK/redis/redis.pid" --logfile "$WORK/redis/redis.log"
+  stop() {
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null || true
+    [ -f "$WORK/redis/redis.pid" ] && kill "$(cat "$WORK/redis/redis.pid")" 2>/dev/null || true
+  }
+  trap stop EXIT
+  export AGMAN_TEST_MILVUS_SERVER=1 AGMAN_TEST_SERVER_STACK=1 AGMAN_TEST_MILVUS_DATA="$WORK/milvus"
+  export AGMAN_TEST_PG_ADMIN=postgresql://postgres@127.0.0.1:5432/postgres
+  export AGMAN_TEST_REDIS_URL=redis://127.0.0.1:6379/0
+  "$PYTHON" -m pytest -m "milvus_server or server_stack" tests/integration tests/e2e -q \
+    -p no:cacheprovider "$@"
+' bash "$@"
