@@ -79,8 +79,8 @@ def reconcile(
         )
     report = ReconcileReport(active_version=active_version, dry_run=dry_run)
 
-    live = {image_id for image_id, _ in catalog.iter_image_ids(LIVE_STATUSES)}
-    indexed: dict[int, str | None] = dict(catalog.iter_image_ids(ImageStatus.indexed))
+    live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
+    indexed: dict[int, str | None] = dict(catalog.images.iter_ids(ImageStatus.indexed))
     report.indexed_rows = len(indexed)
     report.stale_rows = sorted(i for i, v in indexed.items() if v != active_version)
 
@@ -129,7 +129,7 @@ def reconcile(
         return report
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        catalog.mark_pending(batch)
+        catalog.images.mark_pending(batch)
         reembed(batch)
         report.reembedded += len(batch)
     return report
