@@ -84,7 +84,7 @@ def reconcile(
     report.indexed_rows = len(indexed)
     report.stale_rows = sorted(i for i, v in indexed.items() if v != active_version)
 
-    existing = set(vectors.client.list_collections())
+    existing = vectors.existing_collections()
     current_ids = {i for i, v in indexed.items() if v == active_version}
     missing: set[int] = set()
     for label, name in vectors.collection_names().items():
@@ -112,11 +112,8 @@ def reconcile(
 
     for label, name in vectors.collection_names().items():
         doomed = report.orphan_vectors[label] + report.stale_vectors[label]
-        for start in range(0, len(doomed), batch_size):
-            vectors.client.delete(name, ids=doomed[start:start + batch_size])
-        if doomed:
-            vectors.deployment.after_write(vectors.client, name)
-            report.deleted_vectors += len(doomed)
+        vectors.delete_from(name, doomed, batch_size)
+        report.deleted_vectors += len(doomed)
 
     todo = sorted(set(report.missing_vectors) | set(report.stale_rows))
     if not todo:
