@@ -451,7 +451,8 @@ class VectorStore:
         if not image_ids:
             return
         for start in range(0, len(image_ids), batch_size):
-            self.client.delete(collection, ids=[int(i) for i in image_ids[start:start + batch_size]])
+            ids = [int(i) for i in image_ids[start:start + batch_size]]
+            self._on_loaded(collection, lambda: self.client.delete(collection, ids=ids))
         self.deployment.after_write(self.client, collection)
 
     def delete_product(self, product_id: int) -> None:
