@@ -26,10 +26,7 @@ from agman_milvus.usecases.reports import ScreeningReport, export_report, load_s
 from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
 from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 
-__all__ = [
-    "ERROR", "ScreeningJobHandle", "create_job", "query_references",
-    "run_job", "start_thread",
-]
+__all__ = ["ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_job", "start_thread"]
 
 log = logging.getLogger(__name__)
 
