@@ -12,7 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agman_milvus.core.config import Settings
-from agman_milvus.services.store.catalog import Catalog, CatalogError, ImageStatus, open_catalog
+from agman_milvus.services.store.catalog import (
+    Catalog,
+    CatalogError,
+    ImageStatus,
+    JobNotFoundError,
+    JobStatus,
+    open_catalog,
+)
 from agman_milvus.services.store.migrate import CatalogNotMigratedError
 from agman_milvus.services.store.tables import Image, Product
 
@@ -154,6 +161,78 @@ def test_model_registry(catalog: Catalog) -> None:
     assert active is not None and active.version == "v2" and active.attribute_schema == schema
     with pytest.raises(CatalogError, match="not registered"):
         catalog.model_versions.set_active("v3")
+
+
+def test_indexed_ids_and_sources(catalog: Catalog) -> None:
+    pid = catalog.products.upsert("sku-1").id
+    other = catalog.products.upsert("sku-2").id
+    with_uri = catalog.images.add(pid, sha(1), source_uri="file:///1.jpg")[0].id
+    without_uri = catalog.images.add(pid, sha(2))[0].id
+    pending = catalog.images.add(pid, sha(3), source_uri="file:///3.jpg")[0].id
+    elsewhere = catalog.images.add(other, sha(4), source_uri="file:///4.jpg")[0].id
+    catalog.images.mark_indexed([without_uri, with_uri, elsewhere], "v1")
+
+    assert catalog.images.indexed_ids(pid) == sorted([with_uri, without_uri])
+    assert pending not in catalog.images.indexed_ids(pid)
+    assert sorted(catalog.images.indexed_sources()) == [
+        (with_uri, pid, "file:///1.jpg"), (elsewhere, other, "file:///4.jpg")]
+
+
+def test_switch_model_activates_and_restamps_live_images_together(catalog: Catalog) -> None:
+    for version in ("v1", "v2"):
+        catalog.model_versions.register(version, name="agman", backbone="mobilenet_v2",
+                                        attribute_schema={}, embed_dim=4, descriptor_dim=4)
+    catalog.model_versions.set_active("v1")
+    pid = catalog.products.upsert("sku").id
+    indexed, pending, failed = (catalog.images.add(pid, sha(i))[0].id for i in range(3))
+    deleted = catalog.images.add(catalog.products.upsert("gone").id, sha(9))[0].id
+    catalog.images.mark_indexed([indexed, deleted], "v1")
+    catalog.images.mark_failed(failed, "broken")
+    catalog.products.soft_delete("gone")
+
+    with pytest.raises(CatalogError, match="not registered"):
+        catalog.model_versions.switch("v3", [indexed, pending])
+    assert catalog.model_versions.active().version == "v1"  # type: ignore[union-attr]
+
+    assert catalog.model_versions.switch("v2", [indexed, pending, failed, deleted]) == 2
+    assert catalog.model_versions.active().version == "v2"  # type: ignore[union-attr]
+    rows = catalog.images.get_many([indexed, pending, failed, deleted])
+    assert {i: (r.status, r.model_version) for i, r in rows.items()} == {
+        indexed: (ImageStatus.indexed, "v2"), pending: (ImageStatus.indexed, "v2"),
+        failed: (ImageStatus.failed, None), deleted: (ImageStatus.deleted, "v1"),
+    }
+
+
+def test_screening_job_lifecycle(catalog: Catalog) -> None:
+    jobs = catalog.screening_jobs
+    job_id = jobs.create(3, {"queries": ["a", "b", "c"], "top_k": 2})
+    job = jobs.get(job_id)
+    assert (job.status, job.done, job.total, job.params["top_k"]) == (JobStatus.queued, 0, 3, 2)
+
+    jobs.start(job_id)
+    first = [{"query_ref": "a", "matched_image_id": None, "matched_product_id": None,
+              "verdict": "copy", "score": 0.9, "evidence": {"rank": 1}}]
+    jobs.record_batch(job_id, ["a", "b"], first, done=2)
+    again = [{**first[0], "score": 0.8}, {**first[0], "query_ref": "b", "verdict": "error",
+                                           "score": 0.0, "evidence": {"error": "unreadable"}}]
+    jobs.record_batch(job_id, ["a", "b"], again, done=2)  # a redelivered batch replaces its rows
+    assert [(m.query_ref, m.score) for m in jobs.matches(job_id)] == [("a", 0.8), ("b", 0.0)]
+    assert jobs.get(job_id).status == JobStatus.running and jobs.get(job_id).done == 2
+
+    jobs.fail(job_id, "RuntimeError: " + "x" * 5000)
+    failed = jobs.get(job_id)
+    assert failed.status == JobStatus.failed and len(failed.error or "") == 4000
+    assert failed.finished_at is not None
+    jobs.start(job_id)
+    assert jobs.get(job_id).error is None
+    jobs.finish(job_id)
+    job, matches = jobs.get_with_matches(job_id)
+    assert job.status == JobStatus.done and [m.query_ref for m in matches] == ["a", "b"]
+
+    with pytest.raises(JobNotFoundError):
+        jobs.get(job_id + 1000)
+    with pytest.raises(JobNotFoundError):
+        jobs.get_with_matches(job_id + 1000)
 
 
 def test_open_catalog_embedded_default_migrates_sqlite(tmp_path: Path) -> None:
