@@ -54,7 +54,7 @@ class IngestHandle:
 
     def refresh(self) -> "IngestHandle":
         """Re-read the status from the catalog."""
-        row = self._client.services.catalog.get_images([self.image_id]).get(self.image_id)
+        row = self._client.services.catalog.images.get_many([self.image_id]).get(self.image_id)
         if row is None:
             raise LookupError(f"image {self.image_id} is no longer in the catalog")
         self.status, self.reason, self.model_version = row.status.value, row.failure_reason, row.model_version
@@ -153,10 +153,10 @@ class Client:
 
     def status(self, image_id: int) -> IngestHandle:
         """The current state of image ``image_id``."""
-        row = self.services.catalog.get_images([image_id]).get(image_id)
+        row = self.services.catalog.images.get_many([image_id]).get(image_id)
         if row is None:
             raise LookupError(f"no image with id {image_id}")
-        info = self.services.catalog.image_info([image_id])[image_id]
+        info = self.services.catalog.images.info([image_id])[image_id]
         handle = IngestHandle(self, image_id, info.external_id, row.status, row.failure_reason,
                               duplicate=False)
         handle.model_version = row.model_version

@@ -119,7 +119,7 @@ class Services:
             self._check_fork()
             if self._vectors is not None:
                 return self._vectors
-        record = self.catalog.active_model()
+        record = self.catalog.model_versions.active()
         if record is None:
             return None
         from agman_milvus.core.schema import AttributeSchema
@@ -137,16 +137,16 @@ class Services:
         model = emb.model
         catalog = self.catalog
         checkpoint = self.settings.resolved_checkpoint
-        catalog.register_model(
+        catalog.model_versions.register(
             emb.version, name=str(getattr(model, "model_name", "unknown")),
             backbone=str(getattr(model, "backbone_name", "unknown")),
             attribute_schema=emb.schema.to_json(), embed_dim=emb.embed_dim,
             descriptor_dim=emb.descriptor_dim,
             checkpoint_path=str(checkpoint) if checkpoint is not None else None,
         )
-        active = catalog.active_model()
+        active = catalog.model_versions.active()
         if active is None:
-            catalog.set_active_model(emb.version)
+            catalog.model_versions.set_active(emb.version)
             logger.info("model version %s registered and made active", emb.version)
         elif active.version != emb.version:
             logger.warning(

@@ -135,7 +135,7 @@ class BulkSummary:
 
 def count_statuses(catalog: Catalog, image_ids: Sequence[int]) -> Counter[str]:
     """How many of ``image_ids`` are in each status."""
-    rows = catalog.get_images(image_ids)
+    rows = catalog.images.get_many(image_ids)
     return Counter(r.status.value for r in rows.values())
 
 
@@ -233,7 +233,7 @@ def bulk_ingest(
     summary.indexed = counts["indexed"]
     summary.failed = counts["failed"]
     summary.pending = counts["pending"]
-    for image_id, row in catalog.get_images(todo).items():
+    for image_id, row in catalog.images.get_many(todo).items():
         if row.status == ImageStatus.failed and len(summary.failures) < 100:
             summary.failures[image_id] = row.failure_reason or ""
     dispatched = set(todo)

@@ -47,8 +47,8 @@ from agman_milvus.core.config import Settings
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
-from agman_milvus.usecases.search import UseCase, load_query_image
-from agman_milvus.services.store.catalog import Catalog, ImageStatus
+from agman_milvus.usecases.base import UseCase, load_query_image
+from agman_milvus.services.store.catalog import Catalog, ImageStatus, IndexedSource
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
 
 __all__ = [
@@ -241,7 +241,7 @@ class CopyChecker(UseCase):
         for n, (image, hits) in enumerate(zip(images, raw)):
             skip = exclude[n] if exclude else set()
             hits = [h for h in hits if h.image_id not in skip]
-            infos = self.catalog.image_info([h.image_id for h in hits])
+            infos = self.catalog.images.info([h.image_id for h in hits])
             hits = [h for h in hits if (i := infos.get(h.image_id)) is not None
                     and i.status == ImageStatus.indexed and not i.product_deleted]
             background = hits[min(NORM_K, len(hits)) - 1].score if len(hits) > 1 else 0.0
@@ -253,7 +253,7 @@ class CopyChecker(UseCase):
     def _verify(self, query: "_Query", candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
         t = self.thresholds
         ids = [h.image_id for h, _, _ in candidates]
-        rows = self.catalog.get_images(ids)
+        rows = self.catalog.images.get_many(ids)
         stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
         matches = []
         for hit, score, info in candidates:
@@ -448,18 +448,10 @@ class CalibrationResult:
                 "micro_ap": self.micro_ap}
 
 
-def _sample_indexed(catalog: Catalog, n: int, rng: random.Random) -> list[tuple[int, int, str]]:
-    from sqlalchemy import select
-
-    from agman_milvus.services.store.tables import Image as ImageRow
-
-    with catalog.session() as s:
-        rows = s.execute(select(ImageRow.id, ImageRow.product_id, ImageRow.source_uri)
-                         .where(ImageRow.status == ImageStatus.indexed,
-                                ImageRow.source_uri.is_not(None))).all()
-    rows = [tuple(r) for r in rows]
+def _sample_indexed(catalog: Catalog, n: int, rng: random.Random) -> list[IndexedSource]:
+    rows = catalog.images.indexed_sources()
     rng.shuffle(rows)
-    return rows[:n]  # type: ignore[return-value]
+    return rows[:n]
 
 
 def calibrate(
@@ -515,7 +507,7 @@ def calibrate(
                 held.append(picks[i][1] if held_out else None)
         scored = checker.score_candidates(queries, top_k, exclude)
         for q, cands, target, held_product in zip(scored.queries, scored.candidates, targets, held):
-            rows = checker.catalog.get_images([h.image_id for h, _, _ in cands])
+            rows = checker.catalog.images.get_many([h.image_id for h, _, _ in cands])
             for hit, score, _ in cands:
                 if hit.product_id == held_product:
                     continue  # another photo of the held-out product: neither copy nor distinct

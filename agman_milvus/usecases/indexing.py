@@ -93,7 +93,7 @@ def vector_rows(
 
 def _record_features(catalog: Catalog, decoded: Sequence[Decoded]) -> None:
     """Store width, height and perceptual hash of decoded images."""
-    catalog.record_features(ImageFeatures(d.image_id, d.width, d.height, d.phash) for d in decoded)
+    catalog.images.record_features(ImageFeatures(d.image_id, d.width, d.height, d.phash) for d in decoded)
 
 
 class _Batch:
@@ -117,7 +117,7 @@ def _batches(
 
     def make(ids: list[int]) -> _Batch | None:
         nonlocal number
-        rows = catalog.get_images(ids)
+        rows = catalog.images.get_many(ids)
         todo = []
         for image_id in ids:
             row = rows.get(image_id)
@@ -186,7 +186,7 @@ def index_images(
     def write(batch: _Batch, ok: list[Decoded], embeddings: np.ndarray, descriptors: np.ndarray) -> IndexReport:
         t0 = time.perf_counter()
         part = IndexReport(batches=1, model_version=version)
-        info = catalog.image_info([d.image_id for d in ok])
+        info = catalog.images.info([d.image_id for d in ok])
         keep = [j for j, d in enumerate(ok) if d.image_id in info
                 and info[d.image_id].status != ImageStatus.deleted
                 and not info[d.image_id].product_deleted]
@@ -194,15 +194,15 @@ def index_images(
         written = [ok[j] for j in keep]
         _record_features(catalog, written)
         ids = [d.image_id for d in written]
-        catalog.mark_indexed(ids, version)
+        catalog.images.mark_indexed(ids, version)
         # An image deleted while we embedded it: its row stayed deleted, drop the fresh vectors.
-        gone = [i for i, r in catalog.get_images(ids).items() if r.status == ImageStatus.deleted]
+        gone = [i for i, r in catalog.images.get_many(ids).items() if r.status == ImageStatus.deleted]
         if gone:
             vectors.delete_images(gone)
             logger.info("batch %d: %d images were deleted meanwhile; vectors removed", batch.number, len(gone))
         for d in batch.decoded:
             if d.failure is not None:
-                catalog.mark_failed(d.image_id, d.failure)
+                catalog.images.mark_failed(d.image_id, d.failure)
                 part.failed[d.image_id] = d.failure
         gone_set, keep_set = set(gone), set(keep)
         part.indexed = [i for i in ids if i not in gone_set]

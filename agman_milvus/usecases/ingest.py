@@ -26,9 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from agman_milvus.services.blobs import BlobStore, InvalidBlobIdError, is_blob_uri, parse_blob_uri
 from agman_milvus.core.config import Settings
@@ -36,8 +33,13 @@ from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
 from agman_milvus.usecases.row_decoding import failure_text
 from agman_milvus.usecases.indexing import IndexReport, index_images
 from agman_milvus.services.container import Services, get_services
-from agman_milvus.services.store.catalog import PRODUCT_FIELDS, CatalogError, ImageStatus, Product
-from agman_milvus.services.store.tables import Image
+from agman_milvus.services.store.catalog import (
+    PRODUCT_FIELDS,
+    TRANSIENT_SQL_ERRORS,
+    CatalogError,
+    ImageStatus,
+    Product,
+)
 from agman_milvus.services.store.vectors import COPY, VectorRow
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
     return (
         MilvusException,  # Milvus unavailable, timeouts, server-side errors
-        OperationalError,  # database connection lost, server restarting, lock timeouts
-        InterfaceError,  # database connection closed under us
-        PoolTimeoutError,  # connection pool exhausted
+        *TRANSIENT_SQL_ERRORS,  # database connection lost or closed, lock or pool timeouts
         ConnectionError,  # sockets refused/reset (Redis, gRPC plumbing)
         TimeoutError,
     )
@@ -165,32 +165,24 @@ def register_image(
     """
     catalog = services.catalog
     source = _resolve_source(image, services.blobs, services.settings)
-    before = _product_state(catalog.get_product(product_id)) if metadata else None
-    product = catalog.upsert_product(product_id, metadata)
+    before = _product_state(catalog.products.get(product_id)) if metadata else None
+    product = catalog.products.upsert(product_id, metadata)
     if before is not None and before != _product_state(product):
-        refresh_metadata(_indexed_images(services, product.id), services)
-    row, created = catalog.add_image(product.id, source.sha256, source_uri=source.source_uri)
+        refresh_metadata(catalog.images.indexed_ids(product.id), services)
+    row, created = catalog.images.add(product.id, source.sha256, source_uri=source.source_uri)
     status, reason, needs = row.status, row.failure_reason, False
     if source.error is not None:
-        catalog.mark_failed(row.id, source.error)
+        catalog.images.mark_failed(row.id, source.error)
         status, reason = ImageStatus.failed, source.error
     elif row.status == ImageStatus.pending:
         needs = True
     elif row.status == ImageStatus.failed and not created:
-        catalog.mark_pending([row.id])
+        catalog.images.mark_pending([row.id])
         status, reason, needs = ImageStatus.pending, None, True
     return Registration(
         image_id=row.id, product_id=product.id, external_id=product_id, created=created,
         status=status, reason=reason, needs_embedding=needs,
     )
-
-
-def _indexed_images(services: Services, product_sql_id: int) -> list[int]:
-    with services.catalog.sessions() as s:
-        return list(s.scalars(
-            select(Image.id).where(Image.product_id == product_sql_id,
-                                   Image.status == ImageStatus.indexed).order_by(Image.id)
-        ))
 
 
 def refresh_metadata(image_ids: Sequence[int], services: Services) -> int:
@@ -206,7 +198,7 @@ def refresh_metadata(image_ids: Sequence[int], services: Services) -> int:
     store = services.active_vectors()
     if store is None:
         return 0
-    info = services.catalog.image_info(ids)
+    info = services.catalog.images.info(ids)
     labels = [*store.schema.names, COPY]
     stored = {label: store.get_vectors(label, ids) for label in labels}
     rows = []
@@ -236,10 +228,10 @@ def update_product(
     """
     services = services or get_services()
     catalog = services.catalog
-    if catalog.get_product(product_id) is None:
+    if catalog.products.get(product_id) is None:
         raise UnknownProductError(f"no product with id {product_id!r}; ingest an image of it first")
-    product = catalog.upsert_product(product_id, metadata)
-    return refresh_metadata(_indexed_images(services, product.id), services)
+    product = catalog.products.upsert(product_id, metadata)
+    return refresh_metadata(catalog.images.indexed_ids(product.id), services)
 
 
 def delete_product(product_id: str, services: Services | None = None) -> list[int]:
@@ -251,13 +243,13 @@ def delete_product(product_id: str, services: Services | None = None) -> list[in
     """
     services = services or get_services()
     catalog = services.catalog
-    product = catalog.get_product(product_id)
+    product = catalog.products.get(product_id)
     if product is None:
         raise UnknownProductError(f"no product with id {product_id!r}")
     store = services.active_vectors()
     if store is not None:
         store.delete_product(product.id)
-    image_ids = catalog.soft_delete_product(product_id)
+    image_ids = catalog.products.soft_delete(product_id)
     if store is not None and image_ids:
         store.delete_images(image_ids)  # anything written between the two steps
     logger.info("deleted product %s (%d images)", product_id, len(image_ids))

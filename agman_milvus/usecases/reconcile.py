@@ -79,12 +79,12 @@ def reconcile(
         )
     report = ReconcileReport(active_version=active_version, dry_run=dry_run)
 
-    live = {image_id for image_id, _ in catalog.iter_image_ids(LIVE_STATUSES)}
-    indexed: dict[int, str | None] = dict(catalog.iter_image_ids(ImageStatus.indexed))
+    live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
+    indexed: dict[int, str | None] = dict(catalog.images.iter_ids(ImageStatus.indexed))
     report.indexed_rows = len(indexed)
     report.stale_rows = sorted(i for i, v in indexed.items() if v != active_version)
 
-    existing = set(vectors.client.list_collections())
+    existing = vectors.existing_collections()
     current_ids = {i for i, v in indexed.items() if v == active_version}
     missing: set[int] = set()
     for label, name in vectors.collection_names().items():
@@ -112,11 +112,8 @@ def reconcile(
 
     for label, name in vectors.collection_names().items():
         doomed = report.orphan_vectors[label] + report.stale_vectors[label]
-        for start in range(0, len(doomed), batch_size):
-            vectors.client.delete(name, ids=doomed[start:start + batch_size])
-        if doomed:
-            vectors.deployment.after_write(vectors.client, name)
-            report.deleted_vectors += len(doomed)
+        vectors.delete_from(name, doomed, batch_size)
+        report.deleted_vectors += len(doomed)
 
     todo = sorted(set(report.missing_vectors) | set(report.stale_rows))
     if not todo:
@@ -129,7 +126,7 @@ def reconcile(
         return report
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        catalog.mark_pending(batch)
+        catalog.images.mark_pending(batch)
         reembed(batch)
         report.reembedded += len(batch)
     return report

@@ -123,7 +123,7 @@ def _reindex(
     settings = services.settings
     embedder = _embedder(services, checkpoint)
     catalog = services.catalog
-    old = catalog.active_model()
+    old = catalog.model_versions.active()
     new_version = embedder.version
     report = ReindexReport(old_version=old.version if old else None, new_version=new_version)
     store = VectorStore.from_settings(
@@ -141,7 +141,7 @@ def _reindex(
     store.ensure_collections()  # never activates while another version is active
     model = embedder.model
     source = checkpoint if checkpoint is not None else settings.checkpoint
-    catalog.register_model(
+    catalog.model_versions.register(
         new_version, name=str(getattr(model, "model_name", "unknown")),
         backbone=str(getattr(model, "backbone_name", "unknown")),
         attribute_schema=embedder.schema.to_json(), embed_dim=embedder.embed_dim,
@@ -173,8 +173,8 @@ def _reindex(
         return report
 
     for image_id in sorted(missing & report.failed.keys()):
-        catalog.mark_failed(image_id, f"{report.failed[image_id]} (model {new_version})")
-    report.switched_rows = catalog.switch_model(new_version, sorted(state.finished))
+        catalog.images.mark_failed(image_id, f"{report.failed[image_id]} (model {new_version})")
+    report.switched_rows = catalog.model_versions.switch(new_version, sorted(state.finished))
     store.activate()
     report.activated = True
     report.left_for_reconcile = sorted(missing - report.failed.keys())
@@ -219,7 +219,7 @@ def _scan(store: VectorStore, name: str, fields: Sequence[str]) -> Iterator[dict
 
 def _compare(store: VectorStore, catalog: Catalog) -> _State:
     """Which live images the new version has finished (all collections, current metadata)."""
-    live = {image_id for image_id, _ in catalog.iter_image_ids(LIVE_STATUSES)}
+    live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
     everywhere: set[int] | None = None
     anywhere: set[int] = set()
     stored_meta: dict[int, dict[str, Any]] = {}
@@ -234,7 +234,7 @@ def _compare(store: VectorStore, catalog: Catalog) -> _State:
         anywhere |= ids
         everywhere = ids if everywhere is None else everywhere & ids
     finished = (everywhere or set()) & live
-    info = catalog.image_info(sorted(finished))
+    info = catalog.images.info(sorted(finished))
     for image_id in list(finished):
         meta = info.get(image_id)
         if meta is None or meta.product_deleted:
@@ -275,7 +275,7 @@ def _embed(
                                 settings=settings, preprocess=preprocess)
 
     def submit(pool: ThreadPoolExecutor, ids: Sequence[int]) -> list[Future[Decoded]]:
-        rows = catalog.get_images(ids)
+        rows = catalog.images.get_many(ids)
         return [pool.submit(decode, r.id, r.sha256, r.source_uri) for i in ids
                 if (r := rows.get(i)) is not None and r.status in LIVE_STATUSES]
 
@@ -312,12 +312,12 @@ def _write(
     embeddings: Any, descriptors: Any,
 ) -> list[int]:
     """Upsert the batch's live images; undo images deleted while they were embedded."""
-    info = catalog.image_info([d.image_id for d in ok])
+    info = catalog.images.info([d.image_id for d in ok])
     keep = [j for j, d in enumerate(ok) if (m := info.get(d.image_id)) is not None
             and m.status in LIVE_STATUSES and not m.product_deleted]
     store.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
     ids = [ok[j].image_id for j in keep]
-    rows = catalog.get_images(ids)
+    rows = catalog.images.get_many(ids)
     gone = [i for i in ids if i not in rows or rows[i].status == ImageStatus.deleted]
     _delete_from(store, gone)
     gone_set = set(gone)

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import select
 
 from agman_milvus.services.store.catalog import Catalog
-from agman_milvus.services.store.tables import ScreeningJob, ScreeningMatch
 from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 
 __all__ = [
@@ -78,15 +76,8 @@ class ScreeningReport:
 
 
 def load_screening_report(catalog: Catalog, job_id: int) -> ScreeningReport:
-    """The job and its matches, best first within each query."""
-    with catalog.session() as s:
-        job = s.get(ScreeningJob, job_id)
-        if job is None:
-            from agman_milvus.usecases.screening import JobNotFoundError
-
-            raise JobNotFoundError(f"no screening job {job_id}")
-        matches = list(s.scalars(select(ScreeningMatch).where(ScreeningMatch.job_id == job_id)
-                                 .order_by(ScreeningMatch.id)))
+    """The job and its matches, best first within each query (``JobNotFoundError`` if none)."""
+    job, matches = catalog.screening_jobs.get_with_matches(job_id)
     order = {ref: i for i, ref in enumerate(job.params.get("queries", []))}
     rows = []
     for m in matches:

@@ -15,35 +15,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import delete, select, update
 
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
+from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
-from agman_milvus.services.store.catalog import Catalog
-from agman_milvus.services.store.tables import JobStatus, ScreeningJob, ScreeningMatch
+from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 
-__all__ = [
-    "ERROR", "JobNotFoundError", "ScreeningJobHandle", "create_job", "query_references",
-    "run_job", "start_thread",
-]
+__all__ = ["ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_job", "start_thread"]
 
 log = logging.getLogger(__name__)
 
 ERROR = "error"
-
-
-class JobNotFoundError(LookupError):
-    """No screening job with that id."""
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def query_references(images: Sequence[ImageSource], blobs: BlobStore) -> list[str]:
@@ -66,20 +53,8 @@ def create_job(catalog: Catalog, refs: Sequence[str], *, top_k: int = 5, **param
     """Record a queued job over ``refs``; returns its id."""
     if not refs:
         raise ValueError("a screening job needs at least one image")
-    with catalog.sessions.begin() as s:
-        job = ScreeningJob(status=JobStatus.queued, total=len(refs), done=0,
-                           params={"queries": list(refs), "top_k": int(top_k), **params})
-        s.add(job)
-        s.flush()
-        return int(job.id)
-
-
-def _get(catalog: Catalog, job_id: int) -> ScreeningJob:
-    with catalog.session() as s:
-        job = s.get(ScreeningJob, job_id)
-    if job is None:
-        raise JobNotFoundError(f"no screening job {job_id}")
-    return job
+    return catalog.screening_jobs.create(
+        len(refs), {"queries": list(refs), "top_k": int(top_k), **params})
 
 
 def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = 16) -> ScreeningJob:
@@ -89,37 +64,25 @@ def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = 16) -> Scree
     new ones and advances ``done`` in one transaction. An unexpected error marks the job
     failed (with the message) and is re-raised.
     """
-    catalog = checker.catalog
-    job = _get(catalog, job_id)
+    jobs = checker.catalog.screening_jobs
+    job = jobs.get(job_id)
     if job.status == JobStatus.done:
         return job
     refs: list[str] = list(job.params.get("queries", []))
     top_k = int(job.params.get("top_k", 5))
-    with catalog.sessions.begin() as s:
-        s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
-                  .values(status=JobStatus.running, error=None))
+    jobs.start(job_id)
     try:
         for start in range(job.done, len(refs), batch_size):
             batch = refs[start:start + batch_size]
             rows = _screen_batch(checker, batch, top_k)
-            with catalog.sessions.begin() as s:
-                s.execute(delete(ScreeningMatch).where(
-                    ScreeningMatch.job_id == job_id, ScreeningMatch.query_ref.in_(batch)))
-                s.add_all([ScreeningMatch(job_id=job_id, **row) for row in rows])
-                s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
-                          .values(done=start + len(batch)))
+            jobs.record_batch(job_id, batch, rows, done=start + len(batch))
             log.debug("screening job %d: %d/%d", job_id, start + len(batch), len(refs))
     except Exception as exc:
-        with catalog.sessions.begin() as s:
-            s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
-                      .values(status=JobStatus.failed, error=f"{type(exc).__name__}: {exc}"[:4000],
-                              finished_at=_utcnow()))
+        jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
         raise
-    with catalog.sessions.begin() as s:
-        s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
-                  .values(status=JobStatus.done, finished_at=_utcnow()))
+    jobs.finish(job_id)
     log.info("screening job %d finished: %d images", job_id, len(refs))
-    return _get(catalog, job_id)
+    return jobs.get(job_id)
 
 
 def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dict[str, Any]]:
@@ -136,7 +99,7 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
         for rank, match in enumerate(check.matches, start=1):
             if match.verdict == DISTINCT:
                 continue
-            info = checker.catalog.image_info([match.image_id]).get(match.image_id)
+            info = checker.catalog.images.info([match.image_id]).get(match.image_id)
             evidence = {
                 "rank": rank, "product_id": match.product_id,
                 "descriptor_similarity": match.descriptor_similarity,
@@ -176,13 +139,13 @@ class ScreeningJobHandle:
         self.id = int(job_id)
         self._loader = loader
         self._thread = thread
-        self._row = _get(catalog, self.id)
+        self._row = catalog.screening_jobs.get(self.id)
 
     def __repr__(self) -> str:
         return f"ScreeningJobHandle(id={self.id}, status={self.status!r}, done={self.done}/{self.total})"
 
     def refresh(self) -> "ScreeningJobHandle":
-        self._row = _get(self.catalog, self.id)
+        self._row = self.catalog.screening_jobs.get(self.id)
         return self
 
     @property
@@ -220,17 +183,11 @@ class ScreeningJobHandle:
         return self
 
     def matches(self) -> list[ScreeningMatch]:
-        with self.catalog.session() as s:
-            return list(s.scalars(select(ScreeningMatch).where(ScreeningMatch.job_id == self.id)
-                                  .order_by(ScreeningMatch.id)))
+        return self.catalog.screening_jobs.matches(self.id)
 
-    def report(self):  # noqa: ANN201 - reports.ScreeningReport
-        from agman_milvus.usecases.reports import load_screening_report
-
+    def report(self) -> ScreeningReport:
         return load_screening_report(self.catalog, self.id)
 
     def export(self, path: str | Path, fmt: str | None = None) -> Path:
         """Write the report as CSV, JSON or HTML (by ``fmt`` or the file suffix)."""
-        from agman_milvus.usecases.reports import export_report
-
         return export_report(self.report(), Path(path), fmt, loader=self._loader)

@@ -12,22 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
-from agman_milvus.services.blobs import BlobStore, is_blob_uri
-from agman_milvus.core.config import Settings
-from agman_milvus.services.embedding import Embedder
-from agman_milvus.core.images import ImageSource, decode_image_bytes
-from agman_milvus.services.fetch import load_image
-from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus
+from agman_milvus.core.images import ImageSource
+from agman_milvus.services.store.catalog import ImageInfo, ImageStatus
 from agman_milvus.services.store.filters import FilterValue
-from agman_milvus.services.store.vectors import MAX_TOP_K, Hit, VectorStore
+from agman_milvus.services.store.vectors import MAX_TOP_K, Hit
+from agman_milvus.usecases.base import UseCase, load_query_image
 
 __all__ = [
-    "Filters", "Fusion", "ProductNotFoundError", "SearchHit", "SearchService", "load_query_image",
+    "Filters", "Fusion", "ProductNotFoundError", "SearchHit", "SearchService",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,44 +60,8 @@ class SearchHit:
                 "scores": dict(self.scores)}
 
 
-def load_query_image(
-    source: ImageSource, *, settings: Settings | None = None, blobs: BlobStore | None = None
-) -> Image.Image:
-    """Decode a query: path, ``file://``/``http(s)://`` URI, bytes, PIL image or ``blob://``."""
-    if is_blob_uri(source):
-        if blobs is None:
-            raise ValueError(f"cannot read {source}: no blob store configured")
-        return decode_image_bytes(blobs.open_uri(str(source)), settings=settings, source=str(source))
-    return load_image(source, settings=settings)
-
-
 def _live(info: ImageInfo | None) -> bool:
     return info is not None and info.status == ImageStatus.indexed and not info.product_deleted
-
-
-class UseCase:
-    """The services a use case works with: the model, Milvus, the SQL catalog (and blobs)."""
-
-    def __init__(
-        self,
-        embedder: Embedder,
-        vectors: VectorStore,
-        catalog: Catalog,
-        *,
-        settings: Settings | None = None,
-        blobs: BlobStore | None = None,
-    ) -> None:
-        self.embedder = embedder
-        self.vectors = vectors
-        self.catalog = catalog
-        self.settings = settings
-        self.blobs = blobs
-
-    @classmethod
-    def from_services(cls, services: Any) -> Self:
-        """Built from a :class:`agman_milvus.services.container.Services`."""
-        return cls(services.embedder, services.vectors, services.catalog,
-                   settings=services.settings, blobs=services.blobs)
 
 
 class SearchService(UseCase):
@@ -150,7 +111,7 @@ class SearchService(UseCase):
                         best[hit.product_id] = hit
             ranked = sorted((h for h in best.values() if h.product_id not in excluded),
                             key=lambda h: -h.score)
-            infos = self.catalog.image_info([h.image_id for h in ranked])
+            infos = self.catalog.images.info([h.image_id for h in ranked])
             live = [h for h in ranked if _live(infos.get(h.image_id))]
             if len(live) >= top_k or exhausted or limit >= MAX_TOP_K:
                 if len(live) < len(ranked):
@@ -169,10 +130,10 @@ class SearchService(UseCase):
         """
         attr = self.schema[self.schema.resolve(attribute)].name
         _check_top_k(top_k)
-        product = self.catalog.get_product(product_id)
+        product = self.catalog.products.get(product_id)
         if product is None or product.deleted:
             raise ProductNotFoundError(f"no product with id {product_id!r}")
-        image_ids = self._indexed_images(product.id)
+        image_ids = self.catalog.images.indexed_ids(product.id)
         stored = self.vectors.get_vectors(attr, image_ids)
         if not stored:
             raise ProductNotFoundError(
@@ -180,15 +141,6 @@ class SearchService(UseCase):
             )
         return self.search_vectors(attr, list(stored.values()), top_k, filters,
                                    exclude_products=[product.id])
-
-    def _indexed_images(self, product_pk: int) -> list[int]:
-        from sqlalchemy import select
-
-        from agman_milvus.services.store.tables import Image as ImageRow
-
-        with self.catalog.session() as s:
-            return list(s.scalars(select(ImageRow.id).where(
-                ImageRow.product_id == product_pk, ImageRow.status == ImageStatus.indexed)))
 
     # -- several attributes ----------------------------------------------------------------------
     def search_multi(
@@ -245,7 +197,7 @@ class SearchService(UseCase):
                 for h in hits:
                     sims.setdefault(h.image_id, {})[a] = h.score
                     product_of[h.image_id] = h.product_id
-            infos = self.catalog.image_info(list(sims))
+            infos = self.catalog.images.info(list(sims))
             live = {i for i in sims if _live(infos.get(i))}
             for a, q in queries.items():
                 missing = [i for i in live if a not in sims[i]]

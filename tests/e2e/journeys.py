@@ -108,7 +108,7 @@ def reconcile(d: Deployment, cat: Catalogue) -> None:
         "import sys\n"
         "from agman_milvus import Client\n"
         "services = Client().services\n"
-        "product = services.catalog.get_product(sys.argv[1])\n"
+        "product = services.catalog.products.get(sys.argv[1])\n"
         "services.vectors.delete_product(product.id)\n",
         QUERY,
     )

@@ -83,7 +83,7 @@ def pg_catalog_url(pg_databases: PostgresDatabases) -> str:
 def _truncate_all(url: str) -> None:
     from sqlalchemy import text
 
-    from agman_milvus.services.store.catalog import create_catalog_engine
+    from agman_milvus.services.store.engine import create_catalog_engine
     from agman_milvus.services.store.tables import Base
 
     engine = create_catalog_engine(url)
@@ -109,7 +109,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
-    from agman_milvus.services.store.catalog import Catalog, create_catalog_engine
+    from agman_milvus.services.store.catalog import Catalog
+    from agman_milvus.services.store.engine import create_catalog_engine
 
     cat = Catalog(create_catalog_engine(database_url))
     yield cat
@@ -118,7 +119,8 @@ def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
 
 @pytest.fixture
 def sqlite_catalog(tmp_path: Path) -> Iterator["Catalog"]:  # noqa: F821
-    from agman_milvus.services.store.catalog import Catalog, create_catalog_engine
+    from agman_milvus.services.store.catalog import Catalog
+    from agman_milvus.services.store.engine import create_catalog_engine
     from agman_milvus.services.store.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"

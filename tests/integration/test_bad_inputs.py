@@ -73,13 +73,13 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
             catalog = services.catalog
 
             def settled() -> bool:
-                rows = catalog.get_images(todo).values()
+                rows = catalog.images.get_many(todo).values()
                 return all(r.status != ImageStatus.pending for r in rows)
 
             wait_until(settled, 120, poll=0.2, what="the batch to finish")
             assert worker.alive(), worker.log()[-3000:]
 
-            rows = catalog.get_images([r.image_id for r in [*regs.values(), *good]])
+            rows = catalog.images.get_many([r.image_id for r in [*regs.values(), *good]])
             wrong = []
             for case in cases:
                 row = rows[regs[case.name].image_id]
@@ -108,7 +108,7 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
                 np.testing.assert_allclose(copies[image_id], expected.descriptors[j], atol=2e-3)
                 assert rows[image_id].width and rows[image_id].height and rows[image_id].phash is not None
 
-            n_indexed = catalog.count_images(ImageStatus.indexed)
+            n_indexed = catalog.images.count(ImageStatus.indexed)
             assert n_indexed == len(indexed) + len(good)
             assert {label: store.count(label) for label in [*store.schema.names, "copy"]} == \
                 dict.fromkeys([*store.schema.names, "copy"], n_indexed)

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from agman_milvus.core.config import Settings
-from agman_milvus.services.store.catalog import Catalog, CatalogError, ImageStatus, open_catalog
+from agman_milvus.services.store.catalog import (
+    Catalog,
+    CatalogError,
+    ImageStatus,
+    JobNotFoundError,
+    JobStatus,
+    open_catalog,
+)
 from agman_milvus.services.store.migrate import CatalogNotMigratedError
 from agman_milvus.services.store.tables import Image, Product
 
@@ -21,47 +29,47 @@ def sha(n: int) -> str:
 
 
 def test_upsert_product_creates_then_updates_metadata(catalog: Catalog) -> None:
-    first = catalog.upsert_product("sku-1", {"title": "Red shirt", "brand": "Acme", "season": "Summer"})
+    first = catalog.products.upsert("sku-1", {"title": "Red shirt", "brand": "Acme", "season": "Summer"})
     assert first.external_id == "sku-1" and first.brand == "Acme"
     assert first.extra == {"season": "Summer"}
 
-    again = catalog.upsert_product("sku-1", {"brand": "Acme Co", "year": 2012, "title": None})
+    again = catalog.products.upsert("sku-1", {"brand": "Acme Co", "year": 2012, "title": None})
     assert again.id == first.id
     assert again.brand == "Acme Co"
     assert again.title == "Red shirt"  # None leaves the stored value alone
     assert again.extra == {"season": "Summer", "year": 2012}
-    with catalog.session() as s:
+    with Session(catalog.engine) as s:
         assert s.scalar(select(func.count()).select_from(Product)) == 1
 
 
 def test_add_image_is_idempotent_per_product(catalog: Catalog) -> None:
-    p1 = catalog.upsert_product("sku-1").id
-    p2 = catalog.upsert_product("sku-2").id
-    image, created = catalog.add_image(p1, sha(1), source_uri="file:///a.jpg", width=8, height=6,
-                                       phash=-(2**63))
+    p1 = catalog.products.upsert("sku-1").id
+    p2 = catalog.products.upsert("sku-2").id
+    image, created = catalog.images.add(p1, sha(1), source_uri="file:///a.jpg", width=8, height=6,
+                                        phash=-(2**63))
     assert created and image.status == ImageStatus.pending and image.phash == -(2**63)
-    again, created_again = catalog.add_image(p1, sha(1), source_uri="file:///other.jpg")
+    again, created_again = catalog.images.add(p1, sha(1), source_uri="file:///other.jpg")
     assert not created_again and again.id == image.id and again.source_uri == "file:///a.jpg"
-    other, created_other = catalog.add_image(p2, sha(1))  # same bytes, another product
+    other, created_other = catalog.images.add(p2, sha(1))  # same bytes, another product
     assert created_other and other.id != image.id
     with pytest.raises(ValueError, match="signed 64-bit"):
-        catalog.add_image(p1, sha(2), phash=2**63)
+        catalog.images.add(p1, sha(2), phash=2**63)
 
 
 def test_add_image_is_race_safe(catalog: Catalog) -> None:
-    product = catalog.upsert_product("sku-race").id
+    product = catalog.products.upsert("sku-race").id
     barrier = threading.Barrier(6)
 
     def add(_: int) -> tuple[int, bool]:
         barrier.wait()
-        image, created = catalog.add_image(product, sha(42))
+        image, created = catalog.images.add(product, sha(42))
         return image.id, created
 
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(add, range(6)))
     assert len({image_id for image_id, _ in results}) == 1
     assert sum(created for _, created in results) == 1
-    with catalog.session() as s:
+    with Session(catalog.engine) as s:
         assert s.scalar(select(func.count()).select_from(Image)) == 1
 
 
@@ -70,7 +78,7 @@ def test_upsert_product_is_race_safe(catalog: Catalog) -> None:
 
     def upsert(i: int) -> int:
         barrier.wait()
-        return catalog.upsert_product("sku-same", {"brand": f"b{i % 2}"}).id
+        return catalog.products.upsert("sku-same", {"brand": f"b{i % 2}"}).id
 
     with ThreadPoolExecutor(6) as pool:
         ids = set(pool.map(upsert, range(6)))
@@ -78,59 +86,60 @@ def test_upsert_product_is_race_safe(catalog: Catalog) -> None:
 
 
 def test_status_transitions_and_listing(catalog: Catalog) -> None:
-    pid = catalog.upsert_product("sku-1").id
-    ids = [catalog.add_image(pid, sha(i))[0].id for i in range(5)]
-    assert [i.id for i in catalog.list_pending(limit=3)] == ids[:3]
+    pid = catalog.products.upsert("sku-1").id
+    ids = [catalog.images.add(pid, sha(i))[0].id for i in range(5)]
+    assert [i.id for i in catalog.images.list_pending(limit=3)] == ids[:3]
 
-    assert catalog.mark_indexed(ids[:2], "v1") == 2
-    catalog.mark_failed(ids[2], "cannot decode: truncated JPEG")
-    catalog.mark_failed(ids[2], "cannot decode: truncated JPEG")
-    rows = catalog.get_images(ids)
+    assert catalog.images.mark_indexed(ids[:2], "v1") == 2
+    catalog.images.mark_failed(ids[2], "cannot decode: truncated JPEG")
+    catalog.images.mark_failed(ids[2], "cannot decode: truncated JPEG")
+    rows = catalog.images.get_many(ids)
     assert rows[ids[0]].status == ImageStatus.indexed and rows[ids[0]].model_version == "v1"
     assert rows[ids[0]].indexed_at is not None
     assert rows[ids[2]].status == ImageStatus.failed
     assert rows[ids[2]].failure_reason == "cannot decode: truncated JPEG"
     assert rows[ids[2]].attempts == 2
-    assert [i.id for i in catalog.list_pending()] == ids[3:]
+    assert [i.id for i in catalog.images.list_pending()] == ids[3:]
 
-    assert list(catalog.iter_image_ids(ImageStatus.indexed, batch_size=1)) == [(ids[0], "v1"), (ids[1], "v1")]
-    assert catalog.count_images(ImageStatus.pending) == 2
+    assert list(catalog.images.iter_ids(ImageStatus.indexed, batch_size=1)) == [(ids[0], "v1"), (ids[1], "v1")]
+    assert catalog.images.count(ImageStatus.pending) == 2
 
-    catalog.mark_pending([ids[0], ids[2]])
-    assert {i.id for i in catalog.list_pending()} == {ids[0], ids[2], ids[3], ids[4]}
-    assert catalog.get_images([ids[2]])[ids[2]].failure_reason is None
+    catalog.images.mark_pending([ids[0], ids[2]])
+    assert {i.id for i in catalog.images.list_pending()} == {ids[0], ids[2], ids[3], ids[4]}
+    assert catalog.images.get_many([ids[2]])[ids[2]].failure_reason is None
 
 
 def test_soft_delete_product(catalog: Catalog) -> None:
-    keep = catalog.upsert_product("keep").id
-    gone = catalog.upsert_product("gone").id
-    kept = catalog.add_image(keep, sha(1))[0].id
-    doomed = [catalog.add_image(gone, sha(i))[0].id for i in (2, 3)]
-    catalog.mark_indexed([kept, *doomed], "v1")
+    keep = catalog.products.upsert("keep").id
+    gone = catalog.products.upsert("gone").id
+    kept = catalog.images.add(keep, sha(1))[0].id
+    doomed = [catalog.images.add(gone, sha(i))[0].id for i in (2, 3)]
+    catalog.images.mark_indexed([kept, *doomed], "v1")
 
-    assert sorted(catalog.soft_delete_product("gone")) == sorted(doomed)
-    rows = catalog.get_images([kept, *doomed])
+    assert sorted(catalog.products.soft_delete("gone")) == sorted(doomed)
+    rows = catalog.images.get_many([kept, *doomed])
     assert rows[kept].status == ImageStatus.indexed
     assert all(rows[i].status == ImageStatus.deleted for i in doomed)
-    product = catalog.get_product("gone")
+    product = catalog.products.get("gone")
     assert product is not None and product.deleted and product.deleted_at is not None
     # deleted rows stay deleted even when a late worker reports them indexed
-    assert catalog.mark_indexed(doomed, "v1") == 0
+    assert catalog.images.mark_indexed(doomed, "v1") == 0
     with pytest.raises(CatalogError, match="no product"):
-        catalog.soft_delete_product("never-existed")
+        catalog.products.soft_delete("never-existed")
 
     # re-ingesting revives the product and the image
-    catalog.upsert_product("gone")
-    image, created = catalog.add_image(gone, sha(2))
+    catalog.products.upsert("gone")
+    image, created = catalog.images.add(gone, sha(2))
     assert not created and image.status == ImageStatus.pending
-    assert not catalog.get_product("gone").deleted  # type: ignore[union-attr]
+    assert not catalog.products.get("gone").deleted  # type: ignore[union-attr]
 
 
 def test_image_info_joins_product_metadata(catalog: Catalog) -> None:
-    pid = catalog.upsert_product("sku-9", {"title": "Blue dress", "brand": "Zeta", "category": "Dress",
-                                           "gender": "Women", "colour": "Blue", "usage": "Party"}).id
-    image_id = catalog.add_image(pid, sha(9), source_uri="s3://bucket/9.jpg")[0].id
-    info = catalog.image_info([image_id, 999_999])
+    pid = catalog.products.upsert("sku-9", {"title": "Blue dress", "brand": "Zeta",
+                                            "category": "Dress", "gender": "Women",
+                                            "colour": "Blue", "usage": "Party"}).id
+    image_id = catalog.images.add(pid, sha(9), source_uri="s3://bucket/9.jpg")[0].id
+    info = catalog.images.info([image_id, 999_999])
     assert list(info) == [image_id]
     row = info[image_id]
     assert (row.external_id, row.brand, row.colour, row.source_uri) == ("sku-9", "Zeta", "Blue", "s3://bucket/9.jpg")
@@ -140,26 +149,98 @@ def test_image_info_joins_product_metadata(catalog: Catalog) -> None:
 def test_model_registry(catalog: Catalog) -> None:
     schema = {"attributes": [{"name": "colour", "values": ["red", "blue"]}]}
     for version in ("v1", "v2"):
-        catalog.register_model(version, name="agman", backbone="mobilenet_v2",
-                               attribute_schema=schema, embed_dim=16, descriptor_dim=24)
-    again = catalog.register_model("v1", name="x", backbone="y", attribute_schema={},
-                                   embed_dim=1, descriptor_dim=1)
+        catalog.model_versions.register(version, name="agman", backbone="mobilenet_v2",
+                                        attribute_schema=schema, embed_dim=16, descriptor_dim=24)
+    again = catalog.model_versions.register("v1", name="x", backbone="y", attribute_schema={},
+                                            embed_dim=1, descriptor_dim=1)
     assert again.name == "agman"  # idempotent: the first registration wins
-    assert catalog.active_model() is None
-    catalog.set_active_model("v1")
-    catalog.set_active_model("v2")
-    active = catalog.active_model()
+    assert catalog.model_versions.active() is None
+    catalog.model_versions.set_active("v1")
+    catalog.model_versions.set_active("v2")
+    active = catalog.model_versions.active()
     assert active is not None and active.version == "v2" and active.attribute_schema == schema
     with pytest.raises(CatalogError, match="not registered"):
-        catalog.set_active_model("v3")
+        catalog.model_versions.set_active("v3")
+
+
+def test_indexed_ids_and_sources(catalog: Catalog) -> None:
+    pid = catalog.products.upsert("sku-1").id
+    other = catalog.products.upsert("sku-2").id
+    with_uri = catalog.images.add(pid, sha(1), source_uri="file:///1.jpg")[0].id
+    without_uri = catalog.images.add(pid, sha(2))[0].id
+    pending = catalog.images.add(pid, sha(3), source_uri="file:///3.jpg")[0].id
+    elsewhere = catalog.images.add(other, sha(4), source_uri="file:///4.jpg")[0].id
+    catalog.images.mark_indexed([without_uri, with_uri, elsewhere], "v1")
+
+    assert catalog.images.indexed_ids(pid) == sorted([with_uri, without_uri])
+    assert pending not in catalog.images.indexed_ids(pid)
+    assert sorted(catalog.images.indexed_sources()) == [
+        (with_uri, pid, "file:///1.jpg"), (elsewhere, other, "file:///4.jpg")]
+
+
+def test_switch_model_activates_and_restamps_live_images_together(catalog: Catalog) -> None:
+    for version in ("v1", "v2"):
+        catalog.model_versions.register(version, name="agman", backbone="mobilenet_v2",
+                                        attribute_schema={}, embed_dim=4, descriptor_dim=4)
+    catalog.model_versions.set_active("v1")
+    pid = catalog.products.upsert("sku").id
+    indexed, pending, failed = (catalog.images.add(pid, sha(i))[0].id for i in range(3))
+    deleted = catalog.images.add(catalog.products.upsert("gone").id, sha(9))[0].id
+    catalog.images.mark_indexed([indexed, deleted], "v1")
+    catalog.images.mark_failed(failed, "broken")
+    catalog.products.soft_delete("gone")
+
+    with pytest.raises(CatalogError, match="not registered"):
+        catalog.model_versions.switch("v3", [indexed, pending])
+    assert catalog.model_versions.active().version == "v1"  # type: ignore[union-attr]
+
+    assert catalog.model_versions.switch("v2", [indexed, pending, failed, deleted]) == 2
+    assert catalog.model_versions.active().version == "v2"  # type: ignore[union-attr]
+    rows = catalog.images.get_many([indexed, pending, failed, deleted])
+    assert {i: (r.status, r.model_version) for i, r in rows.items()} == {
+        indexed: (ImageStatus.indexed, "v2"), pending: (ImageStatus.indexed, "v2"),
+        failed: (ImageStatus.failed, None), deleted: (ImageStatus.deleted, "v1"),
+    }
+
+
+def test_screening_job_lifecycle(catalog: Catalog) -> None:
+    jobs = catalog.screening_jobs
+    job_id = jobs.create(3, {"queries": ["a", "b", "c"], "top_k": 2})
+    job = jobs.get(job_id)
+    assert (job.status, job.done, job.total, job.params["top_k"]) == (JobStatus.queued, 0, 3, 2)
+
+    jobs.start(job_id)
+    first = [{"query_ref": "a", "matched_image_id": None, "matched_product_id": None,
+              "verdict": "copy", "score": 0.9, "evidence": {"rank": 1}}]
+    jobs.record_batch(job_id, ["a", "b"], first, done=2)
+    again = [{**first[0], "score": 0.8}, {**first[0], "query_ref": "b", "verdict": "error",
+                                           "score": 0.0, "evidence": {"error": "unreadable"}}]
+    jobs.record_batch(job_id, ["a", "b"], again, done=2)  # a redelivered batch replaces its rows
+    assert [(m.query_ref, m.score) for m in jobs.matches(job_id)] == [("a", 0.8), ("b", 0.0)]
+    assert jobs.get(job_id).status == JobStatus.running and jobs.get(job_id).done == 2
+
+    jobs.fail(job_id, "RuntimeError: " + "x" * 5000)
+    failed = jobs.get(job_id)
+    assert failed.status == JobStatus.failed and len(failed.error or "") == 4000
+    assert failed.finished_at is not None
+    jobs.start(job_id)
+    assert jobs.get(job_id).error is None
+    jobs.finish(job_id)
+    job, matches = jobs.get_with_matches(job_id)
+    assert job.status == JobStatus.done and [m.query_ref for m in matches] == ["a", "b"]
+
+    with pytest.raises(JobNotFoundError):
+        jobs.get(job_id + 1000)
+    with pytest.raises(JobNotFoundError):
+        jobs.get_with_matches(job_id + 1000)
 
 
 def test_open_catalog_embedded_default_migrates_sqlite(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     catalog = open_catalog(settings)
     try:
-        pid = catalog.upsert_product("sku").id
-        assert catalog.add_image(pid, sha(1))[1]
+        pid = catalog.products.upsert("sku").id
+        assert catalog.images.add(pid, sha(1))[1]
         assert (tmp_path / "data" / "catalog.sqlite").exists()
     finally:
         catalog.dispose()

@@ -73,7 +73,7 @@ def test_ingest_writes_every_collection_with_the_models_vectors(client, tmp_path
         np.testing.assert_allclose(got, expected.embeddings[0, k], atol=1e-4)
     np.testing.assert_allclose(store.get_vectors("copy", [h1.image_id])[h1.image_id],
                                expected.descriptors[0], atol=1e-4)
-    row = services.catalog.get_images([h1.image_id])[h1.image_id]
+    row = services.catalog.images.get_many([h1.image_id])[h1.image_id]
     assert (row.width, row.height) == (48, 40)
     assert row.phash == to_signed64(phash(decode_image_bytes(data)))
     assert row.model_version == services.embedder.version == h1.refresh().model_version
@@ -98,7 +98,7 @@ def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_pa
     # A redelivered task rewrites the same rows (forced, as after a lost acknowledgement).
     report = index_images([first.image_id, first.image_id], client.services, force=True)
     assert report.indexed == [first.image_id]
-    assert client.services.catalog.count_images() == 1
+    assert client.services.catalog.images.count() == 1
     assert _counts(client) == {"colour": 1, "sleeve": 1, "copy": 1}
 
 
@@ -118,7 +118,7 @@ def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Pat
     assert sorted(report.indexed) == sorted(g.image_id for g in good)
     assert report.failed[truncated.image_id].startswith("truncated:")
     assert report.failed[text.image_id].startswith("not_an_image:")
-    rows = services.catalog.get_images(ids)
+    rows = services.catalog.images.get_many(ids)
     assert rows[text.image_id].status == ImageStatus.failed
     assert rows[text.image_id].failure_reason.startswith("not_an_image:")
     assert _counts(client) == {"colour": 5, "sleeve": 5, "copy": 5}
@@ -164,12 +164,12 @@ def test_deleted_while_embedding_leaves_no_vector(client) -> None:
 
     def delete_between_batches(_part) -> None:  # the product is deleted after batch 1 is written
         if not calls:
-            calls.append(services.catalog.soft_delete_product("sku-race"))
+            calls.append(services.catalog.products.soft_delete("sku-race"))
 
     other = [register_image(services, f"sku-x{i}", _jpeg(60 + i)).image_id for i in range(4)]
     report = index_images([*other, reg.image_id], services, on_batch=delete_between_batches)
     assert reg.image_id in report.skipped or reg.image_id not in report.indexed
-    assert services.catalog.get_images([reg.image_id])[reg.image_id].status == ImageStatus.deleted
+    assert services.catalog.images.get_many([reg.image_id])[reg.image_id].status == ImageStatus.deleted
     assert reg.image_id not in services.vectors.get_vectors("colour", [reg.image_id])
     assert _counts(client) == {"colour": 4, "sleeve": 4, "copy": 4}
 
@@ -243,8 +243,8 @@ def test_agman_ingest_manifest_resumes(tmp_path: Path, checkpoint: Path, monkeyp
 
     services = Services(Settings(data_dir=data, checkpoint=checkpoint))
     catalog = services.catalog
-    assert catalog.count_images(ImageStatus.indexed) == 10
-    info = catalog.image_info([1])[1]
+    assert catalog.images.count(ImageStatus.indexed) == 10
+    info = catalog.images.info([1])[1]
     assert (info.external_id, info.title, info.colour, info.category, info.gender) == \
         ("P0", "Shirt 0", "Blue", "Tshirts", "Women")
     counts = {label: services.vectors.count(label) for label in ["colour", "sleeve", "copy"]}

@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 from typer.testing import CliRunner
 
 from agman_milvus.services.store import migrate
-from agman_milvus.services.store.catalog import create_catalog_engine
+from agman_milvus.services.store.engine import create_catalog_engine
 from agman_milvus.services.store.tables import Base
 
 TABLES = {"products", "images", "models", "screening_jobs", "screening_matches"}

@@ -35,14 +35,14 @@ class Embedder:
 
     def __call__(self, image_ids: list[int]) -> None:
         self.calls.append(list(image_ids))
-        images = self.catalog.get_images(image_ids)
+        images = self.catalog.images.get_many(image_ids)
         rows = [
             VectorRow(i, images[i].product_id,
                       {a: vector_for(i, a, DIM) for a in SCHEMA.names}, vector_for(i, COPY, DESC_DIM))
             for i in image_ids if images[i].status == ImageStatus.pending
         ]
         self.store.upsert(rows)
-        self.catalog.mark_indexed([r.image_id for r in rows], self.store.model_version)
+        self.catalog.images.mark_indexed([r.image_id for r in rows], self.store.model_version)
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def world(sqlite_catalog: Catalog, milvus_client: MilvusClient, collection_prefi
                         prefix=collection_prefix, search_consistency="Strong")
     store.ensure_collections()
     embed = Embedder(sqlite_catalog, store)
-    product = sqlite_catalog.upsert_product("p1").id
-    ids = [sqlite_catalog.add_image(product, f"{i:064x}")[0].id for i in range(8)]
+    product = sqlite_catalog.products.upsert("p1").id
+    ids = [sqlite_catalog.images.add(product, f"{i:064x}")[0].id for i in range(8)]
     embed(ids)
     embed.calls.clear()
     return sqlite_catalog, store, embed, ids
@@ -67,14 +67,14 @@ def make_drift(catalog: Catalog, store: VectorStore, ids: list[int]) -> dict[str
                        vector_for(9999, COPY, DESC_DIM))
     store.upsert([orphan])
     # 3. vectors of a row that failed, and of a row that was deleted
-    catalog.mark_failed(ids[1], "decode error")
-    deleted_product = catalog.upsert_product("p-deleted").id
-    deleted_id = catalog.add_image(deleted_product, "f" * 64)[0].id
+    catalog.images.mark_failed(ids[1], "decode error")
+    deleted_product = catalog.products.upsert("p-deleted").id
+    deleted_id = catalog.images.add(deleted_product, "f" * 64)[0].id
     store.upsert([VectorRow(deleted_id, deleted_product,
                             {a: vector_for(deleted_id, a, DIM) for a in SCHEMA.names})])
-    catalog.soft_delete_product("p-deleted")
+    catalog.products.soft_delete("p-deleted")
     # 4. a row indexed by an older model version
-    catalog.mark_indexed([ids[2]], "v1")
+    catalog.images.mark_indexed([ids[2]], "v1")
     # 5. a vector written by another model version into the active collection
     client.upsert(store.collection("colour"), [{
         "image_id": ids[3], "product_id": 1, "model_version": "v1",
@@ -100,7 +100,7 @@ def test_reconcile_finds_and_repairs_drift(world) -> None:
         assert set(dry.orphan_vectors[label]) == expected, label
     # a dry run changes nothing
     assert embed.calls == [] and store.count("colour") == 10
-    assert catalog.get_images([ids[2]])[ids[2]].model_version == "v1"
+    assert catalog.images.get_many([ids[2]])[ids[2]].model_version == "v1"
 
     report = reconcile(catalog, store, "v2", dry_run=False, reembed=embed)
     assert report.deleted_vectors == 3 + 3 + 2 + 1  # 9999 x3, failed x3, deleted x2, stale x1
@@ -111,7 +111,7 @@ def test_reconcile_finds_and_repairs_drift(world) -> None:
     for label in (*SCHEMA.names, COPY):
         assert store.count(label) == 7  # the 8 images minus the failed one
     assert {v for _, v in store.iter_image_ids(store.collection("colour"))} == {"v2"}
-    assert catalog.get_images([ids[2]])[ids[2]].model_version == "v2"
+    assert catalog.images.get_many([ids[2]])[ids[2]].model_version == "v2"
     np.testing.assert_allclose(store.get_vectors("colour", [ids[3]])[ids[3]],
                                vector_for(ids[3], "colour", DIM), atol=1e-6)
 
@@ -124,7 +124,7 @@ def test_reconcile_without_pipeline_reports_missing(world) -> None:
     assert report.missing_vectors == [ids[4]]
     assert report.deleted_vectors == 2  # the orphan is still removed
     assert report.unrepaired and "reembed_images" in report.unrepaired[0]
-    assert catalog.get_images([ids[4]])[ids[4]].status == ImageStatus.indexed  # left alone
+    assert catalog.images.get_many([ids[4]])[ids[4]].status == ImageStatus.indexed  # left alone
     with pytest.raises(ValueError, match="not the active version"):
         reconcile(catalog, store, "v3", dry_run=True, reembed=None)
 
@@ -146,14 +146,15 @@ def test_reconcile_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, milvus_c
 
     settings = Settings(data_dir=tmp_path)
     catalog = open_catalog(settings)
-    catalog.register_model("v2", name="agman", backbone="mobilenet_v2",
-                           attribute_schema=SCHEMA.to_json(), embed_dim=DIM, descriptor_dim=DESC_DIM)
-    catalog.set_active_model("v2")
+    catalog.model_versions.register("v2", name="agman", backbone="mobilenet_v2",
+                                    attribute_schema=SCHEMA.to_json(), embed_dim=DIM,
+                                    descriptor_dim=DESC_DIM)
+    catalog.model_versions.set_active("v2")
     store = VectorStore.from_settings(settings, SCHEMA, "v2", embed_dim=DIM, descriptor_dim=DESC_DIM)
     store.ensure_collections()
-    product = catalog.upsert_product("p").id
-    image_id = catalog.add_image(product, "a" * 64)[0].id
-    catalog.mark_indexed([image_id], "v2")  # indexed, but no vectors: drift
+    product = catalog.products.upsert("p").id
+    image_id = catalog.images.add(product, "a" * 64)[0].id
+    catalog.images.mark_indexed([image_id], "v2")  # indexed, but no vectors: drift
 
     result = runner.invoke(app, ["reconcile", "--dry-run"])
     assert result.exit_code == 0, result.output

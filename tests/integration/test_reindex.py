@@ -92,9 +92,9 @@ def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints
     store_b = _store(settings, ckpt_b)
     assert _counts(store_b) == _counts(store_a) == {"colour": 4, "sleeve": 4, "copy": 4}
     # A still serves: SQL, the aliases and the rows all name A, and reconcile sees no drift.
-    assert services.catalog.active_model().version == version_a
+    assert services.catalog.model_versions.active().version == version_a
     assert store_a.active_version() == version_a
-    assert {r.model_version for r in services.catalog.get_images(ids).values()} == {version_a}
+    assert {r.model_version for r in services.catalog.images.get_many(ids).values()} == {version_a}
     assert _reconcile(services, store_a).clean
     alias = store_a.alias("colour")
     before = store_a.client.get(alias, ids=[ids[0]], output_fields=["vector"])[0]["vector"]
@@ -116,12 +116,12 @@ def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints
     assert final.activated and final.old_version == version_a
     assert sorted(final.embedded) == sorted([new_id, ids[2]])  # new image + edited metadata
     assert final.switched_rows == 4 and not final.left_for_reconcile
-    assert services.catalog.active_model().version == version_b
+    assert services.catalog.model_versions.active().version == version_b
     assert store_b.active_version() == version_b
     live = [ids[0], ids[1], ids[2], new_id]
-    rows = services.catalog.get_images(live)
+    rows = services.catalog.images.get_many(live)
     assert {(r.status, r.model_version) for r in rows.values()} == {(ImageStatus.indexed, version_b)}
-    assert services.catalog.get_images(deleted)[deleted[0]].status == ImageStatus.deleted
+    assert services.catalog.images.get_many(deleted)[deleted[0]].status == ImageStatus.deleted
     assert _counts(store_b) == {"colour": 4, "sleeve": 4, "copy": 4}
     edited = store_b.client.get(store_b.collection("copy"), ids=[ids[2]], output_fields=["colour"])
     assert edited[0]["colour"] == "green"
@@ -170,7 +170,7 @@ def test_cli_reindex_drops_the_old_version(tmp_path: Path, checkpoints, monkeypa
     assert set(store_b.versions()) == {report["new_version"]}
     assert _counts(store_b) == {"colour": 3, "sleeve": 3, "copy": 3}
     services_b = Services(settings.model_copy(update={"checkpoint": ckpt_b}))
-    rows = services_b.catalog.get_images(ids)
+    rows = services_b.catalog.images.get_many(ids)
     assert {r.model_version for r in rows.values()} == {report["new_version"]}
     assert _reconcile(services_b, store_b).clean
     services_b.close()

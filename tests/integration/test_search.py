@@ -167,7 +167,7 @@ def test_deleted_products_never_leak_even_when_milvus_lags(client) -> None:
     before = client.search(query, "colour", top_k=4)
     victim = before[0].product_id
     # Lagging delete: the SQL rows say deleted but the vectors are still in Milvus.
-    client.services.catalog.soft_delete_product(victim)
+    client.services.catalog.products.soft_delete(victim)
     after = client.search(query, "colour", top_k=4)
     assert victim not in [h.product_id for h in after]
     assert len(after) == 4
@@ -194,8 +194,8 @@ def _brute_force(client, query: Image.Image, weights: dict[str, float], top_k: i
 
     services = client.services
     store, catalog = services.vectors, services.catalog
-    ids = [i for i, _ in catalog.iter_image_ids(ImageStatus.indexed)]
-    infos = catalog.image_info(ids)
+    ids = [i for i, _ in catalog.images.iter_ids(ImageStatus.indexed)]
+    infos = catalog.images.info(ids)
     q = services.embedder.encode([query]).embeddings[0]
     best: dict[str, float] = {}
     for i in ids:

@@ -162,6 +162,11 @@ def test_upsert_is_idempotent_and_delete(milvus_client: MilvusClient, collection
     store.delete_product(10)
     assert all(store.count(label) == 1 for label in store.collection_names())
     assert [i for i, _ in store.iter_image_ids(store.collection(0))] == [3]
+    assert store.existing_collections() == set(store.collection_names().values())
+
+    store.upsert(make_rows(rng, [4, 5, 6], [12, 12, 13]))
+    store.delete_from(store.collection(COPY), [3, 4, 5], batch_size=2)  # one collection only
+    assert store.count(COPY) == 1 and store.count(0) == 4
 
 
 def test_upsert_rejects_bad_rows(milvus_client: MilvusClient, collection_prefix: str) -> None:

@@ -109,15 +109,15 @@ def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deploymen
         # The same message delivered twice (e.g. a redelivery after a lost ack), rows pending.
         ids = [h.image_id for h in handles]
         catalog = client.services.catalog
-        catalog.mark_pending(ids)
+        catalog.images.mark_pending(ids)
         app = create_app(deployment.settings)
         before = worker.log().count("succeeded in")
         for _ in range(2):
             app.send_task(EMBED_TASK, args=[ids], queue=GPU_QUEUE)
         wait_until(lambda: worker.log().count("succeeded in") >= before + 2, 60, what="two tasks")
-        rows = catalog.get_images(ids)
+        rows = catalog.images.get_many(ids)
         assert all(r.status == ImageStatus.indexed for r in rows.values())
-        assert catalog.count_images() == 3
+        assert catalog.images.count() == 3
         assert _counts(client.services) == {"colour": 3, "sleeve": 3, "copy": 3}
         assert worker.alive()
     finally:
@@ -140,7 +140,7 @@ def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
     assert len(set(ids)) == n
 
     def indexed() -> int:
-        return sum(r.status == ImageStatus.indexed for r in catalog.get_images(ids).values())
+        return sum(r.status == ImageStatus.indexed for r in catalog.images.get_many(ids).values())
 
     first = deployment.worker("kill-1").start()
     second = deployment.worker("kill-2")
@@ -157,10 +157,10 @@ def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
         second.start()
         wait_until(lambda: indexed() == n, 120, poll=0.2, what="every image indexed after restart")
         assert "embed_images[" in second.log() and " received" in second.log()  # redelivered
-        statuses = {r.status for r in catalog.get_images(ids).values()}
+        statuses = {r.status for r in catalog.images.get_many(ids).values()}
         assert statuses == {ImageStatus.indexed}
         counts = _counts(services)
-        total_indexed = catalog.count_images(ImageStatus.indexed)
+        total_indexed = catalog.images.count(ImageStatus.indexed)
         assert set(counts.values()) == {total_indexed}, (counts, total_indexed)
         assert set(services.vectors.get_vectors("colour", ids)) == set(ids)
         assert set(services.vectors.get_vectors("copy", ids)) == set(ids)

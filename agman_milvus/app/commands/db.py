@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     def current() -> None:
         """Print the catalog's revision and the newest one; exit 1 when not at head."""
         from agman_milvus.core.config import get_settings
-        from agman_milvus.services.store.catalog import create_catalog_engine
+        from agman_milvus.services.store.engine import create_catalog_engine
         from agman_milvus.services.store.migrate import current_revision, head_revision
 
         engine = create_catalog_engine(get_settings().resolved_database_url)

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
         settings = get_settings()
         catalog = open_catalog(settings)
-        model = catalog.active_model()
+        model = catalog.model_versions.active()
         if model is None:
             typer.echo("no active model version is registered in the catalog; ingest first", err=True)
             raise typer.Exit(2)

@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
                     table.add_row(str(rank), h.product_id, f"{h.score:.4f}", str(h.image_id), meta)
                 Console().print(table)
             if html is not None:
+                from agman_milvus.usecases.base import load_query_image
                 from agman_milvus.usecases.reports import search_page_html
-                from agman_milvus.usecases.search import load_query_image
 
                 services = client.services
                 loader = lambda ref: load_query_image(ref, settings=services.settings, blobs=services.blobs)  # noqa: E731

@@ -420,7 +420,7 @@ def _held_out_queries(data: DemoSplit) -> list[_Query]:
 
 
 def _load(client: Any, uri: str | None) -> Image.Image | None:
-    from agman_milvus.usecases.search import load_query_image
+    from agman_milvus.usecases.base import load_query_image
 
     if uri is None:
         return None
@@ -435,7 +435,8 @@ def _attribute_searches(client: Any, queries: list[_Query], names: list[str], op
                         progress: Progress | None) -> tuple[list[AttributeFigures], list[page.SearchResult]]:
     """Search every held-out image in every attribute it has a label for (one backbone pass per
     image, one batched Milvus search per attribute and chunk)."""
-    from agman_milvus.usecases.search import SearchService, load_query_image
+    from agman_milvus.usecases.base import load_query_image
+    from agman_milvus.usecases.search import SearchService
 
     searcher = SearchService.from_services(client.services)
     embedder = client.services.embedder

@@ -16,6 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from agman_milvus.services.store.engine import create_catalog_engine
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,6 @@ def _run(url: str, engine: Engine | None, fn: Callable[[Config], None]) -> None:
     if engine is not None:
         fn(alembic_config(url, engine=engine))
         return
-    from agman_milvus.services.store.catalog import create_catalog_engine
-
     temporary = create_catalog_engine(url)
     try:
         fn(alembic_config(url, engine=temporary))

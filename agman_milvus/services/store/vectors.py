@@ -299,6 +299,10 @@ class VectorStore:
                 + "); drop it or use another AGMAN_COLLECTION_PREFIX"
             )
 
+    def existing_collections(self) -> set[str]:
+        """This version's physical collections that exist in Milvus."""
+        return set(self.collection_names().values()) & set(self.client.list_collections())
+
     def _prefixed_collections(self) -> list[str]:
         return [c for c in self.client.list_collections() if c.startswith(f"{self.prefix}_")]
 
@@ -442,6 +446,15 @@ class VectorStore:
             self._on_loaded(name, lambda: self.client.delete(name, ids=ids))
             self.deployment.after_write(self.client, name)
 
+    def delete_from(self, collection: str, image_ids: Sequence[int], batch_size: int = 1000) -> None:
+        """Remove ``image_ids`` from one physical collection, ``batch_size`` ids per request."""
+        if not image_ids:
+            return
+        for start in range(0, len(image_ids), batch_size):
+            ids = [int(i) for i in image_ids[start:start + batch_size]]
+            self._on_loaded(collection, lambda: self.client.delete(collection, ids=ids))
+        self.deployment.after_write(self.client, collection)
+
     def delete_product(self, product_id: int) -> None:
         """Remove every vector of a product, in every collection of every model version."""
         expr = f"product_id == {int(product_id)}"
@@ -450,7 +463,7 @@ class VectorStore:
             self.deployment.after_write(self.client, name)
 
     def _all_collections(self) -> list[str]:
-        names = set(self.collection_names().values()) & set(self.client.list_collections())
+        names = self.existing_collections()
         for collections in self.versions().values():
             names.update(collections)
         return sorted(names)

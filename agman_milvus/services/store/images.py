@@ -1,0 +1,224 @@
+"""Images: add (race-safe), read, status transitions, decoded features, product metadata joins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sqlalchemy import bindparam, func, select, update
+
+from agman_milvus.services.store.products import PRODUCT_FIELDS
+from agman_milvus.services.store.repository import Repository, chunks, dialect_insert, utcnow
+from agman_milvus.services.store.tables import Image, ImageStatus, Product
+
+__all__ = ["LIVE_STATUSES", "ImageFeatures", "ImageInfo", "ImageRepository", "IndexedSource"]
+
+#: Statuses whose rows are expected to have (or soon have) vectors.
+LIVE_STATUSES = (ImageStatus.pending, ImageStatus.indexed)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image joined with its product's metadata (what a search result shows)."""
+
+    image_id: int
+    product_id: int
+    external_id: str
+    source_uri: str | None
+    status: ImageStatus
+    title: str | None
+    brand: str | None
+    category: str | None
+    gender: str | None
+    colour: str | None
+    extra: dict[str, Any]
+    product_deleted: bool
+
+    def metadata(self) -> dict[str, Any]:
+        """Typed product fields plus the ``extra`` bag, as one flat dict."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update({f: getattr(self, f) for f in PRODUCT_FIELDS})
+        return out
+
+
+class ImageFeatures(NamedTuple):
+    """What decoding learned about an image (see :meth:`ImageRepository.record_features`)."""
+
+    image_id: int
+    width: int | None
+    height: int | None
+    phash: int | None  # signed 64-bit
+
+
+class IndexedSource(NamedTuple):
+    """An indexed image whose source can be read again (see :meth:`ImageRepository.indexed_sources`)."""
+
+    image_id: int
+    product_id: int
+    source_uri: str
+
+
+class ImageRepository(Repository):
+    """The ``images`` table; ``images.id`` is the Milvus primary key of every vector."""
+
+    def add(
+        self,
+        product_id: int,
+        sha256: str,
+        *,
+        source_uri: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        phash: int | None = None,
+    ) -> tuple[Image, bool]:
+        """Add an image of a product; returns ``(row, created)``.
+
+        Adding the same bytes (``sha256``) to the same product again returns the existing row
+        (``created`` False). A previously deleted duplicate is revived as pending.
+        """
+        if phash is not None and not -(2**63) <= phash < 2**63:
+            raise ValueError(f"phash {phash} does not fit a signed 64-bit integer")
+        with self.sessions.begin() as s:
+            result = s.execute(
+                dialect_insert(s, Image)
+                .values(
+                    product_id=product_id, sha256=sha256, source_uri=source_uri, width=width,
+                    height=height, phash=phash, status=ImageStatus.pending, attempts=0,
+                )
+                .on_conflict_do_nothing(index_elements=["product_id", "sha256"])
+                .returning(Image.id)
+            )
+            created = result.scalar_one_or_none() is not None
+            image = s.scalars(
+                select(Image).where(Image.product_id == product_id, Image.sha256 == sha256)
+            ).one()
+            if not created and image.status == ImageStatus.deleted:
+                image.status, image.failure_reason = ImageStatus.pending, None
+        return image, created
+
+    def get_many(self, image_ids: Iterable[int]) -> dict[int, Image]:
+        """The rows of ``image_ids`` by id (missing ids are simply absent)."""
+        ids = list(image_ids)
+        out: dict[int, Image] = {}
+        with self.sessions() as s:
+            for chunk in chunks(ids):
+                out.update((i.id, i) for i in s.scalars(select(Image).where(Image.id.in_(chunk))))
+        return out
+
+    def mark_indexed(self, image_ids: Sequence[int], model_version: str) -> int:
+        """Mark images indexed by ``model_version`` (deleted images stay deleted)."""
+        return self._set_status(
+            image_ids, ImageStatus.indexed, model_version=model_version, indexed_at=utcnow(),
+            failure_reason=None,
+        )
+
+    def record_features(self, features: Iterable[ImageFeatures]) -> int:
+        """Store width, height and perceptual hash of decoded images (one executemany)."""
+        params = [{"b_id": f.image_id, "b_w": f.width, "b_h": f.height, "b_p": f.phash}
+                  for f in features]
+        if not params:
+            return 0
+        stmt = (
+            update(Image)
+            .where(Image.id == bindparam("b_id"))
+            .values(width=bindparam("b_w"), height=bindparam("b_h"), phash=bindparam("b_p"))
+        )
+        with self.sessions.begin() as s:
+            s.connection().execute(stmt, params)
+        return len(params)
+
+    def mark_failed(self, image_id: int, reason: str) -> None:
+        """Record a failure with a human-readable reason; counts an attempt."""
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Image)
+                .where(Image.id == image_id, Image.status != ImageStatus.deleted)
+                .values(status=ImageStatus.failed, failure_reason=reason[:4000],
+                        attempts=Image.attempts + 1, updated_at=utcnow())
+            )
+
+    def mark_pending(self, image_ids: Sequence[int]) -> int:
+        """Queue images for (re-)embedding."""
+        return self._set_status(image_ids, ImageStatus.pending, failure_reason=None)
+
+    def _set_status(self, image_ids: Sequence[int], status: ImageStatus, **values: Any) -> int:
+        changed = 0
+        with self.sessions.begin() as s:
+            for chunk in chunks(list(image_ids)):
+                result = s.execute(
+                    update(Image)
+                    .where(Image.id.in_(chunk), Image.status != ImageStatus.deleted)
+                    .values(status=status, updated_at=utcnow(), **values)
+                )
+                changed += result.rowcount
+        return changed
+
+    def list_pending(self, limit: int = 1000) -> list[Image]:
+        """Oldest pending images first."""
+        with self.sessions() as s:
+            return list(s.scalars(
+                select(Image).where(Image.status == ImageStatus.pending)
+                .order_by(Image.id).limit(limit)
+            ))
+
+    def iter_ids(
+        self, statuses: ImageStatus | Iterable[ImageStatus], batch_size: int = 5000
+    ) -> Iterator[tuple[int, str | None]]:
+        """Stream ``(image_id, model_version)`` of images in ``statuses``, by ascending id."""
+        wanted = [statuses] if isinstance(statuses, ImageStatus) else list(statuses)
+        last = 0
+        while True:
+            with self.sessions() as s:
+                rows = s.execute(
+                    select(Image.id, Image.model_version)
+                    .where(Image.status.in_(wanted), Image.id > last)
+                    .order_by(Image.id).limit(batch_size)
+                ).all()
+            if not rows:
+                return
+            yield from ((r[0], r[1]) for r in rows)
+            last = rows[-1][0]
+
+    def indexed_ids(self, product_id: int) -> list[int]:
+        """Ids of the indexed images of product ``product_id`` (the SQL id), ascending."""
+        with self.sessions() as s:
+            return list(s.scalars(
+                select(Image.id).where(Image.product_id == product_id,
+                                       Image.status == ImageStatus.indexed).order_by(Image.id)
+            ))
+
+    def indexed_sources(self) -> list[IndexedSource]:
+        """Every indexed image that has a stored ``source_uri``."""
+        with self.sessions() as s:
+            rows = s.execute(select(Image.id, Image.product_id, Image.source_uri)
+                             .where(Image.status == ImageStatus.indexed,
+                                    Image.source_uri.is_not(None))).all()
+        return [IndexedSource(*row) for row in rows]
+
+    def count(self, status: ImageStatus | None = None) -> int:
+        """How many images there are (in ``status``, or in all)."""
+        with self.sessions() as s:
+            stmt = select(func.count()).select_from(Image)
+            if status is not None:
+                stmt = stmt.where(Image.status == status)
+            return int(s.scalar(stmt) or 0)
+
+    def info(self, image_ids: Sequence[int]) -> dict[int, ImageInfo]:
+        """Product metadata for a list of image ids (missing ids are simply absent)."""
+        out: dict[int, ImageInfo] = {}
+        with self.sessions() as s:
+            for chunk in chunks(list(image_ids)):
+                rows = s.execute(
+                    select(Image, Product).join(Product, Image.product_id == Product.id)
+                    .where(Image.id.in_(chunk))
+                ).all()
+                for image, product in rows:
+                    out[image.id] = ImageInfo(
+                        image_id=image.id, product_id=product.id, external_id=product.external_id,
+                        source_uri=image.source_uri, status=image.status, title=product.title,
+                        brand=product.brand, category=product.category, gender=product.gender,
+                        colour=product.colour, extra=dict(product.extra or {}),
+                        product_deleted=product.deleted,
+                    )
+        return out
