@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from agman_milvus.core.errors import AgmanError
+
 if TYPE_CHECKING:
     from agman_milvus.core.config import Settings
 
@@ -90,7 +92,7 @@ _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # --------------------------------------------------------------------------------------------
 
 
-class ImageError(ValueError):
+class ImageError(AgmanError, ValueError):
     """An image could not be read or decoded. ``reason`` is a short code for storage/metrics.
 
     ``transient`` is True when retrying later may succeed (network trouble, HTTP 5xx/429);

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from agman_milvus.core.errors import AgmanError
+
 _IDENTIFIER = re.compile(r"[^0-9A-Za-z_]+")
 
 
-class UnknownAttributeError(KeyError, ValueError):
+class UnknownAttributeError(AgmanError, KeyError, ValueError):
     """Raised for an attribute name that the schema does not know."""
 
     def __init__(self, name: object, known: Sequence[str]) -> None:

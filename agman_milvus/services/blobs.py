@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from agman_milvus.core.errors import AgmanError
+
 __all__ = [
     "BLOB_SCHEME",
     "BlobCorruptError",
@@ -38,7 +40,7 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 
 
-class BlobError(Exception):
+class BlobError(AgmanError):
     """Base class of blob store errors."""
 
 

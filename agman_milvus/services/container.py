@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from agman_milvus.core.config import Settings, get_settings
+from agman_milvus.core.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from agman_milvus.services.blobs import BlobStore
@@ -193,7 +194,7 @@ def reset_services() -> None:
         _default.clear()
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(ConfigurationError):
     """Settings that cannot work together; the message says what to change."""
 
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.schema import AttributeSchema
 
 logger = logging.getLogger(__name__)
 
 
-class FormatError(ValueError):
+class FormatError(AgmanError, ValueError):
     """A split or label file does not have the expected format."""
 
 

@@ -15,12 +15,13 @@ from typing import Iterable
 
 import numpy as np
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.training.readers import Label, Triplet
 
 logger = logging.getLogger(__name__)
 
 
-class NothingToSampleError(ValueError):
+class NothingToSampleError(AgmanError, ValueError):
     """No attribute has a value with two images and a second value for negatives."""
 
 

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from agman_milvus.core.errors import AgmanError
 
-class TrainingStateError(ValueError):
+
+class TrainingStateError(AgmanError, ValueError):
     """A training state that cannot be resumed (missing, or from a different setup)."""
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agman_milvus.usecases.dispatch import Dispatcher
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.store.catalog import Catalog, ImageStatus
+from agman_milvus.usecases.dispatch import Dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ DEFAULT_COLUMN_MAP: dict[str, str] = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(AgmanError, ValueError):
     """The manifest cannot be read as asked (missing file, missing column)."""
 
 

@@ -42,14 +42,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from agman_milvus.services.blobs import BlobStore
 from agman_milvus.core.config import Settings
-from agman_milvus.services.embedding import Embedder
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
-from agman_milvus.usecases.base import UseCase, load_query_image
+from agman_milvus.services.blobs import BlobStore
+from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.store.catalog import Catalog, ImageStatus, IndexedSource
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
+from agman_milvus.usecases.base import UseCase, load_query_image
 
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
@@ -66,7 +67,7 @@ NORM_K = 10
 NORM_BETA = 0.5
 
 
-class NotEnoughImagesError(RuntimeError):
+class NotEnoughImagesError(AgmanError, RuntimeError):
     """Calibration needs more indexed images than the catalog has."""
 
 

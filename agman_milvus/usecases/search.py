@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.services.store.catalog import ImageInfo, ImageStatus
 from agman_milvus.services.store.filters import FilterValue
@@ -34,7 +35,7 @@ Fusion = Literal["weighted", "rrf"]
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009; Milvus' RRFRanker)
 
 
-class ProductNotFoundError(LookupError):
+class ProductNotFoundError(AgmanError, LookupError):
     """No live, indexed product with that external id."""
 
 

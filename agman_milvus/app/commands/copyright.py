@@ -73,14 +73,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Calibrate the copy thresholds on edited copies of this catalogue's images."""
         from agman_milvus.app.client import Client
-        from agman_milvus.usecases.copyright import NotEnoughImagesError
 
         with Client() as client:
-            try:
-                result = client.calibrate_copy(precision=precision, sample=sample, seed=seed)
-            except NotEnoughImagesError as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from None
+            result = client.calibrate_copy(precision=precision, sample=sample, seed=seed)
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
 
     @app.command("screen")
@@ -95,10 +90,11 @@ def register(app: typer.Typer) -> None:
         """Screen many images for copies of catalogue images, in the background."""
         from agman_milvus.app.client import Client
 
+        from agman_milvus.core.errors import ConfigurationError
+
         refs = screening_inputs(source)
         if not refs:
-            typer.echo(f"no images found in {source}", err=True)
-            raise typer.Exit(2)
+            raise ConfigurationError(f"no images found in {source}")
         with Client() as client:
             job = client.screen(refs, top_k=top_k)
             typer.echo(f"screening job {job.id}: {job.total} images")

@@ -27,19 +27,15 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from agman_milvus.core.config import get_settings
-        from agman_milvus.usecases.bulk_ingest import ManifestError, bulk_ingest, parse_metadata_columns, read_manifest
+        from agman_milvus.services.container import Services, check_shared_deployment
+        from agman_milvus.usecases.bulk_ingest import bulk_ingest, parse_metadata_columns, read_manifest
         from agman_milvus.usecases.dispatch import InProcessDispatcher
-        from agman_milvus.services.container import DeploymentError, Services, check_shared_deployment
 
         settings = get_settings()
-        try:
-            check_shared_deployment(settings)
-            items = read_manifest(manifest, image_root=image_root, limit=limit,
-                                  product_column=product_column, file_column=file_column,
-                                  metadata_columns=parse_metadata_columns(metadata))
-        except (ManifestError, DeploymentError) as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
+        check_shared_deployment(settings)
+        items = read_manifest(manifest, image_root=image_root, limit=limit,
+                              product_column=product_column, file_column=file_column,
+                              metadata_columns=parse_metadata_columns(metadata))
         services = Services(settings)
         if settings.broker_url:
             from agman_milvus.workers.app import create_app

@@ -9,19 +9,17 @@ import typer
 
 def _check_checkpoint_is_active(checkpoint: object, active_version: str) -> None:
     """Repairs re-embed with AGMAN_CHECKPOINT: it must be the active model version."""
+    from agman_milvus.core.errors import ConfigurationError
     from agman_milvus.core.model import read_checkpoint_config
 
     if checkpoint is None:
-        typer.echo("AGMAN_CHECKPOINT is not set: repairs need the active model's checkpoint", err=True)
-        raise typer.Exit(2)
+        raise ConfigurationError("AGMAN_CHECKPOINT is not set: repairs need the active model's checkpoint")
     version = read_checkpoint_config(checkpoint)["version"]
     if version != active_version:
-        typer.echo(
+        raise ConfigurationError(
             f"AGMAN_CHECKPOINT is model {version}, but the active model is {active_version}; "
-            "point it at the active model's checkpoint (or run `agman reindex`) before repairing",
-            err=True,
+            "point it at the active model's checkpoint (or run `agman reindex`) before repairing"
         )
-        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,12 +34,13 @@ def register(app: typer.Typer) -> None:
         from agman_milvus.services.store.catalog import open_catalog
         from agman_milvus.services.store.vectors import VectorStore
 
+        from agman_milvus.core.errors import ConfigurationError
+
         settings = get_settings()
         catalog = open_catalog(settings)
         model = catalog.model_versions.active()
         if model is None:
-            typer.echo("no active model version is registered in the catalog; ingest first", err=True)
-            raise typer.Exit(2)
+            raise ConfigurationError("no active model version is registered in the catalog; ingest first")
         store = VectorStore.from_settings(
             settings, AttributeSchema.from_json(model.attribute_schema), model.version,
             embed_dim=model.embed_dim, descriptor_dim=model.descriptor_dim,

@@ -23,13 +23,13 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from agman_milvus.core.config import get_settings
-        from agman_milvus.usecases.reindex import ReindexError, reindex
+        from agman_milvus.core.errors import ConfigurationError
         from agman_milvus.services.container import Services
+        from agman_milvus.usecases.reindex import reindex
 
         settings = get_settings()
         if checkpoint is None and settings.checkpoint is None:
-            typer.echo("no checkpoint: pass --checkpoint NEW.safetensors or set AGMAN_CHECKPOINT", err=True)
-            raise typer.Exit(2)
+            raise ConfigurationError("no checkpoint: pass --checkpoint NEW.safetensors or set AGMAN_CHECKPOINT")
         console = Console(stderr=True)
         services = Services(settings)
         try:
@@ -40,9 +40,6 @@ def register(app: typer.Typer) -> None:
                     services, checkpoint, activate=activate, drop_old=drop_old, batch_size=batch_size,
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )
-        except ReindexError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
         finally:
             services.close()
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -36,16 +36,9 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from agman_milvus.app.client import Client
-        from agman_milvus.core.images import ImageError
-        from agman_milvus.core.schema import UnknownAttributeError
-        from agman_milvus.services.store.filters import FilterError
 
         with Client() as client:
-            try:
-                hits = client.search(image, attribute, top_k=top_k, filters=parse_filters(filters))
-            except (UnknownAttributeError, FilterError, ImageError) as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from None
+            hits = client.search(image, attribute, top_k=top_k, filters=parse_filters(filters))
             if as_json:
                 typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
             else:

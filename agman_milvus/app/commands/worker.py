@@ -77,29 +77,25 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Start a Celery worker (Redis broker from AGMAN_BROKER_URL)."""
         from agman_milvus.core.config import get_settings
-        from agman_milvus.services.container import DeploymentError, check_shared_deployment
+        from agman_milvus.core.errors import ConfigurationError
+        from agman_milvus.services.container import check_shared_deployment
 
         if pool not in ("solo", "prefork", "threads"):
             raise typer.BadParameter(f"--pool must be solo, prefork or threads, not {pool!r}")
         queues = [q for spec in queue for q in spec.split(",") if q.strip()]
         settings = get_settings()
         if not settings.broker_url:
-            typer.echo("AGMAN_BROKER_URL is not set: workers need a broker (e.g. "
-                       "redis://127.0.0.1:6379/0). Without one, ingest runs in-process.", err=True)
-            raise typer.Exit(2)
-        try:
-            check_shared_deployment(settings)
-        except DeploymentError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
+            raise ConfigurationError("AGMAN_BROKER_URL is not set: workers need a broker (e.g. "
+                                     "redis://127.0.0.1:6379/0). Without one, ingest runs in-process.")
+        check_shared_deployment(settings)
         if "agman.gpu" in queues:
-            if settings.checkpoint is None:
-                typer.echo("AGMAN_CHECKPOINT is not set: the embedding worker needs a model "
-                           "checkpoint (.safetensors)", err=True)
-                raise typer.Exit(2)
-            if not Path(settings.checkpoint).is_file():
-                typer.echo(f"model checkpoint not found: {settings.checkpoint}", err=True)
-                raise typer.Exit(2)
+            checkpoint = settings.resolved_checkpoint
+            if checkpoint is None:
+                raise ConfigurationError(
+                    "no model: the embedding worker uses AGMAN_CHECKPOINT (a .safetensors file), "
+                    "or the demo model once `agman demo` has built it")
+            if not Path(checkpoint).is_file():
+                raise ConfigurationError(f"model checkpoint not found: {checkpoint}")
         if pool == "prefork" and "agman.gpu" in queues and visible_gpus():
             typer.echo("warning: prefork with CUDA loads one model per child on the same GPU; "
                        "prefer --pool solo (one worker per GPU)", err=True)

@@ -42,8 +42,15 @@ import numpy as np
 from PIL import Image
 
 from agman_milvus.app.demo import page
+from agman_milvus.app.demo.demo_model import (
+    DemoModel,
+    DemoModelConfig,
+    DemoSplit,
+    ensure_demo_model,
+    split_for_demo,
+)
 from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, ensure_catalog, generate_catalog
-from agman_milvus.app.demo.demo_model import DemoModel, DemoModelConfig, DemoSplit, ensure_demo_model, split_for_demo
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.training.trainer import Callbacks, StepInfo
 
 logger = logging.getLogger(__name__)
@@ -59,7 +66,7 @@ RUN_MARKER = ".agman-demo-run"
 _METADATA_KEYS = {"productDisplayName": "title", "articleType": "category", "baseColour": "colour"}
 
 
-class DemoError(RuntimeError):
+class DemoError(AgmanError, RuntimeError):
     """The demo cannot run as asked; the message says what to change."""
 
 
@@ -527,10 +534,15 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
                  names: list[str], options: DemoOptions,
                  progress: Progress | None) -> tuple[CopyFigures, list[page.CopyCheck]]:
     """Calibrate, then check edited copies of ingested images and unrelated images."""
-    from agman_milvus.usecases.copyright import (
-        COPY, DISTINCT, NEAR_DUPLICATE, CopyThresholds, NotEnoughImagesError, random_edit,
-    )
     from agman_milvus.core.images import load_image
+    from agman_milvus.usecases.copyright import (
+        COPY,
+        DISTINCT,
+        NEAR_DUPLICATE,
+        CopyThresholds,
+        NotEnoughImagesError,
+        random_edit,
+    )
 
     _notify(progress, "calibrate", 0, None)
     try:

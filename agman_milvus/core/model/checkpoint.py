@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.model._registry import build_model
 from agman_milvus.core.model.base import AttributeEmbeddingModel
 from agman_milvus.core.schema import AttributeSchema
@@ -24,7 +25,7 @@ FORMAT = "agman-checkpoint/1"
 _CONFIG_KEY = "agman_config"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AgmanError, ValueError):
     """A checkpoint that cannot be loaded safely: wrong format, unreadable or tampered."""
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
+from agman_milvus.core.errors import AgmanError
+
 logger = logging.getLogger(__name__)
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 RESNET50_FILE = "resnet50-0676ba61.pth"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(AgmanError, RuntimeError):
     """Pretrained weights were asked for but are not in torchvision's cache."""
 
 

@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
+from agman_milvus.core.errors import AgmanError
+
 Scalar = Union[str, int, float, bool]
 FilterValue = Union[Scalar, Sequence[Scalar]]
 
@@ -17,7 +19,7 @@ FilterValue = Union[Scalar, Sequence[Scalar]]
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-class FilterError(ValueError):
+class FilterError(AgmanError, ValueError):
     """A filter names an undeclared field or has a value that cannot be expressed."""
 
 

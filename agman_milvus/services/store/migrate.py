@@ -16,12 +16,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.store.engine import create_catalog_engine
 
 log = logging.getLogger(__name__)
 
 
-class CatalogNotMigratedError(RuntimeError):
+class CatalogNotMigratedError(AgmanError, RuntimeError):
     """The database schema is not at the newest migration."""
 
 

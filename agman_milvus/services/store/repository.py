@@ -17,6 +17,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agman_milvus.core.errors import AgmanError
+
 __all__ = ["TRANSIENT_SQL_ERRORS", "CatalogError", "Repository", "chunks", "dialect_insert", "utcnow"]
 
 #: Database errors worth retrying: connection lost (server restarting, lock timeouts) or
@@ -26,7 +28,7 @@ TRANSIENT_SQL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class CatalogError(RuntimeError):
+class CatalogError(AgmanError, RuntimeError):
     """A catalog operation that cannot proceed (unknown product, database not migrated...)."""
 
 

@@ -27,6 +27,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.client.types import LoadState
 
 from agman_milvus.core.config import Settings
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.services.store.filters import FilterValue, build_filter
 from agman_milvus.services.store.milvus_compat import Deployment, probe
@@ -48,7 +49,7 @@ _NOT_LOADED = re.compile(r"released|not loaded|call load\(\)", re.IGNORECASE)
 T = TypeVar("T")
 
 
-class VectorStoreError(RuntimeError):
+class VectorStoreError(AgmanError, RuntimeError):
     """A vector store operation that cannot proceed; the message says why."""
 
 
