@@ -6,6 +6,7 @@ packaged ``agman_milvus.migrations`` folder rather than at a path in a source ch
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,12 @@ class CatalogNotMigratedError(AgmanError, RuntimeError):
 
 
 def script_location() -> Path:
-    import agman_milvus.migrations as migrations
-
-    return Path(migrations.__file__).resolve().parent
+    """The packaged ``agman_milvus.migrations`` folder (located, not imported: its ``env.py``
+    imports this store, and Alembic loads the scripts itself)."""
+    spec = importlib.util.find_spec("agman_milvus.migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise CatalogNotMigratedError("the agman_milvus.migrations package is missing from this installation")
+    return Path(spec.submodule_search_locations[0]).resolve()
 
 
 def alembic_config(url: str, *, engine: Engine | None = None) -> Config:
