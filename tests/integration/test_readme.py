@@ -66,3 +66,15 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
     assert namespace["check"].verdict in {"copy", "near_duplicate", "distinct"}
     assert (tmp_path / "screening.html").read_text().lower().startswith("<!doctype html>")
     namespace["client"].close()
+
+
+def test_layer_table_matches_the_package_tree() -> None:
+    """Every folder of the package is in the README's layer table, and nothing else is."""
+    text = readme_section("How it works")
+    table = text[text.index("| layer | folder |"):]
+    named = set(re.findall(r"`agman_milvus/(\w+)/`", table))
+    package = README.parent / "agman_milvus"
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert named == folders
+    for module in re.findall(r"`(\w+\.py)`", table.split("\n| core |")[1].split("\n")[0]):
+        assert (package / "core" / module).is_file(), module

@@ -1,6 +1,7 @@
 """Every difference between Milvus Lite and a Milvus server that agman relies on, in one place.
 
-Measured (see INFRA_NOTES §2-3 and ``tests/integration/test_vectors.py``):
+Measured with milvus-lite 3.2.2 and a milvus 2.3.5 server (``tests/integration/test_vectors.py``
+checks each point on both):
 
 * milvus-lite 3.2.2 silently ignores index build params passed flat (``params={"M": 16}``);
   only the nested form ``params={"params": {...}}`` reaches it. A 2.3.5 server needs them flat
