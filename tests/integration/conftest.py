@@ -17,19 +17,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import listening
+
 PG_ADMIN_URL = os.environ.get("AGMAN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 SERVER_ENV = "AGMAN_TEST_MILVUS_SERVER"
 
 
 # -- SQL -------------------------------------------------------------------------------------
 def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=2):
-            return True
-    except Exception:
+    """False when no PostgreSQL listens (skip); True when it answers; a server that is up but
+    refuses us raises (the run fails: a misconfigured service must not look like a skip)."""
+    if not listening(PG_ADMIN_URL, 5432):
         return False
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, connect_timeout=5):
+        return True
 
 
 def _pg_admin(sql: str) -> None:

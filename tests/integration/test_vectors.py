@@ -22,6 +22,7 @@ from agman_milvus.services.store.vectors import (
     MilvusLiteLockedError,
     VectorRow,
     VectorStore,
+    VectorStoreError,
     dedupe_by_product,
     open_milvus,
     search_distinct_products,
@@ -137,7 +138,7 @@ def test_ensure_collections_layout_and_idempotence(milvus_client: MilvusClient, 
     assert fields == {"image_id", "product_id", "model_version", "vector", *store.filter_fields}
     other_dim = VectorStore(milvus_client, SCHEMA, "v1", embed_dim=DIM + 1, descriptor_dim=DESC_DIM,
                             prefix=collection_prefix)
-    with pytest.raises(Exception, match="different layout"):
+    with pytest.raises(VectorStoreError, match="different layout"):
         other_dim.ensure_collections()
 
 
@@ -288,7 +289,7 @@ def test_version_switch_never_mixes_versions(milvus_client: MilvusClient, collec
 
     v2.delete_images([1])  # deletes reach every version's collections
     assert v1.count("neckline") == 2 and v2.count("neckline") == 1
-    with pytest.raises(Exception, match="is active"):
+    with pytest.raises(VectorStoreError, match="is active"):
         v1.drop_version("model-2.0+abc")
     assert sorted(v2.drop_version("v1")) == sorted(v1.collection_names().values())
     assert set(v2.versions()) == {"model-2.0+abc"}

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def listening(url: str, default_port: int) -> bool:
+    """True when something accepts TCP connections at ``url``'s host and port.
+
+    Tests skip a tier whose service is simply not running here; a service that is up but
+    answers wrongly (bad credentials, wrong database...) must fail them instead, so they
+    check this first and then connect without catching anything.
+    """
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def find_shared_dir() -> Path | None:
