@@ -51,7 +51,8 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
     for variable in ("AGMAN_MILVUS_URI", "MILVUS_URI", "AGMAN_DATABASE_URL", "AGMAN_BROKER_URL"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.chdir(tmp_path)
-    for name, colour, sleeves in [("shirt", (200, 30, 30), 4), ("query", (190, 40, 30), 6),
+    for name, colour, sleeves in [("shirt", (200, 30, 30), 4), ("dress", (30, 40, 190), 10),
+                                  ("query", (190, 40, 30), 6),
                                   ("suspect", (200, 30, 30), 4), ("upload-1", (20, 30, 200), 14),
                                   ("upload-2", (30, 160, 40), 0)]:
         product_photo(tmp_path / f"{name}.jpg", colour, sleeves)
@@ -63,7 +64,10 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
     assert namespace["handle"].status == "indexed"
     assert [hit.product_id for hit in namespace["hits"]] == ["sku-1001"]
-    assert namespace["check"].verdict in {"copy", "near_duplicate", "distinct"}
+    assert [hit.product_id for hit in namespace["similar"]] == ["sku-1002"]
+    assert {hit.product_id for hit in namespace["both"]} == {"sku-1001", "sku-1002"}
+    assert namespace["check"].verdict == "copy"  # suspect.jpg is a pixel copy of shirt.jpg
+    assert namespace["check"].best.product_id == "sku-1001"
     assert (tmp_path / "screening.html").read_text().lower().startswith("<!doctype html>")
     namespace["client"].close()
 
