@@ -9,6 +9,9 @@ MobileNetV2 ImageNet weights in its cache (``scripts/setup.sh``); skipped withou
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -130,7 +133,7 @@ def test_html_page_shows_searches_with_thumbnails_and_copy_checks_with_evidence(
 def test_second_run_reuses_catalog_and_model_and_rebuilds_the_deployment(first_run) -> None:
     data_dir, _ = first_run
     demo = data_dir / "demo"
-    stale = demo / "run" / "stale-file"
+    stale = data_dir / "blobs" / "stale-file"
     stale.write_text("from the previous run", encoding="utf-8")
     before = json.loads((demo / "summary.json").read_text(encoding="utf-8"))
     result = CliRunner().invoke(app, [*TINY, "--data-dir", str(data_dir)])
@@ -183,3 +186,45 @@ def test_a_second_demo_on_the_same_directory_is_refused_while_one_runs(tmp_path:
     assert result.exit_code == 2
     assert "another agman demo is running" in result.output
     assert not (tmp_path / "demo" / "catalog").exists()
+
+
+def _user_env(data_dir: Path) -> dict[str, str]:
+    """A new user's environment: nothing of agman set but the data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGMAN_") and k != "MILVUS_URI"}
+    env["AGMAN_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def test_after_the_demo_search_and_the_client_work_with_nothing_set(first_run) -> None:
+    data_dir, output = first_run
+    summary = json.loads((data_dir / "demo" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["default_deployment"] and summary["deployment"] == str(data_dir)
+    assert "The demo catalogue is in your default deployment" in output
+    image = sorted((data_dir / "demo" / "catalog" / "images").iterdir())[0]
+    agman = Path(sys.executable).with_name("agman")
+    search = subprocess.run([str(agman), "search", str(image), "-a", "category", "-k", "3", "--json"],
+                            env=_user_env(data_dir), capture_output=True, text=True, timeout=180)
+    assert search.returncode == 0, search.stderr
+    assert len(json.loads(search.stdout)) == 3
+    client = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom agman_milvus import Client\n"
+         "print(len(Client().search(sys.argv[1], 'colour', top_k=2)))", str(image)],
+        env=_user_env(data_dir), capture_output=True, text=True, timeout=180)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_a_deployment_holding_the_users_catalogue_is_never_rebuilt(first_run, tmp_path: Path) -> None:
+    from agman_milvus import Client
+
+    demo_data, _ = first_run
+    image = sorted((demo_data / "demo" / "catalog" / "images").iterdir())[0]
+    with Client(data_dir=tmp_path, checkpoint=demo_data / "demo" / "model.safetensors") as client:
+        assert client.ingest("my-own-product", image).status == "indexed"
+    result = CliRunner().invoke(app, [*TINY, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
+    assert not summary["default_deployment"] and summary["deployment"] == str(tmp_path / "demo" / "run")
+    with Client(data_dir=tmp_path, checkpoint=demo_data / "demo" / "model.safetensors") as client:
+        assert [h.product_id for h in client.search(image, "colour", top_k=5)] == ["my-own-product"]
+

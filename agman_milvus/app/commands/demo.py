@@ -104,3 +104,9 @@ def register(app: typer.Typer) -> None:
         out.print(figures)
         typer.echo(f"HTML page:    {summary.html}")  # plain lines: a path must never be cut short
         typer.echo(f"summary JSON: {summary.summary_json}")
+        if summary.default_deployment:
+            typer.echo("The demo catalogue is in your default deployment: try "
+                       f"`agman search IMAGE -a {summary.attributes[0]}` or `Client().search(...)`.")
+        else:
+            typer.echo(f"Your default deployment holds other data, so the demo catalogue is in "
+                       f"{summary.deployment}: set AGMAN_DATA_DIR={summary.deployment} to explore it.")

@@ -7,9 +7,14 @@
   are);
 * ``models/``: the demo model cache (:func:`~agman_milvus.app.demo.demo_model.ensure_demo_model`), and
   ``model.safetensors``: a copy of the model this run used (the default checkpoint afterwards);
-* ``run/``: a FRESH embedded deployment (Milvus Lite + SQLite + blobs), deleted and rebuilt on
-  every run so the figures are reproducible; the user's own deployment is never touched;
 * ``demo.html`` and ``summary.json``.
+
+The deployment is rebuilt from scratch on every run (so the figures are reproducible) and is
+the user's **default** embedded deployment (``<data_dir>``: Milvus Lite + SQLite + blobs) when
+that is free: nothing is there yet, or only what an earlier demo put there. Then ``agman search``
+and ``Client()`` work on the demo's catalogue afterwards with nothing set. A deployment that
+holds anything else (the user's own catalogue), or a configured server, Milvus, database,
+broker or checkpoint, is never touched: the demo then runs in ``<data_dir>/demo/run/``.
 
 The catalog is split by the demo model's rule: the held-out test images (never trained on)
 are the search queries and are NOT ingested; everything else is. Precision@k of an attribute
@@ -63,6 +68,9 @@ Progress = Callable[[str, int, "int | None"], None]
 FASHION_ATTRIBUTES = ("articleType", "baseColour", "gender", "usage")
 """Default attributes of a fashion-products style manifest (``--catalog`` without ``--attributes``)."""
 RUN_MARKER = ".agman-demo-run"
+#: What an embedded deployment keeps in its data directory (removed when the demo rebuilds it).
+_DEPLOYMENT_FILES = ("milvus.db", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "blobs",
+                     "calibration")
 _METADATA_KEYS = {"productDisplayName": "title", "articleType": "category", "baseColour": "colour"}
 
 
@@ -136,6 +144,8 @@ class DemoSummary:
     seconds: dict[str, float]
     html: Path
     summary_json: Path
+    deployment: Path  # the data directory the demo's catalogue is served from
+    default_deployment: bool  # it is the user's default one (nothing to set to explore it)
 
     @property
     def mean_precision(self) -> float:
@@ -145,6 +155,7 @@ class DemoSummary:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["html"], data["summary_json"] = str(self.html), str(self.summary_json)
+        data["deployment"] = str(self.deployment)
         data["mean_precision_at_k"] = round(self.mean_precision, 2)
         return data
 
@@ -181,14 +192,53 @@ def _subset_manifest(manifest: Path, limit: int, out_dir: Path) -> Path:
     return path
 
 
-def _fresh_run_dir(run_dir: Path) -> None:
-    """Delete the previous demo deployment (only a directory this module made)."""
-    if run_dir.exists():
-        if not (run_dir / RUN_MARKER).is_file():
-            raise DemoError(f"{run_dir} exists but is not a demo deployment (no {RUN_MARKER}); move it away")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / RUN_MARKER).write_text("made by agman demo; deleted at the start of every run\n", encoding="utf-8")
+def _holds_only_the_demo(data_dir: Path, demo_products: set[str]) -> bool:
+    """True when the embedded deployment in ``data_dir`` is empty, or was made by a demo and
+    still holds nothing but the demo's products (so rebuilding it loses nothing of the user's)."""
+    present = [name for name in _DEPLOYMENT_FILES if (data_dir / name).exists()]
+    if not present:
+        return True
+    if not (data_dir / RUN_MARKER).is_file() or not (data_dir / "catalog.sqlite").is_file():
+        return False
+    from agman_milvus.services.store.catalog import Catalog
+    from agman_milvus.services.store.engine import create_catalog_engine
+
+    catalog = Catalog(create_catalog_engine(f"sqlite:///{data_dir / 'catalog.sqlite'}"))
+    try:
+        return catalog.products.external_ids() <= demo_products
+    finally:
+        catalog.dispose()
+
+
+def _fresh_deployment(data_dir: Path) -> None:
+    """Remove the previous demo deployment's files and mark the directory as the demo's."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in _DEPLOYMENT_FILES:
+        path = data_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    (data_dir / RUN_MARKER).write_text(
+        "made by agman demo: rebuilt by every demo run as long as it holds only the demo's catalogue\n",
+        encoding="utf-8")
+
+
+def _deployment(options: DemoOptions, demo_dir: Path, checkpoint: Path, demo_products: set[str]) -> Any:
+    """Settings of the deployment the demo rebuilds: the user's default one when it is free."""
+    from agman_milvus.core.config import get_settings
+
+    user = get_settings(data_dir=options.data_dir)
+    configured = user.milvus_uri or user.database_url or user.broker_url or (
+        user.checkpoint is not None and Path(user.checkpoint).resolve() != checkpoint.resolve())
+    if not configured and _holds_only_the_demo(user.data_dir, demo_products):
+        target, prefix = user.data_dir, user.collection_prefix
+    else:
+        target, prefix = demo_dir / "run", "agman_demo"
+        logger.info("the default deployment in %s holds other data (or a server is configured): the "
+                    "demo runs in %s instead", user.data_dir, target)
+    return get_settings(data_dir=target, checkpoint=checkpoint, milvus_uri=None, database_url=None,
+                        broker_url=None, collection_prefix=prefix)
 
 
 def _publish_checkpoint(checkpoint: Path, target: Path) -> None:
@@ -301,13 +351,13 @@ def _run(options: DemoOptions, demo_dir: Path, progress: Progress | None) -> Dem
     queries = _held_out_queries(data)
 
     # 3. a fresh deployment; ingest everything but the held-out images, then search and check
-    from agman_milvus.core.config import get_settings
     from agman_milvus.services.store.vectors import close_milvus
 
-    settings = get_settings(data_dir=demo_dir / "run", checkpoint=demo_model.checkpoint, milvus_uri=None,
-                            database_url=None, broker_url=None, collection_prefix="agman_demo")
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        demo_products = {row[product_column] for row in csv.DictReader(fh)}
+    settings = _deployment(options, demo_dir, demo_model.checkpoint, demo_products)
     close_milvus(settings)  # a previous run in this process may still hold the directory
-    _fresh_run_dir(demo_dir / "run")
+    _fresh_deployment(Path(settings.data_dir))
     plan = _Plan(manifest, image_root, product_column, generated, data, queries, demo_model, demo_dir)
     try:
         summary = _serve(options, settings, plan, seconds, progress, started)
@@ -342,7 +392,6 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
     product_column = plan.product_column
 
     names = list(data.catalog.schema.names)
-    run_dir = Path(settings.data_dir)
     all_items = read_manifest(manifest, image_root=image_root, product_column=product_column)
     held = {str(q.path) for q in queries}
     items = [item for item in all_items if str(item.path) not in held]
@@ -379,7 +428,7 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
         # 5. copy checks
         t0 = time.perf_counter()
         if generated:
-            unrelated_dir = run_dir / "unrelated"
+            unrelated_dir = demo_dir / "unrelated"
             fresh = generate_catalog(unrelated_dir, max(1, options.copies), seed=options.seed + 7919,
                                      image_size=options.image_size or 224)
             unrelated = [unrelated_dir / item.file for item in fresh.items]
@@ -408,7 +457,8 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
         images=len(all_items), products=len({i.product_id for i in all_items}), ingested=bulk.indexed,
         held_out_queries=len(queries), top_k=options.top_k, per_attribute=figures, multi=multi, copy=copy,
         ingest=ingest, model=model, seconds=seconds, html=demo_dir / "demo.html",
-        summary_json=demo_dir / "summary.json",
+        summary_json=demo_dir / "summary.json", deployment=Path(settings.data_dir),
+        default_deployment=Path(settings.data_dir) == Path(options.data_dir),
     )
     page.write_page(summary.html, _page(summary, demo_model, shown + multi_shown, copy_shown))
     summary.summary_json.write_text(json.dumps(summary.to_json(), indent=1) + "\n", encoding="utf-8")

@@ -52,6 +52,11 @@ class ProductRepository(Repository):
         with self.sessions() as s:
             return s.scalars(select(Product).where(Product.external_id == external_id)).first()
 
+    def external_ids(self) -> set[str]:
+        """Every product's external id (deleted ones included)."""
+        with self.sessions() as s:
+            return set(s.scalars(select(Product.external_id)))
+
     def soft_delete(self, external_id: str) -> list[int]:
         """Mark a product and all its images deleted; returns the image ids (for Milvus)."""
         now = utcnow()
