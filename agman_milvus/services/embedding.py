@@ -106,6 +106,9 @@ class Embedder:
         return self.model.descriptor_dim
 
     # -- inference ------------------------------------------------------------------------------
+    # encode_tensor is the model pass that the embedding engine (agman_milvus.core.engine) runs
+    # for ingest and reindex; encode and embed serve queries. Each splits its batch into chunks
+    # of ``batch_size`` on the model's device in one place, _in_chunks.
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.preprocess.batch(list(images))
 
@@ -115,19 +118,11 @@ class Embedder:
 
     def encode_tensor(self, batch: torch.Tensor) -> EncodedBatch:
         """As :meth:`encode`, for an already preprocessed batch [N, 3, S, S]."""
+        if batch.shape[0] == 0:
+            return self._empty()
         self.load()
-        embeddings, descriptors = [], []
-        for start in range(0, batch.shape[0], self.batch_size):
-            chunk = batch[start : start + self.batch_size]
-            size = chunk.shape[0]
-            if self.compile and size < self.batch_size:  # one static shape: no recompiles
-                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - size, *chunk.shape[1:]))])
-            chunk = chunk.to(self._device, memory_format=torch.channels_last)
-            with torch.inference_mode(), self._autocast():
-                emb, desc = self._run_encode(chunk)
-            embeddings.append(emb[:size].float().cpu().numpy())
-            descriptors.append(desc[:size].float().cpu().numpy())
-        return EncodedBatch(np.concatenate(embeddings), np.concatenate(descriptors))
+        embeddings, descriptors = self._in_chunks(batch, self._run_encode, pad=self.compile)
+        return EncodedBatch(embeddings, descriptors)
 
     def _run_encode(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (possibly compiled) encode; falls back to eager if compilation fails here."""
@@ -143,14 +138,34 @@ class Embedder:
     def embed(self, images: Sequence[Image.Image], attribute: str | int) -> np.ndarray:
         """Unit vectors [N, D] for one attribute (a query)."""
         model = self.load()
+        if not images:
+            return np.zeros((0, model.embed_dim), np.float32)
         ids = model.schema.resolve(attribute)
-        out = []
-        batch = self.preprocess(images)
+
+        def embed(chunk: torch.Tensor) -> tuple[torch.Tensor]:
+            return (model.embed(chunk, ids),)
+
+        (vectors,) = self._in_chunks(self.preprocess(images), embed, pad=False)
+        return vectors
+
+    def _in_chunks(
+        self, batch: torch.Tensor, run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], *,
+        pad: bool,
+    ) -> list[np.ndarray]:
+        """``run`` over ``batch`` (N > 0) in chunks of ``batch_size`` on the model's device, each
+        output as float32 numpy, concatenated. With ``pad`` a short last chunk is padded with
+        zeros to ``batch_size`` (one static shape for a compiled model: no recompiles)."""
+        parts = []
         for start in range(0, batch.shape[0], self.batch_size):
-            chunk = batch[start : start + self.batch_size].to(self._device, memory_format=torch.channels_last)
+            chunk = batch[start : start + self.batch_size]
+            size = chunk.shape[0]
+            if pad and size < self.batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - size, *chunk.shape[1:]))])
+            chunk = chunk.to(self._device, memory_format=torch.channels_last)
             with torch.inference_mode(), self._autocast():
-                out.append(model.embed(chunk, ids).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+                outputs = run(chunk)
+            parts.append([out[:size].float().cpu().numpy() for out in outputs])
+        return [np.concatenate(column) for column in zip(*parts)]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._device is not None and self._device.type == "cuda":

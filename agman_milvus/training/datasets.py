@@ -1,9 +1,11 @@
-"""PyTorch datasets for triplet training and per-image evaluation.
+"""Images of a training catalog: the triplet dataset for training, decoding for the engine.
 
 Images are decoded by the project's one safe decoder, :func:`agman_milvus.core.images.load_image`.
-An image that fails to decode is logged and skipped: ``__getitem__`` returns ``None`` and
-:func:`collate_skipping` drops it (a triplet is dropped whole) and reports how many it dropped,
-so a trainer can count them across DataLoader worker processes.
+An image that fails to decode is logged and skipped. In training, ``__getitem__`` returns
+``None`` and :func:`collate_skipping` drops it (a triplet is dropped whole) and reports how many
+it dropped, so a trainer can count them across DataLoader worker processes. Evaluation and the
+feature cache embed through :mod:`agman_milvus.core.engine`, whose decode functions build on
+:func:`decode_image`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from agman_milvus.training.readers import Label, Triplet
+from agman_milvus.core.engine import Decoded
+from agman_milvus.training.readers import Triplet
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,8 @@ class ImageTable:
         return self.root / self.relative[image]
 
 
-def load_tensor(table: ImageTable, image: int, transform: Transform) -> torch.Tensor | None:
-    """Decode and transform one image; ``None`` (with a warning) when it cannot be decoded."""
+def decode_image(table: ImageTable, image: int, transform: Transform) -> Decoded:
+    """Decode and transform one image: its tensor, or the failure (logged as a warning)."""
     from agman_milvus.core.images import ImageError, load_image
 
     path = table.path(image)
@@ -63,8 +66,13 @@ def load_tensor(table: ImageTable, image: int, transform: Transform) -> torch.Te
         picture = load_image(path)
     except (ImageError, OSError) as error:
         logger.warning("skipping image %d (%s): %s", image, path, error)
-        return None
-    return transform(picture)
+        return Decoded(failure=str(error))
+    return Decoded(transform(picture))
+
+
+def load_tensor(table: ImageTable, image: int, transform: Transform) -> torch.Tensor | None:
+    """Decode and transform one image; ``None`` (with a warning) when it cannot be decoded."""
+    return decode_image(table, image, transform).inputs  # type: ignore[return-value]
 
 
 class TripletDataset(Dataset):
@@ -87,28 +95,6 @@ class TripletDataset(Dataset):
                 return None
             images.append(tensor)
         return (*images, torch.tensor(triplet.attribute, dtype=torch.long))
-
-
-class LabeledImageDataset(Dataset):
-    """Items ``(image, attribute, value, position)`` for evaluation, or ``None``.
-
-    ``position`` is the index into ``labels`` so that dropped images can be accounted for.
-    """
-
-    def __init__(self, labels: Sequence[Label], table: ImageTable, transform: Transform) -> None:
-        self.labels = list(labels)
-        self.table = table
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...] | None:
-        label = self.labels[index]
-        tensor = load_tensor(self.table, label.image, self.transform)
-        if tensor is None:
-            return None
-        return (tensor, torch.tensor(label.attribute), torch.tensor(label.value), torch.tensor(index))
 
 
 def collate_skipping(batch: list[tuple[torch.Tensor, ...] | None]) -> tuple[list[torch.Tensor], int]:

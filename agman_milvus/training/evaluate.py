@@ -2,19 +2,22 @@
 
 Each evaluation image is embedded once, for its own attribute, in batches (``model.embed`` with
 per-sample attribute ids), in eval mode under ``torch.no_grad`` (the reference forgot both).
+Batches run on the embedding engine (:mod:`agman_milvus.core.engine`): ``workers`` threads
+decode the next batch while the model runs the current one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import nullcontext
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from agman_milvus.training.datasets import ImageTable, LabeledImageDataset, collate_skipping, load_tensor
+from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
 from agman_milvus.training.metrics import MAPResult, mean_average_precision, triplet_accuracy
 
@@ -30,6 +33,17 @@ def autocast(device: torch.device) -> torch.autocast | nullcontext:
     return nullcontext()
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode; its previous mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def embed_labels(
     model: torch.nn.Module,
@@ -37,34 +51,40 @@ def embed_labels(
     table: ImageTable,
     *,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int = 2,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Embed each labelled image for its attribute: (embeddings, attributes, values, dropped)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(
-        LabeledImageDataset(labels, table, model.preprocess),
-        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
-        persistent_workers=False,
-    )
+
+    def decode(label: Label) -> Decoded:
+        decoded = decode_image(table, label.image, model.preprocess)
+        if decoded.ok:
+            decoded.inputs = (decoded.inputs, torch.tensor(label.attribute))  # type: ignore[assignment]
+        return decoded
+
+    def embed(inputs: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+        images, attribute = inputs
+        with autocast(device):
+            emb = model.embed(images.to(device, non_blocking=True), attribute.to(device))
+        return emb.float().cpu().numpy()
+
     chunks, attrs, values = [], [], []
     dropped = 0
-    try:
-        for fields, skipped in loader:
-            dropped += skipped
-            if fields:
-                images, attribute, value, _ = fields
-                with autocast(device):
-                    emb = model.embed(images.to(device, non_blocking=True), attribute.to(device))
-                chunks.append(emb.float().cpu().numpy())
-                attrs.append(attribute.numpy())
-                values.append(value.numpy())
-            if progress is not None:
-                progress(skipped + (len(fields[0]) if fields else 0))
-    finally:
-        model.train(was_training)
+
+    def collect(batch: Batch[Label, Decoded], embeddings: np.ndarray | None) -> None:
+        nonlocal dropped
+        dropped += len(batch.failures)
+        if embeddings is not None:
+            chunks.append(embeddings)
+            attrs.append(np.asarray([label.attribute for label in batch.ok_items]))
+            values.append(np.asarray([label.value for label in batch.ok_items]))
+        if progress is not None:
+            progress(len(batch.items))
+
+    with evaluating(model):
+        engine = EmbeddingEngine(decode, embed, decode_workers=workers)
+        engine.run(batched(labels, batch_size), collect)
     if not chunks:
         raise ValueError("no evaluation image could be decoded")
     return np.concatenate(chunks), np.concatenate(attrs), np.concatenate(values), dropped
@@ -76,7 +96,7 @@ def evaluate_map(
     table: ImageTable,
     *,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int = 2,
     progress: Progress | None = None,
 ) -> MAPResult:
     """Per-attribute and overall MAP (x100) of ``model`` on ``split``."""
@@ -95,29 +115,42 @@ def evaluate_triplets(
     table: ImageTable,
     *,
     batch_size: int = 64,
+    workers: int = 2,
     progress: Progress | None = None,
 ) -> float:
     """TR accuracy (x100): s(anchor, positive) > s(anchor, negative), all with the condition."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+
+    def decode(triplet: Triplet) -> Decoded:
+        images = []
+        for image in triplet[:3]:
+            decoded = decode_image(table, image, model.preprocess)
+            if not decoded.ok:
+                return decoded  # the triplet is dropped whole
+            images.append(decoded.inputs)
+        return Decoded((*images, torch.tensor(triplet.attribute)))
+
+    def similarities(inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+        ids = inputs[3].to(device)
+        a, n, p = (x.to(device) for x in inputs[:3])
+        with autocast(device):
+            ea, en, ep = model.embed(a, ids), model.embed(n, ids), model.embed(p, ids)
+        positive = (ea.float() * ep.float()).sum(1)
+        negative = (ea.float() * en.float()).sum(1)
+        return positive.cpu().numpy(), negative.cpu().numpy()
+
     close, far = [], []
-    try:
-        for start in range(0, len(triplets), batch_size):
-            batch = triplets[start : start + batch_size]
-            loaded = [[load_tensor(table, i, model.preprocess) for i in t[:3]] for t in batch]
-            keep = [(t, imgs) for t, imgs in zip(batch, loaded) if all(x is not None for x in imgs)]
-            if keep:
-                ids = torch.tensor([t.attribute for t, _ in keep], device=device)
-                a, n, p = (torch.stack([imgs[k] for _, imgs in keep]).to(device) for k in range(3))
-                with autocast(device):
-                    ea, en, ep = model.embed(a, ids), model.embed(n, ids), model.embed(p, ids)
-                close.append((ea.float() * ep.float()).sum(1).cpu().numpy())
-                far.append((ea.float() * en.float()).sum(1).cpu().numpy())
-            if progress is not None:
-                progress(len(batch))
-    finally:
-        model.train(was_training)
+
+    def collect(batch: Batch[Triplet, Decoded], scores: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if scores is not None:
+            close.append(scores[0])
+            far.append(scores[1])
+        if progress is not None:
+            progress(len(batch.items))
+
+    with evaluating(model):
+        engine = EmbeddingEngine(decode, similarities, decode_workers=workers)
+        engine.run(batched(triplets, batch_size), collect)
     if not close:
         raise ValueError("no evaluation triplet could be decoded")
     return triplet_accuracy(np.concatenate(close), np.concatenate(far))

@@ -23,12 +23,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 
-from agman_milvus.training.datasets import ImageTable, LabeledImageDataset, collate_skipping
-from agman_milvus.training.readers import Label
+from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.training.datasets import ImageTable, decode_image
+from agman_milvus.training.evaluate import evaluating
 
 logger = logging.getLogger(__name__)
+
+#: (flipped, mid maps, high maps) for each variant of a batch: as is and, with flips, mirrored
+TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor]]
 
 
 class FeatureCache:
@@ -65,31 +68,37 @@ class FeatureCache:
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
     ) -> "FeatureCache":
-        """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors)."""
-        was_training = trunk.training
-        trunk.eval()
+        """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
+        ``workers`` threads decoding the next batch meanwhile."""
         device = next(trunk.parameters()).device
-        labels = [Label(i, 0, 0) for i in sorted(set(images))]
-        loader = DataLoader(LabeledImageDataset(labels, table, preprocess), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate_skipping)
+
+        def decode(image: int) -> Decoded:
+            return decode_image(table, image, preprocess)
+
+        def trunk_maps(batch: torch.Tensor) -> TrunkMaps:
+            variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
+            out = []
+            for flipped, x in variants:
+                mid = trunk.forward_mid(x.to(device))
+                out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
+            return out
+
         mids, highs, keys = [], [], []
         dropped = 0
-        try:
-            with torch.no_grad():
-                for fields, skipped in loader:
-                    dropped += skipped
-                    if fields:
-                        batch, _, _, positions = fields
-                        variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
-                        for flipped, x in variants:
-                            mid = trunk.forward_mid(x.to(device))
-                            mids.append(mid.cpu())
-                            highs.append(trunk.forward_high(mid).cpu())
-                            keys += [(labels[int(p)].image, flipped) for p in positions]
-                    if progress is not None:
-                        progress(skipped + (len(fields[0]) if fields else 0))
-        finally:
-            trunk.train(was_training)
+
+        def collect(batch: Batch[int, Decoded], maps: TrunkMaps | None) -> None:
+            nonlocal dropped
+            dropped += len(batch.failures)
+            for flipped, mid, high in maps or []:
+                mids.append(mid)
+                highs.append(high)
+                keys.extend((image, flipped) for image in batch.ok_items)
+            if progress is not None:
+                progress(len(batch.items))
+
+        engine = EmbeddingEngine(decode, trunk_maps, decode_workers=workers)
+        with evaluating(trunk), torch.no_grad():
+            engine.run(batched(sorted(set(images)), batch_size), collect)
         if not keys:
             raise ValueError("no image could be decoded for the feature cache")
         if dropped:

@@ -1,6 +1,7 @@
 """Index images: read/decode -> model -> write, with the stages overlapped.
 
-A thread pool reads and decodes batch n+1 while the model runs batch n, and a writer thread
+Batches of catalog rows run on the embedding engine (:mod:`agman_milvus.core.engine`): a
+thread pool reads and decodes batch n+1 while the model runs batch n, and a writer thread
 stores batch n-1 (vectors into every Milvus collection, then the SQL status) meanwhile, in the
 style of clip-retrieval's reader -> mapper -> writer. Per-stage timings are logged per batch.
 
@@ -21,13 +22,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from agman_milvus.usecases.row_decoding import Decoded, decode_image_row
+from agman_milvus.core.engine import STAGES, Batch, EmbeddingEngine
+from agman_milvus.services.embedding import EncodedBatch
+from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 from agman_milvus.services.store.catalog import Catalog, ImageFeatures, ImageInfo, ImageStatus
 from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import VectorRow
@@ -35,8 +36,6 @@ from agman_milvus.services.store.vectors import VectorRow
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexReport", "index_images", "vector_rows"]
-
-STAGES = ("read_decode", "decode_wait", "model", "write", "write_wait")
 
 
 @dataclass
@@ -77,8 +76,8 @@ class IndexReport:
 
 
 def vector_rows(
-    ok: Sequence[Decoded], keep: Iterable[int], info: Mapping[int, ImageInfo], names: Sequence[str],
-    embeddings: np.ndarray, descriptors: np.ndarray,
+    ok: Sequence[DecodedRow], keep: Iterable[int], info: Mapping[int, ImageInfo],
+    names: Sequence[str], embeddings: np.ndarray, descriptors: np.ndarray,
 ) -> Iterator[VectorRow]:
     """Milvus rows for the images ``ok[j]``, ``j`` in ``keep``: one vector per attribute, the
     copy descriptor and the product's filter metadata."""
@@ -91,32 +90,19 @@ def vector_rows(
         )
 
 
-def _record_features(catalog: Catalog, decoded: Sequence[Decoded]) -> None:
+def _record_features(catalog: Catalog, decoded: Sequence[DecodedRow]) -> None:
     """Store width, height and perceptual hash of decoded images."""
     catalog.images.record_features(ImageFeatures(d.image_id, d.width, d.height, d.phash) for d in decoded)
-
-
-class _Batch:
-    """One batch moving through the stages."""
-
-    def __init__(self, number: int, rows: Sequence[Image]) -> None:
-        self.number = number
-        self.rows = rows
-        self.futures: list[Future[Decoded]] = []
-        self.decoded: list[Decoded] = []
-        self.times: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
 
 def _batches(
     image_ids: Iterable[int], size: int, catalog: Catalog, version: str, force: bool,
     report: IndexReport,
-) -> Iterator[_Batch]:
+) -> Iterator[list[Image]]:
     """Group ids (possibly still arriving) into batches of rows that need embedding."""
     seen: set[int] = set()
-    number = 0
 
-    def make(ids: list[int]) -> _Batch | None:
-        nonlocal number
+    def make(ids: list[int]) -> list[Image]:
         rows = catalog.images.get_many(ids)
         todo = []
         for image_id in ids:
@@ -127,10 +113,7 @@ def _batches(
                 report.skipped.append(image_id)
             else:
                 todo.append(row)
-        if not todo:
-            return None
-        number += 1
-        return _Batch(number - 1, todo)
+        return todo
 
     buffer: list[int] = []
     for raw in image_ids:
@@ -142,9 +125,9 @@ def _batches(
         if len(buffer) == size:
             batch = make(buffer)
             buffer = []
-            if batch is not None:
+            if batch:
                 yield batch
-    if buffer and (batch := make(buffer)) is not None:
+    if buffer and (batch := make(buffer)):
         yield batch
 
 
@@ -175,22 +158,17 @@ def index_images(
     preprocess = embedder.model.preprocess
     names = embedder.schema.names
 
-    size = batch_size or settings.batch_size
-    batches = _batches(image_ids, size, catalog, version, force, report)
-    workers = settings.decode_workers
-
-    def decode(row: Image) -> Decoded:
+    def decode(row: Image) -> DecodedRow:
         return decode_image_row(row.id, row.sha256, row.source_uri, blobs=services.blobs,
                                 settings=settings, preprocess=preprocess)
 
-    def write(batch: _Batch, ok: list[Decoded], embeddings: np.ndarray, descriptors: np.ndarray) -> IndexReport:
-        t0 = time.perf_counter()
-        part = IndexReport(batches=1, model_version=version)
+    def store(ok: list[DecodedRow], encoded: EncodedBatch, number: int) -> tuple[list[int], list[int]]:
+        """Vectors first, then SQL; returns (indexed, skipped) image ids."""
         info = catalog.images.info([d.image_id for d in ok])
         keep = [j for j, d in enumerate(ok) if d.image_id in info
                 and info[d.image_id].status != ImageStatus.deleted
                 and not info[d.image_id].product_deleted]
-        vectors.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
+        vectors.upsert(vector_rows(ok, keep, info, names, encoded.embeddings, encoded.descriptors))
         written = [ok[j] for j in keep]
         _record_features(catalog, written)
         ids = [d.image_id for d in written]
@@ -199,76 +177,32 @@ def index_images(
         gone = [i for i, r in catalog.images.get_many(ids).items() if r.status == ImageStatus.deleted]
         if gone:
             vectors.delete_images(gone)
-            logger.info("batch %d: %d images were deleted meanwhile; vectors removed", batch.number, len(gone))
-        for d in batch.decoded:
-            if d.failure is not None:
-                catalog.images.mark_failed(d.image_id, d.failure)
-                part.failed[d.image_id] = d.failure
+            logger.info("batch %d: %d images were deleted meanwhile; vectors removed",
+                        number, len(gone))
         gone_set, keep_set = set(gone), set(keep)
-        part.indexed = [i for i in ids if i not in gone_set]
-        part.skipped = [d.image_id for j, d in enumerate(ok) if j not in keep_set] + gone
-        batch.times["write"] = time.perf_counter() - t0
+        indexed = [i for i in ids if i not in gone_set]
+        return indexed, [d.image_id for j, d in enumerate(ok) if j not in keep_set] + gone
+
+    def write(batch: Batch[Image, DecodedRow], encoded: EncodedBatch | None) -> IndexReport:
+        part = IndexReport(batches=1, model_version=version)
+        if encoded is not None:
+            part.indexed, part.skipped = store(batch.ok, encoded, batch.number)
+        for row, reason in batch.failures:
+            catalog.images.mark_failed(row.id, reason)
+            part.failed[row.id] = reason
         return part
 
-    def submit(pool: ThreadPoolExecutor | None, batch: _Batch) -> None:
-        if pool is not None:
-            batch.futures = [pool.submit(decode, row) for row in batch.rows]
-
-    def finish(batch: _Batch, part: IndexReport) -> None:
-        for key, value in batch.times.items():
-            part.timings[key] = value
-        t = batch.times
-        logger.info(
-            "batch %d: %d images, %d indexed, %d failed | read/decode %.3fs (model waited "
-            "%.3fs) model %.3fs write %.3fs (waited %.3fs)",
-            batch.number + 1, len(batch.rows), len(part.indexed), len(part.failed),
-            t["read_decode"], t["decode_wait"], t["model"], t["write"], t["write_wait"],
-        )
+    def finish(batch: Batch[Image, DecodedRow], part: IndexReport) -> None:
+        part.timings.update(batch.times)
+        logger.info("batch %d: %d images, %d indexed, %d failed | %s", batch.number + 1,
+                    len(batch.items), len(part.indexed), len(part.failed), batch.timing_text())
         report.merge(part)
         if on_batch is not None:
             on_batch(part)
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="agman-decode") if workers > 0 else None
-    writer = ThreadPoolExecutor(1, thread_name_prefix="agman-write")
-    in_flight: tuple[_Batch, Future[IndexReport]] | None = None
-    try:
-        upcoming = next(batches, None)
-        if upcoming is not None:
-            submit(pool, upcoming)
-        while upcoming is not None:
-            batch = upcoming
-            upcoming = next(batches, None)
-            if upcoming is not None:
-                submit(pool, upcoming)  # decode the next batch while the model runs this one
-            t0 = time.perf_counter()
-            batch.decoded = [f.result() for f in batch.futures] if pool else [decode(r) for r in batch.rows]
-            batch.times["decode_wait"] = time.perf_counter() - t0
-            batch.times["read_decode"] = sum(d.seconds for d in batch.decoded)
-            ok = [d for d in batch.decoded if d.ok]
-            t0 = time.perf_counter()
-            if ok:
-                encoded = embedder.encode_tensor(torch.stack([d.tensor for d in ok]))  # type: ignore[misc]
-                embeddings, descriptors = encoded.embeddings, encoded.descriptors
-            else:
-                embeddings = np.zeros((0, len(names), embedder.embed_dim), np.float32)
-                descriptors = np.zeros((0, embedder.descriptor_dim), np.float32)
-            for d in ok:
-                d.tensor = None  # free memory early
-            batch.times["model"] = time.perf_counter() - t0
-            if in_flight is not None:  # at most one batch being written while the next embeds
-                t0 = time.perf_counter()
-                previous, future = in_flight
-                part = future.result()
-                previous.times["write_wait"] = time.perf_counter() - t0
-                finish(previous, part)
-            in_flight = (batch, writer.submit(write, batch, ok, embeddings, descriptors))
-        if in_flight is not None:
-            previous, future = in_flight
-            finish(previous, future.result())
-            in_flight = None
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
+    engine = EmbeddingEngine(decode, embedder.encode_tensor, write,
+                             decode_workers=settings.decode_workers, write_in_thread=True)
+    size = batch_size or settings.batch_size
+    engine.run(_batches(image_ids, size, catalog, version, force, report), finish)
     report.timings["total"] = time.perf_counter() - started
     return report

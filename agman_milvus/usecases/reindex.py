@@ -20,19 +20,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from agman_milvus.core.config import Settings
-from agman_milvus.services.embedding import Embedder
-from agman_milvus.usecases.row_decoding import Decoded, decode_image_row
+from agman_milvus.core.engine import Batch, EmbeddingEngine, batched
+from agman_milvus.services.embedding import EncodedBatch, Embedder
+from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 from agman_milvus.usecases.indexing import vector_rows
 from agman_milvus.services.container import Services
 from agman_milvus.services.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
+from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import COPY, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -262,60 +261,52 @@ def _embed(
     report: ReindexReport, batch_size: int, on_progress: Progress | None, *, done: int,
     total: int,
 ) -> None:
-    """Decode (next batch ahead, in threads), embed and write ``image_ids`` to ``store``.
+    """Decode (next batch ahead, in threads), embed and write ``image_ids`` to ``store`` (in a
+    writer thread, while the next batch embeds), on the embedding engine.
 
     SQL is not changed: the rows keep serving the active version until the switch.
     """
     settings, catalog = services.settings, services.catalog
     preprocess = embedder.model.preprocess
     names = embedder.schema.names
+    chunks = list(batched(image_ids, batch_size))
 
-    def decode(image_id: int, sha256: str, source_uri: str | None) -> Decoded:
-        return decode_image_row(image_id, sha256, source_uri, blobs=services.blobs,
+    def live_rows(ids: list[int]) -> list[Image]:
+        rows = catalog.images.get_many(ids)
+        return [r for i in ids if (r := rows.get(i)) is not None and r.status in LIVE_STATUSES]
+
+    def decode(row: Image) -> DecodedRow:
+        return decode_image_row(row.id, row.sha256, row.source_uri, blobs=services.blobs,
                                 settings=settings, preprocess=preprocess)
 
-    def submit(pool: ThreadPoolExecutor, ids: Sequence[int]) -> list[Future[Decoded]]:
-        rows = catalog.images.get_many(ids)
-        return [pool.submit(decode, r.id, r.sha256, r.source_uri) for i in ids
-                if (r := rows.get(i)) is not None and r.status in LIVE_STATUSES]
+    def write(batch: Batch[Image, DecodedRow], encoded: EncodedBatch | None) -> list[int]:
+        return _write(store, catalog, batch.ok, names, encoded) if encoded is not None else []
 
-    chunks = [image_ids[i:i + batch_size] for i in range(0, len(image_ids), batch_size)]
-    workers = max(1, settings.decode_workers)
-    with ThreadPoolExecutor(workers, thread_name_prefix="agman-reindex") as pool:
-        upcoming = submit(pool, chunks[0]) if chunks else []
-        for number in range(len(chunks)):
-            t0 = time.perf_counter()
-            decoded = [f.result() for f in upcoming]
-            upcoming = submit(pool, chunks[number + 1]) if number + 1 < len(chunks) else []
-            t1 = time.perf_counter()
-            ok = [d for d in decoded if d.ok]
-            report.failed.update((d.image_id, d.failure or "") for d in decoded if not d.ok)
-            written: list[int] = []
-            if ok:
-                batch = torch.stack([d.tensor for d in ok])  # type: ignore[misc]
-                encoded = embedder.encode_tensor(batch)
-                t2 = time.perf_counter()
-                written = _write(store, catalog, ok, names, encoded.embeddings, encoded.descriptors)
-            else:
-                t2 = time.perf_counter()
-            report.embedded += written
-            done += len(chunks[number])
-            logger.info("reindex batch %d/%d: %d written, %d failed | decode wait %.3fs model "
-                        "%.3fs write %.3fs", number + 1, len(chunks), len(written),
-                        len(decoded) - len(ok), t1 - t0, t2 - t1, time.perf_counter() - t2)
-            if on_progress is not None:
-                on_progress(min(done, total), total)
+    def finish(batch: Batch[Image, DecodedRow], written: list[int]) -> None:
+        nonlocal done
+        failures = batch.failures
+        report.failed.update((row.id, reason) for row, reason in failures)
+        report.embedded += written
+        done += len(chunks[batch.number])
+        logger.info("reindex batch %d/%d: %d written, %d failed | %s", batch.number + 1,
+                    len(chunks), len(written), len(failures), batch.timing_text())
+        if on_progress is not None:
+            on_progress(min(done, total), total)
+
+    engine = EmbeddingEngine(decode, embedder.encode_tensor, write, name="agman-reindex",
+                             decode_workers=settings.decode_workers, write_in_thread=True)
+    engine.run((live_rows(ids) for ids in chunks), finish)
 
 
 def _write(
-    store: VectorStore, catalog: Catalog, ok: Sequence[Decoded], names: Sequence[str],
-    embeddings: Any, descriptors: Any,
+    store: VectorStore, catalog: Catalog, ok: Sequence[DecodedRow], names: Sequence[str],
+    encoded: EncodedBatch,
 ) -> list[int]:
     """Upsert the batch's live images; undo images deleted while they were embedded."""
     info = catalog.images.info([d.image_id for d in ok])
     keep = [j for j, d in enumerate(ok) if (m := info.get(d.image_id)) is not None
             and m.status in LIVE_STATUSES and not m.product_deleted]
-    store.upsert(vector_rows(ok, keep, info, names, embeddings, descriptors))
+    store.upsert(vector_rows(ok, keep, info, names, encoded.embeddings, encoded.descriptors))
     ids = [ok[j].image_id for j in keep]
     rows = catalog.images.get_many(ids)
     gone = [i for i in ids if i not in rows or rows[i].status == ImageStatus.deleted]

@@ -3,13 +3,13 @@
 Bytes come from the content-addressed blob store when the image's SHA-256 is stored there,
 otherwise from the row's source URI (http(s) images are fetched here, in the worker). All
 decoding goes through :mod:`agman_milvus.core.images`; anything that goes wrong with one image is
-captured as a :class:`Decoded` failure so the rest of the batch goes on.
+captured as a :class:`DecodedRow` failure so the rest of the batch goes on. This is the decode
+function that :mod:`agman_milvus.core.engine` runs for ingest and reindex.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,32 +18,27 @@ from PIL import Image
 
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.core.config import Settings
+from agman_milvus.core.engine import Decoded
 from agman_milvus.core.images import ImageError, decode_image_bytes
 from agman_milvus.services.fetch import read_image_bytes
 from agman_milvus.core.phash import phash, to_signed64
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Decoded", "decode_image_row", "failure_text"]
+__all__ = ["DecodedRow", "decode_image_row", "failure_text"]
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
-@dataclass
-class Decoded:
-    """One image after the read/decode stage: either ``tensor`` + features, or ``failure``."""
+@dataclass(kw_only=True)
+class DecodedRow(Decoded):
+    """One catalog image after the read/decode stage: ``inputs`` (the preprocessed tensor) and
+    the image's features, or ``failure`` as ``"<reason>: <message>"``."""
 
     image_id: int
-    tensor: torch.Tensor | None = None
     width: int | None = None
     height: int | None = None
     phash: int | None = None  # signed 64-bit, as stored in SQL
-    failure: str | None = None  # "<reason>: <message>"
-    seconds: float = 0.0  # time spent reading + decoding + preprocessing
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
 
 
 def failure_text(exc: BaseException) -> str:
@@ -76,22 +71,20 @@ def decode_image_row(
     blobs: BlobStore,
     settings: Settings,
     preprocess: Preprocess,
-) -> Decoded:
+) -> DecodedRow:
     """Read, decode, hash and preprocess one image; never raises for a bad image."""
-    start = time.perf_counter()
     try:
         data = read_row_bytes(image_id, sha256, source_uri, blobs, settings)
         label = source_uri or f"image {image_id}"
         image = decode_image_bytes(data, settings=settings, source=label)
-        out = Decoded(
-            image_id=image_id, tensor=preprocess(image), width=image.width,
+        return DecodedRow(
+            image_id=image_id, inputs=preprocess(image), width=image.width,
             height=image.height, phash=to_signed64(phash(image)),
         )
     except ImageError as exc:
-        out = Decoded(image_id=image_id, failure=failure_text(exc))
+        out = DecodedRow(image_id=image_id, failure=failure_text(exc))
         logger.info("image %d failed: %s", image_id, out.failure)
     except Exception as exc:  # noqa: BLE001 - one broken image must not stop the batch
-        out = Decoded(image_id=image_id, failure=failure_text(exc))
+        out = DecodedRow(image_id=image_id, failure=failure_text(exc))
         logger.warning("image %d failed unexpectedly: %s", image_id, out.failure, exc_info=True)
-    out.seconds = time.perf_counter() - start
     return out

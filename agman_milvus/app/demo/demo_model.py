@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from agman_milvus.training.catalog_split import Catalog, read_catalog, split_catalog
-from agman_milvus.training.datasets import ImageTable, load_tensor
+from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.training.datasets import ImageTable, decode_image
+from agman_milvus.training.evaluate import evaluating
 from agman_milvus.training.readers import Label, RetrievalSplit
 from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.core.model import build_model, load_checkpoint
@@ -152,34 +154,38 @@ def precision_at_k(similarity: np.ndarray, query_values: np.ndarray, candidate_v
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, table: ImageTable, images: Sequence[int], *,
-                 batch_size: int = 32) -> tuple[dict[int, np.ndarray], float]:
+                 batch_size: int = 32, workers: int = 2) -> tuple[dict[int, np.ndarray], float]:
     """``{image: [K, D] unit embeddings}`` for every decodable image, and images per second.
 
     Models with ``embed_all`` embed every attribute from one backbone pass; others (the
-    ImageNet floor) give one attribute-independent vector, repeated K times.
+    ImageNet floor) give one attribute-independent vector, repeated K times. ``workers``
+    threads decode the next batch while the model runs the current one.
     """
     device = next(model.parameters()).device
     k = len(model.schema)
-    was_training = model.training
-    model.eval()
+
+    def decode(image: int) -> Decoded:
+        return decode_image(table, image, model.preprocess)
+
+    def embed(batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(device)
+        if hasattr(model, "embed_all"):
+            vectors = model.embed_all(batch)
+        else:
+            ignored = torch.zeros(len(batch), dtype=torch.long)  # one vector for every attribute
+            vectors = model.embed(batch, ignored).unsqueeze(1).expand(-1, k, -1)
+        return vectors.float().cpu().numpy()
+
     out: dict[int, np.ndarray] = {}
-    started = time.perf_counter()
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            pairs = [(i, t) for i in chunk if (t := load_tensor(table, i, model.preprocess)) is not None]
-            if not pairs:
-                continue
-            batch = torch.stack([t for _, t in pairs]).to(device)
-            if hasattr(model, "embed_all"):
-                vectors = model.embed_all(batch)
-            else:
-                vectors = model.embed(batch, torch.zeros(len(pairs), dtype=torch.long)).unsqueeze(1).expand(-1, k, -1)
-            for (image, _), vector in zip(pairs, vectors.float().cpu().numpy()):
-                out[image] = vector
-    finally:
-        model.train(was_training)
-    seconds = time.perf_counter() - started
+
+    def collect(batch: Batch[int, Decoded], vectors: np.ndarray | None) -> None:
+        if vectors is not None:
+            out.update(zip(batch.ok_items, vectors))
+
+    with evaluating(model):
+        engine = EmbeddingEngine(decode, embed, decode_workers=workers)
+        timings = engine.run(batched(images, batch_size), collect)
+    seconds = timings["total"]
     return out, (len(out) / seconds if seconds > 0 else 0.0)
 
 
