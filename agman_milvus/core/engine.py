@@ -39,10 +39,10 @@ STAGES = ("read_decode", "decode_wait", "model", "write", "write_wait")
 #: One item's model inputs: a tensor, or a tuple of tensors (e.g. image and attribute id).
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
-T = TypeVar("T")  # a work item
-D = TypeVar("D", bound="Decoded")  # what decoding one item gives
-O = TypeVar("O")  # the model's outputs for one batch
-R = TypeVar("R")  # the writer's result for one batch
+Item = TypeVar("Item")  # a work item
+Dec = TypeVar("Dec", bound="Decoded")  # what decoding one item gives
+Out = TypeVar("Out")  # the model's outputs for one batch
+Res = TypeVar("Res")  # the writer's result for one batch
 
 
 @dataclass
@@ -62,26 +62,26 @@ class Decoded:
 
 
 @dataclass
-class Batch(Generic[T, D]):
+class Batch(Generic[Item, Dec]):
     """One batch moving through the stages: its items and, once decoded, one result each."""
 
     number: int  # 0-based, in the order the batches arrived
-    items: list[T]
-    decoded: list[D] = field(default_factory=list)  # decoded[i] belongs to items[i]
+    items: list[Item]
+    decoded: list[Dec] = field(default_factory=list)  # decoded[i] belongs to items[i]
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
-    def ok(self) -> list[D]:
+    def ok(self) -> list[Dec]:
         """The decoded items that went through the model, in the order of its outputs."""
         return [d for d in self.decoded if d.ok]
 
     @property
-    def ok_items(self) -> list[T]:
+    def ok_items(self) -> list[Item]:
         """The items of :attr:`ok`."""
         return [item for item, d in zip(self.items, self.decoded) if d.ok]
 
     @property
-    def failures(self) -> list[tuple[T, str]]:
+    def failures(self) -> list[tuple[Item, str]]:
         """``(item, reason)`` for every item that could not be decoded."""
         return [(item, d.failure) for item, d in zip(self.items, self.decoded)
                 if d.failure is not None]
@@ -93,7 +93,7 @@ class Batch(Generic[T, D]):
                 f"model {t['model']:.3f}s write {t['write']:.3f}s (waited {t['write_wait']:.3f}s)")
 
 
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     """Lists of ``size`` items (the last may be shorter), formed as the items arrive."""
     if size < 1:
         raise ValueError(f"batch size must be at least 1, not {size}")
@@ -109,7 +109,7 @@ def stack(inputs: Sequence[Inputs]) -> Inputs:
     return tuple(torch.stack(list(column)) for column in zip(*inputs))
 
 
-class EmbeddingEngine(Generic[T, D, O, R]):
+class EmbeddingEngine(Generic[Item, Dec, Out, Res]):
     """Runs batches through decode -> model -> write with the stages overlapped.
 
     ``decode(item)`` returns a :class:`Decoded` and must not raise for a bad item (an
@@ -124,9 +124,9 @@ class EmbeddingEngine(Generic[T, D, O, R]):
 
     def __init__(
         self,
-        decode: Callable[[T], D],
-        model: Callable[[Inputs], O],
-        write: Callable[[Batch[T, D], O | None], R] | None = None,
+        decode: Callable[[Item], Dec],
+        model: Callable[[Inputs], Out],
+        write: Callable[[Batch[Item, Dec], Out | None], Res] | None = None,
         *,
         decode_workers: int = 2,
         write_in_thread: bool = False,
@@ -141,8 +141,8 @@ class EmbeddingEngine(Generic[T, D, O, R]):
 
     def run(
         self,
-        batches: Iterable[Sequence[T]],
-        on_batch: Callable[[Batch[T, D], R], None] | None = None,
+        batches: Iterable[Sequence[Item]],
+        on_batch: Callable[[Batch[Item, Dec], Res], None] | None = None,
     ) -> dict[str, float]:
         """Process ``batches`` (possibly lazy); ``on_batch(batch, result)`` is called for each
         written batch, in order. Returns the run's timings: every stage summed over batches,
@@ -150,7 +150,7 @@ class EmbeddingEngine(Generic[T, D, O, R]):
         started = time.perf_counter()
         timings = dict.fromkeys((*STAGES, "total"), 0.0)
 
-        def done(batch: Batch[T, D], result: R) -> None:
+        def done(batch: Batch[Item, Dec], result: Res) -> None:
             for key, value in batch.times.items():
                 timings[key] += value
             if on_batch is not None:
@@ -162,7 +162,7 @@ class EmbeddingEngine(Generic[T, D, O, R]):
         if self.write_in_thread:
             writer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-write")
         numbered = (Batch(number, list(items)) for number, items in enumerate(batches))
-        in_flight: tuple[Batch[T, D], Future[R]] | None = None
+        in_flight: tuple[Batch[Item, Dec], Future[Res]] | None = None
         try:
             upcoming = self._start(next(numbered, None), pool)
             while upcoming is not None:
@@ -193,21 +193,21 @@ class EmbeddingEngine(Generic[T, D, O, R]):
         return timings
 
     # -- the stages ------------------------------------------------------------------------------
-    def _decode(self, item: T) -> D:
+    def _decode(self, item: Item) -> Dec:
         t0 = time.perf_counter()
         decoded = self.decode(item)
         decoded.seconds = time.perf_counter() - t0
         return decoded
 
     def _start(
-        self, batch: Batch[T, D] | None, pool: ThreadPoolExecutor | None,
-    ) -> tuple[Batch[T, D], list[Future[D]] | None] | None:
+        self, batch: Batch[Item, Dec] | None, pool: ThreadPoolExecutor | None,
+    ) -> tuple[Batch[Item, Dec], list[Future[Dec]] | None] | None:
         """Submit a batch's items to the decode threads (None: decode later, in this thread)."""
         if batch is None:
             return None
         return batch, ([pool.submit(self._decode, item) for item in batch.items] if pool else None)
 
-    def _collect(self, batch: Batch[T, D], pending: list[Future[D]] | None) -> None:
+    def _collect(self, batch: Batch[Item, Dec], pending: list[Future[Dec]] | None) -> None:
         t0 = time.perf_counter()
         if pending is None:
             batch.decoded = [self._decode(item) for item in batch.items]
@@ -216,7 +216,7 @@ class EmbeddingEngine(Generic[T, D, O, R]):
         batch.times["decode_wait"] = time.perf_counter() - t0
         batch.times["read_decode"] = sum(d.seconds for d in batch.decoded)
 
-    def _model_pass(self, batch: Batch[T, D]) -> O | None:
+    def _model_pass(self, batch: Batch[Item, Dec]) -> Out | None:
         t0 = time.perf_counter()
         ok = batch.ok
         outputs = self.model(stack([d.inputs for d in ok])) if ok else None  # type: ignore[misc]
@@ -225,7 +225,7 @@ class EmbeddingEngine(Generic[T, D, O, R]):
         batch.times["model"] = time.perf_counter() - t0
         return outputs
 
-    def _write(self, batch: Batch[T, D], outputs: O | None) -> R:
+    def _write(self, batch: Batch[Item, Dec], outputs: Out | None) -> Res:
         t0 = time.perf_counter()
         result = self.write(batch, outputs) if self.write is not None else outputs
         batch.times["write"] = time.perf_counter() - t0
