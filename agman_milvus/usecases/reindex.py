@@ -26,6 +26,7 @@ from typing import Any
 
 from agman_milvus.core.config import Settings
 from agman_milvus.core.engine import Batch, EmbeddingEngine, batched
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.embedding import EncodedBatch, Embedder
 from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 from agman_milvus.usecases.indexing import vector_rows
@@ -44,7 +45,7 @@ CATCH_UP_ROUNDS = 3
 Progress = Callable[[int, int], None]
 
 
-class ReindexError(RuntimeError):
+class ReindexError(AgmanError, RuntimeError):
     """A reindex that cannot run as asked; the message says why."""
 
 
