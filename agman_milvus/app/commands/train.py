@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
         cache_path: Optional[Path] = typer.Option(None, help="Reuse/save the feature cache here", rich_help_panel=_RECIPE),
         seed: int = typer.Option(1, rich_help_panel=_RECIPE),
         device: str = typer.Option("auto", help="auto, cpu or cuda"),
-        workers: int = typer.Option(2, min=0, help="DataLoader decode workers"),
+        workers: int = typer.Option(2, min=0, help="Decode workers: DataLoader processes for "
+                                    "training batches, threads for evaluation and the feature cache"),
         threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last.safetensors"),
     ) -> None:
@@ -149,7 +150,7 @@ def register(app: typer.Typer) -> None:
         zappos_triplets: int = typer.Option(160_000, help="Zappos triplets (CSN: 160k test, 80k val)"),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON"),
         batch_size: int = typer.Option(64, min=1),
-        workers: int = typer.Option(2, min=0),
+        workers: int = typer.Option(2, min=0, help="Threads decoding images ahead of the model"),
         device: str = typer.Option("auto"),
         threads: Optional[int] = typer.Option(None, min=1),
     ) -> None:
