@@ -291,7 +291,7 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
         output_dir=out_dir / "run", epochs=config.epochs, triplets_per_epoch=config.triplets_per_epoch,
         batch_size=config.batch_size, lr=config.lr, step_size=config.step_size, gamma=config.gamma,
         margin=config.margin, cls_loss=config.cls_loss, freeze_backbone=True, cache_features=True,
-        seed=config.seed, device="cpu", workers=0, threads=threads,
+        seed=config.seed, device="cpu", workers=2, threads=threads,  # feature cache: 2 decode threads
     )
     trainer = Trainer(model, train_config, TripletSampler(data.train, len(schema)), table,
                       valid=data.valid, valid_table=table)
