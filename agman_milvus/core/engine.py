@@ -78,12 +78,12 @@ class Batch(Generic[Item, Dec]):
     @property
     def ok_items(self) -> list[Item]:
         """The items of :attr:`ok`."""
-        return [item for item, d in zip(self.items, self.decoded) if d.ok]
+        return [item for item, d in zip(self.items, self.decoded, strict=True) if d.ok]
 
     @property
     def failures(self) -> list[tuple[Item, str]]:
         """``(item, reason)`` for every item that could not be decoded."""
-        return [(item, d.failure) for item, d in zip(self.items, self.decoded)
+        return [(item, d.failure) for item, d in zip(self.items, self.decoded, strict=True)
                 if d.failure is not None]
 
     def timing_text(self) -> str:
@@ -106,7 +106,7 @@ def stack(inputs: Sequence[Inputs]) -> Inputs:
     """One batch from per-item inputs: tensors are stacked, tuples stacked field by field."""
     if isinstance(inputs[0], torch.Tensor):
         return torch.stack(inputs)  # type: ignore[arg-type]
-    return tuple(torch.stack(list(column)) for column in zip(*inputs))
+    return tuple(torch.stack(list(column)) for column in zip(*inputs, strict=True))
 
 
 class EmbeddingEngine(Generic[Item, Dec, Out, Res]):

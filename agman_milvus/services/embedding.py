@@ -165,7 +165,7 @@ class Embedder:
             with torch.inference_mode(), self._autocast():
                 outputs = run(chunk)
             parts.append([out[:size].float().cpu().numpy() for out in outputs])
-        return [np.concatenate(column) for column in zip(*parts)]
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._device is not None and self._device.type == "cuda":

@@ -25,7 +25,9 @@ def double(batch: torch.Tensor) -> list[float]:
 
 @pytest.mark.parametrize("workers", [0, 3])
 @pytest.mark.parametrize("write_in_thread", [False, True])
-def test_batches_come_back_in_order_with_outputs_aligned_to_items(workers: int, write_in_thread: bool) -> None:
+def test_batches_come_back_in_order_with_outputs_aligned_to_items(
+    workers: int, write_in_thread: bool,
+) -> None:
     rng = random.Random(0)
 
     def slow_decode(item: int) -> Decoded:

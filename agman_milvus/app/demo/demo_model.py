@@ -180,7 +180,7 @@ def embed_images(model: torch.nn.Module, table: ImageTable, images: Sequence[int
 
     def collect(batch: Batch[int, Decoded], vectors: np.ndarray | None) -> None:
         if vectors is not None:
-            out.update(zip(batch.ok_items, vectors))
+            out.update(zip(batch.ok_items, vectors, strict=True))
 
     with evaluating(model):
         engine = EmbeddingEngine(decode, embed, decode_workers=workers)
