@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,18 +205,6 @@ def _embedder(services: Services, checkpoint: str | Path | None) -> Embedder:
 
 
 # -- comparing ---------------------------------------------------------------------------------
-def _scan(store: VectorStore, name: str, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
-    iterator = store.client.query_iterator(
-        name, batch_size=1000, filter="", output_fields=["image_id", *fields],
-        consistency_level="Strong",
-    )
-    try:
-        while batch := iterator.next():
-            yield from batch
-    finally:
-        iterator.close()
-
-
 def _compare(store: VectorStore, catalog: Catalog) -> _State:
     """Which live images the new version has finished (all collections, current metadata)."""
     live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
@@ -226,7 +214,7 @@ def _compare(store: VectorStore, catalog: Catalog) -> _State:
     for label, name in store.collection_names().items():
         fields = store.filter_fields if label == COPY else ()
         ids = set()
-        for row in _scan(store, name, fields):
+        for row in store.scan(name, fields):
             image_id = int(row["image_id"])
             ids.add(image_id)
             if fields:
@@ -239,7 +227,7 @@ def _compare(store: VectorStore, catalog: Catalog) -> _State:
         meta = info.get(image_id)
         if meta is None or meta.product_deleted:
             finished.discard(image_id)
-        elif store._meta(meta.metadata()) != stored_meta.get(image_id):  # noqa: SLF001
+        elif store.filter_metadata(meta.metadata()) != stored_meta.get(image_id):
             finished.discard(image_id)  # product edited since: write it again
     return _State(live=live, finished=finished, stray=anywhere - live)
 
@@ -250,9 +238,7 @@ def _delete_from(store: VectorStore, image_ids: Iterable[int]) -> int:
     if not ids:
         return 0
     for name in store.collection_names().values():
-        for start in range(0, len(ids), 1000):
-            store.client.delete(name, ids=ids[start:start + 1000])
-        store.deployment.after_write(store.client, name)
+        store.delete_from(name, ids)
     return len(ids)
 
 

@@ -43,6 +43,8 @@ _PROPERTY_ROLE = "agman.role"
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RESERVED_FIELDS = {"image_id", "product_id", "model_version", VECTOR_FIELD}
 MAX_TOP_K = 16384  # Milvus limit on limit (topk)
+#: Primary-key window of one :meth:`VectorStore.scan` query (a window holds at most this many rows).
+SCAN_WINDOW = 8192
 #: How Lite ("is in state 'released'; call load()") and servers ("collection not loaded")
 #: say that a collection must be loaded first.
 _NOT_LOADED = re.compile(r"released|not loaded|call load\(\)", re.IGNORECASE)
@@ -399,7 +401,8 @@ class VectorStore:
             raise ValueError(f"{what}: vector has NaN or infinite values")
         return arr.tolist()
 
-    def _meta(self, metadata: Mapping[str, Any]) -> dict[str, str]:
+    def filter_metadata(self, metadata: Mapping[str, Any]) -> dict[str, str]:
+        """The filter-field values stored with a product's vectors."""
         out = {}
         for name in self.filter_fields:
             value = metadata.get(name)
@@ -421,7 +424,7 @@ class VectorStore:
         per_collection: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
         for row in rows:
             base = {"image_id": int(row.image_id), "product_id": int(row.product_id),
-                    "model_version": self.model_version, **self._meta(row.metadata)}
+                    "model_version": self.model_version, **self.filter_metadata(row.metadata)}
             vectors = {self._label(k): v for k, v in row.vectors.items()}
             missing = [a for a in self.schema.names if a not in vectors]
             if missing:
@@ -546,21 +549,30 @@ class VectorStore:
         ))
         return int(rows[0]["count(*)"])
 
-    def iter_image_ids(self, collection: str, batch_size: int = 1000) -> Iterator[tuple[int, str]]:
-        """Stream ``(image_id, model_version)`` of every row of a physical collection."""
-        iterator = self._on_loaded(collection, lambda: self.client.query_iterator(
-            collection, batch_size=batch_size, filter="",
-            output_fields=["image_id", "model_version"], consistency_level="Strong",
-        ))
-        try:
-            while True:
-                batch = iterator.next()
-                if not batch:
-                    return
-                for row in batch:
-                    yield int(row["image_id"]), str(row["model_version"])
-        finally:
-            iterator.close()
+    def scan(self, collection: str, fields: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Every row of a physical collection (``image_id`` plus ``fields``), by ascending id.
+
+        Read in primary-key windows with strongly consistent queries. Not ``query_iterator``:
+        against a 2.3 server, pymilvus 3's iterator may start from a client-side timestamp
+        and miss rows written a moment before (measured in the server-stack tier).
+        """
+
+        def read(expr: str, limit: int) -> list[dict[str, Any]]:
+            return self._on_loaded(collection, lambda: self.client.query(
+                collection, filter=expr, output_fields=["image_id", *fields], limit=limit,
+                consistency_level="Strong"))
+
+        end = SCAN_WINDOW
+        while read(f"image_id >= {end}", 1):  # ids are SQL ids: find a bound above the largest
+            end *= 2
+        for start in range(0, end, SCAN_WINDOW):
+            rows = read(f"image_id >= {start} and image_id < {start + SCAN_WINDOW}", SCAN_WINDOW)
+            yield from sorted(rows, key=lambda r: int(r["image_id"]))
+
+    def iter_image_ids(self, collection: str) -> Iterator[tuple[int, str]]:
+        """``(image_id, model_version)`` of every row of a physical collection."""
+        for row in self.scan(collection, ["model_version"]):
+            yield int(row["image_id"]), str(row["model_version"])
 
 
 def _to_hit(hit: Mapping[str, Any]) -> Hit:
