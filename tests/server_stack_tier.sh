@@ -47,7 +47,11 @@ unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
     --dir "$WORK/redis" --pidfile "$WORK/redis/redis.pid" --logfile "$WORK/redis/redis.log"
   stop() {
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null || true
-    [ -f "$WORK/redis/redis.pid" ] && kill "$(cat "$WORK/redis/redis.pid")" 2>/dev/null || true
+    if [ -f "$WORK/redis/redis.pid" ]; then
+      pid="$(cat "$WORK/redis/redis.pid")"
+      kill "$pid" 2>/dev/null || true
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
   }
   trap stop EXIT
   export AGMAN_TEST_MILVUS_SERVER=1 AGMAN_TEST_SERVER_STACK=1 AGMAN_TEST_MILVUS_DATA="$WORK/milvus"
