@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,29 @@ def test_reconcile(deployment: Deployment, catalogue: Catalogue) -> None:
 
 def test_reindex(deployment: Deployment, catalogue: Catalogue) -> None:
     journeys.reindex(deployment, catalogue)
+
+
+def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployment, catalogue: Catalogue,
+                                                             tmp_path: Path) -> None:
+    """No model, a database nobody serves, a Milvus Lite directory another process holds."""
+    image = str(catalogue.image(journeys.QUERY))
+    cases = {
+        "no model": {"AGMAN_CHECKPOINT": "", "AGMAN_DATA_DIR": str(tmp_path / "empty")},
+        "database down": {"AGMAN_DATABASE_URL": "postgresql+psycopg://agman@127.0.0.1:9/agman"},
+    }
+    for what, env in cases.items():
+        proc = deployment.run("search", image, "-a", "colour", ok=False, env=env)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, proc.stderr)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom agman_milvus import Client\n"
+         "Client().services.vectors\nprint('ready', flush=True)\ntime.sleep(120)"],
+        env=deployment.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        proc = deployment.run("search", image, "-a", "colour", ok=False)
+        assert proc.returncode == 2 and "in use by another process" in proc.stderr, proc.stderr
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    finally:
+        holder.kill()
+        holder.wait()

@@ -78,6 +78,23 @@ class _LiteUnimplementedFilter(logging.Filter):
         return not isinstance(error, NotImplementedError)
 
 
+class _LiteLockFilter(logging.Filter):
+    """Drops Milvus Lite's traceback when its data directory is held by another process: the
+    store raises :class:`~agman_milvus.services.store.vectors.MilvusLiteLockedError` saying how
+    to share it, so the traceback would only bury that message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return type(error).__name__ != "DataDirLockedError"
+
+
+def quiet_lite_lock_errors() -> None:
+    """Install :class:`_LiteLockFilter` on Milvus Lite's server manager logger (idempotent)."""
+    lite_log = logging.getLogger("milvus_lite.server_manager")
+    if not any(isinstance(f, _LiteLockFilter) for f in lite_log.filters):
+        lite_log.addFilter(_LiteLockFilter())
+
+
 def quiet_lite_server_logs() -> None:
     """Install :class:`_LiteUnimplementedFilter` on gRPC's server logger (idempotent)."""
     grpc_log = logging.getLogger("grpc._server")

@@ -30,7 +30,7 @@ from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.services.store.filters import FilterValue, build_filter
-from agman_milvus.services.store.milvus_compat import Deployment, probe
+from agman_milvus.services.store.milvus_compat import Deployment, probe, quiet_lite_lock_errors
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def open_milvus(settings: Settings) -> MilvusClient:
             kwargs["db_name"] = settings.milvus_db_name
         if _is_local_path(uri):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            quiet_lite_lock_errors()
         try:
             client = MilvusClient(uri=uri, **kwargs)
         except Exception as exc:
