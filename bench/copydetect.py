@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agman_milvus.core.model import build_model
+from agman_milvus.core.model.layers import GeM, l2_normalize
+from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import (
     NORM_BETA,
     NORM_K,
@@ -42,9 +45,6 @@ from agman_milvus.usecases.copyright import (
     recall_at_precision,
     threshold_for_precision,
 )
-from agman_milvus.core.model import build_model
-from agman_milvus.core.model.layers import GeM, l2_normalize
-from agman_milvus.core.schema import AttributeSchema
 
 TOP = 10
 
@@ -55,7 +55,7 @@ def shared_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
-def load(root: Path, row: dict) -> "Image.Image":  # noqa: F821
+def load(root: Path, row: dict) -> Image.Image:  # noqa: F821
     from PIL import Image
 
     with Image.open(root / row["file"]) as im:

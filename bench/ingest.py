@@ -52,9 +52,9 @@ def pure_model(embedder, tensors, batch_size: int) -> float:
 
 
 def run_embedded(items, settings) -> dict:
+    from agman_milvus.services.container import Services
     from agman_milvus.usecases.bulk_ingest import bulk_ingest
     from agman_milvus.usecases.dispatch import InProcessDispatcher
-    from agman_milvus.services.container import Services
 
     services = Services(settings)
     services.vectors  # model loaded, collections created: not part of the measurement
@@ -70,10 +70,10 @@ def run_embedded(items, settings) -> dict:
 
 def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path) -> dict:
     from agman_milvus.core.config import Settings
-    from agman_milvus.usecases.bulk_ingest import bulk_ingest
-    from agman_milvus.workers.producer import CeleryDispatcher
     from agman_milvus.services.container import Services
+    from agman_milvus.usecases.bulk_ingest import bulk_ingest
     from agman_milvus.workers.app import create_app
+    from agman_milvus.workers.producer import CeleryDispatcher
     from tests.support.celery_harness import REDIS_URL, Worker, delete_redis_keys, milvus_lite_server
 
     prefix = f"agman-bench-{uuid.uuid4().hex[:8]}:"
@@ -119,12 +119,12 @@ def main() -> None:
     import torch
 
     from agman_milvus.core.config import Settings
-    from agman_milvus.services.embedding import Embedder
     from agman_milvus.core.images import load_image
     from agman_milvus.core.model import build_model, save_checkpoint
-    from agman_milvus.usecases.bulk_ingest import read_manifest
     from agman_milvus.core.runtime import tcmalloc_loaded
     from agman_milvus.core.schema import AttributeSchema
+    from agman_milvus.services.embedding import Embedder
+    from agman_milvus.usecases.bulk_ingest import read_manifest
     from tests.support.celery_harness import redis_available
 
     items = read_manifest(manifest, limit=args.images)

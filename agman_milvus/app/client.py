@@ -15,10 +15,10 @@ from typing import Any
 
 from agman_milvus.core.config import Settings, get_settings
 from agman_milvus.core.images import ImageSource
-from agman_milvus.usecases.ingest import Registration, delete_product, register_image, update_product
-from agman_milvus.usecases.dispatch import Dispatcher, InProcessDispatcher
 from agman_milvus.services.container import Services, check_shared_deployment
 from agman_milvus.services.store.catalog import ImageStatus
+from agman_milvus.usecases.dispatch import Dispatcher, InProcessDispatcher
+from agman_milvus.usecases.ingest import Registration, delete_product, register_image, update_product
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class IngestHandle:
     ``"failed"`` (see ``reason``) or ``"deleted"``; ``duplicate`` is True when the product
     already had this image (the event was a repeat)."""
 
-    def __init__(self, client: "Client", image_id: int, product_id: str, status: ImageStatus,
+    def __init__(self, client: Client, image_id: int, product_id: str, status: ImageStatus,
                  reason: str | None, duplicate: bool) -> None:
         self._client = client
         self.image_id = image_id
@@ -52,7 +52,7 @@ class IngestHandle:
         """True once the image is indexed, failed or deleted."""
         return self.status != ImageStatus.pending.value
 
-    def refresh(self) -> "IngestHandle":
+    def refresh(self) -> IngestHandle:
         """Re-read the status from the catalog."""
         row = self._client.services.catalog.images.get_many([self.image_id]).get(self.image_id)
         if row is None:
@@ -60,7 +60,7 @@ class IngestHandle:
         self.status, self.reason, self.model_version = row.status.value, row.failure_reason, row.model_version
         return self
 
-    def wait(self, timeout: float = 60.0, poll: float = 0.2) -> "IngestHandle":
+    def wait(self, timeout: float = 60.0, poll: float = 0.2) -> IngestHandle:
         """Block until the image is done; raises TimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while not self.refresh().done:
@@ -117,7 +117,7 @@ class Client:
         if self._services is not None:
             self._services.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,7 +220,10 @@ class Client:
         Celery (queue ``agman.default``) when a broker is configured, else a thread here.
         """
         from agman_milvus.usecases.screening import (
-            ScreeningJobHandle, create_job, query_references, start_thread,
+            ScreeningJobHandle,
+            create_job,
+            query_references,
+            start_thread,
         )
 
         refs = query_references(list(images), self.services.blobs)

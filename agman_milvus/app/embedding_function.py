@@ -18,8 +18,8 @@ Vectors are float32, 1-D and L2-normalised (the collections use COSINE).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from agman_milvus.core.errors import AgmanError
 
@@ -73,7 +73,7 @@ class AttributeSchema:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, mapping: Mapping[str, Sequence[str] | int]) -> "AttributeSchema":
+    def from_dict(cls, mapping: Mapping[str, Sequence[str] | int]) -> AttributeSchema:
         """Build from ``{attribute: [value names]}`` (or ``{attribute: number of values}``)."""
         attributes = []
         for name, values in mapping.items():
@@ -85,7 +85,7 @@ class AttributeSchema:
     @classmethod
     def from_meta_json(
         cls, path: str | Path, dataset: str = "FashionAI", values_path: str | Path | None = None
-    ) -> "AttributeSchema":
+    ) -> AttributeSchema:
         """Build from the reference ``meta.json`` (``ATTRIBUTES`` order, ``ATTRIBUTES_NUM``).
 
         Value names come from an ``ATTRIBUTES_VALUES`` entry when the file (or ``values_path``)
@@ -111,7 +111,7 @@ class AttributeSchema:
         return cls(tuple(attributes))
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> "AttributeSchema":
+    def from_json(cls, data: Mapping[str, object]) -> AttributeSchema:
         """Inverse of :meth:`to_json`."""
         items = data["attributes"]
         if not isinstance(items, list):

@@ -15,6 +15,7 @@ import time
 import httpx
 from PIL import Image
 
+from agman_milvus.core import images as local
 from agman_milvus.core.config import Settings
 from agman_milvus.core.images import (
     EmptyImageError,
@@ -28,7 +29,6 @@ from agman_milvus.core.images import (
     resolve_limits,
     short_error,
 )
-from agman_milvus.core import images as local
 
 __all__ = ["fetch_bytes", "is_http_uri", "load_image", "read_image_bytes"]
 

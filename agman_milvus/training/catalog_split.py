@@ -28,12 +28,12 @@ import csv
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from agman_milvus.training.readers import FormatError, Label, RetrievalSplit
 from agman_milvus.core.schema import Attribute, AttributeSchema
+from agman_milvus.training.readers import FormatError, Label, RetrievalSplit
 
 logger = logging.getLogger(__name__)
 

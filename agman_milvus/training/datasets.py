@@ -11,8 +11,8 @@ feature cache embed through :mod:`agman_milvus.core.engine`, whose decode functi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.training.datasets import ImageTable, decode_image
-from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
 from agman_milvus.training.metrics import MAPResult, mean_average_precision, triplet_accuracy
+from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
 
 logger = logging.getLogger(__name__)
 

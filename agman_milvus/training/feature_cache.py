@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,7 +49,7 @@ class FeatureCache:
     def row(self, image: int, flipped: bool = False) -> int | None:
         return self._rows.get((image, flipped))
 
-    def extend(self, other: "FeatureCache") -> "FeatureCache":
+    def extend(self, other: FeatureCache) -> FeatureCache:
         """A cache holding both (rows of ``other`` that are new are appended)."""
         new = [i for i, key in enumerate(other.keys) if key not in self._rows]
         return FeatureCache(torch.cat([self.mid, other.mid[new]]), torch.cat([self.high, other.high[new]]),
@@ -67,7 +67,7 @@ class FeatureCache:
         batch_size: int = 64,
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
-    ) -> "FeatureCache":
+    ) -> FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
         ``workers`` threads decoding the next batch meanwhile."""
         device = next(trunk.parameters()).device
@@ -115,7 +115,7 @@ class FeatureCache:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, meta: dict[str, object]) -> "FeatureCache | None":
+    def load(cls, path: Path, meta: dict[str, object]) -> FeatureCache | None:
         """The cache at ``path`` if it was built with the same ``meta``; else None."""
         if not path.exists():
             return None

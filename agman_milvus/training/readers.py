@@ -9,9 +9,10 @@ trailing tabs, and LF files all read the same. Blank lines are skipped; a malfor
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.schema import AttributeSchema

@@ -11,7 +11,7 @@ sampleable :class:`NothingToSampleError` says why.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -8,10 +8,11 @@ dataset directory in the ASEN layout (``meta.json`` one level up or beside it,
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.training.catalog_split import read_catalog, split_catalog
 from agman_milvus.training.datasets import ImageTable
 from agman_milvus.training.readers import (
@@ -22,7 +23,6 @@ from agman_milvus.training.readers import (
     read_meta,
     read_retrieval_split,
 )
-from agman_milvus.core.schema import AttributeSchema
 
 logger = logging.getLogger(__name__)
 

@@ -27,21 +27,22 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.training.readers import RetrievalSplit, Triplet
-from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
 from agman_milvus.training.feature_cache import FeatureCache, cached_trunk
-from agman_milvus.training.metrics import mean_average_precision
 from agman_milvus.training.losses import triplet_objective
+from agman_milvus.training.metrics import mean_average_precision
+from agman_milvus.training.readers import RetrievalSplit, Triplet
+from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ numpy Generator and the first ``n_triplets * len(conditions) / 4`` are kept, as 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

@@ -35,7 +35,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class CopyThresholds:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CopyThresholds":
+    def from_dict(cls, data: dict[str, Any]) -> CopyThresholds:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -112,7 +112,7 @@ class CopyThresholds:
         return path
 
     @classmethod
-    def load(cls, path: Path, model_version: str) -> "CopyThresholds":
+    def load(cls, path: Path, model_version: str) -> CopyThresholds:
         """The thresholds stored at ``path``, or uncalibrated defaults when there are none."""
         if not path.is_file():
             return cls(model_version=model_version)
@@ -231,7 +231,7 @@ class CopyChecker(UseCase):
     # -- internals shared with calibration ------------------------------------------------------
     def score_candidates(
         self, images: Sequence[Image.Image], top_k: int, exclude: Sequence[set[int]] | None = None,
-    ) -> "_Scored":
+    ) -> _Scored:
         """Descriptor candidates with normalised scores for each image (``exclude``: image ids
         to treat as absent from the catalogue, per query)."""
         encoded = self.embedder.encode(list(images))
@@ -251,7 +251,7 @@ class CopyChecker(UseCase):
                                for h in hits[:top_k]])
         return _Scored(queries, candidates)
 
-    def _verify(self, query: "_Query", candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
+    def _verify(self, query: _Query, candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
         t = self.thresholds
         ids = [h.image_id for h, _, _ in candidates]
         rows = self.catalog.images.get_many(ids)
@@ -538,7 +538,7 @@ def calibrate(
         phash_copy=int(-hash_t) if math.isfinite(hash_t) else -1,
         attribute={a: float(np.quantile(v, attribute_quantile)) for a, v in attr_sims.items() if v},
         precision=precision, near_precision=near_precision, calibrated=True,
-        calibrated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        calibrated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         stats={"sampled_images": len(picks), "queries": 2 * len(picks), "pairs": len(scores),
                "micro_ap": ap, "copy_recall": copy_recall, "copy_precision": copy_prec,
                "near_duplicate_recall": near_recall, "phash_recall": hash_recall, "seed": seed},

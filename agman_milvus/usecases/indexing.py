@@ -28,10 +28,10 @@ import numpy as np
 
 from agman_milvus.core.engine import STAGES, Batch, EmbeddingEngine
 from agman_milvus.services.embedding import EncodedBatch
-from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 from agman_milvus.services.store.catalog import Catalog, ImageFeatures, ImageInfo, ImageStatus
 from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import VectorRow
+from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class IndexReport:
         done = len(self.indexed) + len(self.failed)
         return done / self.timings["total"] if self.timings["total"] > 0 else 0.0
 
-    def merge(self, other: "IndexReport") -> None:
+    def merge(self, other: IndexReport) -> None:
         self.indexed += other.indexed
         self.failed.update(other.failed)
         self.skipped += other.skipped
@@ -133,7 +133,7 @@ def _batches(
 
 def index_images(
     image_ids: Iterable[int],
-    services: "Services",  # noqa: F821 - agman_milvus.services.container.Services (imported lazily)
+    services: Services,  # noqa: F821 - agman_milvus.services.container.Services (imported lazily)
     *,
     force: bool = False,
     batch_size: int | None = None,

@@ -27,11 +27,9 @@ from typing import Any
 
 from PIL import Image as PILImage
 
-from agman_milvus.services.blobs import BlobStore, InvalidBlobIdError, is_blob_uri, parse_blob_uri
 from agman_milvus.core.config import Settings
 from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
-from agman_milvus.usecases.row_decoding import failure_text
-from agman_milvus.usecases.indexing import IndexReport, index_images
+from agman_milvus.services.blobs import BlobStore, InvalidBlobIdError, is_blob_uri, parse_blob_uri
 from agman_milvus.services.container import Services, get_services
 from agman_milvus.services.store.catalog import (
     PRODUCT_FIELDS,
@@ -41,6 +39,8 @@ from agman_milvus.services.store.catalog import (
     Product,
 )
 from agman_milvus.services.store.vectors import COPY, VectorRow
+from agman_milvus.usecases.indexing import IndexReport, index_images
+from agman_milvus.usecases.row_decoding import failure_text
 
 logger = logging.getLogger(__name__)
 

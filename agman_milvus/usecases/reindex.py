@@ -27,13 +27,13 @@ from typing import Any
 from agman_milvus.core.config import Settings
 from agman_milvus.core.engine import Batch, EmbeddingEngine, batched
 from agman_milvus.core.errors import AgmanError
-from agman_milvus.services.embedding import EncodedBatch, Embedder
-from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
-from agman_milvus.usecases.indexing import vector_rows
 from agman_milvus.services.container import Services
+from agman_milvus.services.embedding import Embedder, EncodedBatch
 from agman_milvus.services.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
 from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import COPY, VectorStore
+from agman_milvus.usecases.indexing import vector_rows
+from agman_milvus.usecases.row_decoding import DecodedRow, decode_image_row
 
 logger = logging.getLogger(__name__)
 

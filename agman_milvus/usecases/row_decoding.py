@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.core.config import Settings
 from agman_milvus.core.engine import Decoded
 from agman_milvus.core.images import ImageError, decode_image_bytes
-from agman_milvus.services.fetch import read_image_bytes
 from agman_milvus.core.phash import phash, to_signed64
+from agman_milvus.services.blobs import BlobStore, is_blob_uri
+from agman_milvus.services.fetch import read_image_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any
 
 from PIL import Image as PILImage
 
+from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
+from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
-from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
-from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 
 __all__ = ["ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_job", "start_thread"]
 
@@ -144,7 +144,7 @@ class ScreeningJobHandle:
     def __repr__(self) -> str:
         return f"ScreeningJobHandle(id={self.id}, status={self.status!r}, done={self.done}/{self.total})"
 
-    def refresh(self) -> "ScreeningJobHandle":
+    def refresh(self) -> ScreeningJobHandle:
         self._row = self.catalog.screening_jobs.get(self.id)
         return self
 
@@ -172,7 +172,7 @@ class ScreeningJobHandle:
     def finished(self) -> bool:
         return self.status in (JobStatus.done.value, JobStatus.failed.value)
 
-    def wait(self, timeout: float = 600.0, poll: float = 0.2) -> "ScreeningJobHandle":
+    def wait(self, timeout: float = 600.0, poll: float = 0.2) -> ScreeningJobHandle:
         """Block until the job is done or failed; TimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while not self.refresh().finished:

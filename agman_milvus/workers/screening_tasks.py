@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from agman_milvus.workers.names import SCREEN_TASK
 from agman_milvus.workers.app import app
+from agman_milvus.workers.names import SCREEN_TASK
 from agman_milvus.workers.tasks import PipelineTask
 
 logger = logging.getLogger(__name__)

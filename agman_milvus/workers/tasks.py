@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Task
 
-from agman_milvus.usecases.ingest import TRANSIENT_ERRORS
-from agman_milvus.workers.names import EMBED_TASK
 from agman_milvus.services.container import Services
+from agman_milvus.usecases.ingest import TRANSIENT_ERRORS
 from agman_milvus.workers.app import app
+from agman_milvus.workers.names import EMBED_TASK
 
 logger = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
+def catalog(database_url: str) -> Iterator[Catalog]:  # noqa: F821
     from agman_milvus.services.store.catalog import Catalog
     from agman_milvus.services.store.engine import create_catalog_engine
 
@@ -121,7 +121,7 @@ def catalog(database_url: str) -> Iterator["Catalog"]:  # noqa: F821
 
 
 @pytest.fixture
-def sqlite_catalog(tmp_path: Path) -> Iterator["Catalog"]:  # noqa: F821
+def sqlite_catalog(tmp_path: Path) -> Iterator[Catalog]:  # noqa: F821
     from agman_milvus.services.store.catalog import Catalog
     from agman_milvus.services.store.engine import create_catalog_engine
     from agman_milvus.services.store.migrate import upgrade
@@ -135,7 +135,7 @@ def sqlite_catalog(tmp_path: Path) -> Iterator["Catalog"]:  # noqa: F821
 
 # -- Milvus ----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def lite_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["MilvusClient"]:  # noqa: F821
+def lite_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusClient]:  # noqa: F821
     if os.environ.get(SERVER_ENV) == "1":
         pytest.skip("Milvus Lite tests run in the default tier")
     from pymilvus import MilvusClient
@@ -146,7 +146,7 @@ def lite_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["MilvusCli
 
 
 @pytest.fixture(scope="session")
-def server_client(milvus_server_uri: str) -> Iterator["MilvusClient"]:  # noqa: F821
+def server_client(milvus_server_uri: str) -> Iterator[MilvusClient]:  # noqa: F821
     from pymilvus import MilvusClient
 
     client = MilvusClient(uri=milvus_server_uri)
@@ -155,12 +155,12 @@ def server_client(milvus_server_uri: str) -> Iterator["MilvusClient"]:  # noqa: 
 
 
 @pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
-def milvus_client(request: pytest.FixtureRequest) -> "MilvusClient":  # noqa: F821
+def milvus_client(request: pytest.FixtureRequest) -> MilvusClient:  # noqa: F821
     return request.getfixturevalue("lite_client" if request.param == "lite" else "server_client")
 
 
 @pytest.fixture
-def collection_prefix(milvus_client: "MilvusClient") -> Iterator[str]:  # noqa: F821
+def collection_prefix(milvus_client: MilvusClient) -> Iterator[str]:  # noqa: F821
     """A unique collection prefix; its collections and aliases are dropped afterwards."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     yield prefix

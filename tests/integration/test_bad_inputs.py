@@ -40,13 +40,13 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
     if not redis_available():
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
     from agman_milvus.core.config import Settings
+    from agman_milvus.services.container import Services
     from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.fetch import load_image
-    from agman_milvus.usecases.ingest import register_image
-    from agman_milvus.workers.producer import CeleryDispatcher
-    from agman_milvus.services.container import Services
     from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import register_image
     from agman_milvus.workers.app import create_app
+    from agman_milvus.workers.producer import CeleryDispatcher
 
     checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
     key_prefix = f"agman-test-{uuid.uuid4().hex[:8]}:"

@@ -55,7 +55,7 @@ def require_imagenet() -> None:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Client"]:  # noqa: F821
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:  # noqa: F821
     require_imagenet()
     c = make_client(tmp_path_factory.mktemp("copy"), pretrained="imagenet", image_size=96)
     for i in range(N):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agman_milvus.training.catalog_split import read_catalog, split_catalog
+from agman_milvus.app.demo.garments import COLOURS, TOPS, Garment, Shot, render
+from agman_milvus.app.demo.page import CopyCheck, ReportError, SearchHit, SearchResult, build_page
 from agman_milvus.app.demo.photos import (
     DEMO_ATTRIBUTES,
     MANIFEST_COLUMNS,
@@ -19,9 +20,8 @@ from agman_milvus.app.demo.photos import (
     generate_catalog,
     sample_products,
 )
-from agman_milvus.app.demo.garments import COLOURS, TOPS, Garment, Shot, render
-from agman_milvus.app.demo.page import CopyCheck, ReportError, SearchHit, SearchResult, build_page
 from agman_milvus.core.images import load_image
+from agman_milvus.training.catalog_split import read_catalog, split_catalog
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, generate_catalog
 from agman_milvus.app.demo.demo_model import (
     CHECKPOINT_NAME,
     DemoModelConfig,
@@ -26,6 +25,7 @@ from agman_milvus.app.demo.demo_model import (
     precision_at_k,
     split_for_demo,
 )
+from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, generate_catalog
 
 TINY = DemoModelConfig(image_size=96, epochs=2, triplets_per_epoch=384, batch_size=32,
                        lr=1e-3, step_size=2, gamma=0.5, min_count=2, test_fraction=0.3, valid_fraction=0.1,

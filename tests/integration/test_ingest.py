@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def client(tmp_path: Path, checkpoint: Path) -> Iterator["Client"]:  # noqa: F821
+def client(tmp_path: Path, checkpoint: Path) -> Iterator[Client]:  # noqa: F821
     from agman_milvus.app.client import Client
 
     with Client(data_dir=tmp_path / "data", checkpoint=checkpoint, device="cpu", batch_size=4,
@@ -103,8 +103,8 @@ def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_pa
 
 
 def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Path) -> None:
-    from agman_milvus.usecases.ingest import index_images, register_image
     from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import index_images, register_image
 
     services = client.services
     good = [register_image(services, f"g{i}", _jpeg(20 + i)) for i in range(5)]
@@ -128,8 +128,8 @@ def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Pat
 
 
 def test_update_reaches_milvus_filter_fields_and_delete_removes_vectors_first(client) -> None:
-    from agman_milvus.usecases.ingest import UnknownProductError
     from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import UnknownProductError
 
     a = client.ingest("sku-a", _jpeg(40), {"colour": "red", "brand": "acme"})
     b = client.ingest("sku-a", _jpeg(41))
@@ -155,8 +155,8 @@ def test_update_reaches_milvus_filter_fields_and_delete_removes_vectors_first(cl
 
 
 def test_deleted_while_embedding_leaves_no_vector(client) -> None:
-    from agman_milvus.usecases.ingest import index_images, register_image
     from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import index_images, register_image
 
     services = client.services
     reg = register_image(services, "sku-race", _jpeg(50))

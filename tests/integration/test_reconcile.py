@@ -11,10 +11,10 @@ import pytest
 from pymilvus import MilvusClient
 from typer.testing import CliRunner
 
-from agman_milvus.usecases.reconcile import reconcile
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.services.store.catalog import Catalog, ImageStatus
 from agman_milvus.services.store.vectors import COPY, VectorRow, VectorStore
+from agman_milvus.usecases.reconcile import reconcile
 
 SCHEMA = AttributeSchema.from_dict({"colour": ["red", "blue"], "pattern": 3})
 DIM, DESC_DIM = 8, 12

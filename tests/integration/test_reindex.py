@@ -72,11 +72,11 @@ def _assert_found(search, image_id: int, seed: int) -> None:  # noqa: ANN001 - S
 
 
 def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints) -> None:
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.usecases.ingest import delete_product, update_product
     from agman_milvus.usecases.reindex import reindex
     from agman_milvus.usecases.search import SearchService
-    from agman_milvus.services.container import Services
-    from agman_milvus.services.store.catalog import ImageStatus
 
     ckpt_a, ckpt_b = checkpoints
     settings = _settings(tmp_path / "data", ckpt_a)

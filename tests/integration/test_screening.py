@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Client"]:  # noqa: F821
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:  # noqa: F821
     require_imagenet()
     c = make_client(tmp_path_factory.mktemp("screen"), pretrained="imagenet", image_size=96)
     for i in range(N):

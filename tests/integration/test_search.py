@@ -92,8 +92,8 @@ def draw(colour: str, shape: str, seed: int, size: int = SIZE) -> Image.Image:
 def make_client(data_dir: Path, **model_kwargs: object):  # noqa: ANN201 - Client
     from agman_milvus.app.client import Client
     from agman_milvus.core.config import Settings
-    from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.container import Services
+    from agman_milvus.services.embedding import Embedder
 
     settings = Settings(data_dir=data_dir, device="cpu", batch_size=16, broker_url=None,
                         milvus_uri=None, database_url=None, collection_prefix="agman")
@@ -105,7 +105,7 @@ CATALOG = [(f"sku-{c}-{s}-{k}", c, s, 100 * i + k)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Client"]:  # noqa: F821
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:  # noqa: F821
     c = make_client(tmp_path_factory.mktemp("search"))
     for sku, colour, shape, seed in CATALOG:
         brand = "acme" if seed % 2 == 0 else "zenith"

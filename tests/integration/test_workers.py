@@ -93,9 +93,9 @@ def _counts(services) -> dict[str, int]:
 
 def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deployment) -> None:
     from agman_milvus.app.client import Client
-    from agman_milvus.workers.names import EMBED_TASK, GPU_QUEUE
     from agman_milvus.services.store.catalog import ImageStatus
     from agman_milvus.workers.app import create_app
+    from agman_milvus.workers.names import EMBED_TASK, GPU_QUEUE
 
     worker = deployment.worker("w1").start()
     client = Client(deployment.settings)
@@ -126,11 +126,11 @@ def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deploymen
 
 
 def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
-    from agman_milvus.usecases.ingest import register_image
-    from agman_milvus.workers.producer import CeleryDispatcher
     from agman_milvus.services.container import Services
     from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import register_image
     from agman_milvus.workers.app import create_app
+    from agman_milvus.workers.producer import CeleryDispatcher
 
     services = Services(deployment.settings)
     catalog = services.catalog

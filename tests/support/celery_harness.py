@@ -100,7 +100,7 @@ class Worker:
                      "-n", f"t{uuid.uuid4().hex[:6]}@%h", "-l", "info", "--no-compile"]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> "Worker":
+    def start(self, timeout: float = 90.0) -> Worker:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.training.readers import (
     DeepFashionLabel,
     FormatError,
@@ -22,7 +23,6 @@ from agman_milvus.training.readers import (
     rebuild_fashionai_train,
 )
 from agman_milvus.training.zappos import read_triplet_list, read_zappos_filenames, read_zappos_triplets
-from agman_milvus.core.schema import AttributeSchema
 
 
 def _write(path: Path, lines: list[str], crlf: bool = False) -> Path:

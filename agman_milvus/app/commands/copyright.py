@@ -89,7 +89,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Screen many images for copies of catalogue images, in the background."""
         from agman_milvus.app.client import Client
-
         from agman_milvus.core.errors import ConfigurationError
 
         refs = screening_inputs(source)

@@ -38,13 +38,20 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskID,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.table import Table
 
-        from agman_milvus.core.config import get_settings
-        from agman_milvus.training.readers import FormatError
         from agman_milvus.app.demo.demo_model import DemoModelConfig
         from agman_milvus.app.demo.run import DemoError, DemoOptions, run_demo
+        from agman_milvus.core.config import get_settings
+        from agman_milvus.training.readers import FormatError
 
         model = DemoModelConfig()
         if epochs is not None:

@@ -29,12 +29,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare SQL rows with Milvus vectors of the active model version; repair drift."""
         from agman_milvus.core.config import get_settings
-        from agman_milvus.usecases.reconcile import reconcile
+        from agman_milvus.core.errors import ConfigurationError
         from agman_milvus.core.schema import AttributeSchema
         from agman_milvus.services.store.catalog import open_catalog
         from agman_milvus.services.store.vectors import VectorStore
-
-        from agman_milvus.core.errors import ConfigurationError
+        from agman_milvus.usecases.reconcile import reconcile
 
         settings = get_settings()
         catalog = open_catalog(settings)

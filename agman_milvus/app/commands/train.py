@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,8 +11,8 @@ _DATA = "Data"
 _RECIPE = "Recipe"
 
 
-def _source(catalog: Optional[Path], attributes: str, min_count: int, split_seed: int,
-            refdata: Optional[Path], images: Optional[Path], dataset: Optional[str]):
+def _source(catalog: Path | None, attributes: str, min_count: int, split_seed: int,
+            refdata: Path | None, images: Path | None, dataset: str | None):
     from agman_milvus.training.sources import catalog_source, reference_source
 
     if (catalog is None) == (refdata is None):
@@ -52,14 +51,14 @@ def register(app: typer.Typer) -> None:
     def train(
         model: str = typer.Argument(..., help=f"Model to train: {', '.join(models)}"),
         output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics.jsonl)"),
-        catalog: Optional[Path] = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)", rich_help_panel=_DATA),
+        catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)", rich_help_panel=_DATA),
         attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory",
                                        help="Catalog attribute columns, comma separated", rich_help_panel=_DATA),
         min_count: int = typer.Option(10, help="Drop catalog values with fewer images", rich_help_panel=_DATA),
         split_seed: int = typer.Option(0, help="Seed of the catalog split rule", rich_help_panel=_DATA),
-        refdata: Optional[Path] = typer.Option(None, help="Reference dataset dir (ASEN layout)", rich_help_panel=_DATA),
-        images: Optional[Path] = typer.Option(None, help="Image root (default: the catalog's folder)", rich_help_panel=_DATA),
-        dataset: Optional[str] = typer.Option(None, help="meta.json section (default: refdata dir name)", rich_help_panel=_DATA),
+        refdata: Path | None = typer.Option(None, help="Reference dataset dir (ASEN layout)", rich_help_panel=_DATA),
+        images: Path | None = typer.Option(None, help="Image root (default: the catalog's folder)", rich_help_panel=_DATA),
+        dataset: str | None = typer.Option(None, help="meta.json section (default: refdata dir name)", rich_help_panel=_DATA),
         backbone: str = typer.Option("resnet50", help="resnet50 or mobilenet_v2"),
         pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="ImageNet weights for the backbone"),
         image_size: int = typer.Option(224, min=32, help="Square input size"),
@@ -75,20 +74,20 @@ def register(app: typer.Typer) -> None:
         cache_features: bool = typer.Option(False, "--cache-features",
                                             help="With --freeze-backbone: compute trunk maps once (exact, faster)",
                                             rich_help_panel=_RECIPE),
-        cache_path: Optional[Path] = typer.Option(None, help="Reuse/save the feature cache here", rich_help_panel=_RECIPE),
+        cache_path: Path | None = typer.Option(None, help="Reuse/save the feature cache here", rich_help_panel=_RECIPE),
         seed: int = typer.Option(1, rich_help_panel=_RECIPE),
         device: str = typer.Option("auto", help="auto, cpu or cuda"),
         workers: int = typer.Option(2, min=0, help="Decode workers: DataLoader processes for "
                                     "training batches, threads for evaluation and the feature cache"),
-        threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
+        threads: int | None = typer.Option(None, min=1, help="torch CPU threads"),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last.safetensors"),
     ) -> None:
         """Train MODEL with the paper's triplet recipe (same options for every model)."""
         import torch
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from agman_milvus.training.sampler import TripletSampler
         from agman_milvus.core.model import build_model
+        from agman_milvus.training.sampler import TripletSampler
         from agman_milvus.training.trainer import Callbacks, TrainConfig, Trainer
 
         if model not in models:
@@ -135,34 +134,34 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def evaluate(
-        checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.safetensors) to evaluate"),
-        imagenet_floor: Optional[str] = typer.Option(None, help="Instead: untrained ImageNet BACKBONE, pooled"),
+        checkpoint: Path | None = typer.Option(None, help="Checkpoint (.safetensors) to evaluate"),
+        imagenet_floor: str | None = typer.Option(None, help="Instead: untrained ImageNet BACKBONE, pooled"),
         image_size: int = typer.Option(224, min=32, help="Input size for --imagenet-floor"),
-        catalog: Optional[Path] = typer.Option(None, rich_help_panel=_DATA),
+        catalog: Path | None = typer.Option(None, rich_help_panel=_DATA),
         attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory", rich_help_panel=_DATA),
         min_count: int = typer.Option(10, rich_help_panel=_DATA),
         split_seed: int = typer.Option(0, rich_help_panel=_DATA),
-        refdata: Optional[Path] = typer.Option(None, rich_help_panel=_DATA),
-        images: Optional[Path] = typer.Option(None, rich_help_panel=_DATA),
-        dataset: Optional[str] = typer.Option(None, rich_help_panel=_DATA),
+        refdata: Path | None = typer.Option(None, rich_help_panel=_DATA),
+        images: Path | None = typer.Option(None, rich_help_panel=_DATA),
+        dataset: str | None = typer.Option(None, rich_help_panel=_DATA),
         split: str = typer.Option("test", help="valid or test"),
-        zappos: Optional[Path] = typer.Option(None, help="CSN Zappos dir: TR accuracy on its triplet lists"),
+        zappos: Path | None = typer.Option(None, help="CSN Zappos dir: TR accuracy on its triplet lists"),
         zappos_triplets: int = typer.Option(160_000, help="Zappos triplets (CSN: 160k test, 80k val)"),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON"),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the result as JSON"),
         batch_size: int = typer.Option(64, min=1),
         workers: int = typer.Option(2, min=0, help="Threads decoding images ahead of the model"),
         device: str = typer.Option("auto"),
-        threads: Optional[int] = typer.Option(None, min=1),
+        threads: int | None = typer.Option(None, min=1),
     ) -> None:
         """MAP per attribute and overall (or TR accuracy for Zappos triplets)."""
         import torch
 
-        from agman_milvus.training.datasets import ImageTable
-        from agman_milvus.training.zappos import read_zappos_filenames, read_zappos_triplets
         from agman_milvus.core.model import load_checkpoint
+        from agman_milvus.training.datasets import ImageTable
         from agman_milvus.training.evaluate import evaluate_map, evaluate_triplets
         from agman_milvus.training.floor import PooledImageNetFeatures
         from agman_milvus.training.trainer import resolve_device
+        from agman_milvus.training.zappos import read_zappos_filenames, read_zappos_triplets
 
         if threads:
             torch.set_num_threads(threads)

@@ -24,22 +24,23 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from agman_milvus.training.catalog_split import Catalog, read_catalog, split_catalog
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.core.model import build_model, load_checkpoint
+from agman_milvus.training.catalog_split import Catalog, read_catalog, split_catalog
 from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.evaluate import evaluating
-from agman_milvus.training.readers import Label, RetrievalSplit
-from agman_milvus.training.sampler import TripletSampler
-from agman_milvus.core.model import build_model, load_checkpoint
 from agman_milvus.training.floor import PooledImageNetFeatures
 from agman_milvus.training.metrics import mean_average_precision
+from agman_milvus.training.readers import Label, RetrievalSplit
+from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.trainer import Callbacks, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)

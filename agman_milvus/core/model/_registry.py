@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from agman_milvus.core.model.agman import AGMAN
 from agman_milvus.core.model.backbones import build_trunk

@@ -6,11 +6,10 @@ Create Date: 2026-11-29 11:17:54.514067
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision: str = '1ec192410a5f'
 down_revision: str | Sequence[str] | None = None

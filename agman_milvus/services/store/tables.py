@@ -87,7 +87,7 @@ class Product(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     deleted_at: Mapped[datetime | None]
 
-    images: Mapped[list["Image"]] = relationship(back_populates="product")
+    images: Mapped[list[Image]] = relationship(back_populates="product")
 
 
 class Image(Base):
@@ -147,7 +147,7 @@ class ScreeningJob(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
 
-    matches: Mapped[list["ScreeningMatch"]] = relationship(
+    matches: Mapped[list[ScreeningMatch]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
 

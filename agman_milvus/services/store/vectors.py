@@ -216,7 +216,7 @@ class VectorStore:
     def from_settings(
         cls, settings: Settings, schema: AttributeSchema, model_version: str, *,
         embed_dim: int, descriptor_dim: int, **kwargs: Any,
-    ) -> "VectorStore":
+    ) -> VectorStore:
         return cls(
             open_milvus(settings), schema, model_version, embed_dim=embed_dim,
             descriptor_dim=descriptor_dim, prefix=settings.collection_prefix,
