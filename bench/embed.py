@@ -41,7 +41,7 @@ def timed(fn: Callable[[], object], batch: int, repeats: int) -> float:
 
 def paired(samples: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of rate(a) / rate(b)."""
-    return round(statistics.median(x / y for x, y in zip(samples[a], samples[b])), 3)
+    return round(statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True)), 3)
 
 
 def reference_path(model, x: torch.Tensor) -> None:
@@ -84,8 +84,10 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
-    models = {bb: build_model("agman", schema=SCHEMA, backbone=bb).eval().to(memory_format=torch.channels_last)
-              for bb in ("resnet50", "mobilenet_v2")}
+    models = {
+        bb: build_model("agman", schema=SCHEMA, backbone=bb).eval().to(memory_format=torch.channels_last)
+        for bb in ("resnet50", "mobilenet_v2")
+    }
     plain = resnet50(weights=None).eval().to(memory_format=torch.channels_last)
     cases: dict[str, Callable[[], object]] = {
         "resnet50.embed_all": lambda: models["resnet50"].embed_all(x),
@@ -143,9 +145,15 @@ def main() -> None:
         # Paired per round (the cases of one round run back to back), then the median over
         # rounds: far steadier than a ratio of medians when the machine's load drifts.
         "ratios_median_of_rounds": {
-            "resnet50.embed_all_speedup_vs_reference": paired(samples, "resnet50.embed_all", "resnet50.reference_k_passes"),
-            "mobilenet_v2.embed_all_speedup_vs_reference": paired(samples, "mobilenet_v2.embed_all", "mobilenet_v2.reference_k_passes"),
-            "resnet50.embed_all_cost_vs_plain_resnet50": paired(samples, "torchvision_resnet50.forward", "resnet50.embed_all"),
+            "resnet50.embed_all_speedup_vs_reference": paired(
+                samples, "resnet50.embed_all", "resnet50.reference_k_passes"
+            ),
+            "mobilenet_v2.embed_all_speedup_vs_reference": paired(
+                samples, "mobilenet_v2.embed_all", "mobilenet_v2.reference_k_passes"
+            ),
+            "resnet50.embed_all_cost_vs_plain_resnet50": paired(
+                samples, "torchvision_resnet50.forward", "resnet50.embed_all"
+            ),
         },
         **extra,
     }

@@ -49,7 +49,9 @@ def main() -> None:
         for batch in args.batches:
             for label, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
                 rates = throughput(model, batch, args.rounds, dtype)
-                results[f"{backbone}.batch{batch}.{label}.images_per_second"] = round(statistics.median(rates), 1)
+                results[f"{backbone}.batch{batch}.{label}.images_per_second"] = round(
+                    statistics.median(rates), 1
+                )
         results[f"{backbone}.peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
     print(json.dumps(results, indent=2))

@@ -32,7 +32,9 @@ BRANDS = [f"brand{i}" for i in range(10)]
 def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int, noise: float) -> np.ndarray:
     centres = rng.normal(size=(clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(
+        np.float32
+    ) / np.sqrt(dim)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -68,7 +70,9 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, objec
     insert_s = time.perf_counter() - t0
 
     q_idx = rng.choice(n, args.queries, replace=False)
-    queries = data[q_idx] + 0.5 * args.noise * rng.normal(size=(args.queries, args.dim)).astype(np.float32) / np.sqrt(args.dim)
+    queries = data[q_idx] + 0.5 * args.noise * rng.normal(size=(args.queries, args.dim)).astype(
+        np.float32
+    ) / np.sqrt(args.dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     store.search("style", queries[:3], top_k=args.k, one_per_product=False)  # warm-up
 

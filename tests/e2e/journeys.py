@@ -30,7 +30,12 @@ def database_commands(d: Deployment) -> None:
 def ingest(d: Deployment, cat: Catalogue) -> None:
     """``agman ingest`` indexes everything; a second run resumes and redoes nothing."""
     first = d.json("ingest", str(cat.manifest), "--json", "--timeout", "300")
-    assert (first["total"], first["indexed"], first["failed"], first["pending"]) == (len(cat.products), len(cat.products), 0, 0), first
+    assert (first["total"], first["indexed"], first["failed"], first["pending"]) == (
+        len(cat.products),
+        len(cat.products),
+        0,
+        0,
+    ), first
     again = d.json("ingest", str(cat.manifest), "--json", "--timeout", "300")
     assert again["already_indexed"] == len(cat.products) and again["dispatched"] == 0, again
 

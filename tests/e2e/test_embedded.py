@@ -71,7 +71,10 @@ def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployme
     for what, env in cases.items():
         proc = deployment.run("search", image, "-a", "colour", ok=False, env=env)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, proc.stderr)
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+            what,
+            proc.stderr,
+        )
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom agman_milvus import Client\n"
          "Client().services.vectors\nprint('ready', flush=True)\ntime.sleep(120)"],

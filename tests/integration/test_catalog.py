@@ -101,7 +101,10 @@ def test_status_transitions_and_listing(catalog: Catalog) -> None:
     assert rows[ids[2]].attempts == 2
     assert [i.id for i in catalog.images.list_pending()] == ids[3:]
 
-    assert list(catalog.images.iter_ids(ImageStatus.indexed, batch_size=1)) == [(ids[0], "v1"), (ids[1], "v1")]
+    assert list(catalog.images.iter_ids(ImageStatus.indexed, batch_size=1)) == [
+        (ids[0], "v1"),
+        (ids[1], "v1"),
+    ]
     assert catalog.images.count(ImageStatus.pending) == 2
 
     catalog.images.mark_pending([ids[0], ids[2]])

@@ -73,7 +73,7 @@ def test_plan_has_colour_variants_and_products_with_two_photos() -> None:
     plan = sample_products(300, seed=0)
     assert sum(photos for _, photos in plan) == 300
     assert any(photos == 2 for _, photos in plan)
-    variants = [(a, b) for (a, _), (b, _) in zip(plan, plan[1:])
+    variants = [(a, b) for (a, _), (b, _) in zip(plan, plan[1:], strict=False)
                 if a.garment.category == b.garment.category and a.garment.length == b.garment.length
                 and a.garment.colour != b.garment.colour]
     assert variants, "expected some products to be the previous product in another colour"

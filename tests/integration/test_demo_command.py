@@ -93,7 +93,9 @@ def test_summary_json_has_measured_figures_in_range(first_run) -> None:
     assert copy["copies"] == 6 and copy["unrelated"] == 6 and copy["calibrated"]
     assert sum(copy["copies_confusion"].values()) == 6 and sum(copy["unrelated_confusion"].values()) == 6
     found = copy["copies_confusion"]["copy"] + copy["copies_confusion"]["near_duplicate"]
-    assert copy["accuracy"] == pytest.approx(100 * (found + copy["unrelated_confusion"]["distinct"]) / 12, abs=0.1)
+    assert copy["accuracy"] == pytest.approx(
+        100 * (found + copy["unrelated_confusion"]["distinct"]) / 12, abs=0.1
+    )
     assert summary["model"]["trained_now"] and Path(summary["model"]["checkpoint"]).is_file()
     # the model is left where the default settings find it afterwards
     from agman_milvus.core.config import get_settings
@@ -159,8 +161,21 @@ def test_catalog_option_runs_on_a_manifest_without_product_id(first_run, tmp_pat
     (tmp_path / "images").symlink_to(images)
     rows = [",".join(line.split(",")[i] for i in keep) for line in lines]
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(app, ["demo", "--catalog", str(tmp_path / "manifest.csv"), "--attributes",
-                                      "category,colour", "--images", "70", *TINY[3:], "--data-dir", str(tmp_path / "d")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--catalog",
+            str(tmp_path / "manifest.csv"),
+            "--attributes",
+            "category,colour",
+            "--images",
+            "70",
+            *TINY[3:],
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = json.loads((tmp_path / "d" / "demo" / "summary.json").read_text(encoding="utf-8"))
     assert not summary["generated_catalog"] and summary["attributes"] == ["category", "colour"]

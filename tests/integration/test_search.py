@@ -61,7 +61,10 @@ class ColourShapeModel(AttributeEmbeddingModel):
         box = rows.sum(1).clamp(min=1) * cols.sum(1).clamp(min=1)
         fill = (area / box)[:, None]
         shape = torch.exp(-((fill - self.centres) ** 2) / (2 * 0.06**2))
-        pad = lambda v: torch.cat([v, torch.full((v.shape[0], 8 - v.shape[1]), 1e-3, device=v.device)], 1)
+
+        def pad(v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([v, torch.full((v.shape[0], 8 - v.shape[1]), 1e-3, device=v.device)], 1)
+
         return l2_normalize(torch.stack([pad(colour - 0.35), pad(shape)], dim=1))
 
     def _heads(self, inputs: tuple[torch.Tensor, ...], attribute_ids: torch.Tensor) -> torch.Tensor:
@@ -97,7 +100,9 @@ def make_client(data_dir: Path, **model_kwargs: object):  # noqa: ANN201 - Clien
 
     settings = Settings(data_dir=data_dir, device="cpu", batch_size=16, broker_url=None,
                         milvus_uri=None, database_url=None, collection_prefix="agman")
-    return Client(services=Services(settings, embedder=Embedder(ColourShapeModel(**model_kwargs), device="cpu")))
+    return Client(
+        services=Services(settings, embedder=Embedder(ColourShapeModel(**model_kwargs), device="cpu"))
+    )
 
 
 CATALOG = [(f"sku-{c}-{s}-{k}", c, s, 100 * i + k)

@@ -59,7 +59,7 @@ def make_store(client: MilvusClient, prefix: str, version: str = "v1", **kw: obj
 def make_rows(rng: np.random.Generator, ids: list[int], products: list[int],
               brands: list[str] | None = None) -> list[VectorRow]:
     rows = []
-    for k, (image_id, product_id) in enumerate(zip(ids, products)):
+    for k, (image_id, product_id) in enumerate(zip(ids, products, strict=True)):
         vecs = {a: unit(rng, 1, DIM)[0] for a in SCHEMA.names}
         meta = {"brand": brands[k] if brands else f"brand{product_id % 3}", "colour": "Red"}
         rows.append(VectorRow(image_id, product_id, vecs, unit(rng, 1, DESC_DIM)[0], meta))
@@ -126,7 +126,9 @@ def test_lite_quirk_no_binary_vectors(milvus_client: MilvusClient, collection_pr
         milvus_client.create_collection(f"{collection_prefix}_phash", schema=schema, index_params=index)
 
 
-def test_ensure_collections_layout_and_idempotence(milvus_client: MilvusClient, collection_prefix: str) -> None:
+def test_ensure_collections_layout_and_idempotence(
+    milvus_client: MilvusClient, collection_prefix: str
+) -> None:
     store = make_store(milvus_client, collection_prefix)
     store.ensure_collections()
     names = store.collection_names()
@@ -194,7 +196,7 @@ def test_search_self_match_and_attribute_spaces(milvus_client: MilvusClient, col
         hits = store.search(attr, queries, top_k=5)
         assert [h[0].image_id for h in hits] == [6, 18]
         assert hits[0][0].score == pytest.approx(1.0, abs=1e-4)
-        assert all(a.score >= b.score for a, b in zip(hits[0], hits[0][1:]))
+        assert all(a.score >= b.score for a, b in zip(hits[0], hits[0][1:], strict=False))
     copy_hits = store.search_copy([rows[3].descriptor], top_k=3)  # type: ignore[list-item]
     assert copy_hits[0][0].image_id == 4
 
@@ -209,19 +211,24 @@ def test_one_hit_per_product(milvus_client: MilvusClient, collection_prefix: str
     ids, products, vecs = [], [], []
     next_id = 1
     for product in range(12):
-        for k in range(8 if product == 0 else 1 + product % 3):
+        for _ in range(8 if product == 0 else 1 + product % 3):
             noise = 0.05 if product == 0 else 0.6
             v = q + noise * rng.normal(size=DIM).astype(np.float32)
-            ids.append(next_id); products.append(product); vecs.append(v / np.linalg.norm(v))
+            ids.append(next_id)
+            products.append(product)
+            vecs.append(v / np.linalg.norm(v))
             next_id += 1
-    rows = [VectorRow(i, p, {a: v for a in SCHEMA.names}, None, {}) for i, p, v in zip(ids, products, vecs)]
+    rows = [
+        VectorRow(i, p, {a: v for a in SCHEMA.names}, None, {})
+        for i, p, v in zip(ids, products, vecs, strict=True)
+    ]
     store.upsert(rows)
 
     hits = store.search("neckline", [q], top_k=5)[0]
     # exact answer by brute force: best image per product, top 5 products
     sims = np.stack(vecs) @ q
     best: dict[int, tuple[float, int]] = {}
-    for i, p, s in zip(ids, products, sims):
+    for i, p, s in zip(ids, products, sims, strict=True):
         if p not in best or s > best[p][0]:
             best[p] = (float(s), i)
     expected = sorted(best.items(), key=lambda kv: -kv[1][0])[:5]

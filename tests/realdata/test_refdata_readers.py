@@ -43,7 +43,13 @@ def test_meta(refdata: Path) -> None:
     fashionai = read_meta(refdata / "meta.json", "FashionAI")
     assert fashionai.names[0] == "skirt_length" and fashionai.names[-1] == "neck_design"
     assert [a.num_values for a in fashionai] == [6, 9, 8, 6, 5, 5, 10, 5]
-    assert [a.num_values for a in read_meta(refdata / "meta.json", "DeepFashion")] == [156, 218, 180, 216, 230]
+    assert [a.num_values for a in read_meta(refdata / "meta.json", "DeepFashion")] == [
+        156,
+        218,
+        180,
+        216,
+        230,
+    ]
 
 
 def test_fashionai_test_split_counts(refdata: Path) -> None:
@@ -72,10 +78,12 @@ def test_fashionai_train_counts(refdata: Path) -> None:
 def test_fashionai_label_csv_agrees_with_split(refdata: Path, split_name: str) -> None:
     base = refdata / "FashionAI"
     schema = read_meta(refdata / "meta.json", "FashionAI")
-    records = read_fashionai_label_csv(base / "asen_dev_branch" / split_name / "Annotations" / "label.csv", schema)
+    records = read_fashionai_label_csv(
+        base / "asen_dev_branch" / split_name / "Annotations" / "label.csv", schema
+    )
     filenames = read_filenames(base / f"filenames_{split_name}.txt")
     assert len(records) == len(filenames) == 18000
-    assert all(name.endswith(record.path) for name, record in zip(filenames, records))
+    assert all(name.endswith(record.path) for name, record in zip(filenames, records, strict=True))
     split = read_retrieval_split(base, split_name)
     expected = {label.image: (label.attribute, label.value) for label in split.queries + split.candidates}
     assert all(expected[i] == (r.attribute, r.value) for i, r in enumerate(records))

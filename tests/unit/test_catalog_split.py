@@ -45,7 +45,9 @@ def test_missing_column_and_no_values_are_errors(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_disjoint_and_one_label_per_eval_image(tmp_path: Path) -> None:
-    catalog = read_catalog(_write_catalog(tmp_path / "m.csv", n=1000), ["colour", "shape", "usage"], min_count=5)
+    catalog = read_catalog(
+        _write_catalog(tmp_path / "m.csv", n=1000), ["colour", "shape", "usage"], min_count=5
+    )
     split = split_catalog(catalog, seed=0, test_fraction=0.3, valid_fraction=0.1, query_fraction=0.2)
     again = split_catalog(catalog, seed=0, test_fraction=0.3, valid_fraction=0.1, query_fraction=0.2)
     assert split == again

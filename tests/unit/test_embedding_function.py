@@ -47,7 +47,7 @@ def test_queries_match_documents_and_sources_agree(ef: AgmanEmbeddingFunction) -
     images = _images()
     docs = ef.encode_documents(images)
     queries = ef.encode_queries(images, "sleeve length")
-    for q, d in zip(queries, docs["sleeve length"]):
+    for q, d in zip(queries, docs["sleeve length"], strict=True):
         np.testing.assert_allclose(q, d, atol=1e-5)  # one backbone pass == per-attribute pass
     buf = io.BytesIO()
     images[0].save(buf, "PNG")
@@ -72,7 +72,7 @@ def test_a_drop_in_for_pymilvus_model_code(ef: AgmanEmbeddingFunction) -> None:
     images = _images()
     documents, queries = bound(images), bound.encode_queries(images)
     assert len(documents) == len(queries) == 3
-    for d, q in zip(documents, queries):
+    for d, q in zip(documents, queries, strict=True):
         np.testing.assert_allclose(d, q, atol=1e-5)
     with pytest.raises(ValueError, match="name the attribute to query"):
         ef.encode_queries(images)

@@ -139,7 +139,9 @@ def test_unknown_attribute_is_a_clear_error(schema8, images) -> None:
 def test_preprocess_comes_with_the_model(schema8) -> None:
     from PIL import Image
 
-    model, preprocess = create_model_and_transforms("agman", schema=schema8, backbone="mobilenet_v2", image_size=96)
+    model, preprocess = create_model_and_transforms(
+        "agman", schema=schema8, backbone="mobilenet_v2", image_size=96
+    )
     tensor = preprocess(Image.new("RGB", (300, 150), (255, 0, 0)))
     assert tensor.shape == (3, 96, 96)
     assert tensor[0].mean().item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)

@@ -96,7 +96,9 @@ def test_fashionai_label_csv_and_train_rebuild(tmp_path: Path) -> None:
 def test_fashionai_label_csv_errors(tmp_path: Path) -> None:
     schema = AttributeSchema.from_dict({"skirt_length": 6})
     with pytest.raises(FormatError, match="exactly one 'y'"):
-        read_fashionai_label_csv(_write(tmp_path / "a.csv", ["Images/x.jpg,skirt_length_labels,nnnnnn"]), schema)
+        read_fashionai_label_csv(
+            _write(tmp_path / "a.csv", ["Images/x.jpg,skirt_length_labels,nnnnnn"]), schema
+        )
     with pytest.raises(FormatError, match="6 values"):
         read_fashionai_label_csv(_write(tmp_path / "b.csv", ["Images/x.jpg,skirt_length_labels,ynn"]), schema)
 

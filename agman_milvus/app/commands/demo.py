@@ -21,16 +21,50 @@ _STAGES = {
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        catalog: Path = typer.Option(None, "--catalog", help="Run on this manifest CSV (file,id[,product_id],attribute columns) instead of the generated catalog"),
-        attributes: str = typer.Option(None, "--attributes", help="Comma-separated attribute columns (default: the demo's, or articleType,baseColour,gender,usage)"),
-        data_dir: Path = typer.Option(None, "--data-dir", help="Data directory; the demo works in DATA_DIR/demo (default: AGMAN_DATA_DIR)"),
-        images: int = typer.Option(None, "--images", min=1, help="Generated catalog size (default 600), or the first N rows of --catalog"),
-        image_size: int = typer.Option(None, "--image-size", min=32, help="Model input size (default 160); also the generated photos' size (default 224)"),
-        epochs: int = typer.Option(None, "--epochs", min=1, help="Training epochs of the demo model (default 6)"),
-        triplets_per_epoch: int = typer.Option(None, "--triplets-per-epoch", min=32, help="Triplets per epoch (default 3000)"),
-        copies: int = typer.Option(40, "--copies", min=1, help="Edited copies to check, and as many unrelated images"),
-        queries_per_attribute: int = typer.Option(3, "--queries-per-attribute", min=0, help="Searches shown on the page per attribute"),
-        calibration_sample: int = typer.Option(200, "--calibration-sample", min=10, help="Images used to calibrate the copy thresholds"),
+        catalog: Path = typer.Option(
+            None,
+            "--catalog",
+            help="Run on this manifest CSV (file,id[,product_id],attribute columns) "
+            "instead of the generated catalog",
+        ),
+        attributes: str = typer.Option(
+            None,
+            "--attributes",
+            help="Comma-separated attribute columns "
+            "(default: the demo's, or articleType,baseColour,gender,usage)",
+        ),
+        data_dir: Path = typer.Option(
+            None,
+            "--data-dir",
+            help="Data directory; the demo works in DATA_DIR/demo (default: AGMAN_DATA_DIR)",
+        ),
+        images: int = typer.Option(
+            None,
+            "--images",
+            min=1,
+            help="Generated catalog size (default 600), or the first N rows of --catalog",
+        ),
+        image_size: int = typer.Option(
+            None,
+            "--image-size",
+            min=32,
+            help="Model input size (default 160); also the generated photos' size (default 224)",
+        ),
+        epochs: int = typer.Option(
+            None, "--epochs", min=1, help="Training epochs of the demo model (default 6)"
+        ),
+        triplets_per_epoch: int = typer.Option(
+            None, "--triplets-per-epoch", min=32, help="Triplets per epoch (default 3000)"
+        ),
+        copies: int = typer.Option(
+            40, "--copies", min=1, help="Edited copies to check, and as many unrelated images"
+        ),
+        queries_per_attribute: int = typer.Option(
+            3, "--queries-per-attribute", min=0, help="Searches shown on the page per attribute"
+        ),
+        calibration_sample: int = typer.Option(
+            200, "--calibration-sample", min=10, help="Images used to calibrate the copy thresholds"
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the generated catalog and of the copy edits"),
     ) -> None:
         """Generate a catalog (or read --catalog), train the demo model (cached), ingest, search,

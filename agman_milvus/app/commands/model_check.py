@@ -33,6 +33,12 @@ def register(app: typer.Typer) -> None:
             with torch.inference_mode():
                 embeddings, descriptor = model.encode(batch)
             elapsed = (time.perf_counter() - start) * 1000
-            table.add_row(name, backbone, f"{sum(p.numel() for p in model.parameters()):,}",
-                          "x".join(map(str, embeddings.shape[1:])), str(descriptor.shape[1]), f"{elapsed:.0f}")
+            table.add_row(
+                name,
+                backbone,
+                f"{sum(p.numel() for p in model.parameters()):,}",
+                "x".join(map(str, embeddings.shape[1:])),
+                str(descriptor.shape[1]),
+                f"{elapsed:.0f}",
+            )
         Console().print(table)

@@ -11,10 +11,18 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("reindex")
     def reindex_command(
-        checkpoint: Path = typer.Option(None, "--checkpoint", help="The new model (.safetensors); default AGMAN_CHECKPOINT"),
-        activate: bool = typer.Option(True, "--activate/--no-activate", help="Switch searches to the new version when it is complete"),
-        drop_old: bool = typer.Option(False, "--drop-old", help="After the switch, drop the old version's collections"),
-        batch_size: int = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default AGMAN_BATCH_SIZE)"),
+        checkpoint: Path = typer.Option(
+            None, "--checkpoint", help="The new model (.safetensors); default AGMAN_CHECKPOINT"
+        ),
+        activate: bool = typer.Option(
+            True, "--activate/--no-activate", help="Switch searches to the new version when it is complete"
+        ),
+        drop_old: bool = typer.Option(
+            False, "--drop-old", help="After the switch, drop the old version's collections"
+        ),
+        batch_size: int = typer.Option(
+            None, "--batch-size", min=1, help="Images per model batch (default AGMAN_BATCH_SIZE)"
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only"),
     ) -> None:
         """Embed every live image with CHECKPOINT into its own collections while the current
@@ -29,7 +37,9 @@ def register(app: typer.Typer) -> None:
 
         settings = get_settings()
         if checkpoint is None and settings.checkpoint is None:
-            raise ConfigurationError("no checkpoint: pass --checkpoint NEW.safetensors or set AGMAN_CHECKPOINT")
+            raise ConfigurationError(
+                "no checkpoint: pass --checkpoint NEW.safetensors or set AGMAN_CHECKPOINT"
+            )
         console = Console(stderr=True)
         services = Services(settings)
         try:

@@ -66,9 +66,13 @@ class Garment:
         if self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; patterns: {', '.join(PATTERNS)}")
         if (self.sleeve_length is None) != (self.category not in TOPS):
-            raise ValueError(f"{self.category} {'needs' if self.category in TOPS else 'has no'} sleeve length")
+            raise ValueError(
+                f"{self.category} {'needs' if self.category in TOPS else 'has no'} sleeve length"
+            )
         if self.sleeve_length is not None and self.sleeve_length not in SLEEVE_LENGTHS:
-            raise ValueError(f"unknown sleeve length {self.sleeve_length!r}; lengths: {', '.join(SLEEVE_LENGTHS)}")
+            raise ValueError(
+                f"unknown sleeve length {self.sleeve_length!r}; lengths: {', '.join(SLEEVE_LENGTHS)}"
+            )
 
     @property
     def rgb(self) -> RGB:
@@ -282,7 +286,9 @@ def _ink(g: Garment, polygons: list[list[Point]]) -> list[list[Point]]:
     if g.category == "shoe":
         sole = _sole(g)
         lines.append(sole + [sole[0]])
-        lines += [[(0.38 + 0.05 * i, 0.45 + 0.012 * i), (0.42 + 0.05 * i, 0.43 + 0.012 * i)] for i in range(4)]
+        lines += [
+            [(0.38 + 0.05 * i, 0.45 + 0.012 * i), (0.42 + 0.05 * i, 0.43 + 0.012 * i)] for i in range(4)
+        ]
     return lines
 
 
@@ -297,8 +303,13 @@ def render(g: Garment, shot: Shot, size: int = 224, rng: np.random.Generator | N
     polygons = silhouette(g)
     width = max(1, size // 110)
 
-    mask = _smooth_mask(size, lambda d: [d.polygon(pose.to_pixels(p, 2), fill=255) for p in polygons]
-                        + ([d.polygon(pose.to_pixels(_sole(g), 2), fill=255)] if g.category == "shoe" else []))
+    mask = _smooth_mask(
+        size,
+        lambda d: (
+            [d.polygon(pose.to_pixels(p, 2), fill=255) for p in polygons]
+            + ([d.polygon(pose.to_pixels(_sole(g), 2), fill=255)] if g.category == "shoe" else [])
+        ),
+    )
     ink = _smooth_mask(size, lambda d: [d.line(pose.to_pixels(line, 2), fill=255, width=2 * width)
                                         for line in _ink(g, polygons)])
     u, v = pose.to_garment()

@@ -209,10 +209,16 @@ def sample_products(n_images: int, seed: int = 0) -> list[tuple[Product, int]]:
         product_id = len(plan) + 1
         previous = plan[-1][0] if plan else None
         if previous is not None and rng.random() < _VARIANT_PROBABILITY:
-            product = Product(product_id, colour_variant(previous.garment, rng), previous.brand, previous.gender)
+            product = Product(
+                product_id, colour_variant(previous.garment, rng), previous.brand, previous.gender
+            )
         else:
             garment = sample_garment(rng)
-            gender = "Women" if garment.category in ("dress", "skirt") else str(rng.choice(GENDERS, p=(0.4, 0.4, 0.2)))
+            gender = (
+                "Women"
+                if garment.category in ("dress", "skirt")
+                else str(rng.choice(GENDERS, p=(0.4, 0.4, 0.2)))
+            )
             product = Product(product_id, garment, str(rng.choice(BRANDS)), gender)
         photos = min(2 if rng.random() < _TWO_PHOTO_PROBABILITY else 1, n_images - total)
         plan.append((product, photos))
@@ -287,7 +293,9 @@ def ensure_catalog(out_dir: str | Path, n_images: int = 600, *, seed: int = 0, i
         logger.info("demo catalog in %s is stale or incomplete; regenerating", root)
         shutil.rmtree(root)  # only ever a directory this module made (it holds catalog.json)
     elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and is not a demo catalog; choose another directory")
+        raise FileExistsError(
+            f"{root} exists, is not empty and is not a demo catalog; choose another directory"
+        )
     return generate_catalog(root, n_images, seed=seed, image_size=image_size, threads=threads)
 
 

@@ -193,7 +193,9 @@ class VectorStore:
         if not model_version or len(model_version) > VERSION_MAX_LENGTH:
             raise ValueError(f"model version must be 1-{VERSION_MAX_LENGTH} characters: {model_version!r}")
         if COPY in [a.slug for a in schema]:
-            raise ValueError(f"an attribute may not be called {COPY!r}: that collection holds copy descriptors")
+            raise ValueError(
+                f"an attribute may not be called {COPY!r}: that collection holds copy descriptors"
+            )
         for name in filter_fields:
             if not _FIELD_NAME.match(name) or name in _RESERVED_FIELDS:
                 raise ValueError(f"invalid filter field name {name!r}")
@@ -438,7 +440,7 @@ class VectorStore:
                 per_collection[names[COPY]].append({**base, VECTOR_FIELD: vec})
         for name, data in per_collection.items():
             if data:
-                self._on_loaded(name, lambda: self.client.upsert(name, data))
+                self._on_loaded(name, lambda name=name, data=data: self.client.upsert(name, data))
                 self.deployment.after_write(self.client, name)
         return len(rows)
 
@@ -448,7 +450,7 @@ class VectorStore:
         if not ids:
             return
         for name in self._all_collections():
-            self._on_loaded(name, lambda: self.client.delete(name, ids=ids))
+            self._on_loaded(name, lambda name=name: self.client.delete(name, ids=ids))
             self.deployment.after_write(self.client, name)
 
     def delete_from(self, collection: str, image_ids: Sequence[int], batch_size: int = 1000) -> None:
@@ -457,14 +459,14 @@ class VectorStore:
             return
         for start in range(0, len(image_ids), batch_size):
             ids = [int(i) for i in image_ids[start:start + batch_size]]
-            self._on_loaded(collection, lambda: self.client.delete(collection, ids=ids))
+            self._on_loaded(collection, lambda ids=ids: self.client.delete(collection, ids=ids))
         self.deployment.after_write(self.client, collection)
 
     def delete_product(self, product_id: int) -> None:
         """Remove every vector of a product, in every collection of every model version."""
         expr = f"product_id == {int(product_id)}"
         for name in self._all_collections():
-            self._on_loaded(name, lambda: self.client.delete(name, filter=expr))
+            self._on_loaded(name, lambda name=name: self.client.delete(name, filter=expr))
             self.deployment.after_write(self.client, name)
 
     def _all_collections(self) -> list[str]:
@@ -607,7 +609,7 @@ def search_distinct_products(
     while pending:
         raw = run([queries[i] for i in pending], limit)
         still = []
-        for i, hits in zip(pending, raw):
+        for i, hits in zip(pending, raw, strict=True):
             distinct = dedupe_by_product(hits, top_k)
             if len(distinct) >= top_k or len(hits) < limit or limit >= MAX_TOP_K:
                 results[i] = distinct
