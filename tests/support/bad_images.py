@@ -374,7 +374,7 @@ def _(c: _Ctx) -> Source:
 
 @_case("png_16bit_grey", "ok", _check_16bit)
 def _(c: _Ctx) -> Source:
-    ramp = np.tile(np.linspace(0, 65535, 257).round().astype(np.uint16), (8, 1))
+    ramp = np.tile(np.linspace(0, 65535, 257).round().astype(np.uint16), (16, 1))
     return c.file("grey16.png", _encode(Image.fromarray(ramp), "PNG"))
 
 
@@ -524,6 +524,50 @@ def _(c: _Ctx) -> Source:
     path = c.dir / "a_directory.jpg"
     path.mkdir(exist_ok=True)
     return path
+
+
+@_case("png_1x60000", "extreme_aspect_ratio",
+       note="a few hundred bytes; resizing its short side to 224 once took 7.4 GB")
+def _(c: _Ctx) -> Source:
+    return c.file("line_60000.png", _encode(Image.new("L", (1, 60_000), 128), "PNG"))
+
+
+@_case("png_1x200000", "extreme_aspect_ratio", note="once OOM-killed a worker, twice")
+def _(c: _Ctx) -> Source:
+    return c.file("line_200000.png", _encode(Image.new("L", (200_000, 1), 128), "PNG"))
+
+
+@_case("png_aspect_19", "ok", _expect(size=(380, 20), red=((190, 10), RED), tol=8),
+       note="a long banner just inside the default 20:1 limit")
+def _(c: _Ctx) -> Source:
+    return c.file("banner.png", _encode(Image.new("RGB", (380, 20), RED), "PNG"))
+
+
+@_case("proc_self_environ", "forbidden_path", note="process state, never read")
+def _(c: _Ctx) -> Source:
+    return "/proc/self/environ"
+
+
+@_case("symlink_to_proc", "forbidden_path", note="resolved before the check")
+def _(c: _Ctx) -> Source:
+    link = c.dir / "innocent.jpg"
+    if not link.is_symlink():
+        link.symlink_to("/proc/self/environ")
+    return link
+
+
+@_case("dev_zero_uri", "forbidden_path", note="a device, refused before it is opened")
+def _(c: _Ctx) -> Source:
+    return "file:///dev/zero"
+
+
+@_case("symlink_to_etc_passwd", "not_an_image",
+       note="allowed by the default policy (no allowed_roots), read, refused, never stored")
+def _(c: _Ctx) -> Source:
+    link = c.dir / "passwd.jpg"
+    if not link.is_symlink():
+        link.symlink_to("/etc/passwd")
+    return link
 
 
 @_case("file_uri", "ok", _SCENE_CHECK)
