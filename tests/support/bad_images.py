@@ -603,6 +603,14 @@ def _(c: _Ctx) -> Source | None:
     return f"{c.servers.base_url}/scene.jpg"
 
 
+@_case("url_1x200000", "extreme_aspect_ratio", note="fetched and refused by the worker itself")
+def _(c: _Ctx) -> Source | None:
+    if c.servers is None:
+        return None
+    (c.www / "line.png").write_bytes(_encode(Image.new("L", (1, 200_000), 128), "PNG"))
+    return f"{c.servers.base_url}/line.png"
+
+
 @_case("url_too_large_streamed", "too_large_bytes",
        note="no Content-Length: the download must stop past max_bytes")
 def _(c: _Ctx) -> Source | None:
@@ -620,7 +628,7 @@ def make_corpus(tmp_dir: Path, servers: CorpusServers | None = None) -> list[Cas
     """Write the corpus files under ``tmp_dir`` and describe every case.
 
     Cases that need a local server (``url_timeout``, ``url_404``, ``url_ok``,
-    ``url_too_large_streamed``) are included only when ``servers`` is given; files they
+    ``url_1x200000``, ``url_too_large_streamed``) are included only when ``servers`` is given; files they
     serve are written to ``tmp_dir / "www"``, which the file server must serve.
     """
     tmp_dir = Path(tmp_dir)

@@ -69,7 +69,7 @@ ERROR_CLASS = {
     "http_status": ImageFetchError,
     "unsupported_scheme": UnsupportedSourceError,
 }
-SERVER_CASES = {"url_timeout", "url_404", "url_ok", "url_too_large_streamed"}
+SERVER_CASES = {"url_timeout", "url_404", "url_ok", "url_1x200000", "url_too_large_streamed"}
 
 
 @dataclass
