@@ -7,8 +7,9 @@ Drift, both ways:
 * **missing vectors**: rows marked indexed that lack a vector in some collection of the active
   version (the copy collection counts) -> marked pending and re-embedded;
 * **stale rows**: rows marked indexed by another model version -> pending and re-embedded;
-* **orphan blobs** (when given the blob store): stored bytes no image row names, older than an
-  hour (an ingest in flight writes its blob just before its row) -> deleted.
+* **orphan blobs** (when given the blob store): stored bytes that no image row and no screening
+  job names, older than an hour (an ingest in flight writes its blob just before its row)
+  -> deleted.
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def reconcile(
         )
     report = ReconcileReport(active_version=active_version, dry_run=dry_run)
     if blobs is not None:
-        report.orphan_blobs = blobs.sweep_orphans(catalog.images.referenced_sha256, dry_run=dry_run)
+        screened = catalog.screening_jobs.blob_ids()
+        report.orphan_blobs = blobs.sweep_orphans(
+            lambda ids: catalog.images.referenced_sha256(ids) | (screened & set(ids)), dry_run=dry_run
+        )
 
     live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
     indexed: dict[int, str | None] = dict(catalog.images.iter_ids(ImageStatus.indexed))

@@ -118,18 +118,19 @@ def test_reconcile_finds_and_repairs_drift(world) -> None:
 
 
 def test_reconcile_sweeps_orphan_blobs(world, tmp_path: Path) -> None:
-    """Blobs no image row names (any status) and older than an hour go; named ones and fresh
-    ones (an ingest in flight) stay."""
+    """Blobs no image row (any status) and no screening job names, older than an hour, go;
+    named ones and fresh ones (an ingest in flight) stay."""
     from agman_milvus.services.blobs import BlobStore
 
     catalog, store, embed, _ = world
     blobs = BlobStore(tmp_path / "blobs")
-    named, failed, orphan, fresh = (blobs.put(f"bytes {n}".encode()) for n in range(4))
+    named, failed, orphan, fresh, screened = (blobs.put(f"bytes {n}".encode()) for n in range(5))
+    catalog.screening_jobs.create(2, {"queries": ["/some/path.jpg", blobs.uri(screened)]})
     product = catalog.products.upsert("p-blobs").id
     catalog.images.add(product, named)
     failed_id = catalog.images.add(product, failed)[0].id
     catalog.images.mark_failed(failed_id, "corrupt: pixel data")  # kept: the event may be retried
-    for sha in (named, failed, orphan):
+    for sha in (named, failed, orphan, screened):
         old = os.stat(blobs.path(sha)).st_mtime - 7200
         os.utime(blobs.path(sha), (old, old))
 
@@ -138,7 +139,7 @@ def test_reconcile_sweeps_orphan_blobs(world, tmp_path: Path) -> None:
     assert blobs.exists(orphan)
     report = reconcile(catalog, store, "v2", dry_run=False, reembed=embed, blobs=blobs)
     assert report.orphan_blobs == [orphan]
-    assert set(blobs.iter_ids()) == {named, failed, fresh}
+    assert set(blobs.iter_ids()) == {named, failed, fresh, screened}
 
 
 def test_reconcile_without_pipeline_reports_missing(world) -> None:
