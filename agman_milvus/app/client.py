@@ -146,7 +146,8 @@ class Client:
         ``image``: a path, ``file://`` or ``http(s)://`` URI, bytes or a PIL image. The same
         image sent twice (or the same event delivered twice) yields one row and one vector.
         In-process ingest is finished when this returns; with workers, ``wait=True`` blocks
-        until the image is indexed or failed.
+        until the image is indexed or failed. An invalid product id or metadata (see the
+        README's rules) raises :class:`InvalidProductError` and records nothing.
         """
         reg: Registration = register_image(self.services, product_id, image, metadata)  # validates
         if reg.needs_embedding:

@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IndexReport", "InvalidProductError", "Registration", "TRANSIENT_ERRORS", "UnknownProductError",
-    "delete_product",
-    "index_images", "reembed_images", "refresh_metadata", "register_image", "update_product",
+    "delete_product", "index_images", "reembed_images", "refresh_metadata", "register_image",
+    "update_product",
 ]
 
 
