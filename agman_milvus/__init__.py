@@ -3,7 +3,7 @@
 The public API, by stable import path (the layers behind it are described in the README):
 
 * ``agman_milvus``: :class:`Client`, :class:`AgmanEmbeddingFunction`, :class:`Settings`,
-  :class:`AttributeSchema`;
+  :class:`AttributeSchema`, the errors :class:`AgmanError` and :class:`InvalidProductError`;
 * ``agman_milvus.model``: ``build_model``, ``list_models``, ``load_checkpoint``,
   ``save_checkpoint`` ...;
 * ``agman_milvus.schema``: :class:`AttributeSchema` and its errors.
@@ -18,9 +18,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AgmanEmbeddingFunction": "agman_milvus.app.embedding_function",
+    "AgmanError": "agman_milvus.core.errors",
     "Attribute": "agman_milvus.core.schema",
     "AttributeSchema": "agman_milvus.core.schema",
     "Client": "agman_milvus.app.client",
+    "InvalidProductError": "agman_milvus.core.errors",
     "Settings": "agman_milvus.core.config",
     "UnknownAttributeError": "agman_milvus.core.schema",
     "get_settings": "agman_milvus.core.config",

@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from agman_milvus.core.config import Settings, get_settings
+from agman_milvus.core.errors import InvalidProductError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.services.container import Services, check_shared_deployment
 from agman_milvus.services.store.catalog import ImageStatus
+from agman_milvus.services.store.validation import validate_product
 from agman_milvus.usecases.dispatch import Dispatcher, InProcessDispatcher
 from agman_milvus.usecases.ingest import Registration, delete_product, register_image, update_product
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Client", "IngestHandle"]
+__all__ = ["Client", "IngestHandle", "IngestItem"]
 
 _FINAL = (ImageStatus.indexed, ImageStatus.failed, ImageStatus.deleted)
+
+#: Images per embedding task sent by :meth:`Client.ingest_many` (as ``agman ingest`` does).
+INGEST_BATCH = 32
+
+IngestItem = tuple[str, ImageSource] | tuple[str, ImageSource, Mapping[str, Any] | None]
+"""One event of :meth:`Client.ingest_many`: ``(product_id, image)`` or
+``(product_id, image, metadata)``."""
 
 
 class IngestHandle:
@@ -137,9 +146,10 @@ class Client:
         ``image``: a path, ``file://`` or ``http(s)://`` URI, bytes or a PIL image. The same
         image sent twice (or the same event delivered twice) yields one row and one vector.
         In-process ingest is finished when this returns; with workers, ``wait=True`` blocks
-        until the image is indexed or failed.
+        until the image is indexed or failed. An invalid product id or metadata (see the
+        README's rules) raises :class:`InvalidProductError` and records nothing.
         """
-        reg: Registration = register_image(self.services, product_id, image, metadata)
+        reg: Registration = register_image(self.services, product_id, image, metadata)  # validates
         if reg.needs_embedding:
             self.dispatcher.submit([reg.image_id])
         handle = IngestHandle(self, reg.image_id, product_id, reg.status, reg.reason,
@@ -150,6 +160,49 @@ class Client:
             else:
                 handle.refresh()
         return handle
+
+    def ingest_many(
+        self,
+        items: Iterable[IngestItem | Mapping[str, Any]],
+        wait: bool = False,
+        timeout: float = 600.0,
+    ) -> list[IngestHandle]:
+        """Record many images and embed them in batches of 32 per task, as ``agman ingest``
+        does (one task per image with :meth:`ingest` costs a round trip each).
+
+        ``items``: ``(product_id, image)`` or ``(product_id, image, metadata)`` tuples, or
+        mappings with those keys. Every item is validated before anything is stored: one
+        invalid product id or metadata raises :class:`InvalidProductError` (naming the item)
+        and nothing is recorded. Returns one handle per item, in order; a bad image is a
+        handle with status ``failed`` and its reason. ``wait=True`` blocks until every image
+        is indexed or failed.
+        """
+        events = [_event(n, item) for n, item in enumerate(items)]
+        fields = self.settings.filter_fields
+        for n, (product_id, _, metadata) in enumerate(events):
+            try:
+                validate_product(product_id, metadata, filter_fields=fields)
+            except InvalidProductError as exc:
+                raise InvalidProductError(f"item {n}: {exc}", field=exc.field) from None
+        handles: list[IngestHandle] = []
+        for start in range(0, len(events), INGEST_BATCH):
+            todo: list[int] = []
+            for product_id, image, metadata in events[start:start + INGEST_BATCH]:
+                reg = register_image(self.services, product_id, image, metadata)
+                handles.append(IngestHandle(self, reg.image_id, product_id, reg.status, reg.reason,
+                                            duplicate=not reg.created))
+                if reg.needs_embedding and reg.image_id not in todo:
+                    todo.append(reg.image_id)
+            if todo:
+                self.dispatcher.submit(todo)
+        if not self.dispatcher.asynchronous:
+            for handle in handles:
+                handle.refresh()
+        elif wait:
+            deadline = time.monotonic() + timeout
+            for handle in handles:
+                handle.wait(max(0.0, deadline - time.monotonic()))
+        return handles
 
     def status(self, image_id: int) -> IngestHandle:
         """The current state of image ``image_id``."""
@@ -245,3 +298,18 @@ class Client:
 
         return ScreeningJobHandle(self.services.catalog, job_id,
                                   loader=self._copy_checker().load_image)
+
+
+def _event(n: int, item: Any) -> tuple[Any, Any, Mapping[str, Any] | None]:
+    """``(product_id, image, metadata)`` of one :meth:`Client.ingest_many` item."""
+    if isinstance(item, Mapping):
+        if "product_id" not in item or "image" not in item:
+            raise InvalidProductError(f"item {n}: a mapping needs the keys 'product_id' and 'image'",
+                                      field="item")
+        return item["product_id"], item["image"], item.get("metadata")
+    if isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) in (2, 3):
+        return item[0], item[1], (item[2] if len(item) == 3 else None)
+    raise InvalidProductError(
+        f"item {n}: expected (product_id, image[, metadata]) or a mapping, got {type(item).__name__}",
+        field="item",
+    )

@@ -38,14 +38,33 @@ class Settings(BaseSettings):
                                    description="Prefix of every Milvus collection")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset = SQLite in data_dir")
     broker_url: str | None = Field(default=None, description="Celery broker URL; unset = in-process ingest")
-    result_backend: str | None = Field(default=None, description="Celery result backend; default = broker_url")
-    checkpoint: Path | None = Field(default=None, description="Model checkpoint (.safetensors); unset = the one `agman demo` built, if any")
+    result_backend: str | None = Field(default=None,
+                                       description="Celery result backend; default = broker_url")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Model checkpoint (.safetensors); unset = the one `agman demo` built, if any",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Inference device")
-    compile: bool = Field(default=False, description="torch.compile the model (exact; ~1.5x on CPU after a 20-60 s warm-up); `agman worker` turns it on")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model (exact; ~1.5x on CPU after a 20-60 s warm-up); "
+        "`agman worker` turns it on",
+    )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
-    decode_workers: int = Field(default=2, ge=0, le=64, description="Threads decoding images ahead of the model")
+    decode_workers: int = Field(default=2, ge=0, le=64,
+                                description="Threads decoding images ahead of the model")
     max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Largest accepted image file")
     max_image_pixels: int = Field(default=64_000_000, ge=1, description="Largest accepted width x height")
+    max_aspect_ratio: float = Field(
+        default=20.0, ge=1.0,
+        description="Largest accepted long side / short side; a more extreme image is refused before "
+        "decoding (the model's centre crop would keep under 1/ratio of it)",
+    )
+    allowed_roots: list[Path] | None = Field(
+        default=None,
+        description="Folders that local image paths and file:// URIs must resolve into (symlinks "
+        "followed); unset = any regular file except under /proc, /sys and /dev",
+    )
     fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds to fetch an http(s) image")
     filter_fields: list[str] = Field(
         default_factory=lambda: ["category", "brand", "gender", "colour"],
@@ -56,7 +75,9 @@ class Settings(BaseSettings):
         default=None, ge=1,
         description="Seconds before Redis redelivers an unacknowledged task; default task_time_limit + 300",
     )
-    broker_key_prefix: str = Field(default="", description="Prefix of every Redis key Celery uses (isolates deployments)")
+    broker_key_prefix: str = Field(
+        default="", description="Prefix of every Redis key Celery uses (isolates deployments)"
+    )
 
     @property
     def embedded(self) -> bool:

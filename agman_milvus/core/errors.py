@@ -8,7 +8,7 @@ one clause, and the CLI prints it as one line (exit status 2) instead of a trace
 
 from __future__ import annotations
 
-__all__ = ["AgmanError", "ConfigurationError"]
+__all__ = ["AgmanError", "ConfigurationError", "InvalidProductError"]
 
 
 class AgmanError(Exception):
@@ -17,3 +17,13 @@ class AgmanError(Exception):
 
 class ConfigurationError(AgmanError, ValueError):
     """Settings or options that cannot work (nothing configured, a missing file, a clash)."""
+
+
+class InvalidProductError(AgmanError, ValueError):
+    """A product event that cannot be stored as given (its id or metadata break the rules of
+    ``agman_milvus.services.store.validation``); raised before anything is stored. ``field``
+    names the offending part (``"product_id"`` or ``"metadata['brand']"``)."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field

@@ -3,15 +3,22 @@
 Every image that enters agman_milvus (ingest, search queries, training data) is decoded here.
 :func:`load_image` accepts a path, a ``file://`` URI, raw bytes or a PIL image and returns a
 fully decoded RGB :class:`PIL.Image.Image` with the EXIF orientation applied; http(s) images
-are downloaded by :mod:`agman_milvus.services.fetch` and decoded by :func:`decode_image_bytes`. Everything that can go wrong is an :class:`ImageError` (a ``ValueError``) with a short
+are downloaded by :mod:`agman_milvus.services.fetch` and decoded by :func:`decode_image_bytes`.
+Everything that can go wrong is an :class:`ImageError` (a ``ValueError``) with a short
 machine-readable ``reason`` and a message a person understands.
 
 Safety rules:
 
 * byte limit (``max_bytes``) enforced while reading — files are never read past it;
-* pixel limit (``max_pixels``) checked on the header's declared size *before* decoding
-  (``Image.open`` is lazy), per call; PIL's global ``Image.MAX_IMAGE_PIXELS`` is neither relied
-  on nor changed (its own bomb error, raised above twice that global, is mapped too);
+* pixel limit (``max_pixels``) and shape limit (``max_aspect_ratio``, long side / short side)
+  checked on the header's declared size *before* decoding (``Image.open`` is lazy), per call;
+  a 1x200000 PNG is a few hundred bytes and few pixels, but resizing its short side to the
+  model's input size would need gigabytes, so it is refused here. PIL's global
+  ``Image.MAX_IMAGE_PIXELS`` is neither relied on nor changed (its own bomb error, raised above
+  twice that global, is mapped too);
+* local paths and ``file://`` URIs are resolved (symlinks included) and checked *before*
+  anything is opened: only regular files, never under ``/proc``, ``/sys`` or ``/dev``, and
+  only inside ``roots`` when roots are configured (``allowed_roots``);
 * only a fixed set of raster formats is tried (:data:`ALLOWED_FORMATS`; no EPS/PostScript,
   which PIL would hand to Ghostscript, and no header-less formats such as TGA that random
   bytes could be mistaken for);
@@ -23,7 +30,9 @@ Safety rules:
 * no global state is modified, so calls are safe from several threads at once.
 
 Limits default to :class:`agman_milvus.core.config.Settings` (``max_image_bytes``,
-``max_image_pixels``, ``fetch_timeout``), read from the environment once and cached.
+``max_image_pixels``, ``max_aspect_ratio``, ``allowed_roots``, ``fetch_timeout``), read from the
+environment once and cached. :func:`probe_image_bytes` runs every check that needs no pixel
+decoding (format, declared size, shape, JPEG structure): ingest uses it before it stores bytes.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ __all__ = [
     "ALLOWED_FORMATS",
     "DecompressionBombError",
     "EmptyImageError",
+    "ExtremeAspectRatioError",
+    "ForbiddenSourceError",
     "ImageError",
     "ImageFetchError",
     "ImageLimits",
@@ -66,10 +77,12 @@ __all__ = [
     "CorruptImageError",
     "UnsupportedModeError",
     "UnsupportedSourceError",
+    "check_local_path",
     "check_size",
     "decode_image_bytes",
     "default_limits",
     "load_image",
+    "probe_image_bytes",
     "read_image_bytes",
     "redact_uri",
     "resolve_limits",
@@ -167,6 +180,20 @@ class DecompressionBombError(ImageError):
     default_reason = "too_many_pixels"
 
 
+class ExtremeAspectRatioError(ImageError):
+    """Long side / short side exceeds ``max_aspect_ratio`` (a banner or a 1-pixel line: the
+    model's centre crop would see almost none of it, and resizing it is unbounded work)."""
+
+    default_reason = "extreme_aspect_ratio"
+
+
+class ForbiddenSourceError(ImageError):
+    """A local path the source policy refuses: it resolves (symlinks followed) under ``/proc``,
+    ``/sys`` or ``/dev``, or outside the configured ``allowed_roots``."""
+
+    default_reason = "forbidden_path"
+
+
 class ImageNotFoundError(ImageError):
     """A local path does not exist (``not_found``), is no regular file (``not_a_file``) or
     cannot be read (``unreadable``)."""
@@ -196,16 +223,29 @@ class UnsupportedSourceError(ImageError):
 # --------------------------------------------------------------------------------------------
 
 
+#: Default of the ``max_aspect_ratio`` setting: past 20:1 the model's centre crop keeps under 5 %
+#: of the picture, and the resized image (short side 224) would be over 224 x 4480.
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+
+#: Pseudo-filesystems no image is ever read from (their "regular" files are process state,
+#: kernel knobs or devices); refused whatever ``allowed_roots`` says.
+FORBIDDEN_PREFIXES: tuple[str, ...] = ("/proc", "/sys", "/dev")
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    """Limits applied to one read/decode."""
+    """Limits applied to one read/decode, and the source policy for local files
+    (``roots``: resolved paths must lie inside one of them; None = anywhere but
+    :data:`FORBIDDEN_PREFIXES`)."""
 
     max_bytes: int
     max_pixels: int
     timeout: float
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    roots: tuple[Path, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.timeout <= 0:
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.timeout <= 0 or self.max_aspect_ratio < 1:
             raise ValueError(f"image limits must be positive, got {self}")
 
 
@@ -218,24 +258,23 @@ def default_limits() -> ImageLimits:
 
 
 def _limits_from_settings(settings: Settings) -> ImageLimits:
-    return ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.fetch_timeout)
+    roots = None if settings.allowed_roots is None else tuple(settings.allowed_roots)
+    return ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.fetch_timeout,
+                       settings.max_aspect_ratio, roots)
 
 
 def resolve_limits(
     settings: Settings | None, max_bytes: int | None, max_pixels: int | None,
     timeout: float | None,
 ) -> ImageLimits:
-    """Explicit values, else ``settings``, else the cached environment defaults."""
-    if settings is not None:
-        base = _limits_from_settings(settings)
-    elif max_bytes is None or max_pixels is None or timeout is None:
-        base = default_limits()
-    else:
-        return ImageLimits(max_bytes, max_pixels, timeout)
+    """Explicit values, else ``settings``, else the cached environment defaults (the shape
+    limit and the source policy always come from ``settings`` or the environment)."""
+    base = _limits_from_settings(settings) if settings is not None else default_limits()
     return ImageLimits(
         max_bytes=base.max_bytes if max_bytes is None else max_bytes,
         max_pixels=base.max_pixels if max_pixels is None else max_pixels,
         timeout=base.timeout if timeout is None else timeout,
+        max_aspect_ratio=base.max_aspect_ratio, roots=base.roots,
     )
 
 
@@ -259,9 +298,9 @@ def load_image(
     """
     limits = resolve_limits(settings, max_bytes, max_pixels, timeout)
     if isinstance(source, Image.Image):
-        return _from_pil(source, limits.max_pixels)
+        return _from_pil(source, limits)
     data = _read(source, limits)
-    return _decode(data, limits.max_pixels, _describe(source))
+    return _decode(data, limits, _describe(source))
 
 
 def read_image_bytes(
@@ -279,7 +318,7 @@ def read_image_bytes(
     limits = resolve_limits(settings, max_bytes, None, timeout)
     if isinstance(source, Image.Image):
         buf = io.BytesIO()
-        _from_pil(source, limits.max_pixels).save(buf, "PNG")
+        _from_pil(source, limits).save(buf, "PNG")
         data = buf.getvalue()
         check_size(len(data), limits.max_bytes, "the encoded image")
         return data
@@ -302,7 +341,30 @@ def decode_image_bytes(
     data = bytes(data)
     label = source or "the given bytes"
     check_size(len(data), limits.max_bytes, label)
-    return _decode(data, limits.max_pixels, label)
+    return _decode(data, limits, label)
+
+
+def probe_image_bytes(
+    data: bytes | bytearray | memoryview,
+    *,
+    settings: Settings | None = None,
+    source: str | None = None,
+) -> tuple[str, int, int]:
+    """``(format, width, height)`` of image bytes, after every check that needs no pixel
+    decoding: size, a supported format, declared pixels, shape and the JPEG marker structure.
+
+    Cheap (the header only); raises the same :class:`ImageError` as a full decode would for
+    those problems. Damage inside the compressed pixel data is found only by decoding.
+    """
+    limits = resolve_limits(settings, None, None, None)
+    data = bytes(data)
+    label = source or "the given bytes"
+    check_size(len(data), limits.max_bytes, label)
+    im = _open_checked(data, limits, label)
+    try:
+        return im.format or "image", im.width, im.height
+    finally:
+        im.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +410,7 @@ def _read(source: object, limits: ImageLimits) -> bytes:
         data, label = _read_uri(source, limits)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        data, label = _read_file(path, limits.max_bytes), str(path)
+        data, label = _read_file(path, limits), str(path)
     else:
         raise UnsupportedSourceError(
             f"cannot read an image from a {type(source).__name__}; pass a path, a file:// or "
@@ -371,7 +433,7 @@ def _read_uri(uri: str, limits: ImageLimits) -> tuple[bytes, str]:
                 f"{label}", reason="invalid_uri", source=label,
             )
         path = Path(urllib.request.url2pathname(parts.path))
-        return _read_file(path, limits.max_bytes, label=label), label
+        return _read_file(path, limits, label=label), label
     if scheme in ("http", "https"):
         raise UnsupportedSourceError(
             f"{label} is an http(s) URI: core reads local sources only; download it with "
@@ -384,18 +446,35 @@ def _read_uri(uri: str, limits: ImageLimits) -> tuple[bytes, str]:
     )
 
 
-def _read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes:
-    """Read a regular file, refusing directories/FIFOs/devices and anything over max_bytes."""
+def check_local_path(path: Path, roots: tuple[Path, ...] | None, *, label: str | None = None
+                     ) -> tuple[Path, os.stat_result]:
+    """The source policy for a local file, applied before anything is opened.
+
+    Resolves ``path`` (symlinks followed); refuses paths under :data:`FORBIDDEN_PREFIXES`,
+    outside ``roots`` (when given) and anything but a regular file. Returns the resolved path
+    and its ``stat``.
+    """
     label = label or str(path)
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
+        resolved = Path(os.path.realpath(path))
+    except (OSError, ValueError) as exc:  # symlink loops, NUL bytes
+        raise ImageNotFoundError(f"cannot resolve {label}: {exc}", reason="unreadable",
+                                 source=label) from None
+    if any(_inside(resolved, Path(prefix)) for prefix in FORBIDDEN_PREFIXES):
+        raise ForbiddenSourceError(
+            f"{label} resolves to {resolved}, under a system pseudo-filesystem "
+            f"({', '.join(FORBIDDEN_PREFIXES)}); images are never read from there", source=label,
+        )
+    if roots is not None and not any(_inside(resolved, Path(os.path.realpath(r))) for r in roots):
+        raise ForbiddenSourceError(
+            f"{label} resolves to {resolved}, outside the allowed roots "
+            f"({', '.join(str(r) for r in roots) or 'none'}); set AGMAN_ALLOWED_ROOTS to allow it",
+            source=label,
+        )
+    try:
+        st = os.stat(resolved)
     except FileNotFoundError:
         raise ImageNotFoundError(f"image file not found: {label}", source=label) from None
-    except IsADirectoryError:
-        raise ImageNotFoundError(
-            f"{label} is a directory, not an image file", reason="not_a_file", source=label
-        ) from None
     except PermissionError:
         raise ImageNotFoundError(
             f"permission denied reading {label}", reason="unreadable", source=label
@@ -405,16 +484,45 @@ def _read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes
         raise ImageNotFoundError(
             f"cannot open {label}: {exc.strerror or exc}", reason=reason, source=label
         ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageNotFoundError(
+            f"{label} is a directory, not an image file", reason="not_a_file", source=label
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageNotFoundError(
+            f"{label} is not a regular file (a pipe, socket or device)",
+            reason="not_a_file", source=label,
+        )
+    return resolved, st
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _read_file(path: Path, limits: ImageLimits, *, label: str | None = None) -> bytes:
+    """Read a file the source policy allows (:func:`check_local_path`), never past max_bytes.
+
+    The resolved path is opened without following links, and the opened file must be the one
+    that was checked (same device and inode), so a path swapped in between is refused.
+    """
+    label = label or str(path)
+    max_bytes = limits.max_bytes
+    resolved, checked = check_local_path(path, limits.roots, label=label)
+    check_size(checked.st_size, max_bytes, label)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as exc:
+        raise ImageNotFoundError(
+            f"cannot open {label}: {exc.strerror or exc}", reason="unreadable", source=label
+        ) from None
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino) or not stat.S_ISREG(st.st_mode):
             raise ImageNotFoundError(
-                f"{label} is a directory, not an image file", reason="not_a_file", source=label
-            )
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageNotFoundError(
-                f"{label} is not a regular file (a pipe, socket or device)",
-                reason="not_a_file", source=label,
+                f"{label} changed while it was being opened", reason="unreadable", source=label
             )
         check_size(st.st_size, max_bytes, label)
         with os.fdopen(fd, "rb", closefd=True) as fh:
@@ -441,7 +549,8 @@ def short_error(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
+def _open_checked(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
+    """Open ``data`` lazily and run every check the header allows (nothing decoded yet)."""
     if not data:
         raise EmptyImageError(f"image is empty: {label} holds zero bytes", source=label)
     try:
@@ -461,15 +570,33 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
         raise CorruptImageError(
             f"image is corrupt: {label} declares a {width}x{height} size", source=label
         )
-    if width * height > max_pixels:
-        raise DecompressionBombError(
-            f"image is too large: {label} declares {width:,}x{height:,} = {width * height:,} "
-            f"pixels, the limit is {max_pixels:,} (possible decompression bomb)", source=label,
-        )
+    _check_shape(width, height, limits, label, "declares")
     if fmt == "JPEG" or fmt == "MPO":
         problem = _jpeg_structure_problem(data)
         if problem:
             raise CorruptImageError(f"image is corrupt: {label} — {problem}", source=label)
+    return im
+
+
+def _check_shape(width: int, height: int, limits: ImageLimits, label: str, verb: str) -> None:
+    """The pixel limit and the aspect-ratio limit, on a declared or actual size."""
+    if width * height > limits.max_pixels:
+        raise DecompressionBombError(
+            f"image is too large: {label} {verb} {width:,}x{height:,} = {width * height:,} "
+            f"pixels, the limit is {limits.max_pixels:,} (possible decompression bomb)",
+            source=label,
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ExtremeAspectRatioError(
+            f"image shape is too extreme: {label} {verb} {width:,}x{height:,} (aspect ratio "
+            f"{ratio:,.1f}:1), the limit is {limits.max_aspect_ratio:g}:1", source=label,
+        )
+
+
+def _decode(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
+    im = _open_checked(data, limits, label)
+    fmt = im.format or "image"
     try:
         im.load()  # first frame only for animated GIF/WebP/APNG and multi-page TIFF
         im = _apply_orientation(im, label)
@@ -645,15 +772,13 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _from_pil(im: Image.Image, max_pixels: int) -> Image.Image:
+def _from_pil(im: Image.Image, limits: ImageLimits) -> Image.Image:
     """Check, load, orient and convert an image the caller already opened (never mutated)."""
     label = f"the given {im.format or 'PIL'} image"
     width, height = im.size
-    if width * height > max_pixels:
-        raise DecompressionBombError(
-            f"image is too large: {label} is {width:,}x{height:,} = {width * height:,} pixels, "
-            f"the limit is {max_pixels:,}", source=label,
-        )
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"image is empty: {label} is {width}x{height}", source=label)
+    _check_shape(width, height, limits, label, "is")
     try:
         im.load()
         oriented = _apply_orientation(im, label)

@@ -8,6 +8,10 @@ twice is a no-op. A blob is addressed in URIs as ``blob://<sha256 hex>``.
 Ids are validated (exactly 64 lower-case hex digits) before any path is built, so no id can
 reach outside ``root``. Temporary files left by a crash are named ``.tmp-*`` and ignored by
 :meth:`BlobStore.iter_ids`.
+
+Blobs are private to the service user: files are written 0600 and the folders created 0700.
+:meth:`BlobStore.sweep_orphans` removes blobs (and stale temporary files) that no catalog row
+references; ``agman reconcile`` runs it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from agman_milvus.core.errors import AgmanError
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 BLOB_SCHEME = "blob://"
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
 
 
 class BlobError(AgmanError):
@@ -116,14 +123,14 @@ class BlobStore:
             logger.warning("blob %s has the wrong size on disk; rewriting it", sha)
         except FileNotFoundError:
             pass
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        self._make_dirs(target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)  # 0600
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp_name, 0o644)
+            os.chmod(tmp_name, _FILE_MODE)
             os.replace(tmp_name, target)
         except BaseException:
             try:
@@ -134,6 +141,17 @@ class BlobStore:
         _fsync_dir(target.parent)
         logger.debug("stored blob %s (%d bytes)", sha, len(data))
         return sha
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and its parents up to and including ``root``, each 0700."""
+        missing = []
+        for folder in (directory, directory.parent, self.root):
+            if folder.is_dir():
+                break
+            missing.append(folder)
+        directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        for folder in missing:  # mkdir's mode is masked by the umask; parents get the default
+            os.chmod(folder, _DIR_MODE)
 
     def get(self, sha: str, *, verify: bool = False) -> bytes:
         """The bytes of blob ``sha``; ``verify=True`` re-hashes them (BlobCorruptError)."""
@@ -180,8 +198,64 @@ class BlobStore:
                     if _SHA_RE.fullmatch(name) and name[:4] == first.name + second.name:
                         yield name
 
+    def sweep_orphans(
+        self,
+        referenced: Callable[[list[str]], Iterable[str]],
+        *,
+        min_age: float = 3600.0,
+        dry_run: bool = False,
+        chunk: int = 500,
+    ) -> list[str]:
+        """Remove blobs no catalog row references; returns their ids.
+
+        ``referenced(ids)`` answers which of ``ids`` some row still names (asked ``chunk`` ids
+        at a time). Blobs and ``.tmp-*`` files younger than ``min_age`` seconds are left alone:
+        an ingest writes the blob just before its row. ``dry_run`` only lists them.
+        """
+        cutoff = time.time() - min_age
+        removed: list[str] = []
+        batch: list[str] = []
+
+        def settle() -> None:
+            keep = set(referenced(batch))
+            for sha in batch:
+                if sha not in keep and (dry_run or self.delete(sha)):
+                    removed.append(sha)
+            batch.clear()
+
+        for sha in self.iter_ids():
+            if _mtime(self.path(sha)) < cutoff:
+                batch.append(sha)
+                if len(batch) >= chunk:
+                    settle()
+        if batch:
+            settle()
+        if not dry_run:
+            self._sweep_temp_files(cutoff)
+        if removed:
+            logger.info("%s %d orphan blobs", "found" if dry_run else "removed", len(removed))
+        return removed
+
+    def _sweep_temp_files(self, cutoff: float) -> None:
+        """Delete ``.tmp-*`` files a crashed write left behind (older than ``cutoff``)."""
+        if not self.root.is_dir():
+            return
+        for tmp in self.root.glob(f"??/??/{_TMP_PREFIX}*"):
+            if _mtime(tmp) < cutoff:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+
     def __contains__(self, sha: object) -> bool:
         return isinstance(sha, str) and bool(_SHA_RE.fullmatch(sha)) and self.exists(sha)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: never swept
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,7 +2,9 @@
 
 The manifest format is the fashion-products one: a ``file`` column relative to the manifest's
 folder (or ``image_root``), a product id column and metadata columns. Every row is registered
-(bytes into the blob store, product + image rows in SQL); images already indexed are skipped,
+(bytes into the blob store, product + image rows in SQL); a row whose product id or metadata
+is invalid is counted as failed with its reason (``rejected``), and the rest goes on; images
+already indexed are skipped,
 so re-running after an interruption redoes nothing that finished. Registration runs in a
 background thread, one chunk ahead of the embedding, and progress is read from the SQL
 statuses (the real completion), not from what was sent.
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agman_milvus.core.errors import AgmanError
+from agman_milvus.core.errors import AgmanError, InvalidProductError
 from agman_milvus.services.store.catalog import Catalog, ImageStatus
 from agman_milvus.usecases.dispatch import Dispatcher
 
@@ -47,6 +49,12 @@ class ManifestItem:
     product_id: str
     path: Path
     metadata: dict[str, Any]
+    row: int = 0  # line of the manifest it came from (0: not from a file)
+
+    @property
+    def label(self) -> str:
+        """How a report names this item."""
+        return f"row {self.row}" if self.row else f"{self.product_id[:60]!r} {self.path.name}"
 
 
 def parse_metadata_columns(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -106,14 +114,16 @@ def read_manifest(
                 logger.warning("skipping manifest row without %s/%s: %s", product_column, file_column, row)
                 continue
             meta = {key: row[col] for col, key in mapping.items() if row.get(col) not in (None, "")}
-            items.append(ManifestItem(product, root / name, meta))
+            items.append(ManifestItem(product, root / name, meta, row=reader.line_num))
     return items
 
 
 @dataclass
 class BulkSummary:
     """Outcome of a bulk ingest. ``duplicate``: rows that were already registered (a repeat in
-    the manifest, or an earlier run); ``already_indexed``: skipped because they were done."""
+    the manifest, or an earlier run); ``already_indexed``: skipped because they were done;
+    ``rejected``: rows refused before anything was stored (invalid product id or metadata),
+    manifest row -> reason, counted in ``failed``."""
 
     total: int = 0
     new: int = 0
@@ -126,11 +136,13 @@ class BulkSummary:
     register_seconds: float = 0.0
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)  # first failures, image id -> reason
+    rejected: dict[str, str] = field(default_factory=dict)  # manifest row -> reason
 
     def to_dict(self) -> dict[str, object]:
-        out = {k: v for k, v in self.__dict__.items() if k != "failures"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("failures", "rejected")}
         out["images_per_second"] = round(self.dispatched / self.seconds, 2) if self.seconds else 0.0
         out["failures"] = {str(k): v for k, v in list(self.failures.items())[:20]}
+        out["rejected"] = dict(list(self.rejected.items())[:20])
         return out
 
 
@@ -177,7 +189,11 @@ def bulk_ingest(
                 t0 = time.perf_counter()
                 ids: list[int] = []
                 for item in chunk:
-                    reg = register_image(services, item.product_id, item.path, item.metadata)
+                    try:
+                        reg = register_image(services, item.product_id, item.path, item.metadata)
+                    except InvalidProductError as exc:
+                        summary.rejected[item.label] = f"invalid_product: {exc}"
+                        continue
                     summary.new += reg.created
                     summary.duplicate += not reg.created
                     if reg.status == ImageStatus.indexed:
@@ -239,5 +255,6 @@ def bulk_ingest(
             summary.failures[image_id] = row.failure_reason or ""
     dispatched = set(todo)
     summary.failed += sum(1 for image_id in summary.failures if image_id not in dispatched)
+    summary.failed += len(summary.rejected)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -8,6 +8,11 @@ Shared by the Celery workers and the embedded single-process mode:
   stores their vectors; :func:`reembed_images` forces it (for ``agman reconcile``);
 * :func:`delete_product` and :func:`update_product` keep Milvus in step with SQL.
 
+Every event is validated first (:func:`agman_milvus.services.store.validation.validate_product`:
+an :class:`InvalidProductError` before anything is read or stored), and a local source must
+pass the source policy and the image header checks (:func:`probe_image_bytes`) before its bytes
+enter the blob store: what is not an image is recorded as failed and never kept.
+
 Image identity: an image is keyed by ``(product, sha256)``. For bytes, PIL images, local paths
 and ``file://`` URIs the bytes are read when the event arrives, so ``sha256`` is the content's
 hash and the same picture sent twice is one row. ``http(s)://`` images are fetched later by
@@ -28,7 +33,8 @@ from typing import Any
 from PIL import Image as PILImage
 
 from agman_milvus.core.config import Settings
-from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
+from agman_milvus.core.errors import InvalidProductError
+from agman_milvus.core.images import ImageError, ImageSource, probe_image_bytes, read_image_bytes
 from agman_milvus.services.blobs import BlobStore, InvalidBlobIdError, is_blob_uri, parse_blob_uri
 from agman_milvus.services.container import Services, get_services
 from agman_milvus.services.store.catalog import (
@@ -38,6 +44,7 @@ from agman_milvus.services.store.catalog import (
     ImageStatus,
     Product,
 )
+from agman_milvus.services.store.validation import validate_product
 from agman_milvus.services.store.vectors import COPY, VectorRow
 from agman_milvus.usecases.indexing import IndexReport, index_images
 from agman_milvus.usecases.row_decoding import failure_text
@@ -45,8 +52,9 @@ from agman_milvus.usecases.row_decoding import failure_text
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IndexReport", "Registration", "TRANSIENT_ERRORS", "UnknownProductError", "delete_product",
-    "index_images", "reembed_images", "refresh_metadata", "register_image", "update_product",
+    "IndexReport", "InvalidProductError", "Registration", "TRANSIENT_ERRORS", "UnknownProductError",
+    "delete_product", "index_images", "reembed_images", "refresh_metadata", "register_image",
+    "update_product",
 ]
 
 
@@ -89,6 +97,7 @@ class _Source:
     sha256: str
     source_uri: str | None
     error: str | None = None
+    new_blob: bool = False  # this event wrote the blob (removed again if registering fails)
 
 
 def _uri_scheme(value: str) -> str | None:
@@ -100,23 +109,34 @@ def _ref_key(ref: str) -> str:
     return hashlib.sha256(b"uri:" + ref.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _store(data: bytes, source_uri: str | None, blobs: BlobStore, settings: Settings) -> _Source:
+    """Check the header, then keep the bytes: what is not an image never enters the store."""
+    sha = BlobStore.sha256(data)
+    try:
+        probe_image_bytes(data, settings=settings, source=source_uri)
+    except ImageError as exc:
+        return _Source(sha, source_uri, failure_text(exc))
+    new = not blobs.exists(sha)
+    blobs.put(data)
+    return _Source(sha, source_uri or BlobStore.uri(sha), new_blob=new)
+
+
 def _resolve_source(image: ImageSource, blobs: BlobStore, settings: Settings) -> _Source:
-    """Store the event's bytes (when it has them) and name the image's key and origin."""
+    """Read the event's bytes (when it has them) and store them if they are an image; name
+    the image's key and origin."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         raw = bytes(image)
         try:
             data = read_image_bytes(raw, settings=settings)
         except ImageError as exc:
             return _Source(hashlib.sha256(raw).hexdigest(), None, failure_text(exc))
-        sha = blobs.put(data)
-        return _Source(sha, BlobStore.uri(sha))
+        return _store(data, None, blobs, settings)
     if isinstance(image, PILImage.Image):
         try:
             data = read_image_bytes(image, settings=settings)
         except ImageError as exc:
             return _Source(_ref_key(f"pil:{image.mode}:{image.size}"), None, failure_text(exc))
-        sha = blobs.put(data)
-        return _Source(sha, BlobStore.uri(sha))
+        return _store(data, None, blobs, settings)
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if not isinstance(image, str):
@@ -139,7 +159,20 @@ def _resolve_source(image: ImageSource, blobs: BlobStore, settings: Settings) ->
     except ImageError as exc:
         return _Source(_ref_key(image), image, failure_text(exc))
     source = image if scheme else str(Path(image).absolute())
-    return _Source(blobs.put(data), source)
+    found = _store(data, source, blobs, settings)
+    return found if found.error is None else _Source(_ref_key(image), image, found.error)
+
+
+def _forget_blob(source: _Source, services: Services) -> None:
+    """Remove a blob this event wrote when its rows could not be recorded (no orphan left)."""
+    if not source.new_blob:
+        return
+    try:
+        if services.catalog.images.referenced_sha256([source.sha256]):
+            return  # another event recorded the same bytes meanwhile
+    except Exception:  # noqa: BLE001 - the database is what failed; the blob is ours alone
+        logger.debug("cannot check blob %s against the catalog; removing it", source.sha256)
+    services.blobs.delete(source.sha256)
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -160,11 +193,24 @@ def register_image(
     Idempotent: the same image of the same product sent again returns the same row
     (``created`` False). A pending row, or a failed one whose bytes now read, comes back with
     ``needs_embedding`` so a lost or failed delivery is retried. A bad source (missing file,
-    unsupported scheme, empty bytes...) is recorded as failed with its reason right away.
-    Changed product metadata is pushed to the Milvus filter fields of its indexed images.
+    unsupported scheme, empty bytes, not an image...) is recorded as failed with its reason
+    right away, and its bytes are not kept. Changed product metadata is pushed to the Milvus
+    filter fields of its indexed images. An invalid product id or metadata raises
+    :class:`InvalidProductError` before anything is read or stored.
     """
-    catalog = services.catalog
+    metadata = validate_product(product_id, metadata, filter_fields=services.settings.filter_fields)
     source = _resolve_source(image, services.blobs, services.settings)
+    try:
+        return _record(services, product_id, source, metadata)
+    except BaseException:
+        _forget_blob(source, services)
+        raise
+
+
+def _record(services: Services, product_id: str, source: _Source, metadata: Mapping[str, Any]
+            ) -> Registration:
+    """The SQL half of :func:`register_image`."""
+    catalog = services.catalog
     before = _product_state(catalog.products.get(product_id)) if metadata else None
     product = catalog.products.upsert(product_id, metadata)
     if before is not None and before != _product_state(product):
@@ -227,6 +273,7 @@ def update_product(
     Returns the number of images whose Milvus rows were rewritten.
     """
     services = services or get_services()
+    metadata = validate_product(product_id, metadata, filter_fields=services.settings.filter_fields)
     catalog = services.catalog
     if catalog.products.get(product_id) is None:
         raise UnknownProductError(f"no product with id {product_id!r}; ingest an image of it first")

@@ -6,7 +6,10 @@ Drift, both ways:
 * **stale vectors**: vectors written by another model version than the active one -> deleted;
 * **missing vectors**: rows marked indexed that lack a vector in some collection of the active
   version (the copy collection counts) -> marked pending and re-embedded;
-* **stale rows**: rows marked indexed by another model version -> pending and re-embedded.
+* **stale rows**: rows marked indexed by another model version -> pending and re-embedded;
+* **orphan blobs** (when given the blob store): stored bytes that no image row and no screening
+  job names, older than an hour (an ingest in flight writes its blob just before its row)
+  -> deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
 from agman_milvus.services.store.vectors import VectorStore
 
@@ -36,6 +40,7 @@ class ReconcileReport:
     missing_vectors: list[int] = field(default_factory=list)
     stale_rows: list[int] = field(default_factory=list)
     deleted_vectors: int = 0
+    orphan_blobs: list[str] = field(default_factory=list)
     reembedded: int = 0
     unrepaired: list[str] = field(default_factory=list)
 
@@ -52,7 +57,8 @@ class ReconcileReport:
             "orphan_vectors": {k: len(v) for k, v in self.orphan_vectors.items()},
             "stale_vectors": {k: len(v) for k, v in self.stale_vectors.items()},
             "missing_vectors": len(self.missing_vectors), "stale_rows": len(self.stale_rows),
-            "deleted_vectors": self.deleted_vectors, "reembedded": self.reembedded,
+            "deleted_vectors": self.deleted_vectors, "orphan_blobs": len(self.orphan_blobs),
+            "reembedded": self.reembedded,
             "unrepaired": self.unrepaired,
         }
 
@@ -65,6 +71,7 @@ def reconcile(
     dry_run: bool,
     reembed: Reembed | None,
     batch_size: int = 500,
+    blobs: BlobStore | None = None,
 ) -> ReconcileReport:
     """Compare the catalog with the active version's collections and (unless ``dry_run``) repair.
 
@@ -78,6 +85,11 @@ def reconcile(
             f"not the active version {active_version!r}"
         )
     report = ReconcileReport(active_version=active_version, dry_run=dry_run)
+    if blobs is not None:
+        screened = catalog.screening_jobs.blob_ids()
+        report.orphan_blobs = blobs.sweep_orphans(
+            lambda ids: catalog.images.referenced_sha256(ids) | (screened & set(ids)), dry_run=dry_run
+        )
 
     live = {image_id for image_id, _ in catalog.images.iter_ids(LIVE_STATUSES)}
     indexed: dict[int, str | None] = dict(catalog.images.iter_ids(ImageStatus.indexed))

@@ -1,6 +1,8 @@
 """The bad-input corpus through a real worker: every case ends failed with its reason or
 indexed with the right vectors, the good images of the same batch are indexed, and the worker
-survives. Real Redis, an ``agman worker`` subprocess, a ``milvus-lite server`` subprocess,
+survives. What the header already shows is bad fails at registration and leaves no bytes in
+the blob store; the rest (damaged pixel data, URLs) fails in the worker. Real Redis, an
+``agman worker`` subprocess, a ``milvus-lite server`` subprocess,
 the corpus's local HTTP servers, a tiny real model.
 """
 
@@ -40,6 +42,7 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
     if not redis_available():
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
     from agman_milvus.core.config import Settings
+    from agman_milvus.core.images import probe_image_bytes
     from agman_milvus.services.container import Services
     from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.fetch import load_image
@@ -69,6 +72,14 @@ def test_bad_input_corpus_through_a_worker(tmp_path: Path) -> None:
             good = [register_image(services, f"good-{i}", _good_jpeg(i)) for i in range(3)]
             todo = [r.image_id for r in [*regs.values(), *good] if r.needs_embedding]
             assert len(todo) >= 20  # most cases reach the worker, in one batch with the good ones
+            # Only images are stored: every blob passes the header checks, and no case that
+            # failed at registration left bytes behind.
+            stored = set(services.blobs.iter_ids())
+            for sha in stored:
+                probe_image_bytes(services.blobs.get(sha), settings=settings)
+            early = [r.image_id for r in regs.values() if r.status == ImageStatus.failed]
+            assert len(early) >= 10
+            assert not {row.sha256 for row in services.catalog.images.get_many(early).values()} & stored
             CeleryDispatcher(create_app(settings), task_batch=len(todo)).submit(todo)
             catalog = services.catalog
 

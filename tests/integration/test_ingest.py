@@ -108,17 +108,25 @@ def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Pat
 
     services = client.services
     good = [register_image(services, f"g{i}", _jpeg(20 + i)) for i in range(5)]
-    truncated = register_image(services, "bad-1", _jpeg(30)[:300])
+    whole = _jpeg(30)
+    truncated = register_image(services, "bad-1", whole[:len(whole) // 2])  # header intact
+    cut_short = register_image(services, "bad-4", _jpeg(31)[:len(whole) // 2][::-1])  # garbage
     text = register_image(services, "bad-2", b"<html>403</html>")
     missing = register_image(services, "bad-3", tmp_path / "nope.jpg")
     assert missing.status == ImageStatus.failed and missing.reason.startswith("not_found:")
     assert not missing.needs_embedding
-    ids = [r.image_id for r in [good[0], truncated, *good[1:3], text, *good[3:]]]
-    report = index_images(ids, services)  # batch_size 4: bad images in two batches
+    # What the header shows is not an image fails at once and its bytes are never stored.
+    for reg in (text, cut_short):
+        assert reg.status == ImageStatus.failed and not reg.needs_embedding
+    assert text.reason.startswith("not_an_image:")
+    assert len(list(services.blobs.iter_ids())) == 6  # five good images and the truncated one
+    assert truncated.needs_embedding  # pixel data cut short: only decoding finds it
+    ids = [r.image_id for r in [good[0], truncated, *good[1:3], *good[3:]]]
+    report = index_images(ids, services)  # batch_size 4: the bad image amid good ones
     assert sorted(report.indexed) == sorted(g.image_id for g in good)
     assert report.failed[truncated.image_id].startswith("truncated:")
-    assert report.failed[text.image_id].startswith("not_an_image:")
-    rows = services.catalog.images.get_many(ids)
+    rows = services.catalog.images.get_many([*ids, text.image_id])
+    assert rows[truncated.image_id].status == ImageStatus.failed
     assert rows[text.image_id].status == ImageStatus.failed
     assert rows[text.image_id].failure_reason.startswith("not_an_image:")
     assert _counts(client) == {"colour": 5, "sleeve": 5, "copy": 5}
@@ -249,3 +257,45 @@ def test_agman_ingest_manifest_resumes(tmp_path: Path, checkpoint: Path, monkeyp
         ("P0", "Shirt 0", "Blue", "Tshirts", "Women")
     counts = {label: services.vectors.count(label) for label in ["colour", "sleeve", "copy"]}
     assert counts == {"colour": 10, "sleeve": 10, "copy": 10}
+
+
+def test_ingest_many_in_process_and_one_validation_first(client) -> None:
+    from agman_milvus.core.errors import InvalidProductError
+
+    items = [(f"m-{i}", _jpeg(300 + i), {"colour": "red"}) for i in range(5)]
+    items.append({"product_id": "m-bad", "image": b"plain text, not an image"})
+    items.append(("m-0", _jpeg(300)))  # a repeat of the first event
+    handles = client.ingest_many(items)
+    assert [h.status for h in handles] == ["indexed"] * 5 + ["failed", "indexed"]
+    assert handles[5].reason.startswith("not_an_image:")
+    assert handles[6].duplicate and handles[6].image_id == handles[0].image_id
+    assert _counts(client) == {"colour": 5, "sleeve": 5, "copy": 5}
+
+    with pytest.raises(InvalidProductError, match="item 1: ") as info:
+        client.ingest_many([("m-new", _jpeg(400)), ("m-nan", _jpeg(401), {"rating": float("nan")})])
+    assert info.value.field == "metadata['rating']"
+    assert client.services.catalog.products.get("m-new") is None  # nothing of the batch stored
+
+
+def test_agman_ingest_counts_an_invalid_row_as_failed(tmp_path: Path, checkpoint: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from agman_milvus.app.cli import app
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    _image(7).save(root / "a.jpg", quality=90)
+    _image(8).save(root / "b.jpg", quality=90)
+    manifest = root / "manifest.csv"
+    manifest.write_text(f"file,id,brand\na.jpg,A1,acme\nb.jpg,{'X' * 300},acme\nb.jpg,B1,{'b' * 256}\n")
+    for key in ("AGMAN_BROKER_URL", "AGMAN_MILVUS_URI", "MILVUS_URI", "AGMAN_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AGMAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("AGMAN_CHECKPOINT", str(checkpoint))
+    result = CliRunner().invoke(app, ["ingest", str(manifest), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (summary["total"], summary["indexed"], summary["failed"]) == (3, 1, 2)
+    assert set(summary["rejected"]) == {"row 3", "row 4"}
+    assert "product id" in summary["rejected"]["row 3"]
+    assert "metadata['brand']" in summary["rejected"]["row 4"]

@@ -58,7 +58,7 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
         product_photo(tmp_path / f"{name}.jpg", colour, sleeves)
 
     blocks = re.findall(r"```python\n(.*?)```", readme_section("Python API"), re.S)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     namespace: dict[str, object] = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
@@ -69,6 +69,9 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch) -> None:
     assert namespace["check"].verdict == "copy"  # suspect.jpg is a pixel copy of shirt.jpg
     assert namespace["check"].best.product_id == "sku-1001"
     assert (tmp_path / "screening.html").read_text().lower().startswith("<!doctype html>")
+    assert [(h.product_id, h.status) for h in namespace["handles"]] == [("sku-2001", "indexed"),
+                                                                        ("sku-2002", "indexed")]
+    assert namespace["client"].services.catalog.products.get("sku-2003") is None
     namespace["client"].close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,31 @@ def test_reconcile_finds_and_repairs_drift(world) -> None:
                                vector_for(ids[3], "colour", DIM), atol=1e-6)
 
 
+def test_reconcile_sweeps_orphan_blobs(world, tmp_path: Path) -> None:
+    """Blobs no image row (any status) and no screening job names, older than an hour, go;
+    named ones and fresh ones (an ingest in flight) stay."""
+    from agman_milvus.services.blobs import BlobStore
+
+    catalog, store, embed, _ = world
+    blobs = BlobStore(tmp_path / "blobs")
+    named, failed, orphan, fresh, screened = (blobs.put(f"bytes {n}".encode()) for n in range(5))
+    catalog.screening_jobs.create(2, {"queries": ["/some/path.jpg", blobs.uri(screened)]})
+    product = catalog.products.upsert("p-blobs").id
+    catalog.images.add(product, named)
+    failed_id = catalog.images.add(product, failed)[0].id
+    catalog.images.mark_failed(failed_id, "corrupt: pixel data")  # kept: the event may be retried
+    for sha in (named, failed, orphan, screened):
+        old = os.stat(blobs.path(sha)).st_mtime - 7200
+        os.utime(blobs.path(sha), (old, old))
+
+    dry = reconcile(catalog, store, "v2", dry_run=True, reembed=embed, blobs=blobs)
+    assert dry.orphan_blobs == [orphan] and dry.to_dict()["orphan_blobs"] == 1
+    assert blobs.exists(orphan)
+    report = reconcile(catalog, store, "v2", dry_run=False, reembed=embed, blobs=blobs)
+    assert report.orphan_blobs == [orphan]
+    assert set(blobs.iter_ids()) == {named, failed, fresh, screened}
+
+
 def test_reconcile_without_pipeline_reports_missing(world) -> None:
     catalog, store, embed, ids = world
     store.client.delete(store.collection(COPY), ids=[ids[4]])
@@ -156,8 +182,13 @@ def test_reconcile_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, milvus_c
     image_id = catalog.images.add(product, "a" * 64)[0].id
     catalog.images.mark_indexed([image_id], "v2")  # indexed, but no vectors: drift
 
+    orphan = settings.blob_dir / "ab" / "cd" / ("abcd" + "0" * 60)  # bytes no row names
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"left by a crash")
+    os.utime(orphan, (0, 0))
     result = runner.invoke(app, ["reconcile", "--dry-run"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["missing_vectors"] == 1 and report["dry_run"] is True and not report["clean"]
+    assert report["orphan_blobs"] == 1 and orphan.exists()
     catalog.dispose()

@@ -168,3 +168,31 @@ def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
         first.kill()
         second.stop()
         services.close()
+
+
+def test_ingest_many_sends_batches_of_32(deployment: Deployment) -> None:
+    from agman_milvus.app.client import Client
+    from agman_milvus.services.store.catalog import ImageStatus
+
+    worker = deployment.worker("many").start()
+    client = Client(deployment.settings)
+    try:
+        items = [(f"event-{i}", _jpeg(5000 + i), {"colour": "green"}) for i in range(70)]
+        items.append(("event-bad", b"GIF89a but nothing else"))
+        handles = client.ingest_many(items)
+        assert [h.status for h in handles[:70]] == ["pending"] * 70
+        assert handles[70].status == "failed" and handles[70].reason.startswith("truncated:")
+        for handle in handles:
+            handle.wait(timeout=120)
+        assert {h.status for h in handles[:70]} == {"indexed"}
+        received = [line for line in worker.log().splitlines()
+                    if "embed_images[" in line and " received" in line]
+        assert len(received) == 3, received  # 32 + 32 + 6 images: three tasks, not 70
+        ids = [h.image_id for h in handles[:70]]
+        rows = client.services.catalog.images.get_many(ids)
+        assert {r.status for r in rows.values()} == {ImageStatus.indexed}
+        assert set(client.services.vectors.get_vectors("colour", ids)) == set(ids)
+        assert worker.alive()
+    finally:
+        worker.stop()
+        client.close()

@@ -374,7 +374,7 @@ def _(c: _Ctx) -> Source:
 
 @_case("png_16bit_grey", "ok", _check_16bit)
 def _(c: _Ctx) -> Source:
-    ramp = np.tile(np.linspace(0, 65535, 257).round().astype(np.uint16), (8, 1))
+    ramp = np.tile(np.linspace(0, 65535, 257).round().astype(np.uint16), (16, 1))
     return c.file("grey16.png", _encode(Image.fromarray(ramp), "PNG"))
 
 
@@ -526,6 +526,50 @@ def _(c: _Ctx) -> Source:
     return path
 
 
+@_case("png_1x60000", "extreme_aspect_ratio",
+       note="a few hundred bytes; resizing its short side to 224 once took 7.4 GB")
+def _(c: _Ctx) -> Source:
+    return c.file("line_60000.png", _encode(Image.new("L", (1, 60_000), 128), "PNG"))
+
+
+@_case("png_1x200000", "extreme_aspect_ratio", note="once OOM-killed a worker, twice")
+def _(c: _Ctx) -> Source:
+    return c.file("line_200000.png", _encode(Image.new("L", (200_000, 1), 128), "PNG"))
+
+
+@_case("png_aspect_19", "ok", _expect(size=(380, 20), red=((190, 10), RED), tol=8),
+       note="a long banner just inside the default 20:1 limit")
+def _(c: _Ctx) -> Source:
+    return c.file("banner.png", _encode(Image.new("RGB", (380, 20), RED), "PNG"))
+
+
+@_case("proc_self_environ", "forbidden_path", note="process state, never read")
+def _(c: _Ctx) -> Source:
+    return "/proc/self/environ"
+
+
+@_case("symlink_to_proc", "forbidden_path", note="resolved before the check")
+def _(c: _Ctx) -> Source:
+    link = c.dir / "innocent.jpg"
+    if not link.is_symlink():
+        link.symlink_to("/proc/self/environ")
+    return link
+
+
+@_case("dev_zero_uri", "forbidden_path", note="a device, refused before it is opened")
+def _(c: _Ctx) -> Source:
+    return "file:///dev/zero"
+
+
+@_case("symlink_to_etc_passwd", "not_an_image",
+       note="allowed by the default policy (no allowed_roots), read, refused, never stored")
+def _(c: _Ctx) -> Source:
+    link = c.dir / "passwd.jpg"
+    if not link.is_symlink():
+        link.symlink_to("/etc/passwd")
+    return link
+
+
 @_case("file_uri", "ok", _SCENE_CHECK)
 def _(c: _Ctx) -> Source:
     return c.file("file uri scene.png", _encode(_scene(), "PNG")).resolve().as_uri()
@@ -559,6 +603,14 @@ def _(c: _Ctx) -> Source | None:
     return f"{c.servers.base_url}/scene.jpg"
 
 
+@_case("url_1x200000", "extreme_aspect_ratio", note="fetched and refused by the worker itself")
+def _(c: _Ctx) -> Source | None:
+    if c.servers is None:
+        return None
+    (c.www / "line.png").write_bytes(_encode(Image.new("L", (1, 200_000), 128), "PNG"))
+    return f"{c.servers.base_url}/line.png"
+
+
 @_case("url_too_large_streamed", "too_large_bytes",
        note="no Content-Length: the download must stop past max_bytes")
 def _(c: _Ctx) -> Source | None:
@@ -576,7 +628,7 @@ def make_corpus(tmp_dir: Path, servers: CorpusServers | None = None) -> list[Cas
     """Write the corpus files under ``tmp_dir`` and describe every case.
 
     Cases that need a local server (``url_timeout``, ``url_404``, ``url_ok``,
-    ``url_too_large_streamed``) are included only when ``servers`` is given; files they
+    ``url_1x200000``, ``url_too_large_streamed``) are included only when ``servers`` is given; files they
     serve are written to ``tmp_dir / "www"``, which the file server must serve.
     """
     tmp_dir = Path(tmp_dir)

@@ -40,7 +40,9 @@ def test_put_get_layout_and_uri(store: BlobStore) -> None:
     assert store.path(sha) == store.root / sha[:2] / sha[2:4] / sha
     assert store.path(sha).read_bytes() == data == store.get(sha) == store.get(sha, verify=True)
     assert store.exists(sha) and sha in store
-    assert stat.S_IMODE(store.path(sha).stat().st_mode) == 0o644
+    assert stat.S_IMODE(store.path(sha).stat().st_mode) == 0o600  # private to the service user
+    for folder in (store.root, store.path(sha).parent, store.path(sha).parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     uri = store.uri(sha)
     assert uri == f"blob://{sha}" and is_blob_uri(uri) and parse_blob_uri(uri) == sha
     assert store.open_uri(uri) == data
@@ -200,3 +202,27 @@ def test_iter_ids_skips_temp_and_stray_files(store: BlobStore) -> None:
     (store.root / "README").write_text("not a blob")
     assert set(store.iter_ids()) == shas
     assert set(BlobStore(store.root / "nowhere").iter_ids()) == set()
+
+
+def test_sweep_orphans_removes_unreferenced_old_blobs_only(store: BlobStore) -> None:
+    kept, orphan, young = (store.put(f"blob {name}".encode()) for name in ("kept", "orphan", "young"))
+    old = os.stat(store.path(kept)).st_mtime - 7200
+    for sha in (kept, orphan):
+        os.utime(store.path(sha), (old, old))
+    stale_tmp = store.path(kept).parent / ".tmp-crashed"
+    stale_tmp.write_bytes(b"partial")
+    os.utime(stale_tmp, (old, old))
+    asked: list[list[str]] = []
+
+    def referenced(ids: list[str]) -> set[str]:
+        asked.append(list(ids))
+        return {kept} & set(ids)
+
+    assert store.sweep_orphans(referenced, dry_run=True) == [orphan]
+    assert store.exists(orphan) and stale_tmp.exists()
+    assert store.sweep_orphans(referenced, min_age=3600) == [orphan]
+    assert not store.exists(orphan) and store.exists(kept) and store.exists(young)  # young: in flight
+    assert not stale_tmp.exists()
+    assert all(young not in ids for ids in asked)
+    assert store.sweep_orphans(referenced, min_age=0) == [young]
+    assert BlobStore(store.root / "nowhere").sweep_orphans(referenced) == []

@@ -27,6 +27,8 @@ from agman_milvus.core.images import (
     CorruptImageError,
     DecompressionBombError,
     EmptyImageError,
+    ExtremeAspectRatioError,
+    ForbiddenSourceError,
     ImageError,
     ImageFetchError,
     ImageNotFoundError,
@@ -35,6 +37,7 @@ from agman_milvus.core.images import (
     TruncatedImageError,
     UnsupportedSourceError,
     decode_image_bytes,
+    probe_image_bytes,
     to_rgb,
 )
 from agman_milvus.services.fetch import load_image, read_image_bytes
@@ -57,6 +60,8 @@ ERROR_CLASS = {
     "corrupt": CorruptImageError,
     "too_large_bytes": ImageTooLargeError,
     "too_many_pixels": DecompressionBombError,
+    "extreme_aspect_ratio": ExtremeAspectRatioError,
+    "forbidden_path": ForbiddenSourceError,
     "not_found": ImageNotFoundError,
     "not_a_file": ImageNotFoundError,
     "unreachable": ImageFetchError,
@@ -64,7 +69,7 @@ ERROR_CLASS = {
     "http_status": ImageFetchError,
     "unsupported_scheme": UnsupportedSourceError,
 }
-SERVER_CASES = {"url_timeout", "url_404", "url_ok", "url_too_large_streamed"}
+SERVER_CASES = {"url_timeout", "url_404", "url_ok", "url_1x200000", "url_too_large_streamed"}
 
 
 @dataclass
@@ -334,6 +339,99 @@ def test_unsupported_sources() -> None:
 def test_core_decoding_never_downloads() -> None:
     with pytest.raises(UnsupportedSourceError, match="services.fetch"):
         images.load_image("http://127.0.0.1:9/x.jpg")
+
+
+def test_allowed_roots_follow_symlinks(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    data = _encode(Image.new("RGB", (4, 4), (9, 9, 9)))
+    (inside / "ok.png").write_bytes(data)
+    (outside / "secret.png").write_bytes(data)
+    (inside / "link.png").symlink_to(outside / "secret.png")
+    settings = Settings(data_dir=tmp_path, allowed_roots=[inside])
+    assert load_image(inside / "ok.png", settings=settings).size == (4, 4)
+    assert load_image((inside / "ok.png").as_uri(), settings=settings).size == (4, 4)
+    for refused in (outside / "secret.png", inside / "link.png", inside / ".." / "outside" / "secret.png",
+                    (inside / "link.png").as_uri()):
+        with pytest.raises(ForbiddenSourceError) as info:
+            load_image(refused, settings=settings)
+        assert info.value.reason == "forbidden_path" and "outside the allowed roots" in str(info.value)
+    with pytest.raises(ForbiddenSourceError):  # no root at all: nothing local is read
+        read_image_bytes(inside / "ok.png", settings=Settings(data_dir=tmp_path, allowed_roots=[]))
+
+
+def test_policy_is_checked_before_anything_is_opened(tmp_path: Path) -> None:
+    """A FIFO inside the roots is refused from its stat (opening it would block a reader that
+    forgot O_NONBLOCK); /dev, /proc and /sys are refused whatever the roots say."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    settings = Settings(data_dir=tmp_path, allowed_roots=[tmp_path, "/"])
+    with pytest.raises(ImageNotFoundError) as info:
+        load_image(fifo, settings=settings)
+    assert info.value.reason == "not_a_file"
+    for path in ("/dev/zero", "/proc/self/environ", "/sys/kernel/mm/transparent_hugepage/enabled"):
+        with pytest.raises(ForbiddenSourceError):
+            read_image_bytes(path, settings=settings)
+
+
+def test_aspect_ratio_limit_from_settings(tmp_path: Path) -> None:
+    data = _encode(Image.new("RGB", (50, 10)))
+    with pytest.raises(ExtremeAspectRatioError, match="5.0:1"):
+        load_image(data, settings=Settings(data_dir=tmp_path, max_aspect_ratio=4))
+    assert load_image(data, settings=Settings(data_dir=tmp_path, max_aspect_ratio=5)).size == (50, 10)
+    with pytest.raises(ExtremeAspectRatioError):  # an already opened PIL image too
+        load_image(Image.new("RGB", (1, 500)))
+
+
+def test_probe_reads_the_header_only() -> None:
+    assert probe_image_bytes(_encode(Image.new("RGB", (30, 20)))) == ("PNG", 30, 20)
+    whole = _encode(Image.effect_noise((64, 64), 40).convert("RGB"), "PNG")
+    cut = whole[: len(whole) // 2]  # pixel data cut short: found by decoding only
+    assert probe_image_bytes(cut)[1:] == (64, 64)
+    with pytest.raises(TruncatedImageError):
+        decode_image_bytes(cut)
+    for bad, reason in ((b"root:x:0:0:root:/root:/bin/bash\n", "not_an_image"),
+                        (_encode(Image.new("L", (1, 60_000))), "extreme_aspect_ratio"), (b"", "empty")):
+        with pytest.raises(ImageError) as info:
+            probe_image_bytes(bad)
+        assert info.value.reason == reason
+
+
+_MEMORY_PROBE = """
+import io, resource, sys, time
+from PIL import Image
+from agman_milvus.core.images import ImageError, decode_image_bytes
+from agman_milvus.core.model.transforms import Preprocess, resize_center_crop
+lines = [io.BytesIO() for _ in range(2)]
+Image.new("L", (1, 60_000), 128).save(lines[0], "PNG")
+Image.new("L", (200_000, 1), 128).save(lines[1], "PNG")
+preprocess = Preprocess()
+preprocess(Image.new("RGB", (300, 200)))  # warm up numpy/torch before measuring
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+for buf in lines:
+    try:
+        preprocess(decode_image_bytes(buf.getvalue()))
+        sys.exit("decoded a 1-pixel line")
+    except ImageError as exc:
+        assert exc.reason == "extreme_aspect_ratio", exc.reason
+for size in ((1, 200_000), (200_000, 1), (3, 100_000)):  # the transform alone stays bounded too
+    assert resize_center_crop(Image.new("RGB", size), 224).size == (224, 224)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, time.perf_counter() - start)
+"""
+
+
+def test_one_pixel_lines_fail_fast_in_bounded_memory() -> None:
+    """A 1x60000 PNG once took 7.4 GB and 27 s, a 1x200000 one was OOM-killed: both are now
+    refused from the header, and the transform bounds its own memory (fresh process, so
+    ru_maxrss measures this work)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown_kib, seconds = out.stdout.split()
+    assert int(grown_kib) < 64 * 1024, f"peak memory grew by {int(grown_kib) // 1024} MiB"
+    assert float(seconds) < 10
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")

@@ -61,5 +61,7 @@ def register(app: typer.Typer) -> None:
             Console().print(table)
             for image_id, reason in list(summary.failures.items())[:10]:
                 console.print(f"image {image_id} failed: {reason}")
+            for row, reason in list(summary.rejected.items())[:10]:
+                console.print(f"{row} refused: {reason}", markup=False)
         if summary.pending:
             raise typer.Exit(1)

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         from agman_milvus.core.config import get_settings
         from agman_milvus.core.errors import ConfigurationError
         from agman_milvus.core.schema import AttributeSchema
+        from agman_milvus.services.blobs import BlobStore
         from agman_milvus.services.store.catalog import open_catalog
         from agman_milvus.services.store.vectors import VectorStore
         from agman_milvus.usecases.reconcile import reconcile
@@ -50,7 +51,8 @@ def register(app: typer.Typer) -> None:
 
             _check_checkpoint_is_active(settings.resolved_checkpoint, model.version)
             reembed = lambda ids: reembed_images(ids, settings=settings)  # noqa: E731
-        report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed)
+        report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed,
+                           blobs=BlobStore(settings.blob_dir))
         typer.echo(json.dumps(report.to_dict(), indent=2))
         if report.unrepaired:
             for line in report.unrepaired:

@@ -180,6 +180,14 @@ class ImageRepository(Repository):
             yield from ((r[0], r[1]) for r in rows)
             last = rows[-1][0]
 
+    def referenced_sha256(self, shas: Iterable[str]) -> set[str]:
+        """Which of ``shas`` some image row (any status) still names: the blobs to keep."""
+        wanted = list(shas)
+        if not wanted:
+            return set()
+        with self.sessions() as s:
+            return set(s.scalars(select(Image.sha256).where(Image.sha256.in_(wanted)).distinct()))
+
     def indexed_ids(self, product_id: int) -> list[int]:
         """Ids of the indexed images of product ``product_id`` (the SQL id), ascending."""
         with self.sessions() as s:

@@ -33,6 +33,16 @@ class ScreeningJobRepository(Repository):
             s.flush()
             return int(job.id)
 
+    def blob_ids(self) -> set[str]:
+        """Every blob id a job's queries name (``blob://<sha>``): bytes screened as queries."""
+        out: set[str] = set()
+        with self.sessions() as s:
+            for params in s.scalars(select(ScreeningJob.params)):
+                for ref in (params or {}).get("queries", ()):
+                    if isinstance(ref, str) and ref.startswith("blob://"):
+                        out.add(ref[len("blob://"):])
+        return out
+
     def get(self, job_id: int) -> ScreeningJob:
         """The job's row; :class:`JobNotFoundError` when there is none."""
         with self.sessions() as s:
