@@ -11,6 +11,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from agman_milvus.usecases.dispatch import PublishError
 from agman_milvus.workers.names import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE, SCREEN_TASK
 
 logger = logging.getLogger(__name__)
@@ -36,10 +39,16 @@ class CeleryDispatcher:
         self.task_batch = task_batch
 
     def submit(self, image_ids: Iterable[int]) -> None:
+        """Send ``image_ids``; raises :class:`PublishError` (naming the unsent ids) when the
+        broker stays unreachable through the app's publish retries."""
         ids = list(image_ids)
         for start in range(0, len(ids), self.task_batch):
             chunk = ids[start:start + self.task_batch]
-            self.app.send_task(EMBED_TASK, args=[chunk], queue=GPU_QUEUE)
+            try:
+                self.app.send_task(EMBED_TASK, args=[chunk], queue=GPU_QUEUE)
+            except (KombuOperationalError, OSError) as exc:
+                raise PublishError(f"could not send {len(ids) - start} images to the broker: {exc}",
+                                   ids[start:]) from exc
             logger.debug("enqueued %d images on %s", len(chunk), GPU_QUEUE)
 
 
