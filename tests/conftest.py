@@ -71,25 +71,25 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-@pytest.fixture(scope="session")
-def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Milvus 2.3.5 standalone, started only in the loopback-only server tier."""
-    if os.environ.get(SERVER_ENV) != "1":
-        pytest.skip(f"set {SERVER_ENV}=1 and run tests/server_stack_tier.sh for the server tier")
-    if not _only_loopback():
-        pytest.fail("refusing to start milvus-server: it binds all interfaces and this network "
-                    "namespace has more than loopback; run tests/server_stack_tier.sh")
-    exe = Path(sys.executable).with_name("milvus-server")
-    if not exe.exists():
-        pytest.skip("milvus-server is not installed (pip install 'milvus==2.3.5')")
-    data = Path(os.environ.get("AGMAN_TEST_MILVUS_DATA") or tmp_path_factory.mktemp("milvus-server"))
-    data.mkdir(parents=True, exist_ok=True)
-    log = open(data / "server.log", "ab")
-    proc = subprocess.Popen([str(exe), "--data", str(data)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(SERVER_PORT, proc, timeout=120)
-        yield f"http://127.0.0.1:{SERVER_PORT}"
-    finally:
+class MilvusServer:
+    """The tier's ``milvus-server`` process (a wrapper that runs the Milvus binary as its child);
+    :meth:`restart` stops it as an operator would (SIGINT) and starts it on the same data."""
+
+    def __init__(self, exe: Path, data: Path) -> None:
+        self.exe, self.data = exe, data
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.uri = f"http://127.0.0.1:{SERVER_PORT}"
+
+    def start(self) -> None:
+        with open(self.data / "server.log", "ab") as log:
+            self.proc = subprocess.Popen([str(self.exe), "--data", str(self.data)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        _wait_for_port(SERVER_PORT, self.proc, timeout=120)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
         children = _children(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
@@ -102,4 +102,37 @@ def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        log.close()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    """A real Milvus 2.3.5 standalone, started only in the loopback-only server tier."""
+    if os.environ.get(SERVER_ENV) != "1":
+        pytest.skip(f"set {SERVER_ENV}=1 and run tests/server_stack_tier.sh for the server tier")
+    if not _only_loopback():
+        pytest.fail("refusing to start milvus-server: it binds all interfaces and this network "
+                    "namespace has more than loopback; run tests/server_stack_tier.sh")
+    exe = Path(sys.executable).with_name("milvus-server")
+    if not exe.exists():
+        pytest.skip("milvus-server is not installed (pip install 'milvus==2.3.5')")
+    data = Path(os.environ.get("AGMAN_TEST_MILVUS_DATA") or tmp_path_factory.mktemp("milvus-server"))
+    data.mkdir(parents=True, exist_ok=True)
+    server = MilvusServer(exe, data)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(milvus_server: MilvusServer) -> str:
+    return milvus_server.uri

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agman_milvus.core.errors import AgmanError
-from agman_milvus.services.store.catalog import Catalog, ImageStatus
+from agman_milvus.services.store.catalog import TRANSIENT_SQL_ERRORS, Catalog, ImageStatus
 from agman_milvus.usecases.dispatch import Dispatcher, PublishError
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,16 @@ def bulk_ingest(
     last_done, last_change = -1, time.monotonic()
     next_resend = time.monotonic() + resend_every
     while True:
-        counts = count_statuses(catalog, todo)
+        try:
+            counts = count_statuses(catalog, todo)
+        except TRANSIENT_SQL_ERRORS as exc:  # the database restarting: wait for it like the workers
+            waited = time.monotonic()
+            if (deadline is not None and waited >= deadline) or (
+                    stall_timeout is not None and waited - last_change >= stall_timeout):
+                raise
+            logger.warning("reading progress failed (%s); trying again", exc)
+            time.sleep(max(poll, 2.0))
+            continue
         done = counts["indexed"] + counts["failed"]
         if progress is not None:
             progress(done, len(todo))

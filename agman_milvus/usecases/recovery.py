@@ -49,7 +49,9 @@ def _one_by_one(image_ids: Sequence[int], services: Services, *, claim: bool) ->
     catalog = services.catalog
     limit = services.settings.max_attempts
     report = IndexReport()
-    for image_id in image_ids:
+    for n, image_id in enumerate(image_ids):
+        if n % 8 == 7:  # a heartbeat: still busy with the rest
+            catalog.images.claim(image_ids[n:], count=False)
         if claim:
             attempts = catalog.images.claim([image_id]).get(image_id)
             if attempts is None:  # indexed, failed or deleted meanwhile
@@ -84,10 +86,15 @@ def embed_with_attempts(image_ids: Sequence[int], services: Services) -> IndexRe
     if any(earlier.values()):
         logger.info("%d of %d images were attempted before: embedding them one by one",
                     sum(1 for a in earlier.values() if a), len(ids))
+        catalog.images.claim(ids, count=False)  # busy with all of them (attempts count one by one)
         return _one_by_one(ids, services, claim=True)
     claimed = list(catalog.images.claim(ids))
+
+    def still_busy(_part: IndexReport) -> None:  # a heartbeat per written batch
+        catalog.images.claim(claimed, count=False)
+
     try:
-        return index_images(ids, services)
+        return index_images(ids, services, on_batch=still_busy)
     except TRANSIENT_ERRORS:
         catalog.images.unclaim(claimed)
         raise

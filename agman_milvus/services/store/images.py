@@ -149,22 +149,26 @@ class ImageRepository(Repository):
         out: dict[int, int] = {}
         with self.sessions() as s:
             for chunk in chunks(list(image_ids)):
-                out.update(s.execute(select(Image.id, Image.attempts).where(
-                    Image.id.in_(chunk), Image.status == ImageStatus.pending)).tuples())
+                rows = s.execute(select(Image.id, Image.attempts).where(
+                    Image.id.in_(chunk), Image.status == ImageStatus.pending))
+                out.update((row[0], row[1]) for row in rows)
         return out
 
-    def claim(self, image_ids: Sequence[int]) -> dict[int, int]:
+    def claim(self, image_ids: Sequence[int], *, count: bool = True) -> dict[int, int]:
         """A worker starts embedding these images: count an attempt on the pending ones and
-        stamp ``claimed_at``; returns their attempt counts including this one, by id."""
+        stamp ``claimed_at``; returns their attempt counts including this one, by id.
+        ``count=False`` only stamps (a worker still busy with them says so)."""
         now = utcnow()
+        attempts = Image.attempts + 1 if count else Image.attempts
         out: dict[int, int] = {}
         with self.sessions.begin() as s:
             for chunk in chunks(list(image_ids)):
-                out.update(s.execute(
+                rows = s.execute(
                     update(Image).where(Image.id.in_(chunk), Image.status == ImageStatus.pending)
-                    .values(attempts=Image.attempts + 1, claimed_at=now, updated_at=now)
+                    .values(attempts=attempts, claimed_at=now, updated_at=now)
                     .returning(Image.id, Image.attempts)
-                ).tuples())
+                )
+                out.update((row[0], row[1]) for row in rows)
         return out
 
     def unclaim(self, image_ids: Sequence[int]) -> None:
