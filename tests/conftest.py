@@ -84,7 +84,11 @@ class MilvusServer:
         with open(self.data / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.exe), "--data", str(self.data)], stdout=log,
                                          stderr=subprocess.STDOUT)
-        _wait_for_port(SERVER_PORT, self.proc, timeout=120)
+        try:
+            _wait_for_port(SERVER_PORT, self.proc, timeout=120)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = (self.data / "server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}; the end of its log:\n{tail}") from exc
 
     def stop(self) -> None:
         proc = self.proc
@@ -102,9 +106,18 @@ class MilvusServer:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 30
+        # The Milvus binary may take a while to shut down; a new one started before it is gone
+        # blocks on its data directory's lock, so it is waited for (and killed after 60 s).
+        deadline = time.monotonic() + 60
         while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while any(Path(f"/proc/{c}").exists() for c in children):
+            time.sleep(0.1)
         self.proc = None
 
     def restart(self) -> None:
