@@ -80,12 +80,12 @@ class MilvusServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.uri = f"http://127.0.0.1:{SERVER_PORT}"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120) -> None:
         with open(self.data / "server.log", "ab") as log:
             self.proc = subprocess.Popen([str(self.exe), "--data", str(self.data)], stdout=log,
                                          stderr=subprocess.STDOUT)
         try:
-            _wait_for_port(SERVER_PORT, self.proc, timeout=120)
+            _wait_for_port(SERVER_PORT, self.proc, timeout=timeout)
         except (RuntimeError, TimeoutError) as exc:
             tail = (self.data / "server.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}; the end of its log:\n{tail}") from exc
@@ -121,8 +121,9 @@ class MilvusServer:
         self.proc = None
 
     def restart(self) -> None:
+        """Stop and start again; a restart with data recovers for 1-3 minutes on a loaded machine."""
         self.stop()
-        self.start()
+        self.start(timeout=360)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ Every ``agman worker`` runs :class:`ResendStep`, a worker bootstep with a daemon
 every ``pending_resend_after / 4`` seconds (at most 30 s) calls :func:`resend_stale_celery`:
 images claimed by a worker that went silent (SIGKILL, out of memory, a lost connection) are
 always re-sent; images never claimed only while the embedding queue is empty (their message
-was lost, e.g. a Redis restart without persistence, or a publish that failed). Several workers
+was lost, e.g. a Redis restart without persistence, or a publish that failed). Re-sent messages
+have a higher priority than new work, so they do not wait behind a backlog. Several workers
 may tick at once: the SQL update that takes the stale rows stamps them, so each is sent once.
 ``agman reconcile`` and a waiting ``agman ingest`` call the same function.
 """
@@ -19,7 +20,7 @@ from typing import Any
 from celery import bootsteps
 
 from agman_milvus.core.config import Settings
-from agman_milvus.workers.names import GPU_QUEUE
+from agman_milvus.workers.names import GPU_QUEUE, RESEND_PRIORITY
 from agman_milvus.workers.producer import CeleryDispatcher
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def resend_stale_celery(app: Any, catalog: Any, settings: Settings,
         return 0
     total = 0
     unclaimed = queue_depth(app) == 0
-    dispatcher = CeleryDispatcher(app)
+    dispatcher = CeleryDispatcher(app, priority=RESEND_PRIORITY)  # ahead of any backlog
     while True:  # in slices, so a large backlog is stamped and sent in bounded steps
         sent = resend_stale(catalog, dispatcher.submit, settings.pending_resend_after,
                             unclaimed=unclaimed, image_ids=image_ids)
