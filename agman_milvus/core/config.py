@@ -62,8 +62,9 @@ class Settings(BaseSettings):
                     "silent) before workers and `agman reconcile` send it again; 0 = never",
     )
     max_attempts: int = Field(
-        default=3, ge=1, le=100,
-        description="Embedding attempts of an image whose worker died or crashed before it is marked failed",
+        default=3, ge=3, le=100,
+        description="Embedding attempts of an image whose worker died or crashed before it is marked "
+                    "failed (at least 3: twice in its batch, then alone)",
     )
     broker_key_prefix: str = Field(default="", description="Prefix of every Redis key Celery uses (isolates deployments)")
 

@@ -1,13 +1,14 @@
 """Recovery of embedding work: attempts that crash, and pending images nobody is working on.
 
 **Attempts.** A worker *claims* the pending images of a task before embedding them (one attempt
-each, ``claimed_at`` stamped). A fresh batch runs as a batch; if it raises anything but
-infrastructure trouble (``MemoryError``, a decoder crash), or if any of its images was attempted
-before (its worker died: SIGKILL, out of memory), the batch is split and its images run one at a
-time, each claimed on its own. An image is marked failed with its error, or, after
-``settings.max_attempts`` attempts that killed their worker, with a "gave up" reason; its
-batchmates are indexed. Infrastructure trouble (``TRANSIENT_ERRORS``) takes its attempt back
-and propagates, so the caller (the Celery task) retries.
+each, ``claimed_at`` stamped). A batch runs as a batch; if it raises anything but infrastructure
+trouble (``MemoryError``, a decoder crash), or if one of its images was attempted
+:data:`BATCH_ATTEMPTS` times before (its workers died: SIGKILL, out of memory), the batch is split
+and its images run one at a time, each claimed on its own. An image is marked failed with its
+error, or, after ``settings.max_attempts`` (at least 3: twice in its batch, then alone) attempts
+that killed their worker, with a "gave up" reason; its batchmates are indexed. Infrastructure
+trouble (``TRANSIENT_ERRORS``) takes its attempt back and propagates, so the caller (the Celery
+task) retries.
 
 **Re-sending.** A pending image is *stale* when it was claimed more than
 ``settings.pending_resend_after`` seconds ago (its worker went silent) or, when the caller
@@ -36,7 +37,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["embed_with_attempts", "resend_stale", "stale_pending"]
+__all__ = ["BATCH_ATTEMPTS", "embed_with_attempts", "resend_stale", "stale_pending"]
+
+#: Attempts of a batch as a whole: a worker killed once (a deploy, a crash elsewhere) costs one
+#: batch re-run; a batch that killed two workers is split.
+BATCH_ATTEMPTS = 2
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -83,9 +88,9 @@ def embed_with_attempts(image_ids: Sequence[int], services: Services) -> IndexRe
     catalog = services.catalog
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     earlier = catalog.images.attempts(ids)
-    if any(earlier.values()):
-        logger.info("%d of %d images were attempted before: embedding them one by one",
-                    sum(1 for a in earlier.values() if a), len(ids))
+    if max(earlier.values(), default=0) >= BATCH_ATTEMPTS:
+        logger.info("%d of %d images were attempted %d times before: embedding them one by one",
+                    sum(1 for a in earlier.values() if a >= BATCH_ATTEMPTS), len(ids), BATCH_ATTEMPTS)
         catalog.images.claim(ids, count=False)  # busy with all of them (attempts count one by one)
         return _one_by_one(ids, services, claim=True)
     claimed = list(catalog.images.claim(ids))

@@ -98,14 +98,14 @@ def test_image_that_killed_its_workers_fails_and_its_batchmates_are_indexed(serv
 
     ids = _register(services, 5)
     poison = ids[2]
-    # What workers that died leave behind: the batch claimed once (killed), then split and
-    # the images before the poison indexed one by one, the poison claimed (killed) twice more.
+    # What workers that died leave behind: the batch claimed twice (two workers killed), then
+    # split: the images before the poison indexed one by one, the poison claimed alone (killed).
+    catalog.images.claim(ids)
     catalog.images.claim(ids)
     for image_id in ids[:2]:
         embed_with_attempts([image_id], services)
     catalog.images.claim([poison])
-    catalog.images.claim([poison])
-    assert catalog.images.attempts(ids) == {poison: 3, ids[3]: 1, ids[4]: 1}
+    assert catalog.images.attempts(ids) == {poison: 3, ids[3]: 2, ids[4]: 2}
 
     report = embed_with_attempts(ids, services)  # the redelivered batch
     rows = catalog.images.get_many(ids)
