@@ -63,6 +63,14 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise TimeoutError(f"milvus-server did not open port {port} within {timeout:.0f} s")
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -108,15 +116,13 @@ class MilvusServer:
                 pass
         # The Milvus binary may take a while to shut down: wait for it, kill it after 60 s.
         deadline = time.monotonic() + 60
-        while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        while any(_running(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         for child in children:
             try:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        while any(Path(f"/proc/{c}").exists() for c in children):
-            time.sleep(0.1)
         self.proc = None
 
     def freeze(self, seconds: float) -> None:
