@@ -74,7 +74,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": max(5, settings.task_time_limit - 5),
         "task_default_queue": DEFAULT_QUEUE,
         "task_routes": {EMBED_TASK: {"queue": GPU_QUEUE}},
-        # A publish that fails (Redis restarting) is retried for about 40 s before it raises.
+        # A publish that fails (Redis restarting) is retried for about 45 s before it raises.
         "task_publish_retry": True,
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "worker_send_task_events": False,
