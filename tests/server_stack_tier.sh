@@ -9,6 +9,7 @@
 # (127.0.0.1:6379, AOF on, as in docker/), then runs pytest there. The session fixture in
 # tests/conftest.py starts the Milvus server on 127.0.0.1:19530 with its data in a fresh
 # directory under /tmp (the first start extracts ~250 MB into it) and stops it with SIGINT.
+# The fault tests restart Redis, PostgreSQL and Milvus mid-ingest (AGMAN_TEST_STACK_WORK).
 # Everything is stopped and removed on exit.
 #
 # Usage: bash tests/server_stack_tier.sh [extra pytest args]
@@ -57,6 +58,8 @@ unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
   export AGMAN_TEST_MILVUS_SERVER=1 AGMAN_TEST_SERVER_STACK=1 AGMAN_TEST_MILVUS_DATA="$WORK/milvus"
   export AGMAN_TEST_PG_ADMIN=postgresql://postgres@127.0.0.1:5432/postgres
   export AGMAN_TEST_REDIS_URL=redis://127.0.0.1:6379/0
+  # what the fault tests (tests/e2e/test_stack_faults.py) need to restart Redis and PostgreSQL
+  export AGMAN_TEST_STACK_WORK="$WORK" AGMAN_TEST_PGBIN="$PGBIN"
   "$PYTHON" -m pytest -m "milvus_server or server_stack" tests/integration tests/e2e -q \
     -p no:cacheprovider "$@"
 ' bash "$@"

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
         default=None, ge=1,
         description="Seconds before Redis redelivers an unacknowledged task; default task_time_limit + 300",
     )
+    pending_resend_after: int = Field(
+        default=120, ge=0,
+        description="Seconds a pending image may wait (unclaimed, or claimed by a worker that went "
+                    "silent) before workers and `agman reconcile` send it again; 0 = never",
+    )
+    max_attempts: int = Field(
+        default=3, ge=3, le=100,
+        description="Embedding attempts of an image whose worker died or crashed before it is marked "
+                    "failed (at least 3: twice in its batch, then alone)",
+    )
     broker_key_prefix: str = Field(
         default="", description="Prefix of every Redis key Celery uses (isolates deployments)"
     )

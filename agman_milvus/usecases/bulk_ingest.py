@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from agman_milvus.core.errors import AgmanError, InvalidProductError
-from agman_milvus.services.store.catalog import Catalog, ImageStatus
-from agman_milvus.usecases.dispatch import Dispatcher
+from agman_milvus.services.store.catalog import TRANSIENT_SQL_ERRORS, Catalog, ImageStatus
+from agman_milvus.usecases.dispatch import Dispatcher, PublishError
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class BulkSummary:
     indexed: int = 0
     failed: int = 0
     pending: int = 0
+    resent: int = 0
+    stalled: bool = False
     register_seconds: float = 0.0
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)  # first failures, image id -> reason
@@ -166,20 +168,28 @@ def bulk_ingest(
     progress: Callable[[int, int], None] | None = None,
     poll: float = 0.5,
     timeout: float | None = None,
+    resend: Callable[[Sequence[int]], int] | None = None,
+    resend_every: float = 30.0,
+    stall_timeout: float | None = None,
 ) -> BulkSummary:
     """Register ``items`` and embed the ones not yet indexed; returns the summary.
 
     ``progress(done, total)`` is called as SQL statuses change (done = indexed + failed among
     the dispatched images). With an asynchronous dispatcher (Celery) this waits for the workers
-    until nothing is pending, or ``timeout`` seconds (then the rest stays pending and a later
-    run picks it up).
+    until nothing is pending, or ``timeout`` seconds, or ``stall_timeout`` seconds without any
+    image finishing (``stalled``; then the rest stays pending and a later run, the workers or
+    ``agman reconcile`` pick it up). Meanwhile ``resend(image_ids)`` is called every
+    ``resend_every`` seconds to re-send this run's stale images (see ``usecases.recovery``).
+
+    Every item is registered even when publishing fails (:class:`PublishError`, after the
+    dispatcher's retries): unsent images stay pending and sending them is retried while waiting.
     """
     from agman_milvus.usecases.ingest import register_image
 
     summary = BulkSummary(total=len(items))
     catalog = services.catalog
     started = time.perf_counter()
-    services.vectors  # load the model and create the collections before the clock matters
+    _ = services.vectors  # load the model and create the collections before the clock matters
     todo: list[int] = []
     chunks: queue.Queue[list[int] | BaseException | None] = queue.Queue(maxsize=2)
 
@@ -218,11 +228,27 @@ def bulk_ingest(
             todo.extend(ids)
             yield ids
 
+    unsent: list[int] = []
+    retry_at = [0.0]
+
+    def publish(ids: list[int]) -> None:
+        """Send ``unsent + ids``; after a failure, keep collecting and try again 30 s later."""
+        unsent.extend(ids)
+        if not unsent or time.monotonic() < retry_at[0]:
+            return
+        try:
+            dispatcher.submit(list(unsent))
+            unsent.clear()
+        except PublishError as exc:
+            logger.warning("%s; they stay pending, sending is tried again in 30 s", exc)
+            unsent[:] = exc.image_ids
+            retry_at[0] = time.monotonic() + 30.0
+
     registrar = threading.Thread(target=register_all, name="agman-register", daemon=True)
     registrar.start()
     if dispatcher.asynchronous:
         for ids in registered():
-            dispatcher.submit(ids)
+            publish(ids)
     else:  # one pipeline over the ids as they are registered: no refill between chunks
         finished = [0]
 
@@ -236,16 +262,43 @@ def bulk_ingest(
     summary.dispatched = len(todo)
 
     deadline = None if timeout is None else time.monotonic() + timeout
+    last_done, last_change = -1, time.monotonic()
+    next_resend = time.monotonic() + resend_every
     while True:
-        counts = count_statuses(catalog, todo)
+        try:
+            counts = count_statuses(catalog, todo)
+        except TRANSIENT_SQL_ERRORS as exc:  # the database restarting: wait for it like the workers
+            waited = time.monotonic()
+            if (deadline is not None and waited >= deadline) or (
+                    stall_timeout is not None and waited - last_change >= stall_timeout):
+                raise
+            logger.warning("reading progress failed (%s); trying again", exc)
+            time.sleep(max(poll, 2.0))
+            continue
         done = counts["indexed"] + counts["failed"]
         if progress is not None:
             progress(done, len(todo))
         if counts["pending"] == 0 or not dispatcher.asynchronous:
             break
-        if deadline is not None and time.monotonic() >= deadline:
+        now = time.monotonic()
+        if done != last_done:
+            last_done, last_change = done, now
+        if deadline is not None and now >= deadline:
             logger.warning("%d images still pending after %.0f s", counts["pending"], timeout)
             break
+        if stall_timeout is not None and now - last_change >= stall_timeout:
+            summary.stalled = True
+            logger.warning("no image finished in %.0f s: are workers running? %d images stay pending",
+                           stall_timeout, counts["pending"])
+            break
+        publish([])
+        if resend is not None and now >= next_resend:
+            next_resend = now + resend_every
+            try:
+                summary.resent += resend(todo)
+            except Exception as exc:  # noqa: BLE001 - the broker or database may be restarting
+                logger.warning("re-sending stale images failed (%s); trying again in %.0f s",
+                               exc, resend_every)
         time.sleep(poll)
     summary.indexed = counts["indexed"]
     summary.failed = counts["failed"]

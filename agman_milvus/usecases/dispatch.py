@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-__all__ = ["Dispatcher", "InProcessDispatcher"]
+from agman_milvus.core.errors import AgmanError
+
+__all__ = ["Dispatcher", "InProcessDispatcher", "PublishError"]
+
+
+class PublishError(AgmanError, RuntimeError):
+    """Work could not be handed to the broker (after retries). The images stay pending: the
+    workers, ``agman reconcile`` or a later ``agman ingest`` send them again."""
+
+    def __init__(self, message: str, image_ids: list[int]) -> None:
+        super().__init__(message)
+        self.image_ids = image_ids
 
 
 class Dispatcher(Protocol):

@@ -10,6 +10,8 @@ Drift, both ways:
 * **orphan blobs** (when given the blob store): stored bytes that no image row and no screening
   job names, older than an hour (an ingest in flight writes its blob just before its row)
   -> deleted.
+* **stale pending rows**: images pending past ``pending_resend_after`` whose work was lost (see
+  :mod:`agman_milvus.usecases.recovery`) -> sent again (``resend_pending``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from agman_milvus.services.store.vectors import VectorStore
 log = logging.getLogger(__name__)
 
 Reembed = Callable[[list[int]], None]
+#: ``resend_pending(dry_run)``: how many stale pending images there are (dry run) or were re-sent.
+ResendPending = Callable[[bool], int]
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ReconcileReport:
     stale_vectors: dict[str, list[int]] = field(default_factory=dict)
     missing_vectors: list[int] = field(default_factory=list)
     stale_rows: list[int] = field(default_factory=list)
+    stale_pending: int = 0
     deleted_vectors: int = 0
     orphan_blobs: list[str] = field(default_factory=list)
     reembedded: int = 0
@@ -48,7 +53,7 @@ class ReconcileReport:
     def clean(self) -> bool:
         """True when no drift was found."""
         return not (any(self.orphan_vectors.values()) or any(self.stale_vectors.values())
-                    or self.missing_vectors or self.stale_rows)
+                    or self.missing_vectors or self.stale_rows or self.stale_pending)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -57,6 +62,7 @@ class ReconcileReport:
             "orphan_vectors": {k: len(v) for k, v in self.orphan_vectors.items()},
             "stale_vectors": {k: len(v) for k, v in self.stale_vectors.items()},
             "missing_vectors": len(self.missing_vectors), "stale_rows": len(self.stale_rows),
+            "stale_pending": self.stale_pending,
             "deleted_vectors": self.deleted_vectors, "orphan_blobs": len(self.orphan_blobs),
             "reembedded": self.reembedded,
             "unrepaired": self.unrepaired,
@@ -72,12 +78,14 @@ def reconcile(
     reembed: Reembed | None,
     batch_size: int = 500,
     blobs: BlobStore | None = None,
+    resend_pending: ResendPending | None = None,
 ) -> ReconcileReport:
     """Compare the catalog with the active version's collections and (unless ``dry_run``) repair.
 
     ``reembed(image_ids)`` must (re)write the images' vectors and mark them indexed; it is
     called in batches of ``batch_size`` after the rows were marked pending. Without it, missing
-    vectors are only reported.
+    vectors are only reported. ``resend_pending`` counts (dry run) or re-sends stale pending
+    images; their number is ``stale_pending`` (found by a dry run, re-sent otherwise).
     """
     if vectors.model_version != active_version:
         raise ValueError(
@@ -117,6 +125,8 @@ def reconcile(
         missing |= current_ids - seen
         missing |= set(stale) & current_ids
     report.missing_vectors = sorted(missing)
+    if resend_pending is not None:
+        report.stale_pending = resend_pending(dry_run)
     log.info("reconcile found: %s", report.to_dict())
 
     if dry_run:

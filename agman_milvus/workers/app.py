@@ -7,7 +7,10 @@ Reliability settings (see the Celery "Optimizing" guide): tasks are acknowledged
 finish (``task_acks_late``), a worker reserves one task at a time (prefetch 1), a task whose
 worker process dies is redelivered (``task_reject_on_worker_lost``), and Redis redelivers an
 unacknowledged message only after ``visibility_timeout``, which is kept above the longest a
-task may run (``task_time_limit``) so a slow task is never run twice concurrently.
+task may run (``task_time_limit``) so a slow task is never run twice concurrently. A killed
+worker's images do not wait for that: every worker re-sends images claimed by a worker that went
+silent for ``pending_resend_after`` seconds (:mod:`agman_milvus.workers.resender`). Publishing
+is retried with backoff (:data:`PUBLISH_RETRY_POLICY`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,17 @@ from celery import Celery
 
 from agman_milvus.core.config import Settings, get_settings
 from agman_milvus.workers.names import DEFAULT_QUEUE, EMBED_TASK, GPU_QUEUE
+from agman_milvus.workers.resender import ResendStep
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["app", "celery_config", "create_app", "visibility_timeout"]
+__all__ = ["PUBLISH_RETRY_POLICY", "app", "celery_config", "create_app", "visibility_timeout"]
+
+
+#: kombu's retry policy for publishing a message: 0.5 s, then 1.5 s, 2.5 s ... up to 5 s apart.
+PUBLISH_RETRY_POLICY: dict[str, float] = {
+    "max_retries": 12, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0,
+}
 
 
 def visibility_timeout(settings: Settings) -> int:
@@ -64,6 +74,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": max(5, settings.task_time_limit - 5),
         "task_default_queue": DEFAULT_QUEUE,
         "task_routes": {EMBED_TASK: {"queue": GPU_QUEUE}},
+        # A publish that fails (Redis restarting) is retried for about 45 s before it raises.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }
@@ -75,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery = Celery("agman_milvus", include=["agman_milvus.workers.tasks",
                                              "agman_milvus.workers.screening_tasks"])
     celery.conf.update(celery_config(settings))
+    celery.steps["worker"].add(ResendStep)  # the workers re-send stale pending images
     return celery
 
 

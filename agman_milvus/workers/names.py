@@ -12,3 +12,8 @@ DEFAULT_QUEUE = "agman.default"
 
 EMBED_TASK = "agman_milvus.workers.tasks.embed_images"
 SCREEN_TASK = "agman_milvus.workers.screening_tasks.screen"
+
+#: Message priorities on Redis (0 is served first): new work waits behind re-sent work, so images
+#: of a killed worker or a lost message are not queued behind a whole backlog.
+NORMAL_PRIORITY = 6
+RESEND_PRIORITY = 0

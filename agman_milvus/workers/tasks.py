@@ -1,4 +1,5 @@
-"""Celery task for embedding (queue ``agman.gpu``): a thin wrapper around ``index_images``.
+"""Celery task for embedding (queue ``agman.gpu``): a thin wrapper around
+:func:`agman_milvus.usecases.recovery.embed_with_attempts`.
 
 The model, the database engine and the Milvus client are built lazily, once per worker
 process, inside that process (never in a parent before ``fork``): the Celery documentation's
@@ -45,7 +46,8 @@ class PipelineTask(Task):
 
 @app.task(base=PipelineTask, bind=True, name=EMBED_TASK, acks_late=True, ignore_result=True, **_RETRY)
 def embed_images(self: PipelineTask, image_ids: list[int]) -> dict[str, object]:
-    """Embed and index these images (idempotent: redelivery rewrites the same rows)."""
-    from agman_milvus.usecases.indexing import index_images
+    """Embed and index these images (idempotent: redelivery rewrites the same rows); a batch
+    that crashes, or whose worker died before, is split (``usecases.recovery``)."""
+    from agman_milvus.usecases.recovery import embed_with_attempts
 
-    return index_images([int(i) for i in image_ids], self.services).to_dict()
+    return embed_with_attempts([int(i) for i in image_ids], self.services).to_dict()

@@ -196,3 +196,49 @@ def test_ingest_many_sends_batches_of_32(deployment: Deployment) -> None:
     finally:
         worker.stop()
         client.close()
+
+
+def test_workers_resend_a_killed_batch_and_lost_messages(deployment: Deployment) -> None:
+    """Recovery without Redis' visibility timeout (set to 10 minutes here): the next worker
+    re-sends the images a SIGKILLed worker had claimed, and images whose message never reached
+    the queue (a lost publish, a Redis restart without persistence)."""
+    from agman_milvus.services.container import Services
+    from agman_milvus.services.store.catalog import ImageStatus
+    from agman_milvus.usecases.ingest import register_image
+    from agman_milvus.workers.app import create_app
+    from agman_milvus.workers.producer import CeleryDispatcher
+
+    env = {**deployment.env, "AGMAN_PENDING_RESEND_AFTER": "4", "AGMAN_VISIBILITY_TIMEOUT": "600"}
+    services = Services(deployment.settings)
+    catalog = services.catalog
+    killed = [register_image(services, f"coat-{i}", _jpeg(3000 + i), {"colour": "red"}).image_id
+              for i in range(32)]
+
+    def indexed(ids: list[int]) -> int:
+        return sum(r.status == ImageStatus.indexed for r in catalog.images.get_many(ids).values())
+
+    first = Worker(env, deployment.tmp / "resend-1.log")
+    second = Worker(env, deployment.tmp / "resend-2.log")
+    try:
+        first.start()
+        CeleryDispatcher(create_app(deployment.settings), task_batch=len(killed)).submit(killed)
+        wait_until(lambda: indexed(killed) >= 4, 90, poll=0.05, what="the batch to start")
+        first.kill()
+        assert indexed(killed) < len(killed), "kill did not land mid-batch"
+        lost = [register_image(services, f"hat-{i}", _jpeg(4000 + i), {"colour": "blue"}).image_id
+                for i in range(8)]  # registered, never sent
+        killed_at = time.monotonic()
+        second.start()
+        everything = killed + lost
+        wait_until(lambda: indexed(everything) == len(everything), 90, poll=0.2,
+                   what="every image indexed by re-sends")
+        recovery = time.monotonic() - killed_at
+        assert recovery < 90 and "re-sending" in second.log()
+        rows = catalog.images.get_many(everything)
+        assert {r.status for r in rows.values()} == {ImageStatus.indexed}
+        total_indexed = catalog.images.count(ImageStatus.indexed)
+        assert set(_counts(services).values()) == {total_indexed}  # no duplicate, none missing
+    finally:
+        first.kill()
+        second.stop()
+        services.close()

@@ -104,3 +104,13 @@ def test_gpu_worker_reserves_one_gpu(compose) -> None:
     assert len(devices[0]["device_ids"]) == 1
     command = compose["services"]["worker-gpu"]["command"]
     assert command[command.index("--concurrency") + 1] == "1" and "solo" in command
+
+
+def test_redis_persists_queued_work(compose) -> None:
+    """Queued and unacknowledged tasks survive a Redis restart: append-only file on a volume."""
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    command = command if isinstance(command, list) else command.split()
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(volume.split(":")[-1] == "/data" for volume in redis["volumes"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -20,6 +22,34 @@ def _check_checkpoint_is_active(checkpoint: object, active_version: str) -> None
             f"AGMAN_CHECKPOINT is model {version}, but the active model is {active_version}; "
             "point it at the active model's checkpoint (or run `agman reindex`) before repairing"
         )
+
+
+def _pending_resender(settings: Any, catalog: Any, reembed: Any) -> Callable[[bool], int]:
+    """Counts (dry run) or re-sends stale pending images: to the workers when there is a
+    broker, else embedded here (nothing else would embed them)."""
+    from agman_milvus.usecases.recovery import resend_stale, stale_pending
+
+    after = settings.pending_resend_after
+
+    def resend(dry_run: bool) -> int:
+        if after <= 0:
+            return 0
+        if settings.broker_url:
+            from agman_milvus.workers.app import create_app
+            from agman_milvus.workers.resender import queue_depth, resend_stale_celery
+
+            celery = create_app(settings)
+            if dry_run:
+                return len(stale_pending(catalog, after, unclaimed=queue_depth(celery) == 0, limit=10**9))
+            return resend_stale_celery(celery, catalog, settings)
+        if dry_run:
+            return len(stale_pending(catalog, after, unclaimed=True, limit=10**9))
+        total = 0
+        while sent := resend_stale(catalog, reembed, after, unclaimed=True):
+            total += sent
+        return total
+
+    return resend
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +82,8 @@ def register(app: typer.Typer) -> None:
             _check_checkpoint_is_active(settings.resolved_checkpoint, model.version)
             reembed = lambda ids: reembed_images(ids, settings=settings)  # noqa: E731
         report = reconcile(catalog, store, model.version, dry_run=dry_run, reembed=reembed,
-                           blobs=BlobStore(settings.blob_dir))
+                           blobs=BlobStore(settings.blob_dir),
+                           resend_pending=_pending_resender(settings, catalog, reembed))
         typer.echo(json.dumps(report.to_dict(), indent=2))
         if report.unrepaired:
             for line in report.unrepaired:

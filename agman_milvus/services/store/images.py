@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from agman_milvus.services.store.products import PRODUCT_FIELDS
 from agman_milvus.services.store.repository import Repository, chunks, dialect_insert, utcnow
@@ -139,8 +140,71 @@ class ImageRepository(Repository):
             )
 
     def mark_pending(self, image_ids: Sequence[int]) -> int:
-        """Queue images for (re-)embedding."""
-        return self._set_status(image_ids, ImageStatus.pending, failure_reason=None)
+        """Queue images for (re-)embedding, afresh: no attempt counted, not claimed."""
+        return self._set_status(image_ids, ImageStatus.pending, failure_reason=None, claimed_at=None,
+                                attempts=0)
+
+    def attempts(self, image_ids: Sequence[int]) -> dict[int, int]:
+        """Attempt counts of the *pending* images among ``image_ids``, by id."""
+        out: dict[int, int] = {}
+        with self.sessions() as s:
+            for chunk in chunks(list(image_ids)):
+                rows = s.execute(select(Image.id, Image.attempts).where(
+                    Image.id.in_(chunk), Image.status == ImageStatus.pending))
+                out.update((row[0], row[1]) for row in rows)
+        return out
+
+    def claim(self, image_ids: Sequence[int], *, count: bool = True) -> dict[int, int]:
+        """A worker starts embedding these images: count an attempt on the pending ones and
+        stamp ``claimed_at``; returns their attempt counts including this one, by id.
+        ``count=False`` only stamps (a worker still busy with them says so)."""
+        now = utcnow()
+        attempts = Image.attempts + 1 if count else Image.attempts
+        out: dict[int, int] = {}
+        with self.sessions.begin() as s:
+            for chunk in chunks(list(image_ids)):
+                rows = s.execute(
+                    update(Image).where(Image.id.in_(chunk), Image.status == ImageStatus.pending)
+                    .values(attempts=attempts, claimed_at=now, updated_at=now)
+                    .returning(Image.id, Image.attempts)
+                )
+                out.update((row[0], row[1]) for row in rows)
+        return out
+
+    def unclaim(self, image_ids: Sequence[int]) -> None:
+        """Take back an attempt that infrastructure trouble cut short (it is retried)."""
+        with self.sessions.begin() as s:
+            for chunk in chunks(list(image_ids)):
+                s.execute(update(Image).where(Image.id.in_(chunk), Image.status == ImageStatus.pending,
+                                              Image.attempts > 0)
+                          .values(attempts=Image.attempts - 1, claimed_at=utcnow()))
+
+    @staticmethod
+    def _stale(cutoff: datetime, unclaimed: bool) -> Any:
+        claimed = and_(Image.claimed_at.is_not(None), Image.claimed_at < cutoff)
+        never = and_(Image.claimed_at.is_(None), Image.updated_at < cutoff)
+        return and_(Image.status == ImageStatus.pending, or_(claimed, never) if unclaimed else claimed)
+
+    def stale_pending(
+        self, cutoff: datetime, *, unclaimed: bool, image_ids: Sequence[int] | None = None,
+        limit: int = 1000, take: bool = False,
+    ) -> list[int]:
+        """Pending images whose worker went silent (claimed before ``cutoff``) and, with
+        ``unclaimed``, those waiting unclaimed since before ``cutoff``; oldest ids first.
+
+        With ``take`` they are stamped as sent now (``claimed_at`` cleared, ``updated_at`` now) in
+        the same statement, so two callers never take the same rows."""
+        where = self._stale(cutoff, unclaimed)
+        if image_ids is not None:
+            where = and_(where, Image.id.in_(list(image_ids)))
+        chosen = select(Image.id).where(where).order_by(Image.id).limit(limit)
+        if not take:
+            with self.sessions() as s:
+                return list(s.scalars(chosen))
+        with self.sessions.begin() as s:
+            ids = s.scalars(update(Image).where(Image.id.in_(chosen), where)
+                            .values(claimed_at=None, updated_at=utcnow()).returning(Image.id))
+            return sorted(ids)
 
     def _set_status(self, image_ids: Sequence[int], status: ImageStatus, **values: Any) -> int:
         changed = 0

@@ -112,6 +112,8 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
     indexed_at: Mapped[datetime | None]
+    #: When a worker last started embedding this (pending) image; cleared when it is sent again.
+    claimed_at: Mapped[datetime | None]
 
     product: Mapped[Product] = relationship(back_populates="images")
 
