@@ -14,7 +14,8 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
 * ``imagenet_gap``: global average pooling of the ImageNet MobileNetV2 trunk's last map;
 * ``descriptor``: the checker's copy descriptor (GeM p=3 + L2 over that map), normalised score
   ``cos - NORM_BETA * cos_NORM_K``;
-* ``candidates``: stage 1 of the checker: descriptor of the query and of its mirror image, merged;
+* ``candidates``: stage 1 of the checker: descriptors of the query, its mirror image and a blurred
+  copy (``copyright.query_views``), merged;
 * ``verified``: stage 2 of the checker on the first ``VERIFY_K`` candidates
   (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual), score = the
   verification score.
@@ -24,7 +25,7 @@ per edit kind (a query with several edits counts in each). Verdicts ("copy" when
 with the shipped default threshold, and with t calibrated for 99% precision on half the queries
 and measured on the other half. ``--fit`` refits the verification score's logistic weights on
 the calibration half (printed; paste into ``copy_verify.SCORE_WEIGHTS``). Checks/s: stage 1
-(query + mirror embedding) and stage 2 (query keypoints + verification) per query, with the
+(query + 2 views embedding) and stage 2 (query keypoints + verification) per query, with the
 references' keypoints precomputed as the checker's cache holds them. Prints JSON.
 
     .venv/bin/python bench/copydetect.py --refs 2000 --positives 600 --negatives 400
@@ -45,7 +46,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from agman_milvus.core import copy_verify
 from agman_milvus.core.model import build_model
@@ -53,12 +54,14 @@ from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import (
+    DENSE_K,
     EDITS,
     NORM_BETA,
     NORM_K,
     VERIFY_K,
     CopyThresholds,
     micro_average_precision,
+    query_views,
     random_edit,
     threshold_for_precision,
 )
@@ -145,6 +148,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50
     return w
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rescore(checked, weights) -> list[list[tuple[int, float]]]:
+    """Verified predictions, best first, with the score model ``weights`` (dense fits keep theirs)."""
+    out = []
+    for pairs in checked:
+        scored = [(j, copy_verify.score(v.inliers, v.inlier_ratio, v.coverage, v.residual, weights)
+                   if v.method == "sift" and v.transform else v.score) for j, v in pairs]
+        out.append(sorted(scored, key=lambda p: -p[1]))
+    return out
+
+
 def as_pairs(top: np.ndarray, scores: np.ndarray) -> list[list[tuple[int, float]]]:
     """Per query, (reference index, score) pairs best first."""
     return [list(zip(t.tolist(), s.tolist(), strict=True)) for t, s in zip(top, scores, strict=True)]
@@ -186,14 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
     t_data = time.perf_counter() - t0
     n = len(queries)
+    log(f"data: {n} queries, {len(refs)} references")
 
     schema = AttributeSchema.from_dict({"articleType": 2, "baseColour": 2})
     model = build_model("agman", schema=schema, backbone=args.backbone, pretrained="imagenet").eval()
     ref_f = features(model, ref_images)
     t0 = time.perf_counter()
     q_f = features(model, queries)
-    m_f = features(model, [ImageOps.mirror(q) for q in queries])
+    extra_f = [features(model, [query_views(q)[v] for q in queries])["descriptor"] for v in (1, 2)]
     t_stage1_embed = time.perf_counter() - t0
+    log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")
 
     preds: dict[str, list[list[tuple[int, float]]]] = {}
     ref_h = np.array([phash(im) for im in ref_images], np.uint64)
@@ -208,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         preds[name] = as_pairs(top, sc)
     t0 = time.perf_counter()
     sim = q_f["descriptor"] @ ref_f["descriptor"].T
-    sim_m = m_f["descriptor"] @ ref_f["descriptor"].T
     background = np.sort(sim, axis=1)[:, -NORM_K]
-    merged = np.maximum(sim, sim_m) - NORM_BETA * background[:, None]
+    merged = np.maximum.reduce([sim, *(f @ ref_f["descriptor"].T for f in extra_f)])
+    merged -= NORM_BETA * background[:, None]
     top, sc = ranked(merged, False, max(TOP, VERIFY_K))
     preds["candidates"] = as_pairs(top, sc)
     t_stage1_search = time.perf_counter() - t0
@@ -218,33 +237,34 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ref_lf = [copy_verify.extract(im) for im in ref_images]
     t_ref_kp = time.perf_counter() - t0
+    log(f"reference keypoints: {t_ref_kp:.0f} s")
     t0 = time.perf_counter()
-    verified, vfeat = [], []
+    checked: list[list[tuple[int, copy_verify.Verification]]] = []
     for q in range(n):
         qf = copy_verify.extract(queries[q])
         qm = qf.mirrored()
-        out = []
-        for j, _ in preds["candidates"][q][:VERIFY_K]:
-            v = copy_verify.verify(qf, ref_lf[j], query_mirror=qm)
-            out.append((j, v.score))
-            vfeat.append((q, j, v))
-        out.sort(key=lambda p: -p[1])
-        verified.append(out)
+        checked.append([(j, copy_verify.verify(qf, ref_lf[j], query_mirror=qm, dense=k < DENSE_K))
+                        for k, (j, _) in enumerate(preds["candidates"][q][:VERIFY_K])])
+        if q % 100 == 99:
+            log(f"verified {q + 1}/{n}")
     t_stage2 = time.perf_counter() - t0
-    preds["verified"] = verified
+    preds["verified"] = rescore(checked, copy_verify.SCORE_WEIGHTS)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
     fitted = None
     if args.fit:
-        sift = [(q, j, v) for q, j, v in vfeat if v.method == "sift" and q in set(cal.tolist())]
+        in_cal = set(cal.tolist())
+        sift = [(q, j, v) for q in in_cal for j, v in checked[q] if v.method == "sift" and v.transform]
         x = np.array([copy_verify.features_vector(v.inliers, v.inlier_ratio, v.coverage, v.residual)
                       for _, _, v in sift])
         y = np.array([j in truth[q] for q, j, _ in sift], float)
-        fitted = [round(float(w), 3) for w in fit_logistic(x, y)]
+        fitted = tuple(round(float(w), 3) for w in fit_logistic(x, y))
+        preds["verified_fitted"] = rescore(checked, fitted)
 
     everything = np.arange(n)
     results = {name: evaluate(p, truth, everything) for name, p in preds.items()}
+    results_held_out = {name: evaluate(p, truth, test) for name, p in preds.items()}
     results["candidates"]["candidate_recall"] = round(float(np.mean(
         [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in range(n) if truth[q]])), 4)
     per_edit = {}
@@ -252,21 +272,28 @@ def main(argv: list[str] | None = None) -> int:
         kidx = np.array([q for q in range(n) if kind in edits[q]])
         per_edit[kind] = {name: evaluate(preds[name], truth, kidx)["recall_at_1"]
                           for name in ("phash", "imagenet_gap", "candidates", "verified")}
-        per_edit[kind]["queries"] = int(len(kidx))
+        per_edit[kind]["candidate_recall"] = round(float(np.mean(
+            [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in kidx if truth[q]]
+            or [0.0])), 4)
+        per_edit[kind]["queries"] = len(kidx)
         per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
     default_t = CopyThresholds(model_version="-").copy
-    s_cal = [s for q in cal for _, s in preds["verified"][q]]
-    l_cal = [j in truth[q] for q in cal for j, _ in preds["verified"][q]]
-    t99, _, _ = threshold_for_precision(s_cal, l_cal, sum(1 for q in cal if truth[q]), 0.99)
-    verdict = {
-        "default_threshold": {"threshold": default_t,
-                              **verdicts(preds["verified"], truth, everything, default_t)},
-        "calibrated_p99_held_out": {"threshold": round(t99, 4),
-                                    **verdicts(preds["verified"], truth, test, t99)},
-    }
-    for kind in sorted(EDITS):
-        kidx = np.array([q for q in range(n) if kind in edits[q]])
-        per_edit[kind]["verdict_default"] = verdicts(preds["verified"], truth, kidx, default_t)
+    verdict = {}
+    for name in ("verified", "verified_fitted") if args.fit else ("verified",):
+        s_cal = [s for q in cal for _, s in preds[name][q]]
+        l_cal = [j in truth[q] for q in cal for j, _ in preds[name][q]]
+        t99, _, _ = threshold_for_precision(s_cal, l_cal, sum(1 for q in cal if truth[q]), 0.99)
+        verdict[name] = {
+            "default_threshold": {"threshold": default_t,
+                                  **verdicts(preds[name], truth, everything, default_t)},
+            "default_threshold_held_out": {"threshold": default_t,
+                                           **verdicts(preds[name], truth, test, default_t)},
+            "calibrated_p99_held_out": {"threshold": round(t99, 4),
+                                        **verdicts(preds[name], truth, test, t99)},
+        }
+        for kind in sorted(EDITS):
+            kidx = np.array([q for q in range(n) if kind in edits[q]])
+            per_edit[kind][f"{name}_verdict_default"] = verdicts(preds[name], truth, kidx, default_t)
     report = {
         "dataset": "fashion-products", "backbone": f"{args.backbone} (torchvision IMAGENET1K_V1)",
         "refs": len(refs), "positive_queries": args.positives, "negative_queries": len(outside),
@@ -274,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
         "predictions_per_query": TOP, "verify_k": VERIFY_K, "seed": args.seed,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
-        "results": results, "per_edit_recall_at_1": per_edit, "verdicts": verdict,
-        "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_mirror": round(t_stage1_embed, 1),
+        "results": results, "results_held_out_half": results_held_out,
+        "per_edit_recall_at_1": per_edit, "verdicts": verdict,
+        "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),
                     "stage1_search": round(t_stage1_search, 1), "reference_keypoints": round(t_ref_kp, 1),
                     "stage2_verify": round(t_stage2, 1)},
         "checks_per_s": round(n / (t_stage1_embed + t_stage1_search + t_stage2), 2),

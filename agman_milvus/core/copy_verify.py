@@ -13,9 +13,10 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
    and the residual is the share of 16-px cells (at :data:`WORK_SIDE`) of the overlap whose
    mean difference stays above :data:`CELL_DIFF` grey levels.
-   Textureless or heavily pixelated pictures have too few keypoints for a fit; for them a dense
-   alignment (OpenCV's ECC, affine, started from "same frame") replaces step 2, and its
-   correlation with the residual gives the score (``method="dense"``).
+   Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
+   (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
+   ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
+   with the residual gives the score (``method="dense"``).
 4. **Score.** A logistic model over (log inliers, inlier ratio, matched-region coverage,
    residual), coefficients :data:`SCORE_WEIGHTS` fitted on the synthetic edit benchmark
    (``bench/copydetect.py --fit``). The copy thresholds over this score come from calibration.
@@ -54,8 +55,9 @@ MAX_LINES = 40  # inlier pairs kept for drawing
 DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
-#: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos.
-SCORE_WEIGHTS = (-3.0, 1.6, 2.0, 1.5, -12.0)
+#: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
+#: 300 queries, seed 7; docs/benchmarks.md).
+SCORE_WEIGHTS = (-6.439, 1.482, 5.171, -2.921, -4.768)
 
 _sift = None
 
@@ -161,16 +163,18 @@ _NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage
 
 
 def verify(query: LocalFeatures, candidate: LocalFeatures, *,
-           query_mirror: LocalFeatures | None = None) -> Verification:
+           query_mirror: LocalFeatures | None = None, dense: bool = False) -> Verification:
     """Verify ``candidate`` against ``query`` (and the mirrored query when the direct fit is weak;
-    pass ``query_mirror`` to reuse its features across candidates)."""
+    pass ``query_mirror`` to reuse its features across candidates). The dense alignment is
+    tried when the fit fails and either image has few keypoints, or always with ``dense``."""
     best = _verify_one(query, candidate, mirrored=False)
     if best.score < MIRROR_BELOW:
         mirror = query_mirror if query_mirror is not None else query.mirrored()
         flipped = _verify_one(mirror, candidate, mirrored=True)
         if flipped.score > best.score:
             best = flipped
-    if best.score < MIRROR_BELOW and min(len(query.points), len(candidate.points)) < DENSE_BELOW:
+    few = min(len(query.points), len(candidate.points)) < DENSE_BELOW
+    if best.score < MIRROR_BELOW and (few or (dense and best.score < 0.5)):
         dense = _verify_dense(query, candidate)
         if dense.score > best.score:
             best = dense

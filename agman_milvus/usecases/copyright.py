@@ -2,9 +2,10 @@
 
 A check has two stages:
 
-1. **Candidates.** One backbone pass over the query and its mirror image gives the query's K
-   attribute vectors and two copy descriptors; both descriptors search ``{prefix}_copy`` and
-   the union, ranked by the normalised descriptor score ``cos - NORM_BETA * cos_k`` (``cos_k``:
+1. **Candidates.** One backbone pass over the query, its mirror image and a blurred copy
+   (:func:`query_views`: flips and pixelation defeat the plain descriptor) gives the query's K
+   attribute vectors and three copy descriptors; each searches ``{prefix}_copy`` and the
+   union, ranked by the normalised descriptor score ``cos - NORM_BETA * cos_k`` (``cos_k``:
    similarity to the query's ``NORM_K``-th neighbour, SSCD/ISC-style), gives the ``verify_k``
    candidates.
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a ratio
@@ -71,6 +72,7 @@ _RANK = {COPY: 2, NEAR_DUPLICATE: 1, DISTINCT: 0}
 NORM_K = 10
 NORM_BETA = 0.5
 VERIFY_K = 10
+DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
 MIN_COPY, MIN_NEAR = 0.5, 0.2
@@ -260,25 +262,29 @@ class CopyChecker(UseCase):
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
-        encoded = self.embedder.encode(images + [ImageOps.mirror(im.convert("RGB")) for im in images])
+        views = [query_views(im) for im in images]
+        encoded = self.embedder.encode([im for _, *extra_views in views for im in extra_views] + images)
+        n_extra = len(views[0]) - 1 if views else 0
         extra = max(len(e) for e in exclude) if exclude else 0
         limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
         raw = self.vectors.search_copy(encoded.descriptors, limit)
+        base = n_extra * len(images)  # the plain queries' rows come after every extra view
         queries, candidates = [], []
         for n, image in enumerate(images):
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
-            for h in [*raw[n], *raw[n + len(images)]]:
+            own = [raw[base + n], *raw[n * n_extra:(n + 1) * n_extra]]
+            for h in (h for hits in own for h in hits):
                 if h.image_id in skip:
                     continue
                 if h.image_id not in merged or h.score > merged[h.image_id].score:
                     merged[h.image_id] = h
             infos = self.catalog.images.info(list(merged))
-            direct = [h for h in raw[n] if h.image_id in merged and _live(infos.get(h.image_id))]
+            direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
-            queries.append(_Query(image, encoded.embeddings[n], phash(image)))
+            queries.append(_Query(image, encoded.embeddings[base + n], phash(image)))
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
                                for h in hits[:top_k]])
         return _Scored(queries, candidates)
@@ -303,7 +309,8 @@ class CopyChecker(UseCase):
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
                 out.append(None)
                 continue
-            out.append(copy_verify.verify(query.features, ref, query_mirror=query.mirror))
+            out.append(copy_verify.verify(query.features, ref, query_mirror=query.mirror,
+                                          dense=k < DENSE_K))
         return out
 
     def _verify(self, query: _Query, candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
@@ -337,6 +344,16 @@ class CopyChecker(UseCase):
         return CopyCheck(verdict=best.verdict if best else DISTINCT,
                          score=best.score if best else 0.0, matches=matches[:top_k],
                          calibrated=t.calibrated, model_version=t.model_version, phash=query.phash)
+
+
+def query_views(image: Image.Image) -> list[Image.Image]:
+    """The query and the extra views stage 1 searches with: its mirror image and a blurred copy
+    (radius 1/75 of the longer side; a pixelated query's blocks otherwise dominate its
+    descriptor: on 400 catalogue photos, true original in the top 10 for 43% of pixelated
+    queries plain, 75% blurred)."""
+    image = image.convert("RGB")
+    radius = max(1.0, max(image.size) / 75)
+    return [image, ImageOps.mirror(image), image.filter(ImageFilter.GaussianBlur(radius))]
 
 
 def _live(info: Any) -> bool:
