@@ -93,7 +93,8 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
     assert all(r["attributes_total"] == "2" for r in rows if r["verdict"] == "copy")
     data = json.loads(job.export(tmp_path / "r.json").read_text())
     assert data["job_id"] == job.id and data["status"] == "done" and len(data["matches"]) == len(rows)
-    assert {"descriptor_similarity", "phash_distance", "attributes", "verification"} <= set(data["matches"][0])
+    assert {"descriptor_similarity", "phash_distance", "attributes", "verification"} <= set(
+        data["matches"][0])
     verified = next(m for m in data["matches"] if m["verdict"] == "copy")["verification"]
     assert verified["residual"] < 0.5 and len(verified["region"]) == 4
 
