@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,14 +60,14 @@ DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment 
 #: 300 queries, seed 7; docs/benchmarks.md).
 SCORE_WEIGHTS = (-6.439, 1.482, 5.171, -2.921, -4.768)
 
-_sift = None
+_local = threading.local()
 
 
 def _detector() -> Any:
-    global _sift
-    if _sift is None:
-        _sift = cv2.SIFT_create(nfeatures=N_FEATURES)
-    return _sift
+    """One SIFT detector per thread (screening threads and workers run checks concurrently)."""
+    if getattr(_local, "sift", None) is None:
+        _local.sift = cv2.SIFT_create(nfeatures=N_FEATURES)
+    return _local.sift
 
 
 @dataclass
