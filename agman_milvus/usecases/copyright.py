@@ -258,7 +258,7 @@ class CopyChecker(UseCase):
     def score_candidates(
         self, images: Sequence[Image.Image], top_k: int, exclude: Sequence[set[int]] | None = None,
     ) -> _Scored:
-        """Stage 1: descriptor candidates of each image and of its mirror image, merged, with
+        """Stage 1: descriptor candidates of each image's :func:`query_views`, merged, with
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
