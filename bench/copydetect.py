@@ -1,29 +1,41 @@
 """Copy-detection benchmark on the fashion-products catalogue (ISC2021-style metrics).
 
 A reference set of catalogue photos; queries are edited copies of references (1-3 random edits
-from :data:`agman_milvus.usecases.copyright.EDITS`: crop, rescale, JPEG, rotation, flip, colour jitter,
-grayscale, blur, padding, text overlay, pasted into another catalogue photo) plus edited copies
-of photos that are NOT in the reference set (the catalogue has near-identical products, so
-these are realistic hard negatives). Three methods are compared side by side on the same
-queries:
+from :data:`agman_milvus.usecases.copyright.EDITS`: crop, rescale, JPEG, rotation, flip, colour
+jitter, grayscale, blur, padding, text overlay, pixelation, pasted into another catalogue photo)
+plus edited copies of photos that are NOT references (the catalogue has photos from one shoot,
+so these are realistic hard negatives). The catalogue holds identical photos under different
+product ids: a query whose source is pixel-identical (16x16 grey, 5-bit) to a reference counts
+that reference as a true original, whether the source is a reference or not.
 
-* ``checker``: our copy descriptor (``model.copy_descriptor``: GeM p=3 + L2 over the trunk's
-  top map) with the checker's score normalisation (``cos - NORM_BETA * cos_NORM_K``);
-* ``imagenet_gap``: raw ImageNet features, global average pooling of the trunk's last map;
-* ``phash``: 64-bit DCT perceptual hash (``imagehash.phash``), score = -hamming distance;
+Methods, on the same queries, each giving up to ``TOP`` (query, reference, score) predictions:
 
-plus ablations (descriptor without normalisation; the earlier GeM[mid, high] descriptor).
-Metrics: micro-average precision over all (query, reference, score) predictions (top 10 per
-query), recall at 90% precision, recall@1. Then the ``copy`` threshold is calibrated for 99%
-precision on one half of the queries and evaluated on the other. Prints JSON.
+* ``phash``: 64-bit DCT hash, score = -hamming distance;
+* ``imagenet_gap``: global average pooling of the ImageNet MobileNetV2 trunk's last map;
+* ``descriptor``: the checker's copy descriptor (GeM p=3 + L2 over that map), normalised score
+  ``cos - NORM_BETA * cos_NORM_K``;
+* ``candidates``: stage 1 of the checker: descriptors of the query, its mirror image and a blurred
+  copy (``copyright.query_views``), merged;
+* ``verified``: stage 2 of the checker on the first ``VERIFY_K`` candidates
+  (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual), score = the
+  verification score.
 
-    .venv/bin/python bench/copydetect.py --refs 1000 --positives 300 --negatives 200
+Metrics: micro-AP, recall@1, candidate recall (true original among the verified candidates),
+per edit kind (a query with several edits counts in each). Verdicts ("copy" when score >= t):
+with the shipped default threshold, and with t calibrated for 99% precision on half the queries
+and measured on the other half. ``--fit`` refits the verification score's logistic weights on
+the calibration half (printed; paste into ``copy_verify.SCORE_WEIGHTS``). Checks/s: stage 1
+(query + 2 views embedding) and stage 2 (query keypoints + verification) per query, with the
+references' keypoints precomputed as the checker's cache holds them. Prints JSON.
+
+    .venv/bin/python bench/copydetect.py --refs 2000 --positives 600 --negatives 400
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import random
@@ -31,18 +43,26 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 
+from agman_milvus.core import copy_verify
 from agman_milvus.core.model import build_model
-from agman_milvus.core.model.layers import GeM, l2_normalize
+from agman_milvus.core.model.layers import l2_normalize
+from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import (
+    DENSE_K,
+    EDITS,
     NORM_BETA,
     NORM_K,
+    VERIFY_K,
+    CopyThresholds,
     micro_average_precision,
+    query_views,
     random_edit,
-    recall_at_precision,
     threshold_for_precision,
 )
 
@@ -55,65 +75,103 @@ def shared_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
-def load(root: Path, row: dict) -> Image.Image:  # noqa: F821
-    from PIL import Image
-
+def load(root: Path, row: dict) -> Image.Image:
     with Image.open(root / row["file"]) as im:
         return im.convert("RGB")
 
 
+def content_key(im: Image.Image) -> str:
+    """Same key for pixel-identical photos (and only near-identical ones)."""
+    small = np.asarray(im.convert("L").resize((16, 16), Image.Resampling.BILINEAR)) // 8
+    return hashlib.sha1(small.tobytes()).hexdigest()
+
+
 def features(model, images, batch: int = 64) -> dict[str, np.ndarray]:
-    """Our descriptor plus the baselines' features from one trunk pass per batch."""
-    trunk, gem = model.trunk, GeM(3.0)
-    out: dict[str, list[torch.Tensor]] = {"checker": [], "imagenet_gap": [], "gem_mid_high": []}
+    """The checker's copy descriptor and ImageNet GAP from one trunk pass per batch."""
+    trunk = model.trunk
+    out: dict[str, list[torch.Tensor]] = {"descriptor": [], "imagenet_gap": []}
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             x = model.preprocess.batch(images[start:start + batch])
             mid = trunk.forward_mid(x)
             high = trunk.forward_high(mid)
-            out["checker"].append(model._descriptor(mid, high))
+            out["descriptor"].append(model._descriptor(mid, high))
             out["imagenet_gap"].append(l2_normalize(trunk.forward_top(high).mean(dim=(-2, -1))))
-            out["gem_mid_high"].append(l2_normalize(torch.cat([gem(mid), gem(high)], dim=1)))
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def predictions(sim: np.ndarray, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``TOP`` reference indices and scores per query."""
+def ranked(sim: np.ndarray, normalise: bool, k: int = TOP) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` reference indices and scores per query."""
     order = np.argsort(-sim, axis=1, kind="stable")
-    top = order[:, :TOP]
+    top = order[:, :k]
     scores = np.take_along_axis(sim, top, axis=1)
     if normalise:
-        kth = np.take_along_axis(sim, order[:, NORM_K - 1:NORM_K], axis=1)
-        scores = scores - NORM_BETA * kth
+        scores = scores - NORM_BETA * np.take_along_axis(sim, order[:, NORM_K - 1:NORM_K], axis=1)
     return top, scores
 
 
-def metrics(top: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    labels = top == truth[:, None]
-    positives = int((truth >= 0).sum())
-    flat_s, flat_l = scores.ravel(), labels.ravel()
-    return {
-        "micro_ap": round(micro_average_precision(flat_s, flat_l, positives), 4),
-        "recall_at_p90": round(recall_at_precision(flat_s, flat_l, positives, 0.90), 4),
-        "recall_at_1": round(float((top[:, 0] == truth)[truth >= 0].mean()), 4),
-    }
+def evaluate(preds: list[list[tuple[int, float]]], truth: list[set[int]], idx: np.ndarray) -> dict:
+    """micro-AP and recall@1 over the queries ``idx``."""
+    s, lab = [], []
+    r1 = []
+    for q in idx:
+        for ref, sc in preds[q]:
+            s.append(sc)
+            lab.append(ref in truth[q])
+        if truth[q]:
+            r1.append(bool(preds[q]) and preds[q][0][0] in truth[q])
+    positives = sum(1 for q in idx if truth[q])
+    return {"micro_ap": round(micro_average_precision(s, lab, positives), 4),
+            "recall_at_1": round(float(np.mean(r1)) if r1 else 0.0, 4), "queries": len(idx)}
 
 
-def held_out_threshold(top, scores, truth, precision: float, seed: int) -> dict[str, float]:
-    """Calibrate on half the queries, measure precision/recall of ``score >= t`` on the rest."""
-    idx = np.random.default_rng(seed).permutation(len(truth))
-    cal, test = idx[: len(idx) // 2], idx[len(idx) // 2:]
+def verdicts(preds, truth, idx, t: float, distances=None, phash_copy: int = -1) -> dict:
+    """Precision/recall of "copy" over the queries ``idx``: as the checker decides it, a
+    candidate is a copy when its score >= t or (with ``distances``) its pHash distance <=
+    ``phash_copy``; the query's verdict is its best candidate's (copies first, then by score)."""
+    called = correct = 0
+    for q in idx:
+        if not preds[q]:
+            continue
+        is_copy = [(sc >= t or (distances is not None and distances[q][j] <= phash_copy), sc, j)
+                   for j, sc in preds[q]]
+        hit, _, best = max(is_copy, key=lambda c: (c[0], c[1]))
+        if hit:
+            called += 1
+            correct += best in truth[q]
+    positives = sum(1 for q in idx if truth[q])
+    return {"precision": round(correct / called, 4) if called else 1.0,
+            "recall": round(correct / positives, 4) if positives else 0.0, "called": called}
 
-    def flat(part):
-        return scores[part].ravel(), (top[part] == truth[part, None]).ravel(), int((truth[part] >= 0).sum())
 
-    s, l, p = flat(cal)
-    t, _, _ = threshold_for_precision(s, l, p, precision)
-    s, l, p = flat(test)
-    passed = s >= t
-    tp = int((passed & l).sum())
-    return {"threshold": round(float(t), 4), "test_precision": round(tp / max(1, int(passed.sum())), 4),
-            "test_recall": round(tp / max(1, p), 4)}
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> np.ndarray:
+    """Newton-Raphson logistic regression (x has a leading 1 column)."""
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -50, 50)))
+        g = x.T @ (p - y) + l2 * w
+        h = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w))
+        w -= np.linalg.solve(h, g)
+    return w
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rescore(checked, weights) -> list[list[tuple[int, float]]]:
+    """Verified predictions, best first, with the score model ``weights`` (dense fits keep theirs)."""
+    out = []
+    for pairs in checked:
+        scored = [(j, copy_verify.score(v.inliers, v.inlier_ratio, v.coverage, v.residual, weights)
+                   if v.method == "sift" and v.transform else v.score) for j, v in pairs]
+        out.append(sorted(scored, key=lambda p: -p[1]))
+    return out
+
+
+def as_pairs(top: np.ndarray, scores: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per query, (reference index, score) pairs best first."""
+    return [list(zip(t.tolist(), s.tolist(), strict=True)) for t, s in zip(top, scores, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fit", action="store_true", help="refit the verification score's weights")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     root = shared_dir()
@@ -132,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     root = root / "data/fashion-products"
     torch.set_num_threads(args.threads)
-    import imagehash
+    cv2.setNumThreads(args.threads)
 
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))
     rng = random.Random(args.seed)
@@ -141,55 +200,132 @@ def main(argv: list[str] | None = None) -> int:
     outside = rows[args.refs: args.refs + args.negatives]
     t0 = time.perf_counter()
     ref_images = [load(root, r) for r in refs]
+    ref_keys: dict[str, set[int]] = {}
+    for i, im in enumerate(ref_images):
+        ref_keys.setdefault(content_key(im), set()).add(i)
     queries, truth, edits = [], [], []
-    for i in range(args.positives):
-        edited, names = random_edit(ref_images[i], rng, background=load(root, rng.choice(rows)))
-        queries.append(edited), truth.append(i), edits.append(names)
-    for r in outside:
-        edited, names = random_edit(load(root, r), rng, background=load(root, rng.choice(rows)))
-        queries.append(edited), truth.append(-1), edits.append(names)
-    truth_arr = np.asarray(truth)
+    sources = ref_images[: args.positives] + [load(root, r) for r in outside]
+    for src in sources:
+        edited, names = random_edit(src, rng, background=load(root, rng.choice(rows)))
+        queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
     t_data = time.perf_counter() - t0
+    n = len(queries)
+    log(f"data: {n} queries, {len(refs)} references")
 
     schema = AttributeSchema.from_dict({"articleType": 2, "baseColour": 2})
     model = build_model("agman", schema=schema, backbone=args.backbone, pretrained="imagenet").eval()
-    with torch.inference_mode():  # the bench's one-pass path equals the production method
-        x = model.preprocess.batch(ref_images[:4])
-        assert torch.allclose(model.copy_descriptor(x), model._descriptor(
-            model.trunk.forward_mid(x), model.trunk.forward_high(model.trunk.forward_mid(x))), atol=1e-5)
+    ref_f = features(model, ref_images)
     t0 = time.perf_counter()
-    ref_f, q_f = features(model, ref_images), features(model, queries)
-    t_embed = time.perf_counter() - t0
+    q_f = features(model, queries)
+    extra_f = [features(model, [query_views(q)[v] for q in queries])["descriptor"] for v in (1, 2)]
+    t_stage1_embed = time.perf_counter() - t0
+    log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")
+
+    preds: dict[str, list[list[tuple[int, float]]]] = {}
+    ref_h = np.array([phash(im) for im in ref_images], np.uint64)
+    q_h = [phash(im) for im in queries]
+    preds["phash"] = []
+    for h in q_h:
+        d = np.array([hamming(h, int(r)) for r in ref_h])
+        order = np.argsort(d, kind="stable")[:TOP]
+        preds["phash"].append([(int(j), -float(d[j])) for j in order])
+    for name, key, norm in (("imagenet_gap", "imagenet_gap", False), ("descriptor", "descriptor", True)):
+        top, sc = ranked(q_f[key] @ ref_f[key].T, norm)
+        preds[name] = as_pairs(top, sc)
+    t0 = time.perf_counter()
+    sim = q_f["descriptor"] @ ref_f["descriptor"].T
+    background = np.sort(sim, axis=1)[:, -NORM_K]
+    merged = np.maximum.reduce([sim, *(f @ ref_f["descriptor"].T for f in extra_f)])
+    merged -= NORM_BETA * background[:, None]
+    top, sc = ranked(merged, False, max(TOP, VERIFY_K))
+    preds["candidates"] = as_pairs(top, sc)
+    t_stage1_search = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ref_h = np.array([[int(b) for b in imagehash.phash(im).hash.ravel()] for im in ref_images], np.int16)
-    q_h = np.array([[int(b) for b in imagehash.phash(im).hash.ravel()] for im in queries], np.int16)
-    hamming = (q_h[:, None, :] != ref_h[None, :, :]).sum(-1)
-    t_hash = time.perf_counter() - t0
+    ref_lf = [copy_verify.extract(im) for im in ref_images]
+    t_ref_kp = time.perf_counter() - t0
+    log(f"reference keypoints: {t_ref_kp:.0f} s")
+    t0 = time.perf_counter()
+    checked: list[list[tuple[int, copy_verify.Verification]]] = []
+    for q in range(n):
+        qf = copy_verify.extract(queries[q])
+        qm = qf.mirrored()
+        checked.append([(j, copy_verify.verify(qf, ref_lf[j], query_mirror=qm, dense=k < DENSE_K))
+                        for k, (j, _) in enumerate(preds["candidates"][q][:VERIFY_K])])
+        if q % 100 == 99:
+            log(f"verified {q + 1}/{n}")
+    t_stage2 = time.perf_counter() - t0
+    preds["verified"] = rescore(checked, copy_verify.SCORE_WEIGHTS)
 
-    results = {}
-    runs = {
-        "checker": (q_f["checker"] @ ref_f["checker"].T, True),
-        "checker_no_norm": (q_f["checker"] @ ref_f["checker"].T, False),
-        "gem_mid_high": (q_f["gem_mid_high"] @ ref_f["gem_mid_high"].T, False),
-        "imagenet_gap": (q_f["imagenet_gap"] @ ref_f["imagenet_gap"].T, False),
-        "phash": (-hamming.astype(np.float64), False),
-    }
-    tops = {}
-    for name, (sim, norm) in runs.items():
-        top, scores = predictions(sim, norm)
-        tops[name] = (top, scores)
-        results[name] = metrics(top, scores, truth_arr)
-    base = results["phash"]["micro_ap"]
+    idx = np.random.default_rng(args.seed).permutation(n)
+    cal, test = idx[: n // 2], idx[n // 2:]
+    fitted = None
+    if args.fit:
+        in_cal = set(cal.tolist())
+        sift = [(q, j, v) for q in in_cal for j, v in checked[q] if v.method == "sift" and v.transform]
+        x = np.array([copy_verify.features_vector(v.inliers, v.inlier_ratio, v.coverage, v.residual)
+                      for _, _, v in sift])
+        y = np.array([j in truth[q] for q, j, _ in sift], float)
+        fitted = tuple(round(float(w), 3) for w in fit_logistic(x, y))
+        preds["verified_fitted"] = rescore(checked, fitted)
+
+    everything = np.arange(n)
+    results = {name: evaluate(p, truth, everything) for name, p in preds.items()}
+    results_held_out = {name: evaluate(p, truth, test) for name, p in preds.items()}
+    results["candidates"]["candidate_recall"] = round(float(np.mean(
+        [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in range(n) if truth[q]])), 4)
+    per_edit = {}
+    for kind in sorted(EDITS):
+        kidx = np.array([q for q in range(n) if kind in edits[q]])
+        per_edit[kind] = {name: evaluate(preds[name], truth, kidx)["recall_at_1"]
+                          for name in ("phash", "imagenet_gap", "candidates", "verified")}
+        per_edit[kind]["candidate_recall"] = round(float(np.mean(
+            [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in kidx if truth[q]]
+            or [0.0])), 4)
+        per_edit[kind]["queries"] = len(kidx)
+        per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
+    defaults = CopyThresholds(model_version="-")
+    default_t, default_phash = defaults.copy, defaults.phash_copy
+    distances = [{j: hamming(q_h[q], int(ref_h[j])) for j, _ in preds["verified"][q]} for q in range(n)]
+    verdict = {}
+    for name in ("verified", "verified_fitted") if args.fit else ("verified",):
+        s_cal = [s for q in cal for _, s in preds[name][q]]
+        l_cal = [j in truth[q] for q in cal for j, _ in preds[name][q]]
+        t99, _, _ = threshold_for_precision(s_cal, l_cal, sum(1 for q in cal if truth[q]), 0.99)
+        verdict[name] = {
+            "default_threshold": {"threshold": default_t,
+                                  **verdicts(preds[name], truth, everything, default_t)},
+            "default_threshold_held_out": {"threshold": default_t,
+                                           **verdicts(preds[name], truth, test, default_t)},
+            "calibrated_p99_held_out": {"threshold": round(t99, 4),
+                                        **verdicts(preds[name], truth, test, t99)},
+        }
+        for kind in sorted(EDITS):
+            kidx = np.array([q for q in range(n) if kind in edits[q]])
+            per_edit[kind][f"{name}_verdict_default"] = verdicts(preds[name], truth, kidx, default_t)
+            per_edit[kind][f"{name}_verdict_default_with_phash"] = verdicts(
+                preds[name], truth, kidx, default_t, distances, default_phash)
+        verdict[name]["default_thresholds_with_phash_rule"] = {
+            "threshold": default_t, "phash_copy": default_phash,
+            **verdicts(preds[name], truth, everything, default_t, distances, default_phash)}
+        verdict[name]["default_thresholds_with_phash_rule_held_out"] = {
+            "threshold": default_t, "phash_copy": default_phash,
+            **verdicts(preds[name], truth, test, default_t, distances, default_phash)}
     report = {
         "dataset": "fashion-products", "backbone": f"{args.backbone} (torchvision IMAGENET1K_V1)",
         "refs": len(refs), "positive_queries": args.positives, "negative_queries": len(outside),
-        "predictions_per_query": TOP, "seed": args.seed,
-        "descriptor_dim": int(ref_f["checker"].shape[1]),
-        "results": results,
-        "checker_minus_phash_micro_ap": round(results["checker"]["micro_ap"] - base, 4),
-        "checker_copy_threshold_p99_held_out": held_out_threshold(*tops["checker"], truth_arr, 0.99, args.seed),
-        "seconds": {"data": round(t_data, 1), "embed": round(t_embed, 1), "phash": round(t_hash, 1)},
+        "queries_with_a_true_original": int(sum(1 for t in truth if t)),
+        "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
+        "predictions_per_query": TOP, "verify_k": VERIFY_K, "seed": args.seed,
+        "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
+        "results": results, "results_held_out_half": results_held_out,
+        "per_edit_recall_at_1": per_edit, "verdicts": verdict,
+        "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),
+                    "stage1_search": round(t_stage1_search, 1), "reference_keypoints": round(t_ref_kp, 1),
+                    "stage2_verify": round(t_stage2, 1)},
+        "checks_per_s": round(n / (t_stage1_embed + t_stage1_search + t_stage2), 2),
+        "stage2_ms_per_query": round(1000 * t_stage2 / n, 1),
+        "reference_keypoints_ms_per_image": round(1000 * t_ref_kp / len(refs), 1),
         "command": "python bench/copydetect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     text = json.dumps(report, indent=2)

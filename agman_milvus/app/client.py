@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from agman_milvus.core.config import Settings, get_settings
@@ -260,6 +261,14 @@ class Client:
     def check_copy(self, image: ImageSource, top_k: int = 5) -> Any:
         """Is ``image`` a copy of a catalogue image? A ``CopyCheck`` with verdict and evidence."""
         return self._copy_checker().check(image, top_k)
+
+    def write_copy_check_html(self, image: str, check: Any, path: str | Path) -> Path:
+        """Write ``check`` (the copy check of ``image``) as an HTML page: query and each match side
+        by side with the matched region and inlier lines drawn."""
+        from agman_milvus.usecases.reports import copy_check_report, write_html
+
+        return write_html(copy_check_report(str(image), check), Path(path),
+                          self._copy_checker().load_image, title=f"Copy check: {image}")
 
     def calibrate_copy(self, precision: float = 0.99, sample: int = 300, seed: int = 0) -> Any:
         """Recalibrate the copy thresholds on edited copies of this catalogue's images."""

@@ -2,11 +2,15 @@
 
 The HTML pages are rendered from the templates ``screening_report.html`` and
 ``search_results.html`` (see :mod:`agman_milvus.usecases.rendering`): self-contained, every text
-value escaped. A thumbnail that cannot be read shows as a short note instead.
+value escaped. A thumbnail that cannot be read shows as a short note instead. A verified match
+also shows its evidence picture: query and match side by side, the matched region outlined on
+the query and the inlier keypoint pairs joined by lines
+(:func:`agman_milvus.core.copy_verify.draw_evidence`); CSV and JSON keep the numbers.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import logging
@@ -17,11 +21,13 @@ from typing import Any
 
 from PIL import Image
 
+from agman_milvus.core.copy_verify import evidence_png
 from agman_milvus.services.store.catalog import Catalog
 from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 
 __all__ = [
-    "ReportRow", "ScreeningReport", "ThumbnailLoader", "export_report", "load_screening_report",
+    "ReportRow", "ScreeningReport", "ThumbnailLoader", "copy_check_report", "export_report",
+    "load_screening_report",
     "search_page_html", "write_csv", "write_html", "write_json",
 ]
 
@@ -32,7 +38,8 @@ THUMB = 160
 QUERY_THUMB = 224
 CSV_FIELDS = ["query", "verdict", "score", "product_id", "image_id", "title",
               "descriptor_similarity", "phash_distance", "attributes_agreeing",
-              "attributes_total", "attributes", "match_source"]
+              "attributes_total", "attributes", "match_source", "candidate_score",
+              "verification_method", "inliers", "inlier_ratio", "region_coverage", "residual", "region"]
 
 
 @dataclass
@@ -50,6 +57,8 @@ class ReportRow:
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
     match_source: str | None = None
     error: str | None = None
+    candidate_score: float | None = None
+    verification: dict[str, Any] | None = None
 
     @property
     def attributes_agreeing(self) -> int:
@@ -88,6 +97,7 @@ def load_screening_report(catalog: Catalog, job_id: int) -> ScreeningReport:
             descriptor_similarity=ev.get("descriptor_similarity"),
             phash_distance=ev.get("phash_distance"), attributes=ev.get("attributes") or {},
             match_source=ev.get("source_uri"), error=ev.get("error"),
+            candidate_score=ev.get("candidate_score"), verification=ev.get("verification"),
         ))
     rows.sort(key=lambda r: (order.get(r.query, len(order)), -r.score))
     return ScreeningReport(
@@ -108,14 +118,29 @@ def write_csv(report: ScreeningReport, path: Path) -> Path:
                 "query": r.query, "verdict": r.verdict, "score": f"{r.score:.4f}",
                 "product_id": r.product_id or "", "image_id": r.image_id or "",
                 "title": r.title or "",
-                "descriptor_similarity": "" if r.descriptor_similarity is None else f"{r.descriptor_similarity:.4f}",
+                "descriptor_similarity": ("" if r.descriptor_similarity is None
+                                          else f"{r.descriptor_similarity:.4f}"),
                 "phash_distance": "" if r.phash_distance is None else r.phash_distance,
                 "attributes_agreeing": r.attributes_agreeing, "attributes_total": len(r.attributes),
-                "attributes": ";".join(f"{k}={'yes' if a.get('agrees') else 'no'}:{a.get('similarity', 0):.3f}"
-                                       for k, a in r.attributes.items()) or (r.error or ""),
+                "attributes": ";".join(
+                    f"{k}={'yes' if a.get('agrees') else 'no'}:{a.get('similarity', 0):.3f}"
+                    for k, a in r.attributes.items()) or (r.error or ""),
                 "match_source": r.match_source or "",
+                "candidate_score": "" if r.candidate_score is None else f"{r.candidate_score:.4f}",
+                **_verification_fields(r.verification),
             })
     return path
+
+
+def _verification_fields(v: dict[str, Any] | None) -> dict[str, str]:
+    if not v:
+        return dict.fromkeys(("verification_method", "inliers", "inlier_ratio", "region_coverage",
+                              "residual", "region"), "")
+    return {"verification_method": v.get("method", ""), "inliers": str(v.get("inliers", "")),
+            "inlier_ratio": f"{v.get('inlier_ratio', 0):.3f}",
+            "region_coverage": f"{v.get('coverage', 0):.3f}",
+            "residual": f"{v.get('residual', 1):.3f}",
+            "region": " ".join(f"{x:.0f},{y:.0f}" for x, y in v.get("region") or [])}
 
 
 def write_json(report: ScreeningReport, path: Path) -> Path:
@@ -156,33 +181,85 @@ class _MatchView:
     query_thumbnail: str | None
     match_thumbnail: str | None
     scores: list[tuple[str, str]]
+    evidence: str | None = None  # data:image/png URI of the evidence picture
 
 
-def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None]) -> _MatchView:
+def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None],
+                evidence: Callable[[ReportRow], str | None]) -> _MatchView:
     scores: list[tuple[str, str]] = []
     if row.descriptor_similarity is not None:
         scores = [("score", f"{row.score:.3f}"), ("descriptor", f"{row.descriptor_similarity:.3f}"),
                   ("pHash distance", "-" if row.phash_distance is None else str(row.phash_distance))]
+    v = row.verification
+    if v and v.get("method") == "dense":
+        scores += [("dense alignment", f"correlation {v.get('coverage', 0):.3f}"),
+                   ("residual", f"{v.get('residual', 1):.2f} of cells differ")]
+    elif v:
+        scores += [("inliers", f"{v.get('inliers', 0)} of {v.get('matches', 0)} matches"
+                    + (" (mirrored)" if v.get("mirrored") else "")),
+                   ("matched region", f"{100 * v.get('coverage', 0):.0f}% spanned by inliers"),
+                   ("residual", f"{v.get('residual', 1):.2f} of cells differ")]
     return _MatchView(row=row, query_thumbnail=thumbs(row.query),
                       match_thumbnail=thumbs(row.match_source) if row.image_id is not None else None,
-                      scores=scores)
+                      scores=scores, evidence=evidence(row))
 
 
 def _no_thumbnail(ref: str | None) -> None:
     return None
 
 
-def report_html(report: ScreeningReport, loader: ImageLoader | None = None) -> str:
-    """The screening report as one HTML page: query and match side by side, scores, and the
-    per-attribute agreement."""
+def _no_evidence(row: ReportRow) -> None:
+    return None
+
+
+class EvidenceRenderer:
+    """The evidence picture of a verified match as a ``data:image/png`` URI (None when the
+    match was not verified or an image cannot be read)."""
+
+    def __init__(self, load: ImageLoader) -> None:
+        self._load = load
+
+    def __call__(self, row: ReportRow) -> str | None:
+        v = row.verification
+        if not v or not v.get("region") or not row.match_source:
+            return None
+        try:
+            png = evidence_png(self._load(row.query), self._load(row.match_source), v)
+        except Exception as exc:  # noqa: BLE001 - a report must render when an image is gone
+            log.warning("no evidence picture for %s vs %s: %s", row.query, row.match_source, exc)
+            return None
+        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def report_html(report: ScreeningReport, loader: ImageLoader | None = None, title: str | None = None) -> str:
+    """The screening report as one HTML page: query and match side by side, scores, the
+    evidence picture and the per-attribute agreement."""
     thumbs = ThumbnailLoader(loader) if loader else _no_thumbnail
-    return render_page("screening_report.html", title=f"Screening report, job {report.job_id}",
-                       report=report, matches=[_match_view(r, thumbs) for r in report.rows])
+    evidence = EvidenceRenderer(loader) if loader else _no_evidence
+    return render_page("screening_report.html", title=title or f"Screening report, job {report.job_id}",
+                       report=report, matches=[_match_view(r, thumbs, evidence) for r in report.rows])
 
 
-def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None = None) -> Path:
-    path.write_text(report_html(report, loader), encoding="utf-8")
+def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None = None,
+               title: str | None = None) -> Path:
+    path.write_text(report_html(report, loader, title), encoding="utf-8")
     return path
+
+
+def copy_check_report(query: str, check: Any) -> ScreeningReport:
+    """One copy check (a :class:`~agman_milvus.usecases.copyright.CopyCheck` of the image
+    ``query``) as a report of its non-distinct matches, for ``agman check-copy --html``."""
+    rows = [ReportRow(
+        query=query, verdict=m.verdict, score=m.score, product_id=m.product_id, image_id=m.image_id,
+        title=m.metadata.get("title"), descriptor_similarity=m.descriptor_similarity,
+        phash_distance=m.phash_distance,
+        attributes={k: {"similarity": a.similarity, "threshold": a.threshold, "agrees": a.agrees}
+                    for k, a in m.attributes.items()},
+        match_source=m.source_uri, candidate_score=m.candidate_score,
+        verification=m.verification.to_dict() if m.verification is not None else None,
+    ) for m in check.matches if m.verdict != "distinct"]
+    return ScreeningReport(job_id=0, status="done", done=1, total=1, created_at=None, finished_at=None,
+                           error=None, rows=rows)
 
 
 def export_report(report: ScreeningReport, path: Path, fmt: str | None = None,

@@ -2,11 +2,12 @@
 
 A job is a ``screening_jobs`` row (status, done/total, the query references in ``params``);
 each query found to be a ``copy`` or ``near_duplicate`` of a catalogue image adds a
-``screening_matches`` row with its score and evidence, and a query that cannot be read adds one
-``error`` row with the reason. The work runs on a Celery worker (queue ``agman.default``) when a
-broker is configured, else in a background thread of this process. It advances in batches, each
-committed with its progress, so a redelivered task resumes where the last commit left off and
-never duplicates a match.
+``screening_matches`` row with its score and evidence (the verification's inliers, matched
+region, residual and inlier pairs included, so the report can draw them), and a query that
+cannot be read adds one ``error`` row with the reason. The work runs on a Celery worker (queue
+``agman.default``) when a broker is configured, else in a background thread of this process. It
+advances in batches, each committed with its progress, so a redelivered task resumes where the
+last commit left off and never duplicates a match.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
             rows.append({"query_ref": ref, "matched_image_id": None, "matched_product_id": None,
                          "verdict": ERROR, "score": 0.0, "evidence": {"error": str(exc)}})
     checks = checker.check_many([im for _, im in readable], top_k) if readable else []
-    for (ref, _), check in zip(readable, checks):
+    for (ref, _), check in zip(readable, checks, strict=True):
         for rank, match in enumerate(check.matches, start=1):
             if match.verdict == DISTINCT:
                 continue
@@ -109,6 +110,8 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
                 "attributes_agreeing": match.attributes_agreeing,
                 "source_uri": match.source_uri, "title": match.metadata.get("title"),
                 "calibrated": check.calibrated, "model_version": check.model_version,
+                "candidate_score": match.candidate_score,
+                "verification": match.verification.to_dict() if match.verification is not None else None,
             }
             rows.append({"query_ref": ref, "matched_image_id": match.image_id,
                          "matched_product_id": info.product_id if info else None,

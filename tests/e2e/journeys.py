@@ -57,9 +57,13 @@ def search(d: Deployment, cat: Catalogue, tmp: Path) -> None:
 
 def check_copy(d: Deployment, cat: Catalogue) -> None:
     """A pixel copy of a catalogue photo is called a copy of its product."""
-    check = d.json("check-copy", str(cat.image(OTHER)), "--json")
+    page = d.cwd / "check-copy.html"
+    check = d.json("check-copy", str(cat.image(OTHER)), "--json", "--html", str(page))
     assert check["verdict"] == "copy", check
     assert check["matches"][0]["product_id"] == OTHER
+    assert check["matches"][0]["verification"]["residual"] < 0.1, check["matches"][0]
+    html = page.read_text()  # query and match side by side, the matched region and inliers drawn
+    assert OTHER in html and "data:image/png;base64," in html
 
 
 def python_api(d: Deployment, cat: Catalogue) -> None:
@@ -103,6 +107,7 @@ def calibrate(d: Deployment) -> None:
     """``agman calibrate`` on the user's own catalogue stores calibrated thresholds."""
     result = d.json("calibrate", "--sample", "24")
     assert result["thresholds"]["calibrated"] is True and result["queries"] == 48, result
+    assert 0 <= result["copy_recall"] <= 1 and 0 <= result["copy_precision"] <= 1, result
 
 
 def reconcile(d: Deployment, cat: Catalogue) -> None:

@@ -1,8 +1,9 @@
 """Copy checks and their calibration through the real Client (Milvus Lite, SQLite, ingest).
 
 The copy descriptor is the production one (GeM + L2 over the ImageNet MobileNetV2 trunk; the
-tests skip when its weights are not in torchvision's cache, see scripts/setup.sh); the thresholds are calibrated on this catalogue, as a user would
-with ``agman calibrate``.
+tests skip when its weights are not in torchvision's cache, see scripts/setup.sh), so is the
+verification (SIFT, RANSAC, residual; the dense alignment for these smooth test pictures); the
+thresholds are calibrated on this catalogue, as a user would with ``agman calibrate``.
 """
 
 from __future__ import annotations
@@ -88,11 +89,11 @@ def test_uncalibrated_check_says_so_and_finds_an_exact_copy(client) -> None:
     check = client.check_copy(jpeg(photo(5), 90))
     assert not check.calibrated and check.verdict == COPY
     match = next(m for m in check.matches if m.product_id == "p5")
-    assert match.verdict == COPY  # the pHash confirms it whatever the (default) score threshold
+    assert match.verdict == COPY and match.score >= check.score >= 0.9  # verified at the default threshold
     assert match.phash_distance is not None and match.phash_distance <= 4
 
 
-def test_calibrated_checks_copy_vs_distinct(client) -> None:
+def test_calibrated_checks_copy_vs_distinct(client, tmp_path: Path) -> None:
     result = client.calibrate_copy(precision=0.95, sample=N, seed=1)
     t = result.thresholds
     assert t.calibrated and t.model_version == client.services.embedder.version
@@ -114,6 +115,13 @@ def test_calibrated_checks_copy_vs_distinct(client) -> None:
     assert best.attributes_agreeing == 2
     d = check.to_dict()
     assert d["matches"][0]["product_id"] == "p11" and "attributes_agreeing" in d["matches"][0]
+    verification = d["matches"][0]["verification"]
+    assert verification["residual"] < 0.3 and len(verification["region"]) == 4
+
+    # the page `agman check-copy --html` writes: the evidence picture of the verified copy
+    edited.save(tmp_path / "edited.png")
+    page = client.write_copy_check_html(tmp_path / "edited.png", check, tmp_path / "check.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "p11" in page
 
     # an unrelated picture
     unrelated = Image.fromarray(np.random.default_rng(999).integers(0, 256, (64, 64, 3), np.uint8))

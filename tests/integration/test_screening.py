@@ -93,7 +93,10 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
     assert all(r["attributes_total"] == "2" for r in rows if r["verdict"] == "copy")
     data = json.loads(job.export(tmp_path / "r.json").read_text())
     assert data["job_id"] == job.id and data["status"] == "done" and len(data["matches"]) == len(rows)
-    assert {"descriptor_similarity", "phash_distance", "attributes"} <= set(data["matches"][0])
+    assert {"descriptor_similarity", "phash_distance", "attributes", "verification"} <= set(
+        data["matches"][0])
+    verified = next(m for m in data["matches"] if m["verdict"] == "copy")["verification"]
+    assert verified["residual"] < 0.5 and len(verified["region"]) == 4
 
     # HTML: one row per match, query and match thumbnails side by side, scores, attributes
     page = _Structure()
@@ -103,9 +106,12 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
     copy_rows = [r for r in page.rows if "copy" in r["class"].split()]
     assert len(copy_rows) == len(copies)
     for row in copy_rows:
-        assert set(row["cells"]) == {"query", "catalogue", "verdict", "scores", "attributes"}
-        assert len(row["images"]) == 2 and all(s.startswith("data:image/jpeg;base64,") for s in row["images"])
+        assert set(row["cells"]) == {"query", "catalogue", "verdict", "scores", "evidence", "attributes"}
+        thumbs, evidence = row["images"][:2], row["images"][2:]
+        assert all(s.startswith("data:image/jpeg;base64,") for s in thumbs)
+        assert len(evidence) == 1 and evidence[0].startswith("data:image/png;base64,")
         assert "descriptor" in row["cells"]["scores"] and "pHash distance" in row["cells"]["scores"]
+        assert "residual" in row["cells"]["scores"]
         assert "colour" in row["cells"]["attributes"] and "shape" in row["cells"]["attributes"]
         assert row["cells"]["verdict"] == "copy"
     with pytest.raises(ValueError, match="csv, json or html"):

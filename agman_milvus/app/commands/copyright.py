@@ -28,7 +28,8 @@ def screening_inputs(source: Path) -> list[str]:
     if source.suffix.lower() == ".csv":
         with open(source, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            column = next((c for c in ("file", "path", "uri", "image") if c in (reader.fieldnames or [])), None)
+            names = reader.fieldnames or []
+            column = next((c for c in ("file", "path", "uri", "image") if c in names), None)
             if column is None:
                 raise typer.BadParameter(f"{source} needs a file, path, uri or image column")
             return [resolve(row[column]) for row in reader if row.get(column)]
@@ -42,6 +43,8 @@ def register(app: typer.Typer) -> None:
         image: str = typer.Argument(..., help="Image to check: path or http(s):// URI"),
         top_k: int = typer.Option(5, "--top-k", "-k", min=1),
         as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+        html: Path | None = typer.Option(None, "--html", help="Also write an HTML page with the evidence "
+                                         "(query and match side by side, matched region, inlier lines)"),
     ) -> None:
         """Is IMAGE a copy of a catalogue image? Verdict, score and evidence."""
         from rich.console import Console
@@ -51,15 +54,21 @@ def register(app: typer.Typer) -> None:
 
         with Client() as client:
             check = client.check_copy(image, top_k=top_k)
+            if html is not None:
+                typer.echo(f"wrote {client.write_copy_check_html(image, check, html)}", err=as_json)
         if as_json:
             typer.echo(json.dumps(check.to_dict(), indent=2, default=str))
             return
         note = "" if check.calibrated else " (uncalibrated defaults: run `agman calibrate`)"
         table = Table(title=f"{image}: {check.verdict} ({check.score:.3f}){note}")
-        for col in ("product", "verdict", "score", "descriptor", "pHash dist", "attributes agreeing"):
+        for col in ("product", "verdict", "score", "inliers", "residual", "descriptor", "pHash dist",
+                    "attributes agreeing"):
             table.add_column(col)
         for m in check.matches:
-            table.add_row(m.product_id, m.verdict, f"{m.score:.3f}", f"{m.descriptor_similarity:.3f}",
+            v = m.verification
+            table.add_row(m.product_id, m.verdict, f"{m.score:.3f}",
+                          "-" if v is None else (v.method if v.method == "dense" else str(v.inliers)),
+                          "-" if v is None else f"{v.residual:.2f}", f"{m.descriptor_similarity:.3f}",
                           "-" if m.phash_distance is None else str(m.phash_distance),
                           f"{m.attributes_agreeing}/{len(m.attributes)}")
         Console().print(table)
@@ -77,6 +86,9 @@ def register(app: typer.Typer) -> None:
         with Client() as client:
             result = client.calibrate_copy(precision=precision, sample=sample, seed=seed)
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        t = result.thresholds
+        typer.echo(f"copy if score >= {t.copy:.3f}: precision {result.copy_precision:.3f}, "
+                   f"recall {result.copy_recall:.3f} on {result.queries} edited catalogue images", err=True)
 
     @app.command("screen")
     def screen_command(

@@ -93,6 +93,8 @@ class CopyCheck:
     """What the query is (e.g. ``crop 80% of image 12`` or ``unrelated image``)."""
     expected: str | None = None
     """The true answer when known; the page marks the verdict right or wrong."""
+    evidence_image: ImageLike = None
+    """Query and match side by side with the matched region and the inlier lines drawn."""
 
 
 @dataclass(frozen=True)
@@ -158,18 +160,19 @@ class _CopyCard:
     query: _Figure
     match: _Figure | None
     evidence: list[tuple[Any, Any]]
+    evidence_figure: _Figure | None = None
 
 
-def _figure(image: ImageLike, caption: Iterable[str], alt: str, css: str = "") -> _Figure:
+def _figure(image: ImageLike, caption: Iterable[str], alt: str, css: str = "", size: int = THUMB) -> _Figure:
     try:
-        src, problem = _thumbnail(image), ""
+        src, problem = _thumbnail(image, size), ""
     except Exception as error:  # noqa: BLE001 - an unreadable image must not sink the whole page
         logger.warning("report: cannot show an image (%s): %s", alt, error)
         src, problem = None, str(error)
     return _Figure(src=src, problem=problem, alt=alt, caption=[line for line in caption if line], css=css)
 
 
-def _thumbnail(image: ImageLike) -> str:
+def _thumbnail(image: ImageLike, size: int = THUMB) -> str:
     if image is None:
         raise ReportError("no image given")
     if isinstance(image, Image.Image):
@@ -178,7 +181,7 @@ def _thumbnail(image: ImageLike) -> str:
         picture = decode_image_bytes(image)
     else:
         picture = load_image(image)
-    return thumbnail_data_uri(picture, THUMB)
+    return thumbnail_data_uri(picture, size)
 
 
 def _rows(data: Rows) -> list[tuple[Any, Any]]:
@@ -227,7 +230,10 @@ def _copy_card(check: CopyCheck | Mapping[str, Any]) -> _CopyCard:
                      verdict_style=slug if slug in VERDICT_STYLES else "other", expected=c.expected,
                      correct=c.verdict.strip().lower() in right,
                      query=_figure(c.query_image, ["query", c.query_label], "copy-check query", "query"),
-                     match=match, evidence=_rows(c.evidence))
+                     match=match, evidence=_rows(c.evidence),
+                     evidence_figure=None if c.evidence_image is None else _figure(
+                         c.evidence_image, ["matched region and inlier pairs"], "verification evidence",
+                         size=3 * THUMB))
 
 
 # -- the page ----------------------------------------------------------------------------------

@@ -653,10 +653,17 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
 def _copy_card(client: Any, check: Any, query: Any, label: str, expected: str, names: list[str],
                t: Any) -> page.CopyCheck:
     """The page's card for one check: query, best match, verdict and the evidence behind it."""
+    from agman_milvus.core.copy_verify import draw_evidence
+
     best = check.best
     evidence: list[tuple[str, Any]] = [("verdict score", round(check.score, 4))]
-    match = None
+    match = picture = None
     if best is not None:
+        v = best.verification
+        if v is not None:
+            evidence += [("verification", f"{v.method}: {v.inliers} inliers of {v.matches} matches"
+                          + (", mirrored" if v.mirrored else "")),
+                         ("residual (cells still differing)", round(v.residual, 3))]
         evidence += [
             ("descriptor cosine", round(best.descriptor_similarity, 4)),
             ("copy threshold (score ≥)", round(t.copy, 4)),
@@ -668,11 +675,15 @@ def _copy_card(client: Any, check: Any, query: Any, label: str, expected: str, n
         evidence += [(f"{name} cosine (≥ {best.attributes[name].threshold:.2f})",
                       f"{best.attributes[name].similarity:.3f} {'✓' if best.attributes[name].agrees else '✗'}")
                      for name in names if name in best.attributes]
-        match = page.CopyMatch(image=_load(client, best.source_uri), title=str(best.metadata.get("title") or ""),
+        match_image = _load(client, best.source_uri)
+        match = page.CopyMatch(image=match_image, title=str(best.metadata.get("title") or ""),
                                product_id=best.product_id, score=best.score)
+        query_image = query if isinstance(query, Image.Image) else _load(client, str(query))
+        if v is not None and v.region and match_image is not None and query_image is not None:
+            picture = draw_evidence(query_image, match_image, v, height=200)
     evidence.append(("calibrated thresholds", check.calibrated))
     return page.CopyCheck(query_image=query, verdict=check.verdict, best_match=match, evidence=evidence,
-                          query_label=label, expected=expected)
+                          query_label=label, expected=expected, evidence_image=picture)
 
 
 # -- the page ----------------------------------------------------------------------------------

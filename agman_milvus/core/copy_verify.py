@@ -1,0 +1,335 @@
+"""Stage 2 of copy checks: geometric and photometric verification of one candidate.
+
+A candidate found by the copy descriptor is confirmed (or not) from local features:
+
+1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) on the grey image resized so its
+   longer side is :data:`WORK_SIDE` px (small queries are upscaled: more keypoints survive),
+   plus a :data:`THUMB_SIDE` px grey thumbnail for the photometric check.
+2. **Geometry.** Lowe's ratio test, then a RANSAC similarity (rotation, scale, translation)
+   from the candidate to the query. A mirrored query is tried as well when the direct fit is
+   weak, so flipped copies verify too.
+3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
+   colour) align well and give dozens of inliers; what tells them apart is the picture itself.
+   The candidate is warped onto the query, one global brightness/contrast change is fitted,
+   and the residual is the share of 16-px cells (at :data:`WORK_SIDE`) of the overlap whose
+   mean difference stays above :data:`CELL_DIFF` grey levels.
+   Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
+   (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
+   ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
+   with the residual gives the score (``method="dense"``).
+4. **Score.** A logistic model over (log inliers, inlier ratio, matched-region coverage,
+   residual), coefficients :data:`SCORE_WEIGHTS` fitted on the synthetic edit benchmark
+   (``bench/copydetect.py --fit``). The copy thresholds over this score come from calibration.
+
+Everything is in the query's (or candidate's) *original* pixel coordinates in the returned
+:class:`Verification`, so the matched region and the inlier lines can be drawn on the images a
+reviewer sees (:func:`draw_evidence`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "LocalFeatures", "SCORE_WEIGHTS", "Verification", "draw_evidence", "extract", "features_vector",
+    "score", "verify",
+]
+
+WORK_SIDE = 448
+THUMB_SIDE = 224
+N_FEATURES = 1000
+RATIO = 0.8
+RANSAC_PX = 8.0  # reprojection threshold at WORK_SIDE
+CELL = 8  # residual cell side at THUMB_SIDE (16 px at WORK_SIDE)
+CELL_DIFF = 16.0  # grey levels (0-255) a cell's mean difference may keep after the fit
+MIN_INLIERS = 6
+MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
+MAX_LINES = 40  # inlier pairs kept for drawing
+DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
+
+#: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
+#: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
+#: 300 queries, seed 7; docs/benchmarks.md).
+SCORE_WEIGHTS = (-6.439, 1.482, 5.171, -2.921, -4.768)
+
+_local = threading.local()
+
+
+def _detector() -> Any:
+    """One SIFT detector per thread (screening threads and workers run checks concurrently)."""
+    if getattr(_local, "sift", None) is None:
+        _local.sift = cv2.SIFT_create(nfeatures=N_FEATURES)
+    return _local.sift
+
+
+@dataclass
+class LocalFeatures:
+    """SIFT keypoints of one image at ``WORK_SIDE`` and its grey thumbnail."""
+
+    points: np.ndarray  # [N, 2] float32, work-image pixels
+    descriptors: np.ndarray  # [N, 128] uint8
+    size: tuple[int, int]  # original (width, height)
+    scale: float  # work pixels per original pixel
+    thumb: np.ndarray  # [h, w] uint8 grey, longer side THUMB_SIDE
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"points": self.points, "descriptors": self.descriptors,
+                "meta": np.array([*self.size, self.scale], np.float64), "thumb": self.thumb}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> LocalFeatures:
+        w, h, s = a["meta"].tolist()
+        return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
+                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8))
+
+    work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
+
+    def mirrored(self) -> LocalFeatures:
+        """The features of the mirrored image (keypoints recomputed: SIFT is not flip-invariant)."""
+        if self.work is None:
+            raise ValueError("mirrored() needs features from extract(), not from stored arrays")
+        return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale)
+
+
+def _resize_side(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    h, w = grey.shape
+    s = side / max(w, h)
+    interp = cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA
+    return cv2.resize(grey, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp), s
+
+
+def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float) -> LocalFeatures:
+    kps, desc = _detector().detectAndCompute(work, None)
+    points = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
+    descriptors = (np.zeros((0, 128), np.uint8) if desc is None
+                   else np.clip(np.rint(desc), 0, 255).astype(np.uint8))
+    thumb, _ = _resize_side(work, THUMB_SIDE)
+    return LocalFeatures(points, descriptors, size, scale, thumb, work)
+
+
+def extract(image: Image.Image) -> LocalFeatures:
+    """Local features of ``image`` (any mode)."""
+    grey = np.asarray(image.convert("L"))
+    work, scale = _resize_side(grey, WORK_SIDE)
+    return _extract_grey(work, image.size, scale)
+
+
+@dataclass
+class Verification:
+    """The evidence that a candidate is (or is not) a copy of the query."""
+
+    score: float
+    inliers: int
+    matches: int
+    inlier_ratio: float
+    coverage: float  # share of the overlap spanned by the inliers (dense: ECC correlation)
+    residual: float  # share of overlap cells that still differ after the photometric fit
+    mirrored: bool
+    method: str = "sift"
+    transform: list[list[float]] | None = None  # 2x3, candidate -> query, original pixels
+    region: list[list[float]] = field(default_factory=list)  # candidate's outline in the query
+    lines: list[list[float]] = field(default_factory=list)  # [xq, yq, xc, yc] inlier pairs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verification:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def features_vector(inliers: int, ratio: float, coverage: float, residual: float) -> np.ndarray:
+    """The score model's inputs (with a leading 1 for the bias)."""
+    return np.array([1.0, math.log1p(inliers), ratio, coverage, residual])
+
+
+def score(inliers: int, ratio: float, coverage: float, residual: float,
+          weights: tuple[float, ...] = SCORE_WEIGHTS) -> float:
+    """Probability-like copy score in [0, 1]."""
+    z = float(np.dot(weights, features_vector(inliers, ratio, coverage, residual)))
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+
+_NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage=0.0, residual=1.0,
+                     mirrored=False)
+
+
+def verify(query: LocalFeatures, candidate: LocalFeatures, *,
+           query_mirror: LocalFeatures | None = None, dense: bool = False) -> Verification:
+    """Verify ``candidate`` against ``query`` (and the mirrored query when the direct fit is weak;
+    pass ``query_mirror`` to reuse its features across candidates). The dense alignment is
+    tried when the fit fails and either image has few keypoints, or always with ``dense``."""
+    best = _verify_one(query, candidate, mirrored=False)
+    if best.score < MIRROR_BELOW:
+        mirror = query_mirror if query_mirror is not None else query.mirrored()
+        flipped = _verify_one(mirror, candidate, mirrored=True)
+        if flipped.score > best.score:
+            best = flipped
+    few = min(len(query.points), len(candidate.points)) < DENSE_BELOW
+    if best.score < MIRROR_BELOW and (few or (dense and best.score < 0.5)):
+        dense = _verify_dense(query, candidate)
+        if dense.score > best.score:
+            best = dense
+    return best
+
+
+def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
+    """ECC affine alignment of the thumbnails from "same frame", then the residual check."""
+    (qh, qw), (ch, cw) = q.thumb.shape, c.thumb.shape
+    warp = np.array([[cw / qw, 0, 0], [0, ch / qh, 0]], np.float32)  # query -> candidate (thumbs)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
+    try:
+        cc, warp = cv2.findTransformECC(q.thumb, c.thumb, warp, cv2.MOTION_AFFINE, criteria, None, 5)
+    except cv2.error:
+        return _NONE
+    mt = cv2.invertAffineTransform(warp)  # candidate -> query, thumb pixels
+    kq = q.thumb.shape[1] / (q.size[0] * q.scale)
+    kc = c.thumb.shape[1] / (c.size[0] * c.scale)
+    m = np.hstack([mt[:, :2] * (kc / kq), mt[:, 2:] / kq])  # work pixels
+    residual = _residual(q, c, m)
+    z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
+    work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
+    corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
+    quad = corners @ m[:, :2].T + m[:, 2]
+    return Verification(
+        score=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))), inliers=0, matches=0, inlier_ratio=0.0,
+        coverage=float(cc), residual=residual, mirrored=False, method="dense",
+        transform=_to_original(m, q, c, False).tolist(),
+        region=[list(map(float, p)) for p in _query_original(quad, q, False)],
+    )
+
+
+def _ratio_matches(q: np.ndarray, c: np.ndarray) -> list[tuple[int, int]]:
+    if len(q) < 2 or len(c) < 2:
+        return []
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(q.astype(np.float32), c.astype(np.float32), k=2)
+    return [(m.queryIdx, m.trainIdx) for m, n in (p for p in knn if len(p) == 2)
+            if m.distance < RATIO * n.distance]
+
+
+def _verify_one(q: LocalFeatures, c: LocalFeatures, mirrored: bool) -> Verification:
+    pairs = _ratio_matches(q.descriptors, c.descriptors)
+    if len(pairs) < MIN_INLIERS:
+        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
+    qi, ci = np.array(pairs).T
+    src, dst = c.points[ci], q.points[qi]
+    m, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
+                                          maxIters=2000, confidence=0.995)
+    if m is None or mask is None:
+        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
+    inl = mask.ravel().astype(bool)
+    n = int(inl.sum())
+    s = math.sqrt(abs(np.linalg.det(m[:, :2])))
+    if n < MIN_INLIERS or not 0.05 < s < 20:
+        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "inliers": n,
+                               "inlier_ratio": n / len(pairs), "mirrored": mirrored})
+    work_q = (round(q.size[0] * q.scale), round(q.size[1] * q.scale))
+    work_c = (round(c.size[0] * c.scale), round(c.size[1] * c.scale))
+    corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float32)
+    quad = corners @ m[:, :2].T + m[:, 2]
+    rect = np.array([[0, 0], [work_q[0], 0], [work_q[0], work_q[1]], [0, work_q[1]]], np.float32)
+    overlap, _ = cv2.intersectConvexConvex(quad.astype(np.float32), rect)
+    hull = cv2.contourArea(cv2.convexHull(dst[inl].astype(np.float32)))
+    coverage = float(min(1.0, hull / overlap)) if overlap > 1 else 0.0
+    residual = _residual(q, c, m)
+    sc = score(n, n / len(pairs), coverage, residual)
+    return Verification(
+        score=sc, inliers=n, matches=len(pairs), inlier_ratio=n / len(pairs), coverage=coverage,
+        residual=residual, mirrored=mirrored,
+        transform=_to_original(m, q, c, mirrored).tolist(),
+        region=[list(map(float, p)) for p in _query_original(quad, q, mirrored)],
+        lines=[[*map(float, _query_original(dst[k:k + 1], q, mirrored)[0]),
+                *map(float, src[k] / c.scale)] for k in np.flatnonzero(inl)[:MAX_LINES]],
+    )
+
+
+def _query_original(points: np.ndarray, q: LocalFeatures, mirrored: bool) -> np.ndarray:
+    """Work-image points of the (possibly mirrored) query -> original query pixels."""
+    out = np.asarray(points, np.float64) / q.scale
+    if mirrored:
+        out[:, 0] = q.size[0] - out[:, 0]
+    return out
+
+
+def _to_original(m: np.ndarray, q: LocalFeatures, c: LocalFeatures, mirrored: bool) -> np.ndarray:
+    """The 2x3 candidate -> query map in original pixels."""
+    full = np.vstack([m, [0, 0, 1]])
+    sc = np.diag([c.scale, c.scale, 1.0])
+    sq = np.diag([1 / q.scale, 1 / q.scale, 1.0])
+    flip = np.array([[-1, 0, q.size[0]], [0, 1, 0], [0, 0, 1]], float) if mirrored else np.eye(3)
+    return (flip @ sq @ full @ sc)[:2]
+
+
+def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> float:
+    """Share of overlap cells that still differ after one global brightness/contrast fit."""
+    kq = q.thumb.shape[1] / (q.size[0] * q.scale)  # thumb pixels per work pixel
+    kc = c.thumb.shape[1] / (c.size[0] * c.scale)
+    mt = np.hstack([m[:, :2] * (kq / kc), m[:, 2:] * kq])
+    h, w = q.thumb.shape
+    warped = cv2.warpAffine(c.thumb, mt, (w, h), flags=cv2.INTER_LINEAR)
+    valid = cv2.warpAffine(np.full(c.thumb.shape, 255, np.uint8), mt, (w, h), flags=cv2.INTER_NEAREST)
+    valid = cv2.erode(valid, np.ones((3, 3), np.uint8)) > 0
+    if valid.sum() < 4 * CELL * CELL:
+        return 1.0
+    a = cv2.GaussianBlur(q.thumb, (0, 0), 1.2).astype(np.float32)
+    b = cv2.GaussianBlur(warped, (0, 0), 1.2).astype(np.float32)
+    x, y = b[valid], a[valid]
+    var = float(x.var())
+    gain = float(np.cov(x, y, bias=True)[0, 1] / var) if var > 1e-3 else 1.0
+    gain = min(3.0, max(0.33, gain))
+    offset = float(y.mean() - gain * x.mean())
+    diff = np.abs(a - (gain * b + offset)) * valid
+    gh, gw = h // CELL, w // CELL
+    if gh == 0 or gw == 0:
+        return 1.0
+    cells = diff[:gh * CELL, :gw * CELL].reshape(gh, CELL, gw, CELL).sum(axis=(1, 3))
+    counts = valid[:gh * CELL, :gw * CELL].reshape(gh, CELL, gw, CELL).sum(axis=(1, 3))
+    usable = counts >= 0.75 * CELL * CELL
+    if usable.sum() < 4:
+        return 1.0
+    means = cells[usable] / counts[usable]
+    return float((means > CELL_DIFF).mean())
+
+
+def draw_evidence(query: Image.Image, candidate: Image.Image, v: Verification | dict[str, Any],
+                  height: int = 256) -> Image.Image:
+    """Query (left) and candidate (right) side by side at ``height`` px: the candidate's outline
+    as mapped into the query (the matched region) and the inlier pairs joined by lines."""
+    if isinstance(v, dict):
+        v = Verification.from_dict(v)
+    q = np.asarray(query.convert("RGB"))
+    c = np.asarray(candidate.convert("RGB"))
+    sq, sc = height / q.shape[0], height / c.shape[0]
+    q = cv2.resize(q, (max(1, round(q.shape[1] * sq)), height), interpolation=cv2.INTER_AREA)
+    c = cv2.resize(c, (max(1, round(c.shape[1] * sc)), height), interpolation=cv2.INTER_AREA)
+    gap = 8
+    canvas = np.full((height, q.shape[1] + gap + c.shape[1], 3), 255, np.uint8)
+    canvas[:, :q.shape[1]] = q
+    canvas[:, q.shape[1] + gap:] = c
+    off = q.shape[1] + gap
+    for xq, yq, xc, yc in v.lines:
+        p1 = (round(xq * sq), round(yq * sq))
+        p2 = (round(xc * sc) + off, round(yc * sc))
+        cv2.line(canvas, p1, p2, (255, 160, 0), 1, cv2.LINE_AA)
+        cv2.circle(canvas, p1, 2, (255, 80, 0), -1, cv2.LINE_AA)
+        cv2.circle(canvas, p2, 2, (255, 80, 0), -1, cv2.LINE_AA)
+    if v.region:
+        poly = np.round(np.asarray(v.region) * sq).astype(np.int32)
+        cv2.polylines(canvas, [poly], True, (0, 200, 0), 2, cv2.LINE_AA)
+    return Image.fromarray(canvas)
+
+
+def evidence_png(query: Image.Image, candidate: Image.Image, v: Verification | dict[str, Any]) -> bytes:
+    """:func:`draw_evidence` as PNG bytes."""
+    buf = io.BytesIO()
+    draw_evidence(query, candidate, v).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
