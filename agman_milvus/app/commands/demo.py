@@ -120,10 +120,11 @@ def register(app: typer.Typer) -> None:
         k = summary.top_k
         table = Table(title=f"Attribute search on {summary.held_out_queries} held-out images "
                             f"({summary.ingested} ingested)")
-        for column in ("attribute", f"P@{k} %", "queries", "offline MAP", "ImageNet floor MAP"):
+        for column in ("attribute", f"P@{k} %", f"chance P@{k} %", "queries", "offline MAP",
+                       "ImageNet floor MAP"):
             table.add_column(column, justify="left" if column == "attribute" else "right")
         for a in summary.per_attribute:
-            table.add_row(a.attribute, f"{a.precision_at_k:.1f}", str(a.queries),
+            table.add_row(a.attribute, f"{a.precision_at_k:.1f}", f"{a.chance_precision_at_k:.1f}", str(a.queries),
                           "–" if a.offline_map is None else f"{a.offline_map:.1f}",
                           "–" if a.imagenet_floor_map is None else f"{a.imagenet_floor_map:.1f}")
         out.print(table)

@@ -107,6 +107,9 @@ class AttributeFigures:
     attribute: str
     precision_at_k: float
     queries: int
+    chance_precision_at_k: float = 0.0
+    """What a random ranking scores: the share of the ingested images holding each query's value,
+    averaged over the queries."""
     offline_map: float | None = None
     imagenet_floor_map: float | None = None
 
@@ -416,7 +419,7 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
 
         # 4. attribute searches and a multi-attribute search with the held-out images
         t0 = time.perf_counter()
-        figures, shown = _attribute_searches(client, queries, names, options, progress)
+        figures, shown = _attribute_searches(client, queries, items, names, options, progress)
         offline = demo_model.report.get("trained", {}).get("per_attribute", {})
         floor = demo_model.report.get("untrained_imagenet", {}).get("per_attribute", {})
         for fig in figures:
@@ -488,10 +491,11 @@ def _load(client: Any, uri: str | None) -> Image.Image | None:
         return None
 
 
-def _attribute_searches(client: Any, queries: list[_Query], names: list[str], options: DemoOptions,
-                        progress: Progress | None) -> tuple[list[AttributeFigures], list[page.SearchResult]]:
+def _attribute_searches(client: Any, queries: list[_Query], items: list[Any], names: list[str],
+                        options: DemoOptions, progress: Progress | None,
+                        ) -> tuple[list[AttributeFigures], list[page.SearchResult]]:
     """Search every held-out image in every attribute it has a label for (one backbone pass per
-    image, one batched Milvus search per attribute and chunk)."""
+    image, one batched Milvus search per attribute and chunk) against the ingested ``items``."""
     from agman_milvus.usecases.base import load_query_image
     from agman_milvus.usecases.search import SearchService
 
@@ -499,6 +503,8 @@ def _attribute_searches(client: Any, queries: list[_Query], names: list[str], op
     embedder = client.services.embedder
     k = options.top_k
     scores: dict[str, list[float]] = {a: [] for a in names}
+    shares = {a: Counter(_value(item.metadata, a) for item in items) for a in names}
+    chance: dict[str, list[float]] = {a: [] for a in names}
     results: dict[str, list[tuple[_Query, list[Any]]]] = {a: [] for a in names}
     chunk = 16
     for start in range(0, len(queries), chunk):
@@ -512,9 +518,12 @@ def _attribute_searches(client: Any, queries: list[_Query], names: list[str], op
                 hits = searcher.search_vectors(name, [embeddings[n, a]], k)
                 matches = [_value(h.metadata, name) == query.labels[name] for h in hits]
                 scores[name].append(float(np.mean(matches + [False] * (k - len(matches)))))
+                chance[name].append(shares[name][query.labels[name]] / max(1, len(items)))
                 results[name].append((query, hits))
         _notify(progress, "search", min(len(queries), start + chunk), len(queries))
-    figures = [AttributeFigures(a, round(100 * float(np.mean(s)), 1) if s else 0.0, len(s)) for a, s in scores.items()]
+    figures = [AttributeFigures(a, round(100 * float(np.mean(s)), 1) if s else 0.0, len(s),
+                                chance_precision_at_k=round(100 * float(np.mean(chance[a])), 1) if s else 0.0)
+               for a, s in scores.items()]
     shown: list[page.SearchResult] = []
     rng = random.Random(options.seed + 2)
     for name in names:
@@ -706,8 +715,8 @@ def _page(summary: DemoSummary, demo_model: DemoModel, searches: list[page.Searc
     ]
     per_attribute = page.Table(
         f"Attribute search on held-out images (precision@{k}, one hit per product)",
-        ["attribute", f"P@{k} %", "queries", "offline test MAP", "ImageNet floor MAP"],
-        [[a.attribute, a.precision_at_k, a.queries, a.offline_map if a.offline_map is not None else "–",
+        ["attribute", f"P@{k} %", f"chance P@{k} %", "queries", "offline test MAP", "ImageNet floor MAP"],
+        [[a.attribute, a.precision_at_k, a.chance_precision_at_k, a.queries, a.offline_map if a.offline_map is not None else "–",
           a.imagenet_floor_map if a.imagenet_floor_map is not None else "–"] for a in summary.per_attribute])
     confusion = page.Table(
         "Copy checks (verdict counts)", ["queries", "copy", "near_duplicate", "distinct", "wrong product"],
