@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from agman_milvus.core.model import build_model, load_checkpoint, read_checkpoint_config
+from agman_milvus.services.embedding import Embedder
 from agman_milvus.training.evaluate import evaluate_map
 from agman_milvus.training.product import ProductConfig, ProductTrainer
 from agman_milvus.training.sources import catalog_source
@@ -79,11 +80,15 @@ def test_product_recipe_trains_saves_and_loads_the_same_network(catalog: Path, t
     config_json = read_checkpoint_config(tmp_path / "last.safetensors")
     assert config_json["taps"] == "late" and config_json["extra"]["recipe"] == "product"
     loaded = load_checkpoint(tmp_path / "last.safetensors")
-    images = torch.stack([model.preprocess(Image.open(source.train_table.path(i)).convert("RGB"))
-                          for i in range(6)])
+    photos = [Image.open(source.train_table.path(i)).convert("RGB") for i in range(6)]
+    images = torch.stack([model.preprocess(photo) for photo in photos])
     model.eval()
     with torch.no_grad():
-        assert torch.equal(loaded.embed_all(images), model.embed_all(images))
+        expected = model.embed_all(images)
+        assert torch.equal(loaded.embed_all(images), expected)
+    served = Embedder(checkpoint=tmp_path / "last.safetensors", device="cpu").encode(photos)  # serving path
+    np.testing.assert_allclose(served.embeddings, expected.numpy(), atol=1e-5)
+    assert served.descriptors.shape == (6, loaded.descriptor_dim)
     # the validation MAP from cached float16 mid maps is the MAP of the network on the images
     result = evaluate_map(loaded, source.valid, source.train_table, workers=0)
     assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
