@@ -28,7 +28,7 @@ if [ -f "$MANIFEST" ]; then
   RUN=/tmp/agman-gpu-train
   rm -rf "$RUN"
   start=$(date +%s.%N)
-  timeout 240 "$PY" -m agman_milvus.app.cli train agman -o "$RUN" --catalog "$MANIFEST" \
+  timeout 240 "$PY" -m agman_milvus.app.cli train agman -o "$RUN" --catalog "$MANIFEST" --recipe paper \
     --backbone mobilenet_v2 --image-size 224 --device cuda --workers 8 \
     --epochs 3 --triplets-per-epoch 20000 --batch-size 64
   end=$(date +%s.%N)

@@ -1,40 +1,67 @@
 #!/usr/bin/env bash
-# Real-data quality run (issue #3): AG-MAN vs ASEN_v2 vs global on fashion-products, same budget,
-# plus the untrained ImageNet floor. Writes RUN_DIR/*/metrics.jsonl, RUN_DIR/*_test.json and
-# RUN_DIR/results.md (the table published in docs/results.md).
+# Real-data quality run (issues #3, #12): AG-MAN vs ASEN_v2 vs global on fashion-products, same
+# recipe and budget, plus the untrained ImageNet floor and a supervised linear probe at the same
+# input size. Writes RUN_DIR/*/metrics.jsonl, RUN_DIR/*_test.json (per-attribute MAP with 95%
+# bootstrap intervals over queries), RUN_DIR/timing.txt and RUN_DIR/results.md (the table
+# published in docs/results.md).
 #
-# Usage: bench/quality.sh [RUN_DIR]      (env: AGMAN_SHARED_DIR, EPOCHS, TRIPLETS, IMAGE_SIZE, FREEZE)
-# Budget (2 shared CPU cores): MobileNetV2 ImageNet trunk frozen, its maps cached once (exactly
-# the frozen model, see agman_milvus/training/feature_cache.py), 128 px, 16 epochs x 1,600
-# re-sampled triplets (batch 16) per model, one torch thread (faster than 2 on a busy machine).
-# FREEZE="" trains the whole network instead (far slower).
+# Usage: bench/quality.sh [RUN_DIR]
+#   env: AGMAN_SHARED_DIR, RECIPE (product | paper), MODELS (default "agman probe floor asen_v2
+#   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE.
+# product (default): MobileNetV2 at 224 px, late taps, frozen mid maps cached once (float16, with
+#   mirrors), high stage fine-tuned, value-proxy + in-batch triplet loss, 6 epochs of batch 64
+#   (agman_milvus/training/product.py).
+# paper: issue #3's budget run of the paper's triplet recipe (frozen trunk, cached maps, 128 px,
+#   16 epochs x 1,600 triplets of batch 16).
+# One torch thread per process (faster than 2 on a busy 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-/tmp/agman_quality}
 SHARED=${AGMAN_SHARED_DIR:-$(cd .. && pwd)/shared}
 CATALOG=$SHARED/data/fashion-products/manifest.csv
-EPOCHS=${EPOCHS:-16}
-TRIPLETS=${TRIPLETS:-1600}
-IMAGE_SIZE=${IMAGE_SIZE:-128}
-FREEZE=${FREEZE:---freeze-backbone --cache-features --cache-path $RUN_DIR/feature_cache.safetensors}
+RECIPE=${RECIPE:-product}
+MODELS=${MODELS:-agman probe floor asen_v2 global}
 AGMAN=${AGMAN:-.venv/bin/agman}
 [ -f "$CATALOG" ] || { echo "no catalog at $CATALOG (set AGMAN_SHARED_DIR)" >&2; exit 1; }
 mkdir -p "$RUN_DIR"
 
 DATA=(--catalog "$CATALOG" --attributes articleType,baseColour,gender,usage,season,subCategory
       --min-count 10 --split-seed 0)
-COMMON=(--backbone mobilenet_v2 --pretrained --image-size "$IMAGE_SIZE" --epochs "$EPOCHS"
-        --triplets-per-epoch "$TRIPLETS" --batch-size 16 --lr 1e-4 --step-size 3 --gamma 0.9
-        --margin 0.2 --seed 1 --device auto --workers 1 --threads 1 $FREEZE)
+if [ "$RECIPE" = product ]; then
+  IMAGE_SIZE=${IMAGE_SIZE:-224}
+  COMMON=(--recipe product --backbone mobilenet_v2 --pretrained --image-size "$IMAGE_SIZE"
+          --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
+          --cache-path "$RUN_DIR/feature_cache.safetensors")
+else
+  IMAGE_SIZE=${IMAGE_SIZE:-128}
+  COMMON=(--recipe paper --backbone mobilenet_v2 --pretrained --image-size "$IMAGE_SIZE"
+          --epochs "${EPOCHS:-16}" --triplets-per-epoch 1600 --batch-size 16 --lr 1e-4 --step-size 3
+          --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads 1
+          --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors")
+fi
+EVAL=("${DATA[@]}" --split test --workers 1 --threads 1)
 
-for model in agman asen_v2 global; do
+timed() {  # timed ROW COMMAND...: run it, append "ROW train seconds: N" to timing.txt
+  local row=$1 start
+  shift
   start=$(date +%s)
-  $AGMAN train "$model" -o "$RUN_DIR/$model" "${DATA[@]}" "${COMMON[@]}"
-  echo "$model train seconds: $(( $(date +%s) - start ))" | tee -a "$RUN_DIR/timing.txt"
-  $AGMAN eval --checkpoint "$RUN_DIR/$model/best.safetensors" "${DATA[@]}" --split test \
-      --workers 1 --threads 1 -o "$RUN_DIR/${model}_test.json"
+  "$@"
+  echo "$row train seconds: $(( $(date +%s) - start ))" | tee -a "$RUN_DIR/timing.txt"
+}
+
+for row in $MODELS; do
+  [ -f "$RUN_DIR/${row}_test.json" ] && { echo "$row: done already"; continue; }
+  case $row in
+    floor)
+      echo "imagenet_floor train seconds: 0" | tee -a "$RUN_DIR/timing.txt"
+      $AGMAN eval --imagenet-floor mobilenet_v2 --image-size "$IMAGE_SIZE" "${EVAL[@]}" -o "$RUN_DIR/floor_test.json" ;;
+    probe)  # trained on the train split, then evaluated: its training time is in the eval call
+      timed probe $AGMAN eval --linear-probe mobilenet_v2 --image-size "$IMAGE_SIZE" "${EVAL[@]}" \
+          -o "$RUN_DIR/probe_test.json" ;;
+    *)
+      timed "$row" $AGMAN train "$row" -o "$RUN_DIR/$row" "${DATA[@]}" "${COMMON[@]}"
+      $AGMAN eval --checkpoint "$RUN_DIR/$row/best.safetensors" "${EVAL[@]}" -o "$RUN_DIR/${row}_test.json" ;;
+  esac
 done
-$AGMAN eval --imagenet-floor mobilenet_v2 --image-size "$IMAGE_SIZE" "${DATA[@]}" --split test \
-    --workers 1 --threads 1 -o "$RUN_DIR/imagenet_floor_test.json"
 .venv/bin/python bench/quality_table.py "$RUN_DIR" > "$RUN_DIR/results.md"
 cat "$RUN_DIR/results.md"

@@ -10,6 +10,9 @@ branch, all heads) still runs and trains every step.
 :class:`CachedTrunk` stands in for the trunk while a batch of *cache row indices* (LongTensor
 [B]) is fed to the model in place of images: ``forward_mid(rows)`` returns the cached mid maps,
 ``forward_high`` the matching high maps, ``forward_top`` runs the real (frozen) top stage.
+
+The product recipe fine-tunes the high stage, so it caches the mid maps only (``mid_only``, in
+float16 to halve the memory): ``forward_high`` then runs the real high stage on them.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from agman_milvus.training.evaluate import evaluating
 
 logger = logging.getLogger(__name__)
 
-#: (flipped, mid maps, high maps) for each variant of a batch: as is and, with flips, mirrored
-TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor]]
+#: (flipped, mid maps, high maps or None) for each variant of a batch: as is and, with flips, mirrored
+TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None]]
 
 
 class FeatureCache:
-    """Rows of (mid, high) trunk maps; ``row(image, flipped)`` -> row index or None."""
+    """Rows of (mid, high) trunk maps (high None: mid only); ``row(image, flipped)`` -> row or None."""
 
-    def __init__(self, mid: torch.Tensor, high: torch.Tensor, keys: list[tuple[int, bool]],
+    def __init__(self, mid: torch.Tensor, high: torch.Tensor | None, keys: list[tuple[int, bool]],
                  meta: dict[str, object]) -> None:
         self.mid, self.high, self.meta = mid, high, meta
         self.keys = keys
@@ -52,7 +55,8 @@ class FeatureCache:
     def extend(self, other: FeatureCache) -> FeatureCache:
         """A cache holding both (rows of ``other`` that are new are appended)."""
         new = [i for i, key in enumerate(other.keys) if key not in self._rows]
-        return FeatureCache(torch.cat([self.mid, other.mid[new]]), torch.cat([self.high, other.high[new]]),
+        high = None if self.high is None or other.high is None else torch.cat([self.high, other.high[new]])
+        return FeatureCache(torch.cat([self.mid, other.mid[new]]), high,
                             self.keys + [other.keys[i] for i in new], self.meta)
 
     @classmethod
@@ -67,9 +71,10 @@ class FeatureCache:
         batch_size: int = 64,
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
+        mid_only: bool = False,
     ) -> FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
-        ``workers`` threads decoding the next batch meanwhile."""
+        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps."""
         device = next(trunk.parameters()).device
 
         def decode(image: int) -> Decoded:
@@ -80,7 +85,10 @@ class FeatureCache:
             out = []
             for flipped, x in variants:
                 mid = trunk.forward_mid(x.to(device))
-                out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
+                if mid_only:
+                    out.append((flipped, mid.half().cpu(), None))
+                else:
+                    out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
             return out
 
         mids, highs, keys = [], [], []
@@ -91,7 +99,8 @@ class FeatureCache:
             dropped += len(batch.failures)
             for flipped, mid, high in maps or []:
                 mids.append(mid)
-                highs.append(high)
+                if high is not None:
+                    highs.append(high)
                 keys.extend((image, flipped) for image in batch.ok_items)
             if progress is not None:
                 progress(len(batch.items))
@@ -103,14 +112,17 @@ class FeatureCache:
             raise ValueError("no image could be decoded for the feature cache")
         if dropped:
             logger.warning("feature cache: %d undecodable image(s) left out", dropped)
-        return cls(torch.cat(mids), torch.cat(highs), keys, {})
+        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {})
 
     def save(self, path: Path, meta: dict[str, object]) -> None:
         """Write to a safetensors file (``meta`` identifies trunk, size and image list)."""
         keys = torch.tensor([[image, int(flipped)] for image, flipped in self.keys], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"mid": self.mid.contiguous(), "high": self.high.contiguous(), "keys": keys}, str(tmp),
+        tensors = {"mid": self.mid.contiguous(), "keys": keys}
+        if self.high is not None:
+            tensors["high"] = self.high.contiguous()
+        save_file(tensors, str(tmp),
                   metadata={"meta": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
 
@@ -128,7 +140,7 @@ class FeatureCache:
             return None
         tensors = load_file(str(path))
         keys = [(int(i), bool(f)) for i, f in tensors["keys"].tolist()]
-        return cls(tensors["mid"], tensors["high"], keys, meta)
+        return cls(tensors["mid"], tensors.get("high"), keys, meta)
 
 
 class CachedTrunk(nn.Module):
@@ -145,9 +157,11 @@ class CachedTrunk(nn.Module):
     def forward_mid(self, rows: torch.Tensor) -> torch.Tensor:
         self._rows = rows.detach().cpu()
         device = next(self.real.parameters()).device
-        return self.cache.mid[self._rows].to(device)
+        return self.cache.mid[self._rows].to(device).float()
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        if self.cache.high is None:  # mid-only cache: the high stage runs (and may train)
+            return self.real.forward_high(mid.float())
         if self._rows is None:
             raise RuntimeError("forward_high called before forward_mid")
         return self.cache.high[self._rows].to(mid.device)

@@ -26,7 +26,7 @@ def ranking_loss(sim_negative: torch.Tensor, sim_positive: torch.Tensor, margin:
 def attribute_type_loss(logits: list[torch.Tensor], attributes: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits against one-hot(attribute), averaged over the triplet's images."""
     target = F.one_hot(attributes, num_classes=logits[0].shape[1]).to(logits[0].dtype)
-    return torch.stack([F.binary_cross_entropy_with_logits(l.float(), target.float()) for l in logits]).mean()
+    return torch.stack([F.binary_cross_entropy_with_logits(x.float(), target.float()) for x in logits]).mean()
 
 
 @dataclass
@@ -61,3 +61,32 @@ def triplet_objective(
         cls_value = float(cls.detach())
     return LossParts(total, float(rank.detach()), cls_value,
                      float(sim_pos.detach().mean()), float(sim_neg.detach().mean()))
+
+
+# -- product recipe (issue #12) ------------------------------------------------------------------
+def proxy_loss(embeddings: torch.Tensor, proxies: torch.Tensor, values: torch.Tensor, *,
+               scale: float = 16.0, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Normalised-softmax value classification: cross-entropy of ``scale · cos(e, proxy_v)``.
+
+    ``embeddings`` [N, D] (unit), ``proxies`` [V, D] (any norm), ``values`` [N] in [0, V).
+    """
+    logits = scale * embeddings.float() @ F.normalize(proxies.float(), dim=1).T
+    return F.cross_entropy(logits, values, label_smoothing=label_smoothing)
+
+
+def in_batch_triplet_loss(embeddings: torch.Tensor, values: torch.Tensor, margin: float = 0.2,
+                          generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Random in-batch triplets: each anchor with one random positive (same value, another image)
+    and one random negative (other value); mean hinge on cosine. None when no anchor has both."""
+    same = values[:, None] == values[None, :]
+    eye = torch.eye(len(values), dtype=torch.bool, device=values.device)
+    positive_mask, negative_mask = same & ~eye, ~same
+    usable = positive_mask.any(dim=1) & negative_mask.any(dim=1)
+    if not bool(usable.any()):
+        return None
+    noise = torch.rand(same.shape, generator=generator).to(values.device)
+    positive = torch.where(positive_mask, noise, -1.0).argmax(dim=1)
+    negative = torch.where(negative_mask, noise, -1.0).argmax(dim=1)
+    sim = embeddings.float() @ embeddings.float().T
+    rows = torch.arange(len(values), device=values.device)
+    return ranking_loss(sim[rows, negative][usable], sim[rows, positive][usable], margin)

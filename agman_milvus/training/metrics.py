@@ -55,6 +55,26 @@ class MAPResult:
     queries: dict[int, int]
     overall: float
     names: dict[int, str] = field(default_factory=dict)
+    aps: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def intervals(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+        """Percentile bootstrap intervals (x100) over queries, per attribute and ``overall``
+        (queries resampled within each attribute, so the overall keeps its query weights)."""
+        rng = np.random.default_rng(seed)
+        low, high = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+        out: dict[str, list[float]] = {}
+        sums = np.zeros(resamples)
+        for attribute, aps in self.aps.items():
+            draws = aps[rng.integers(0, len(aps), size=(resamples, len(aps)))].sum(axis=1)
+            sums += draws
+            means = 100.0 * draws / len(aps)
+            out[self.names.get(attribute, str(attribute))] = [float(np.percentile(means, low)),
+                                                              float(np.percentile(means, high))]
+        n = sum(len(a) for a in self.aps.values())
+        if n:
+            means = 100.0 * sums / n
+            out["overall"] = [float(np.percentile(means, low)), float(np.percentile(means, high))]
+        return out
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -80,6 +100,7 @@ def mean_average_precision(
     qv, cv = np.asarray(query_values), np.asarray(candidate_values)
     per_attribute: dict[int, float] = {}
     counts: dict[int, int] = {}
+    all_aps: dict[int, np.ndarray] = {}
     total_ap = 0.0
     for attribute in sorted(set(qa.tolist())):
         qmask, cmask = qa == attribute, ca == attribute
@@ -87,10 +108,11 @@ def mean_average_precision(
         aps = average_precisions(sim, qv[qmask], cv[cmask])
         per_attribute[attribute] = 100.0 * float(aps.mean())
         counts[attribute] = int(qmask.sum())
+        all_aps[attribute] = aps
         total_ap += float(aps.sum())
     n = sum(counts.values())
     overall = 100.0 * total_ap / n if n else 0.0
-    return MAPResult(per_attribute, counts, overall, dict(names or {}))
+    return MAPResult(per_attribute, counts, overall, dict(names or {}), all_aps)
 
 
 def triplet_accuracy(sim_close: np.ndarray, sim_far: np.ndarray) -> float:

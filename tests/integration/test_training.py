@@ -31,7 +31,7 @@ MARKS = {"light": (245, 245, 245), "dark": (15, 15, 15)}
 def _draw(mark: str, colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
     """A coloured background (attribute ``colour``) with a light or dark square (``mark``)."""
     jitter = rng.integers(-12, 13, size=3)
-    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter))
+    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
     image = Image.new("RGB", (56, 56), background)
     size = int(rng.integers(18, 28))
     x, y = (int(v) for v in rng.integers(2, 54 - size, size=2))
@@ -152,7 +152,8 @@ def test_cli_train_then_eval(catalog: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache.safetensors"
 
     def train(model: str, output: Path) -> None:
-        result = runner.invoke(app, ["train", model, "-o", str(output), *data, "--backbone", "mobilenet_v2",
+        result = runner.invoke(app, ["train", model, "-o", str(output), *data, "--recipe", "paper",
+                                     "--backbone", "mobilenet_v2",
                                      "--random-init", "--image-size", "48", "--epochs", "1",
                                      "--triplets-per-epoch", "32", "--freeze-backbone", "--cache-features",
                                      "--cache-path", str(cache), "--seed", "1",

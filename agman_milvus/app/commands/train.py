@@ -28,7 +28,7 @@ def _source(catalog: Path | None, attributes: str, min_count: int, split_seed: i
     return reference_source(refdata, images, dataset=dataset)
 
 
-def _map_table(title: str, result) -> None:
+def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -36,10 +36,50 @@ def _map_table(title: str, result) -> None:
     table.add_column("attribute")
     table.add_column("queries", justify="right")
     table.add_column("MAP", justify="right")
+    table.add_column("95% interval", justify="right")
+
+    def interval(name: str) -> str:
+        return "[{:.1f}, {:.1f}]".format(*intervals[name]) if name in intervals else ""
+
     for name, entry in result.to_json()["per_attribute"].items():
-        table.add_row(name, str(entry["queries"]), f"{entry['map']:.2f}")
-    table.add_row("[b]overall[/b]", str(sum(result.queries.values())), f"[b]{result.overall:.2f}[/b]")
+        table.add_row(name, str(entry["queries"]), f"{entry['map']:.2f}", interval(name))
+    table.add_row("[b]overall[/b]", str(sum(result.queries.values())), f"[b]{result.overall:.2f}[/b]",
+                  interval("overall"))
     Console().print(table)
+
+
+def _product_trainer(net, source, options: dict):
+    from agman_milvus.training.product import ProductConfig, ProductTrainer
+
+    config = ProductConfig(
+        output_dir=options["output"], epochs=options["epochs"], batch_size=options["batch_size"] or 64,
+        lr=options["lr"] or 1e-3, high_lr=options["high_lr"], weight_decay=options["weight_decay"],
+        proxy_scale=options["proxy_scale"], margin=options["margin"], cache_path=options["cache_path"],
+        seed=options["seed"], device=options["device"], workers=options["workers"],
+        threads=options["threads"])
+    if source.valid is not None and source.valid_table is not source.train_table:
+        raise typer.BadParameter("the product recipe caches train and valid images in one image table")
+    return ProductTrainer(net, config, source.train, source.train_table, valid=source.valid), config
+
+
+def _paper_trainer(net, source, options: dict):
+    from agman_milvus.training.sampler import TripletSampler
+    from agman_milvus.training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(
+        output_dir=options["output"], epochs=options["epochs"],
+        triplets_per_epoch=options["triplets_per_epoch"],
+        batch_size=options["batch_size"] or 16, lr=options["lr"] or 1e-4, step_size=options["step_size"],
+        gamma=options["gamma"], margin=options["margin"], cls_loss=not options["no_cls_loss"],
+        freeze_backbone=options["freeze_backbone"], cache_features=options["cache_features"],
+        cache_path=options["cache_path"], seed=options["seed"], device=options["device"],
+        workers=options["workers"], threads=options["threads"],
+    )
+    trainer = Trainer(net, config, TripletSampler(source.train, len(source.schema)),
+                      source.train_table, valid=source.valid, valid_table=source.valid_table)
+    if options["resume"]:
+        trainer.resume()
+    return trainer, config
 
 
 def register(app: typer.Typer) -> None:
@@ -51,64 +91,86 @@ def register(app: typer.Typer) -> None:
     def train(
         model: str = typer.Argument(..., help=f"Model to train: {', '.join(models)}"),
         output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics.jsonl)"),
-        catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)", rich_help_panel=_DATA),
+        catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)",
+                                            rich_help_panel=_DATA),
         attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory",
-                                       help="Catalog attribute columns, comma separated", rich_help_panel=_DATA),
-        min_count: int = typer.Option(10, help="Drop catalog values with fewer images", rich_help_panel=_DATA),
+                                       help="Catalog attribute columns, comma separated",
+                                       rich_help_panel=_DATA),
+        min_count: int = typer.Option(10, help="Drop catalog values with fewer images",
+                                      rich_help_panel=_DATA),
         split_seed: int = typer.Option(0, help="Seed of the catalog split rule", rich_help_panel=_DATA),
-        refdata: Path | None = typer.Option(None, help="Reference dataset dir (ASEN layout)", rich_help_panel=_DATA),
-        images: Path | None = typer.Option(None, help="Image root (default: the catalog's folder)", rich_help_panel=_DATA),
-        dataset: str | None = typer.Option(None, help="meta.json section (default: refdata dir name)", rich_help_panel=_DATA),
-        backbone: str = typer.Option("resnet50", help="resnet50 or mobilenet_v2"),
-        pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="ImageNet weights for the backbone"),
+        refdata: Path | None = typer.Option(None, help="Reference dataset dir (ASEN layout)",
+                                            rich_help_panel=_DATA),
+        images: Path | None = typer.Option(None, help="Image root (default: the catalog's folder)",
+                                           rich_help_panel=_DATA),
+        dataset: str | None = typer.Option(None, help="meta.json section (default: refdata dir name)",
+                                           rich_help_panel=_DATA),
+        recipe: str = typer.Option("product", help="product (default: late taps, cached frozen mid maps, "
+                                   "fine-tuned high stage, value-proxy + triplet loss) or paper (spec §3)"),
+        backbone: str | None = typer.Option(None, help="resnet50 or mobilenet_v2 (default: mobilenet_v2 "
+                                            "for --recipe product, resnet50 for paper)"),
+        pretrained: bool = typer.Option(True, "--pretrained/--random-init",
+                                        help="ImageNet weights for the backbone"),
         image_size: int = typer.Option(224, min=32, help="Square input size"),
-        epochs: int = typer.Option(150, min=0, rich_help_panel=_RECIPE),
-        triplets_per_epoch: int = typer.Option(100_000, min=1, help="Triplets re-sampled each epoch", rich_help_panel=_RECIPE),
-        batch_size: int = typer.Option(16, min=1, help="Triplets per step", rich_help_panel=_RECIPE),
-        lr: float = typer.Option(1e-4, rich_help_panel=_RECIPE),
-        step_size: int = typer.Option(3, min=1, help="StepLR epochs", rich_help_panel=_RECIPE),
-        gamma: float = typer.Option(0.9, help="StepLR factor", rich_help_panel=_RECIPE),
+        epochs: int | None = typer.Option(None, min=0, help="Default: 6 (product), 150 (paper)",
+                                          rich_help_panel=_RECIPE),
+        triplets_per_epoch: int = typer.Option(100_000, min=1, help="paper: triplets re-sampled each epoch",
+                                               rich_help_panel=_RECIPE),
+        batch_size: int | None = typer.Option(None, min=1, help="Images per step (product, default 64) or "
+                                              "triplets per step (paper, default 16)",
+                                              rich_help_panel=_RECIPE),
+        lr: float | None = typer.Option(None, help="Head lr (default: 1e-3 product, 1e-4 paper)",
+                                        rich_help_panel=_RECIPE),
+        high_lr: float = typer.Option(3e-4, help="product: lr of the fine-tuned high stage",
+                                      rich_help_panel=_RECIPE),
+        weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
+        proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
+                                          rich_help_panel=_RECIPE),
+        step_size: int = typer.Option(3, min=1, help="paper: StepLR epochs", rich_help_panel=_RECIPE),
+        gamma: float = typer.Option(0.9, help="paper: StepLR factor", rich_help_panel=_RECIPE),
         margin: float = typer.Option(0.2, rich_help_panel=_RECIPE),
-        no_cls_loss: bool = typer.Option(False, "--no-cls-loss", help="Ranking loss only (Zappos setting)", rich_help_panel=_RECIPE),
-        freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the heads only", rich_help_panel=_RECIPE),
+        no_cls_loss: bool = typer.Option(False, "--no-cls-loss",
+                                         help="paper: ranking loss only (Zappos setting)",
+                                         rich_help_panel=_RECIPE),
+        freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="paper: train the heads only",
+                                             rich_help_panel=_RECIPE),
         cache_features: bool = typer.Option(False, "--cache-features",
-                                            help="With --freeze-backbone: compute trunk maps once (exact, faster)",
+                                            help="paper, with --freeze-backbone: compute trunk maps once "
+                                            "(exact, faster)",
                                             rich_help_panel=_RECIPE),
-        cache_path: Path | None = typer.Option(None, help="Reuse/save the feature cache here", rich_help_panel=_RECIPE),
+        cache_path: Path | None = typer.Option(None, help="Reuse/save the feature cache here",
+                                               rich_help_panel=_RECIPE),
         seed: int = typer.Option(1, rich_help_panel=_RECIPE),
         device: str = typer.Option("auto", help="auto, cpu or cuda"),
         workers: int = typer.Option(2, min=0, help="Decode workers: DataLoader processes for "
                                     "training batches, threads for evaluation and the feature cache"),
         threads: int | None = typer.Option(None, min=1, help="torch CPU threads"),
-        resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/last.safetensors"),
+        resume: bool = typer.Option(False, "--resume", help="paper: continue from OUTPUT/last.safetensors"),
     ) -> None:
-        """Train MODEL with the paper's triplet recipe (same options for every model)."""
+        """Train MODEL with the product recipe (default) or the paper's triplet recipe (either the
+        same for every model)."""
         import torch
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from agman_milvus.core.model import build_model
-        from agman_milvus.training.sampler import TripletSampler
-        from agman_milvus.training.trainer import Callbacks, TrainConfig, Trainer
+        from agman_milvus.training.trainer import Callbacks
 
         if model not in models:
             raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(models)}")
+        if recipe not in ("product", "paper"):
+            raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
+        product = recipe == "product"
+        if product and resume:
+            raise typer.BadParameter("--resume works with --recipe paper only (a product run takes minutes)")
         source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
         if not source.train:
             raise typer.BadParameter("the data source has no training labels")
+        backbone = backbone or ("mobilenet_v2" if product else "resnet50")
+        epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
-        net = build_model(model, schema=source.schema, backbone=backbone,
+        net = build_model(model, schema=source.schema, backbone=backbone, taps="late" if product else "paper",
                           pretrained="imagenet" if pretrained else None, image_size=image_size)
-        config = TrainConfig(
-            output_dir=output, epochs=epochs, triplets_per_epoch=triplets_per_epoch,
-            batch_size=batch_size, lr=lr, step_size=step_size, gamma=gamma, margin=margin,
-            cls_loss=not no_cls_loss, freeze_backbone=freeze_backbone, cache_features=cache_features,
-            cache_path=cache_path, seed=seed, device=device,
-            workers=workers, threads=threads,
-        )
-        trainer = Trainer(net, config, TripletSampler(source.train, len(source.schema)),
-                          source.train_table, valid=source.valid, valid_table=source.valid_table)
-        if resume:
-            trainer.resume()
+        trainer, config = (_product_trainer if product else _paper_trainer)(net, source, locals())
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(
             {"model": model, "backbone": backbone, "pretrained": pretrained, "image_size": image_size,
@@ -118,27 +180,38 @@ def register(app: typer.Typer) -> None:
             task = progress.add_task("", total=1, info="")
 
             def epoch_start(epoch: int, steps: int) -> None:
-                progress.reset(task, total=steps, description=f"epoch {epoch}/{epochs}", info="")
+                title = f"epoch {epoch}/{epochs}" if epoch else "caching frozen maps"
+                progress.reset(task, total=steps, description=title, info="")
 
             def step(info) -> None:
                 progress.update(task, completed=info.step, info=f"loss {info.loss:.4f}")
 
+            def cached(images: int) -> None:
+                progress.advance(task, images)
+
             def epoch_end(record: dict) -> None:
                 score = record.get("score")
+                per_attribute = record.get("valid_per_attribute") or {}
                 progress.console.print(
                     f"epoch {record['epoch']}: loss {record['loss']:.4f}"
-                    + (f", valid {score:.2f} (best {record['best']:.2f})" if score is not None else ""))
+                    + (f", valid MAP {score:.2f} (best {record['best']:.2f})" if score is not None else "")
+                    + ("".join(f", {k} {v:.1f}" for k, v in per_attribute.items()) if product else ""))
 
-            trainer.fit(Callbacks(on_step=step, on_epoch_start=epoch_start, on_epoch_end=epoch_end))
+            trainer.fit(Callbacks(on_step=step, on_epoch_start=epoch_start, on_epoch_end=epoch_end,
+                                  on_eval=cached if product else None))
         typer.echo(f"best checkpoint: {trainer.best_path} (valid score {trainer.best})")
 
     @app.command("eval")
     def evaluate(
         checkpoint: Path | None = typer.Option(None, help="Checkpoint (.safetensors) to evaluate"),
         imagenet_floor: str | None = typer.Option(None, help="Instead: untrained ImageNet BACKBONE, pooled"),
-        image_size: int = typer.Option(224, min=32, help="Input size for --imagenet-floor"),
+        linear_probe: str | None = typer.Option(None, help="Instead: frozen ImageNet BACKBONE, pooled, plus "
+                                                "one linear classifier per attribute trained on the train "
+                                                "split"),
+        image_size: int = typer.Option(224, min=32, help="Input size for --imagenet-floor / --linear-probe"),
         catalog: Path | None = typer.Option(None, rich_help_panel=_DATA),
-        attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory", rich_help_panel=_DATA),
+        attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory",
+                                       rich_help_panel=_DATA),
         min_count: int = typer.Option(10, rich_help_panel=_DATA),
         split_seed: int = typer.Option(0, rich_help_panel=_DATA),
         refdata: Path | None = typer.Option(None, rich_help_panel=_DATA),
@@ -153,7 +226,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto"),
         threads: int | None = typer.Option(None, min=1),
     ) -> None:
-        """MAP per attribute and overall (or TR accuracy for Zappos triplets)."""
+        """MAP per attribute and overall with 95% bootstrap intervals over queries (or TR accuracy
+        for Zappos triplets)."""
         import torch
 
         from agman_milvus.core.model import load_checkpoint
@@ -165,8 +239,8 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        if (checkpoint is None) == (imagenet_floor is None):
-            raise typer.BadParameter("give exactly one of --checkpoint or --imagenet-floor")
+        if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
+            raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
         if zappos is not None:
             if checkpoint is None:
                 raise typer.BadParameter("--zappos needs --checkpoint")
@@ -182,14 +256,21 @@ def register(app: typer.Typer) -> None:
             if checkpoint is not None:
                 net = load_checkpoint(checkpoint)
                 name = str(checkpoint)
+            elif linear_probe is not None:
+                from agman_milvus.training.probe import train_linear_probe
+
+                net = train_linear_probe(source.schema, source.train, source.train_table,
+                                         backbone=linear_probe, image_size=image_size, workers=workers)
+                name = f"linear probe on ImageNet {linear_probe}"
             else:
                 net = PooledImageNetFeatures(source.schema, imagenet_floor or "", image_size)
                 name = f"untrained ImageNet {imagenet_floor}"
             net = net.to(resolve_device(device))
             retrieval, table = source.split(split)
             result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers)
-            _map_table(f"{name} — {split} MAP", result)
-            result_json = {"model": name, "split": split, **result.to_json()}
+            intervals = result.intervals()
+            _map_table(f"{name} — {split} MAP", result, intervals)
+            result_json = {"model": name, "split": split, **result.to_json(), "ci95": intervals}
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result_json, indent=1))

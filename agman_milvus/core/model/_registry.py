@@ -36,6 +36,7 @@ def build_model(
     pretrained: str | None = None,
     image_size: int = 224,
     embed_dim: int | None = None,
+    taps: str = "paper",
 ) -> AttributeEmbeddingModel:
     """Build a registered model.
 
@@ -47,11 +48,12 @@ def build_model(
             from the local torchvision cache.
         image_size: the square input size of the model's preprocessing.
         embed_dim: embedding size (default: 512; ``asen_v2`` always uses the trunk's channels).
+        taps: the trunk's tap points, ``paper`` or ``late`` (the product recipe's; no top stage).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     cls, needs_top = _MODELS[name]
-    trunk = build_trunk(backbone, with_top=needs_top, pretrained=pretrained)
+    trunk = build_trunk(backbone, with_top=needs_top, pretrained=pretrained, taps=taps)
     kwargs: dict[str, object] = {"image_size": image_size}
     if embed_dim is not None or cls is not ASENv2:
         kwargs["embed_dim"] = 512 if embed_dim is None else embed_dim

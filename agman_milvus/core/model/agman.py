@@ -5,7 +5,9 @@ into F = concat[L3, L3 + conv1_1(maxpool(L2))] (2048 x 14 x 14 for ResNet-50). T
 branch: V = conv1(w * F); ASA map M = softmax_hw(Σ_c tanh(BN(V)) · SiLU(T1 a) / √512);
 V1 = V · w1 · M; V2 = V1 · CBAM(V1); g = Σ_hw V2; ACA m = σ(fc2 ReLU(fc1 [g, SiLU(T2 a)]));
 g1 = g · w2 · m; g2 = g1 · ReLU(mask[a]); e = g2 / ||g2||. The classification branch
-(layer4 -> avgpool -> Linear(2048 -> A)) predicts the attribute *type* and runs in training only.
+(layer4 -> avgpool -> Linear(2048 -> A)) predicts the attribute *type* and runs in training only;
+with the product recipe's late tap points (see :mod:`agman_milvus.core.model.backbones`) the
+trunk has no top stage and the model no classification branch.
 
 Note: w2 multiplies g right before the L2 normalisation, so it cancels out and its gradient is
 zero; it is kept for parameter-for-parameter fidelity with the reference.
@@ -114,12 +116,16 @@ class AGMAN(AttributeEmbeddingModel):
     model_name = "agman"
     has_classifier = True
 
-    def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512, image_size: int = 224) -> None:
+    def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512,
+                 image_size: int = 224) -> None:
         super().__init__(schema, trunk, embed_dim, image_size)
-        if not trunk.has_top:
+        if not trunk.has_top and trunk.taps == "paper":
             raise ValueError("AG-MAN needs the trunk's top stage for its classification branch")
+        # Late tap points (the product recipe) have no top stage: no attribute-type branch.
+        self.has_classifier = trunk.has_top
         self.fusion = MultiLevelFusion(trunk.mid_channels, trunk.high_channels)
-        self.fc_embed = nn.Linear(trunk.top_channels, len(schema))
+        if self.has_classifier:
+            self.fc_embed = nn.Linear(trunk.top_channels, len(schema))
         self.head = AGMANHead(2 * trunk.high_channels, len(schema), embed_dim)
 
     def _maps(self, images: torch.Tensor):
@@ -142,6 +148,8 @@ class AGMAN(AttributeEmbeddingModel):
         """Training forward: embeddings plus attribute-type logits from the layer4 branch."""
         _, _, fused, x_local = self._maps(images)
         ids = self.attribute_tensor(attribute_ids, images.shape[0])
+        if not self.has_classifier:
+            return ModelOutput(self.head(*self.head.project(fused), ids), None)
         top = self.trunk.forward_top(x_local)
         logits = self.fc_embed(F.adaptive_avg_pool2d(top, 1).flatten(1))
         return ModelOutput(self.head(*self.head.project(fused), ids), logits)

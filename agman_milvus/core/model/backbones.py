@@ -3,12 +3,22 @@
 Both trunks keep torchvision's module names, so torchvision's ImageNet state dicts load into
 them key for key.
 
-| trunk        | mid level (stride 8)                 | high level (stride 16)          | top (stride 32, classifier only) |
-|--------------|--------------------------------------|---------------------------------|----------------------------------|
-| resnet50     | layer2: 512 x 28 x 28                | layer3: 1024 x 14 x 14          | layer4: 2048 x 7 x 7             |
-| mobilenet_v2 | features[0:7] (end of the 32-ch stage): 32 x 28 x 28 | features[7:14] (end of the 96-ch stage): 96 x 14 x 14 | features[14:19]: 1280 x 7 x 7 |
+| trunk        | mid level (stride 8)        | high level (stride 16)       | top (stride 32, classifier)   |
+|--------------|-----------------------------|------------------------------|-------------------------------|
+| resnet50     | layer2: 512 x 28 x 28       | layer3: 1024 x 14 x 14       | layer4: 2048 x 7 x 7          |
+| mobilenet_v2 | features[0:7]: 32 x 28 x 28 | features[7:14]: 96 x 14 x 14 | features[14:19]: 1280 x 7 x 7 |
+
+(for MobileNetV2: the ends of its 32-channel and 96-channel stages)
 
 Sizes are for a 224 input; any input size works (every map is ceil-halved per stride).
+
+Those are the paper's tap points (``taps="paper"``). The product recipe taps one stage later
+(``taps="late"``, no top stage, no classification branch): the head sees the trunk's best maps.
+
+| trunk        | mid level (stride 16, frozen + cached)  | high level (stride 32, fine-tuned) |
+|--------------|-----------------------------------------|------------------------------------|
+| resnet50     | stem..layer3: 1024 x 14 x 14            | layer4: 2048 x 7 x 7               |
+| mobilenet_v2 | features[0:14]: 96 x 14 x 14            | features[14:19]: 1280 x 7 x 7      |
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from torchvision.models import mobilenet_v2, resnet50
 from agman_milvus.core.model.weights import load_imagenet_state_dict
 
 BACKBONES = ("resnet50", "mobilenet_v2")
+TAPS = ("paper", "late")
 
 
 class Trunk(nn.Module):
@@ -32,6 +43,7 @@ class Trunk(nn.Module):
     high_channels: int
     top_channels: int
     has_top: bool
+    taps: str = "paper"
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,6 +52,10 @@ class Trunk(nn.Module):
         raise NotImplementedError
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def high_stage(self) -> nn.Module:
+        """The modules of the high level (what the product recipe fine-tunes)."""
         raise NotImplementedError
 
     def load_imagenet(self) -> None:
@@ -59,39 +75,51 @@ class ResNet50Trunk(Trunk):
     name = "resnet50"
     mid_channels, high_channels, top_channels = 512, 1024, 2048
 
-    def __init__(self, with_top: bool = True) -> None:
+    def __init__(self, with_top: bool = True, taps: str = "paper") -> None:
         super().__init__()
         net = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
-        self.has_top = with_top
-        if with_top:
+        self.taps = taps
+        self.has_top = with_top and taps == "paper"
+        if taps == "late":
+            self.mid_channels, self.high_channels = 1024, 2048
+        if with_top or taps == "late":
             self.layer4 = net.layer4
         _init_like_reference(self)
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer2(self.layer1(x))
+        x = self.layer2(self.layer1(x))
+        return self.layer3(x) if self.taps == "late" else x
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
-        return self.layer3(mid)
+        return self.high_stage()(mid)
+
+    def high_stage(self) -> nn.Module:
+        return self.layer4 if self.taps == "late" else self.layer3
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self.layer4(high)
 
 
 class MobileNetV2Trunk(Trunk):
-    """torchvision MobileNetV2 ``features`` cut at the ends of its stride-8 and stride-16 stages."""
+    """torchvision MobileNetV2 ``features`` cut at the ends of its stride-8 and stride-16 stages
+    (``taps="paper"``) or of its stride-16 stage and the whole of ``features`` (``taps="late"``)."""
 
     name = "mobilenet_v2"
     mid_channels, high_channels, top_channels = 32, 96, 1280
     _MID_END, _HIGH_END = 7, 14
 
-    def __init__(self, with_top: bool = True) -> None:
+    def __init__(self, with_top: bool = True, taps: str = "paper") -> None:
         super().__init__()
         features = mobilenet_v2(weights=None).features
-        self.has_top = with_top
-        self.features = features if with_top else features[: self._HIGH_END]
+        self.taps = taps
+        self.has_top = with_top and taps == "paper"
+        if taps == "late":
+            self._MID_END, self._HIGH_END = 14, 19
+            self.mid_channels, self.high_channels = 96, 1280
+        self.features = features if with_top or taps == "late" else features[: self._HIGH_END]
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.features[: self._MID_END]:
@@ -102,6 +130,9 @@ class MobileNetV2Trunk(Trunk):
         for layer in self.features[self._MID_END : self._HIGH_END]:
             mid = layer(mid)
         return mid
+
+    def high_stage(self) -> nn.Module:
+        return self.features[self._MID_END : self._HIGH_END]
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         for layer in self.features[self._HIGH_END :]:
@@ -120,12 +151,19 @@ def _init_like_reference(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = None) -> Trunk:
-    """A trunk by name; ``pretrained="imagenet"`` loads torchvision's ImageNet weights."""
+def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = None,
+                taps: str = "paper") -> Trunk:
+    """A trunk by name; ``pretrained="imagenet"`` loads torchvision's ImageNet weights.
+
+    ``taps="late"`` moves the mid/high levels one stage up and has no top stage (``with_top``
+    is then irrelevant).
+    """
     trunks = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}
     if name not in trunks:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
-    trunk = trunks[name](with_top=with_top)
+    if taps not in TAPS:
+        raise ValueError(f"unknown tap points {taps!r}; use one of {', '.join(TAPS)}")
+    trunk = trunks[name](with_top=with_top, taps=taps)
     if pretrained in ("imagenet", "IMAGENET1K_V1"):
         trunk.load_imagenet()
     elif pretrained not in (None, False, "", "none"):

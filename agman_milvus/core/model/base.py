@@ -86,7 +86,8 @@ class AttributeEmbeddingModel(nn.Module):
         elif isinstance(attribute_ids, (str, int)):
             ids = torch.full((batch,), self.schema.resolve(attribute_ids), dtype=torch.long, device=device)
         else:
-            ids = torch.tensor([self.schema.resolve(a) for a in attribute_ids], dtype=torch.long, device=device)
+            ids = torch.tensor([self.schema.resolve(a) for a in attribute_ids], dtype=torch.long,
+                               device=device)
         if ids.numel() != batch:
             raise ValueError(f"got {ids.numel()} attribute ids for {batch} images")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_attributes):
@@ -142,6 +143,7 @@ class AttributeEmbeddingModel(nn.Module):
         return {
             "model": self.model_name,
             "backbone": self.backbone_name,
+            "taps": self.trunk.taps,
             "schema": self.schema.to_json(),
             "image_size": self.image_size,
             "mean": list(self.mean),

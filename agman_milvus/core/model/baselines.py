@@ -80,7 +80,8 @@ class GlobalEmbedding(AttributeEmbeddingModel):
 
     model_name = "global"
 
-    def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512, image_size: int = 224) -> None:
+    def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512,
+                 image_size: int = 224) -> None:
         super().__init__(schema, trunk, embed_dim, image_size)
         self.conv1 = nn.Conv2d(trunk.high_channels, embed_dim, kernel_size=1, bias=True)
 

@@ -50,7 +50,8 @@ def _version(name: str, backbone: str, digest: str) -> str:
     return f"{name}-{backbone}-{digest[:12]}"
 
 
-def save_checkpoint(model: AttributeEmbeddingModel, path: str | Path, extra: dict[str, Any] | None = None) -> str:
+def save_checkpoint(model: AttributeEmbeddingModel, path: str | Path,
+                    extra: dict[str, Any] | None = None) -> str:
     """Write ``model`` to ``path`` (a .safetensors file); returns the model version."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -74,7 +75,8 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for non-safetensors data
-        raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc}); refusing to load it") from None
+        raise CheckpointError(
+            f"{path} is not a safetensors checkpoint ({exc}); refusing to load it") from None
     if _CONFIG_KEY not in metadata:
         raise CheckpointError(f"{path} is a safetensors file without an agman config")
     config = json.loads(metadata[_CONFIG_KEY])
@@ -97,6 +99,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         backbone=config["backbone"],
         image_size=int(config["image_size"]),
         embed_dim=int(config["embed_dim"]),
+        taps=config.get("taps", "paper"),  # checkpoints from before the product recipe
     )
     model.mean, model.std = tuple(config["mean"]), tuple(config["std"])
     model.load_state_dict(state, strict=True)
