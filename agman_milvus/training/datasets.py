@@ -103,4 +103,4 @@ def collate_skipping(batch: list[tuple[torch.Tensor, ...] | None]) -> tuple[list
     dropped = len(batch) - len(kept)
     if not kept:
         return [], dropped
-    return [torch.stack(field) for field in zip(*kept)], dropped
+    return [torch.stack(field) for field in zip(*kept, strict=True)], dropped

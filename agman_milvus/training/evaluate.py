@@ -101,7 +101,9 @@ def evaluate_map(
 ) -> MAPResult:
     """Per-attribute and overall MAP (x100) of ``model`` on ``split``."""
     q = embed_labels(model, split.queries, table, batch_size=batch_size, workers=workers, progress=progress)
-    c = embed_labels(model, split.candidates, table, batch_size=batch_size, workers=workers, progress=progress)
+    c = embed_labels(
+        model, split.candidates, table, batch_size=batch_size, workers=workers, progress=progress
+    )
     if q[3] or c[3]:
         logger.warning("evaluation skipped %d undecodable image(s)", q[3] + c[3])
     names = dict(enumerate(model.schema.names))

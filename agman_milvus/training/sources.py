@@ -101,4 +101,6 @@ def reference_source(
     def split(name: str) -> RetrievalSplit | None:
         return read_retrieval_split(directory, name) if (directory / f"query_{name}.txt").exists() else None
 
-    return DataSource(schema, train, train_table, split("valid"), table("valid"), split("test"), table("test"))
+    return DataSource(
+        schema, train, train_table, split("valid"), table("valid"), split("test"), table("test")
+    )

@@ -139,7 +139,9 @@ class Trainer:
         if config.batch_size < 1 or config.triplets_per_epoch < 1 or config.epochs < 0:
             raise ValueError("batch size and triplets per epoch must be >= 1, epochs >= 0")
         if config.cache_features and not config.freeze_backbone:
-            raise ValueError("--cache-features needs --freeze-backbone (a training trunk changes its features)")
+            raise ValueError(
+                "--cache-features needs --freeze-backbone (a training trunk changes its features)"
+            )
         self.config = config
         self.device = resolve_device(config.device)
         if config.threads:
@@ -349,8 +351,8 @@ class Trainer:
         assert cache is not None
         flips = np.random.default_rng([self.config.seed, epoch, 1]).random((len(triplets), 3)) < 0.5
         rows, dropped = [], 0
-        for triplet, flip in zip(triplets, flips.tolist()):
-            row = [cache.row(image, f) for image, f in zip(triplet[:3], flip)]
+        for triplet, flip in zip(triplets, flips.tolist(), strict=True):
+            row = [cache.row(image, f) for image, f in zip(triplet[:3], flip, strict=True)]
             if None in row:
                 dropped += 1
             else:

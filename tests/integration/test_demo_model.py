@@ -87,7 +87,10 @@ def test_second_call_uses_the_cache_and_a_new_recipe_gets_a_new_key(trained, cat
     assert again.report == json.loads((result.checkpoint.parent / "report.json").read_text())
     assert result.checkpoint.name == CHECKPOINT_NAME and result.checkpoint.parent.name == \
         demo_model_key(catalog.manifest, DEMO_ATTRIBUTES, TINY)
-    assert demo_model_key(catalog.manifest, DEMO_ATTRIBUTES, replace(TINY, epochs=4)) != result.checkpoint.parent.name
+    assert (
+        demo_model_key(catalog.manifest, DEMO_ATTRIBUTES, replace(TINY, epochs=4))
+        != result.checkpoint.parent.name
+    )
     assert not list(cache_dir.glob("*.partial-*"))
 
 

@@ -124,9 +124,14 @@ def register(app: typer.Typer) -> None:
                        "ImageNet floor MAP"):
             table.add_column(column, justify="left" if column == "attribute" else "right")
         for a in summary.per_attribute:
-            table.add_row(a.attribute, f"{a.precision_at_k:.1f}", f"{a.chance_precision_at_k:.1f}", str(a.queries),
-                          "–" if a.offline_map is None else f"{a.offline_map:.1f}",
-                          "–" if a.imagenet_floor_map is None else f"{a.imagenet_floor_map:.1f}")
+            table.add_row(
+                a.attribute,
+                f"{a.precision_at_k:.1f}",
+                f"{a.chance_precision_at_k:.1f}",
+                str(a.queries),
+                "–" if a.offline_map is None else f"{a.offline_map:.1f}",
+                "–" if a.imagenet_floor_map is None else f"{a.imagenet_floor_map:.1f}",
+            )
         out.print(table)
         copy, multi = summary.copy, summary.multi
         figures = Table(show_header=False, title="Summary")

@@ -199,7 +199,11 @@ def measure_retrieval(model: torch.nn.Module, split: RetrievalSplit, table: Imag
     candidates = [c for c in split.candidates if c.image in vectors]
 
     def arrays(labels: list[Label]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        emb = np.stack([vectors[label.image][label.attribute] for label in labels]) if labels else np.zeros((0, 1))
+        emb = (
+            np.stack([vectors[label.image][label.attribute] for label in labels])
+            if labels
+            else np.zeros((0, 1))
+        )
         return emb, np.asarray([x.attribute for x in labels]), np.asarray([x.value for x in labels])
 
     qe, qa, qv = arrays(queries)
@@ -212,11 +216,19 @@ def measure_retrieval(model: torch.nn.Module, split: RetrievalSplit, table: Imag
         qm, cm = qa == attribute, ca == attribute
         precision = precision_at_k(qe[qm] @ ce[cm].T, qv[qm], cv[cm], k)
         total_precision += float(precision.sum())
-        per_attribute[names[attribute]] = {"map": round(score, 2), f"p_at_{k}": round(100 * float(precision.mean()), 2),
-                                           "queries": result.queries[attribute]}
+        per_attribute[names[attribute]] = {
+            "map": round(score, 2),
+            f"p_at_{k}": round(100 * float(precision.mean()), 2),
+            "queries": result.queries[attribute],
+        }
     n = sum(result.queries.values())
-    return RetrievalScores(per_attribute, round(result.overall, 2), round(100 * total_precision / n, 2) if n else 0.0,
-                           k, round(speed, 1))
+    return RetrievalScores(
+        per_attribute,
+        round(result.overall, 2),
+        round(100 * total_precision / n, 2) if n else 0.0,
+        k,
+        round(speed, 1),
+    )
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -260,7 +272,9 @@ def demo_model_key(manifest: str | Path, attributes: Sequence[str], config: Demo
     digest = hashlib.sha256()
     digest.update(RECIPE_VERSION.encode())
     digest.update(Path(manifest).read_bytes())
-    digest.update(json.dumps({"attributes": list(attributes), "config": config.key_json()}, sort_keys=True).encode())
+    digest.update(
+        json.dumps({"attributes": list(attributes), "config": config.key_json()}, sort_keys=True).encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -281,9 +295,14 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
     model = build_model("agman", schema=schema, backbone=config.backbone, pretrained=config.pretrained,
                         image_size=config.image_size)
     report: dict[str, Any] = {
-        "recipe": RECIPE_VERSION, "config": config.to_json(), "threads": threads, "attributes": list(schema.names),
-        "schema": schema.to_json(), "manifest": str(manifest),
-        "images": len(data.catalog.paths), "train_images": len({x.image for x in data.train}),
+        "recipe": RECIPE_VERSION,
+        "config": config.to_json(),
+        "threads": threads,
+        "attributes": list(schema.names),
+        "schema": schema.to_json(),
+        "manifest": str(manifest),
+        "images": len(data.catalog.paths),
+        "train_images": len({x.image for x in data.train}),
         "test_images": len({x.image for x in (*data.test.queries, *data.test.candidates)}),
     }
     if config.measure_start:
@@ -306,7 +325,11 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
         report["feature_cache"] = {"rows": len(cache), "megabytes": round(
             (cache.mid.nelement() + cache.high.nelement()) * cache.mid.element_size() / 2**20, 1)}
     report["epochs"] = [{k: v for k, v in r.items() if k != "valid_per_attribute"} for r in records]
-    chosen = trainer.last_path if config.checkpoint == "last" and trainer.last_path.is_file() else trainer.best_path
+    chosen = (
+        trainer.last_path
+        if config.checkpoint == "last" and trainer.last_path.is_file()
+        else trainer.best_path
+    )
     model = load_checkpoint(chosen)
     report["trained"] = measure_retrieval(model, data.test, table, k=config.precision_k).to_json()
     floor = PooledImageNetFeatures(schema, config.backbone, config.image_size, pretrained=config.pretrained)
@@ -318,10 +341,15 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
     report["model_version"] = model.version
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    logger.info("demo model: test MAP %.1f (ImageNet floor %.1f), P@%d %.1f (floor %.1f); trained in %.0f s",
-                report["trained"]["overall_map"], report["untrained_imagenet"]["overall_map"], config.precision_k,
-                report["trained"][f"overall_p_at_{config.precision_k}"],
-                report["untrained_imagenet"][f"overall_p_at_{config.precision_k}"], report["train_seconds"])
+    logger.info(
+        "demo model: test MAP %.1f (ImageNet floor %.1f), P@%d %.1f (floor %.1f); trained in %.0f s",
+        report["trained"]["overall_map"],
+        report["untrained_imagenet"]["overall_map"],
+        config.precision_k,
+        report["trained"][f"overall_p_at_{config.precision_k}"],
+        report["untrained_imagenet"][f"overall_p_at_{config.precision_k}"],
+        report["train_seconds"],
+    )
     return DemoModel(out_dir / CHECKPOINT_NAME, report, trained_now=True)
 
 

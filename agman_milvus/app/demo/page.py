@@ -207,8 +207,14 @@ def _search_card(result: SearchResult | Mapping[str, Any]) -> _SearchCard:
         match = _hit_matches(hit, r.query_value)
         css = "" if match is None else ("match" if match else "miss")
         mark = "" if match is None else ("✓ " if match else "✗ ")
-        figures.append(_figure(hit.image, [f"#{rank} score {hit.score:.3f}", f"{mark}{hit.value or ''}".strip(),
-                                           hit.title], f"hit {rank}", css))
+        figures.append(
+            _figure(
+                hit.image,
+                [f"#{rank} score {hit.score:.3f}", f"{mark}{hit.value or ''}".strip(), hit.title],
+                f"hit {rank}",
+                css,
+            )
+        )
     return _SearchCard(heading=r.title or f"Search by {attributes}", attributes=attributes,
                        query_value=r.query_value, filters=r.filters or {},
                        matching=f"{sum(known)}/{len(known)}" if known else None, figures=figures)
@@ -221,9 +227,16 @@ def _copy_card(check: CopyCheck | Mapping[str, Any]) -> _CopyCard:
     slug = c.verdict.strip().lower().replace(" ", "_").replace("-", "_")
     match = None
     if best is not None:
-        match = _figure(best.image, ["best match", best.title,
-                                     f"product {best.product_id}" if best.product_id is not None else "",
-                                     f"score {best.score:.3f}" if best.score is not None else ""], "best match")
+        match = _figure(
+            best.image,
+            [
+                "best match",
+                best.title,
+                f"product {best.product_id}" if best.product_id is not None else "",
+                f"score {best.score:.3f}" if best.score is not None else "",
+            ],
+            "best match",
+        )
     # "a or b": either answer is right
     right = {answer.strip().lower() for answer in (c.expected or "").split(" or ")}
     return _CopyCard(heading=c.query_label or "Copy check", verdict=c.verdict,

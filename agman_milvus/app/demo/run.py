@@ -32,6 +32,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -183,7 +184,7 @@ def _columns(manifest: Path) -> list[str]:
 def _subset_manifest(manifest: Path, limit: int, out_dir: Path) -> Path:
     """The first ``limit`` rows of ``manifest`` as a CSV in ``out_dir`` (rewritten only when changed)."""
     with manifest.open(newline="", encoding="utf-8-sig") as fh:
-        rows = [row for _, row in zip(range(limit + 1), csv.reader(fh))]  # header + limit rows
+        rows = list(itertools.islice(csv.reader(fh), limit + 1))  # header + limit rows
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     text = buffer.getvalue()
@@ -309,7 +310,9 @@ def _run(options: DemoOptions, demo_dir: Path, progress: Progress | None) -> Dem
     if options.catalog is None:
         photo_size = options.image_size or 224
         n_images = options.images or 600
-        demo_catalog = ensure_catalog(demo_dir / "catalog", n_images, seed=options.seed, image_size=photo_size)
+        demo_catalog = ensure_catalog(
+            demo_dir / "catalog", n_images, seed=options.seed, image_size=photo_size
+        )
         manifest, image_root = demo_catalog.manifest, None
         attributes = tuple(options.attributes or DEMO_ATTRIBUTES)
         generated = True
@@ -329,9 +332,13 @@ def _run(options: DemoOptions, demo_dir: Path, progress: Progress | None) -> Dem
                             f"its columns: {', '.join(columns)}")
         missing = [a for a in attributes if a not in columns]
         if missing:
-            raise DemoError(f"{source} has no column(s) {', '.join(missing)}; its columns: {', '.join(columns)}")
+            raise DemoError(
+                f"{source} has no column(s) {', '.join(missing)}; its columns: {', '.join(columns)}"
+            )
         image_root = source.parent
-        manifest = _subset_manifest(source, options.images, demo_dir / "catalogs") if options.images else source
+        manifest = (
+            _subset_manifest(source, options.images, demo_dir / "catalogs") if options.images else source
+        )
         generated = False
     if options.image_size is not None:
         model_config = replace(model_config, image_size=options.image_size)
@@ -345,8 +352,14 @@ def _run(options: DemoOptions, demo_dir: Path, progress: Progress | None) -> Dem
     # 2. model
     t0 = time.perf_counter()
     _notify(progress, "model", 0, None)
-    demo_model = ensure_demo_model(manifest, attributes, demo_dir / "models", model_config, image_root=image_root,
-                                   callbacks=_training_callbacks(progress, model_config.epochs))
+    demo_model = ensure_demo_model(
+        manifest,
+        attributes,
+        demo_dir / "models",
+        model_config,
+        image_root=image_root,
+        callbacks=_training_callbacks(progress, model_config.epochs),
+    )
     _publish_checkpoint(demo_model.checkpoint, demo_dir / "model.safetensors")
     seconds["model"] = round(time.perf_counter() - t0, 1)
     _notify(progress, "model", 1, 1)
@@ -407,15 +420,22 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
         bulk = bulk_ingest(items, client.services, dispatcher,
                            progress=lambda done, total: _notify(progress, "ingest", done, total))
         ingest = {
-            "images": len(items), "indexed": bulk.indexed, "failed": bulk.failed, "seconds": round(bulk.seconds, 1),
+            "images": len(items),
+            "indexed": bulk.indexed,
+            "failed": bulk.failed,
+            "seconds": round(bulk.seconds, 1),
             "images_per_second": round(dispatcher.report.images_per_second, 1),
             "end_to_end_images_per_second": round(bulk.indexed / bulk.seconds, 1) if bulk.seconds else 0.0,
             "stage_seconds": {k: round(v, 2) for k, v in dispatcher.report.timings.items()},
         }
         if bulk.failed:
-            logger.warning("%d images failed to ingest, e.g. %s", bulk.failed, list(bulk.failures.items())[:3])
+            logger.warning(
+                "%d images failed to ingest, e.g. %s", bulk.failed, list(bulk.failures.items())[:3]
+            )
         seconds["ingest"] = round(time.perf_counter() - t0, 1)
-        logger.info("ingested %d images: %.1f images/s (decode -> indexed)", bulk.indexed, ingest["images_per_second"])
+        logger.info(
+            "ingested %d images: %.1f images/s (decode -> indexed)", bulk.indexed, ingest["images_per_second"]
+        )
 
         # 4. attribute searches and a multi-attribute search with the held-out images
         t0 = time.perf_counter()
@@ -449,7 +469,9 @@ def _serve(options: DemoOptions, settings: Any, plan: _Plan, seconds: dict[str, 
 
     seconds["total"] = round(time.perf_counter() - started, 1)
     model = {
-        "checkpoint": str(demo_model.checkpoint), "trained_now": demo_model.trained_now, "version": model_version,
+        "checkpoint": str(demo_model.checkpoint),
+        "trained_now": demo_model.trained_now,
+        "version": model_version,
         "train_seconds": demo_model.report.get("train_seconds"),
         "offline_test_map": demo_model.report.get("trained", {}).get("overall_map"),
         "imagenet_floor_map": demo_model.report.get("untrained_imagenet", {}).get("overall_map"),
@@ -527,14 +549,28 @@ def _attribute_searches(client: Any, queries: list[_Query], items: list[Any], na
     shown: list[page.SearchResult] = []
     rng = random.Random(options.seed + 2)
     for name in names:
-        picks = _diverse(results[name], lambda r: r[0].labels[name], options.queries_per_attribute, rng)
+        picks = _diverse(
+            results[name], lambda r, name=name: r[0].labels[name], options.queries_per_attribute, rng
+        )
         for query, hits in picks:
-            shown.append(page.SearchResult(
-                query_image=query.path, attribute=name, query_value=query.labels[name],
-                title=f"{name} = {query.labels[name]}: held-out query {query.path.name}",
-                hits=[page.SearchHit(image=_load(client, h.source_uri), score=h.score, value=_value(h.metadata, name),
-                                     title=str(h.metadata.get("title") or ""), product_id=h.product_id)
-                      for h in hits]))
+            shown.append(
+                page.SearchResult(
+                    query_image=query.path,
+                    attribute=name,
+                    query_value=query.labels[name],
+                    title=f"{name} = {query.labels[name]}: held-out query {query.path.name}",
+                    hits=[
+                        page.SearchHit(
+                            image=_load(client, h.source_uri),
+                            score=h.score,
+                            value=_value(h.metadata, name),
+                            title=str(h.metadata.get("title") or ""),
+                            product_id=h.product_id,
+                        )
+                        for h in hits
+                    ],
+                )
+            )
     return figures, shown
 
 
@@ -569,15 +605,23 @@ def _multi_search(client: Any, queries: list[_Query], names: list[str], options:
     k = options.top_k
     for n, query in enumerate(eligible, start=1):
         hits = client.search_multi(query.path, weights, top_k=k)
-        both = [_value(h.metadata, a) == query.labels[a] and _value(h.metadata, b) == query.labels[b] for h in hits]
+        both = [
+            _value(h.metadata, a) == query.labels[a] and _value(h.metadata, b) == query.labels[b]
+            for h in hits
+        ]
         scores.append(float(np.mean(both + [False] * (k - len(both)))))
         results.append((query, hits))
         if n % 8 == 0 or n == len(eligible):
             _notify(progress, "multi", n, len(eligible))
-    figures = {"weights": weights, "precision_at_k": round(100 * float(np.mean(scores)), 1) if scores else None,
-               "queries": len(scores)}
+    figures = {
+        "weights": weights,
+        "precision_at_k": round(100 * float(np.mean(scores)), 1) if scores else None,
+        "queries": len(scores),
+    }
     shown = []
-    for query, hits in _diverse(results, lambda r: f"{r[0].labels[a]}/{r[0].labels[b]}", 2, random.Random(options.seed + 3)):
+    for query, hits in _diverse(
+        results, lambda r: f"{r[0].labels[a]}/{r[0].labels[b]}", 2, random.Random(options.seed + 3)
+    ):
         value = f"{query.labels[a]} / {query.labels[b]}"
         shown.append(page.SearchResult(
             query_image=query.path, attribute=a, attributes=[a, b], query_value=value,
@@ -629,9 +673,15 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
         right = found and best is not None and best.product_id == item.product_id
         outcome = check.verdict if right else ("wrong_match" if found else DISTINCT)
         copies_confusion[outcome] += 1
-        card = _copy_card(client, check, edited, f"{' + '.join(edits)} of {item.path.name} (product {item.product_id})",
-                          "copy or near_duplicate" if right or not found else "copy of the right product",
-                          names, thresholds)
+        card = _copy_card(
+            client,
+            check,
+            edited,
+            f"{' + '.join(edits)} of {item.path.name} (product {item.product_id})",
+            "copy or near_duplicate" if right or not found else "copy of the right product",
+            names,
+            thresholds,
+        )
         if not right and found:
             card.verdict = f"{check.verdict} (wrong product)"
         (shown_wrong if not right else shown_copies).append(card)
@@ -640,8 +690,9 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
     for path in unrelated:
         check = client.check_copy(path)
         unrelated_confusion[check.verdict] += 1
-        shown_unrelated.append(_copy_card(client, check, path, f"{path.name}: {unrelated_what}", DISTINCT, names,
-                                          thresholds))
+        shown_unrelated.append(
+            _copy_card(client, check, path, f"{path.name}: {unrelated_what}", DISTINCT, names, thresholds)
+        )
         done += 1
         _notify(progress, "copy", done, total)
     right_copies = copies_confusion[COPY] + copies_confusion[NEAR_DUPLICATE]
@@ -681,9 +732,14 @@ def _copy_card(client: Any, check: Any, query: Any, label: str, expected: str, n
             ("pHash copy if ≤", t.phash_copy),
             ("attributes agreeing", f"{best.attributes_agreeing}/{len(best.attributes)}"),
         ]
-        evidence += [(f"{name} cosine (≥ {best.attributes[name].threshold:.2f})",
-                      f"{best.attributes[name].similarity:.3f} {'✓' if best.attributes[name].agrees else '✗'}")
-                     for name in names if name in best.attributes]
+        evidence += [
+            (
+                f"{name} cosine (≥ {best.attributes[name].threshold:.2f})",
+                f"{best.attributes[name].similarity:.3f} {'✓' if best.attributes[name].agrees else '✗'}",
+            )
+            for name in names
+            if name in best.attributes
+        ]
         match_image = _load(client, best.source_uri)
         match = page.CopyMatch(image=match_image, title=str(best.metadata.get("title") or ""),
                                product_id=best.product_id, score=best.score)
@@ -703,32 +759,68 @@ def _page(summary: DemoSummary, demo_model: DemoModel, searches: list[page.Searc
     facts: list[tuple[str, Any]] = [
         ("catalog", summary.catalog),
         ("images / products", f"{summary.images} / {summary.products}"),
-        ("ingested (held-out queries not ingested)", f"{summary.ingested} ({summary.held_out_queries} held out)"),
+        (
+            "ingested (held-out queries not ingested)",
+            f"{summary.ingested} ({summary.held_out_queries} held out)",
+        ),
         (f"attribute search: mean precision@{k}", f"{summary.mean_precision:.1f}%"),
-        (f"multi-attribute search precision@{k} ({' + '.join(summary.multi.get('weights', {}))}, both match)",
-         f"{summary.multi['precision_at_k']}%" if summary.multi.get("precision_at_k") is not None else "–"),
+        (
+            f"multi-attribute search precision@{k} "
+            f"({' + '.join(summary.multi.get('weights', {}))}, both match)",
+            f"{summary.multi['precision_at_k']}%" if summary.multi.get("precision_at_k") is not None else "–",
+        ),
         ("copy-check accuracy", f"{copy.accuracy}% of {copy.copies + copy.unrelated}"),
         ("ingest speed (decode → indexed)", f"{summary.ingest['images_per_second']} images/s"),
-        ("model", f"{summary.model['version']} ({'trained now' if demo_model.trained_now else 'from cache'}; "
-                  f"offline test MAP {summary.model['offline_test_map']} vs ImageNet floor {summary.model['imagenet_floor_map']})"),
+        (
+            "model",
+            f"{summary.model['version']} ({'trained now' if demo_model.trained_now else 'from cache'}; "
+            f"offline test MAP {summary.model['offline_test_map']} "
+            f"vs ImageNet floor {summary.model['imagenet_floor_map']})",
+        ),
         ("total time", f"{summary.seconds['total']:.0f} s"),
     ]
     per_attribute = page.Table(
         f"Attribute search on held-out images (precision@{k}, one hit per product)",
         ["attribute", f"P@{k} %", f"chance P@{k} %", "queries", "offline test MAP", "ImageNet floor MAP"],
-        [[a.attribute, a.precision_at_k, a.chance_precision_at_k, a.queries, a.offline_map if a.offline_map is not None else "–",
-          a.imagenet_floor_map if a.imagenet_floor_map is not None else "–"] for a in summary.per_attribute])
+        [
+            [
+                a.attribute,
+                a.precision_at_k,
+                a.chance_precision_at_k,
+                a.queries,
+                a.offline_map if a.offline_map is not None else "–",
+                a.imagenet_floor_map if a.imagenet_floor_map is not None else "–",
+            ]
+            for a in summary.per_attribute
+        ],
+    )
     confusion = page.Table(
-        "Copy checks (verdict counts)", ["queries", "copy", "near_duplicate", "distinct", "wrong product"],
-        [[f"{copy.copies} edited copies of ingested images", copy.copies_confusion.get("copy", 0),
-          copy.copies_confusion.get("near_duplicate", 0), copy.copies_confusion.get("distinct", 0),
-          copy.copies_confusion.get("wrong_match", 0)],
-         [f"{copy.unrelated} unrelated images", copy.unrelated_confusion.get("copy", 0),
-          copy.unrelated_confusion.get("near_duplicate", 0), copy.unrelated_confusion.get("distinct", 0), "–"]])
-    timing = page.Table("Time (seconds)", ["stage", "seconds"], [[k_, v] for k_, v in summary.seconds.items()])
+        "Copy checks (verdict counts)",
+        ["queries", "copy", "near_duplicate", "distinct", "wrong product"],
+        [
+            [
+                f"{copy.copies} edited copies of ingested images",
+                copy.copies_confusion.get("copy", 0),
+                copy.copies_confusion.get("near_duplicate", 0),
+                copy.copies_confusion.get("distinct", 0),
+                copy.copies_confusion.get("wrong_match", 0),
+            ],
+            [
+                f"{copy.unrelated} unrelated images",
+                copy.unrelated_confusion.get("copy", 0),
+                copy.unrelated_confusion.get("near_duplicate", 0),
+                copy.unrelated_confusion.get("distinct", 0),
+                "–",
+            ],
+        ],
+    )
+    timing = page.Table(
+        "Time (seconds)", ["stage", "seconds"], [[k_, v] for k_, v in summary.seconds.items()]
+    )
     notes = [
         "Every figure on this page was measured by this run on a fresh embedded deployment "
-        "(Milvus Lite + SQLite, in-process ingest). Queries are held-out images: not trained on, not ingested.",
+        "(Milvus Lite + SQLite, in-process ingest). "
+        "Queries are held-out images: not trained on, not ingested.",
         "Green frames: the hit has the query's value of the searched attribute; red: it does not. "
         "An edited copy counts as found when the verdict is copy or near_duplicate and the best match "
         "is the original's product; an unrelated image should be distinct.",

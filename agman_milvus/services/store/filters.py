@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 
 from agman_milvus.core.errors import AgmanError
 
-Scalar = Union[str, int, float, bool]
-FilterValue = Union[Scalar, Sequence[Scalar]]
+Scalar = str | int | float | bool
+FilterValue = Scalar | Sequence[Scalar]
 
 #: Escapes understood identically by Milvus Lite's parser and the server's (C-style subset).
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
