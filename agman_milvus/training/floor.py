@@ -30,6 +30,10 @@ class PooledImageNetFeatures(nn.Module):
         self.preprocess = Preprocess(image_size)
         self.eval()
 
-    def embed(self, images: torch.Tensor, attribute_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled top-stage features [B, C] of the frozen trunk."""
         top = self.trunk.forward_top(self.trunk.forward_high(self.trunk.forward_mid(images)))
-        return F.normalize(F.adaptive_avg_pool2d(top, 1).flatten(1).float(), dim=1)
+        return F.adaptive_avg_pool2d(top, 1).flatten(1).float()
+
+    def embed(self, images: torch.Tensor, attribute_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.features(images), dim=1)

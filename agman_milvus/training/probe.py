@@ -19,35 +19,25 @@ from torch import nn
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.training.datasets import ImageTable, decode_image
+from agman_milvus.training.floor import PooledImageNetFeatures
 from agman_milvus.training.readers import Label
 
 logger = logging.getLogger(__name__)
 
 
-class LinearProbe(nn.Module):
-    """``fit`` on labelled images, then ``embed(images, ids)`` like any retrieval model."""
+class LinearProbe(PooledImageNetFeatures):
+    """``fit`` on labelled images, then ``embed(images, ids)`` like any retrieval model: the
+    floor's frozen pooled features, one linear classifier per attribute on top."""
 
     model_name = "linear_probe"
-    has_classifier = False
 
     def __init__(self, schema: AttributeSchema, backbone: str = "mobilenet_v2", image_size: int = 224,
                  pretrained: str | None = "imagenet") -> None:
-        super().__init__()
-        from agman_milvus.core.model.backbones import build_trunk
-        from agman_milvus.core.model.transforms import Preprocess
-
-        self.schema = schema
-        self.trunk = build_trunk(backbone, with_top=True, pretrained=pretrained)
-        self.preprocess = Preprocess(image_size)
+        super().__init__(schema, backbone, image_size, pretrained)
         counts = [max(1, attribute.num_values) for attribute in schema.attributes]
         self.width = max(counts)
         self.classifiers = nn.ModuleList(nn.Linear(self.trunk.top_channels, n) for n in counts)
         self.eval()
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled top-stage features [B, C] of the frozen trunk."""
-        top = self.trunk.forward_top(self.trunk.forward_high(self.trunk.forward_mid(images)))
-        return F.adaptive_avg_pool2d(top, 1).flatten(1).float()
 
     def embed(self, images: torch.Tensor, attribute_ids: torch.Tensor) -> torch.Tensor:
         features = self.features(images)
