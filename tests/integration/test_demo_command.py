@@ -131,7 +131,10 @@ def test_html_page_shows_searches_with_thumbnails_and_copy_checks_with_evidence(
     for section in copies:
         text = " ".join(section["text"])
         assert "evidence" in text and "descriptor cosine" in text and "attributes agreeing" in text
-        assert len(section["images"]) == 2  # the query and its best match
+        # the query, its best match and, when the match was verified, the evidence picture
+        assert len(section["images"]) == 2 + ("matched region and inlier pairs" in text)
+        assert "verification" in text
+    assert any(len(section["images"]) == 3 for section in copies), "some match carries its evidence picture"
     assert set(parser.verdicts) & {"copy", "near_duplicate", "distinct"}
     assert any("unrelated" in " ".join(s["text"]) or "another seed" in " ".join(s["text"]) for s in copies)
     tables = " ".join(" ".join(s["text"]) for s in parser.of("table"))
