@@ -3,9 +3,10 @@
 ``tests/server_stack_tier.sh``, ``-k fault`` selects these).
 
 Each case runs ``agman ingest`` of a fresh manifest of ``N`` small images, waits until the
-workers are busy, then SIGKILLs both workers (and starts two new ones), SIGKILLs and restarts
-Redis, freezes the Milvus server for ``FREEZE`` seconds (SIGSTOP; restarting milvus-lite 2.3.5
-with data did not come back within 6 minutes here), or restarts PostgreSQL (immediate mode:
+workers are busy, holds them (SIGSTOP) until the manifest is registered, then SIGKILLs both
+workers (and starts two new ones), SIGKILLs and restarts Redis, freezes the Milvus server for
+``FREEZE`` seconds (SIGSTOP; restarting milvus-lite 2.3.5 with data did not come back within 6
+minutes here), or restarts PostgreSQL (immediate mode:
 connections cut, no clean shutdown). The ingest command must then finish on its own with every
 image indexed, within ``RECOVERY_LIMIT`` seconds of the service being back, and the
 deployment must hold 0 lost and 0 duplicated images: every SQL row indexed (or failed with a
@@ -124,12 +125,22 @@ def _run_case(d: Deployment, tmp: Path, case: str, seed: int, fault: Callable[[]
     ingest = subprocess.Popen([str(AGMAN), "ingest", str(manifest), "--json"], cwd=d.cwd, env=d.env,
                               stdout=log, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: _progress(d, case)[0] == N and _progress(d, case)[1] >= 16, 240,
-              f"{case}: the ingest to be registered and under way", d)
-        at_fault = _progress(d, case)[1]
-        assert at_fault < N, f"{case}: the fault came too late ({at_fault}/{N} already indexed)"
-        faulted = time.monotonic()
-        fault()
+        _wait(lambda: _progress(d, case)[1] >= 16, 240, f"{case}: the ingest to be under way", d)
+        # Hold the busy workers (SIGSTOP) until the whole manifest is registered, so the fault
+        # lands mid-ingest however fast they are; they resume (or are killed) with the fault.
+        paused = [p for p in d.background if p.poll() is None and "worker" in p.args]
+        for proc in paused:
+            os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            _wait(lambda: _progress(d, case)[0] == N, 240, f"{case}: the manifest to be registered", d)
+            at_fault = _progress(d, case)[1]
+            assert at_fault < N, f"{case}: the fault came too late ({at_fault}/{N} already indexed)"
+            faulted = time.monotonic()
+            fault()
+        finally:
+            for proc in paused:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGCONT)
         back = time.monotonic()
         _wait(lambda: _progress(d, case)[1] == N, RECOVERY_LIMIT, f"{case}: every image indexed", d)
         recovery, outage = time.monotonic() - back, back - faulted
