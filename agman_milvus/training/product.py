@@ -19,7 +19,6 @@ validation split), ``last.safetensors`` and ``metrics.jsonl`` (one line per epoc
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -37,7 +36,7 @@ from agman_milvus.training.feature_cache import FeatureCache, cached_trunk
 from agman_milvus.training.losses import in_batch_triplet_loss, proxy_loss
 from agman_milvus.training.metrics import MAPResult, mean_average_precision
 from agman_milvus.training.readers import Label, RetrievalSplit
-from agman_milvus.training.trainer import Callbacks, StepInfo, resolve_device
+from agman_milvus.training.trainer import Callbacks, RunFiles, StepInfo, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class ProductConfig:
         return {"recipe": RECIPE, **data}
 
 
-class ProductTrainer:
+class ProductTrainer(RunFiles):
     """Trains ``model`` on ``labels`` (images of ``table``); validates on ``valid`` each epoch."""
 
     def __init__(self, model: nn.Module, config: ProductConfig, labels: list[Label], table: ImageTable,
@@ -110,18 +109,6 @@ class ProductTrainer:
             weight_decay=config.weight_decay)
         self.best: float | None = None
         self.cache: FeatureCache | None = None
-
-    @property
-    def best_path(self) -> Path:
-        return self.output_dir / "best.safetensors"
-
-    @property
-    def last_path(self) -> Path:
-        return self.output_dir / "last.safetensors"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
 
     def fit(self, callbacks: Callbacks | None = None) -> list[dict[str, Any]]:
         """Train for ``config.epochs``; returns the per-epoch records (also in metrics.jsonl)."""
@@ -167,8 +154,7 @@ class ProductTrainer:
                                 extra={"epoch": epoch, "score": self.best, "recipe": RECIPE})
             record["best"] = self.best
             save_checkpoint(self.model, self.last_path, extra={"epoch": epoch, "recipe": RECIPE})
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.append_metrics(record)
             logger.info("epoch %d: loss %.4f, valid MAP %s", epoch, loss, record.get("valid_map"))
             records.append(record)
             if callbacks.on_epoch_end:

@@ -121,7 +121,30 @@ class _Running:
         return value / self.steps if self.steps else float("nan")
 
 
-class Trainer:
+class RunFiles:
+    """The files a training run writes in ``output_dir``: the best and the last checkpoint and
+    ``metrics.jsonl`` (one JSON line per epoch)."""
+
+    output_dir: Path
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "best.safetensors"
+
+    @property
+    def last_path(self) -> Path:
+        return self.output_dir / "last.safetensors"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class Trainer(RunFiles):
     """Trains ``model`` on triplets from ``sampler``; validates on ``valid`` each epoch."""
 
     def __init__(
@@ -166,19 +189,6 @@ class Trainer:
         self.epoch = 0
         self.best: float | None = None
         self.cache: FeatureCache | None = None
-
-    # -- files ---------------------------------------------------------------------------------
-    @property
-    def best_path(self) -> Path:
-        return self.output_dir / "best.safetensors"
-
-    @property
-    def last_path(self) -> Path:
-        return self.output_dir / "last.safetensors"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
 
     def resume(self, checkpoint: Path | None = None) -> int:
         """Restore model, optimizer, scheduler, epoch and best score from ``last.safetensors``."""
@@ -423,8 +433,7 @@ class Trainer:
         running.sim_neg += parts.sim_negative
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.append_metrics(record)
         logger.info("epoch %d: %s", record["epoch"],
                     ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                               if isinstance(v, float) and k in ("loss", "valid_map", "score", "lr")))
