@@ -3,46 +3,26 @@ the serving path loads into the same network, and the paper's recipe stays avail
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from agman_milvus.core.model import build_model, load_checkpoint, read_checkpoint_config
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.training.evaluate import evaluate_map
 from agman_milvus.training.product import ProductConfig, ProductTrainer
 from agman_milvus.training.sources import catalog_source
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-MARKS = {"light": (245, 245, 245), "dark": (15, 15, 15)}
+from tests.support.shapes import write_shapes_catalog
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """90 images: a coloured background (``colour``) with a light or dark square (``mark``)."""
-    root = tmp_path_factory.mktemp("shapes")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(90):
-        colour, mark = list(COLOURS)[i % 3], list(MARKS)[(i // 3) % 2]
-        image = Image.new("RGB", (56, 56), tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255))
-                                                for c in COLOURS[colour]))
-        size = int(rng.integers(18, 28))
-        x, y = (int(v) for v in rng.integers(2, 54 - size, size=2))
-        ImageDraw.Draw(image).rectangle((x, y, x + size, y + size), fill=MARKS[mark])
-        image.save(root / "images" / f"{i}.jpg", quality=92)
-        rows.append([f"images/{i}.jpg", f"p{i}", colour, mark])
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "id", "colour", "mark"])
-        writer.writerows(rows)
-    return root / "manifest.csv"
+    return write_shapes_catalog(tmp_path_factory.mktemp("shapes"), 90)
 
 
 @pytest.fixture(autouse=True)

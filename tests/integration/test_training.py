@@ -7,14 +7,12 @@ has to be learned. The model is AG-MAN on a randomly initialised MobileNetV2 at 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from agman_milvus.core.model import CheckpointError, build_model, load_checkpoint
 from agman_milvus.training.datasets import TrainTransform, TripletDataset, collate_skipping
@@ -23,40 +21,12 @@ from agman_milvus.training.readers import Triplet
 from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.sources import catalog_source
 from agman_milvus.training.trainer import TrainConfig, Trainer
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-MARKS = {"light": (245, 245, 245), "dark": (15, 15, 15)}
-
-
-def _draw(mark: str, colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
-    """A coloured background (attribute ``colour``) with a light or dark square (``mark``)."""
-    jitter = rng.integers(-12, 13, size=3)
-    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
-    image = Image.new("RGB", (56, 56), background)
-    size = int(rng.integers(18, 28))
-    x, y = (int(v) for v in rng.integers(2, 54 - size, size=2))
-    ImageDraw.Draw(image).rectangle((x, y, x + size, y + size), fill=MARKS[mark])
-    return image
+from tests.support.shapes import write_shapes_catalog
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(150):
-        colour = list(COLOURS)[i % 3]
-        mark = list(MARKS)[(i // 3) % 2]
-        _draw(mark, COLOURS[colour], rng).save(root / "images" / f"{i}.jpg", quality=92)
-        rows.append([f"images/{i}.jpg", f"p{i}", colour, mark])
-    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    rows.append(["images/broken.jpg", "broken", "red", "circle"])
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "id", "colour", "mark"])
-        writer.writerows(rows)
-    return root / "manifest.csv"
+    return write_shapes_catalog(tmp_path_factory.mktemp("shapes"), 150, broken=True)
 
 
 def _setup(catalog: Path, out: Path, epochs: int, cached: bool, triplets: int):
