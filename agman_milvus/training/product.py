@@ -94,14 +94,12 @@ class ProductTrainer(RunFiles):
         self.values = torch.full((len(self.images), k), -1, dtype=torch.long)
         for label in labels:
             self.values[index[label.image], label.attribute] = label.value
-        counts = (self.values.max(dim=0).values + 1).clamp(min=1).tolist()
+        counts = [max(1, attribute.num_values) for attribute in model.schema.attributes]
         torch.manual_seed(config.seed)
         self.proxies = nn.ParameterList(
             nn.Parameter(torch.randn(n, model.embed_dim, device=self.device) * 0.01) for n in counts)
-        high = {id(p) for p in model.trunk.high_stage().parameters()}
-        for parameter in model.trunk.parameters():
-            parameter.requires_grad_(id(parameter) in high)
-        trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
+        model.trunk.requires_grad_(False)
+        trunk_params = list(model.trunk.high_stage().requires_grad_(True).parameters())
         head_params = [p for name, p in model.named_parameters() if not name.startswith("trunk.")]
         self.optimizer = torch.optim.AdamW(
             [{"params": head_params + list(self.proxies), "lr": config.lr},
