@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -234,6 +235,8 @@ class EvidenceRenderer:
 def report_html(report: ScreeningReport, loader: ImageLoader | None = None, title: str | None = None) -> str:
     """The screening report as one HTML page: query and match side by side, scores, the
     evidence picture and the per-attribute agreement."""
+    if loader:  # thumbnails and evidence pictures read the same images: decode each once
+        loader = functools.lru_cache(maxsize=64)(loader)
     thumbs = ThumbnailLoader(loader) if loader else _no_thumbnail
     evidence = EvidenceRenderer(loader) if loader else _no_evidence
     return render_page("screening_report.html", title=title or f"Screening report, job {report.job_id}",
