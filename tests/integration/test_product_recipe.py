@@ -111,6 +111,14 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert paper["taps"] == "paper"
     assert json.loads((tmp_path / "paper" / "config.json").read_text())["lr"] == 1e-4
     assert load_checkpoint(tmp_path / "paper" / "best.safetensors").has_classifier
+    # an option of the other recipe is refused, not silently ignored
+    refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mixed"), *common,
+                                  "--freeze-backbone", "--step-size", "2"])
+    assert refused.exit_code == 2 and "--step-size, --freeze-backbone: only --recipe paper" in refused.output
+    refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mixed"), *common,
+                                  "--recipe", "paper", "--proxy-scale", "4"])
+    assert refused.exit_code == 2 and "--proxy-scale: only --recipe product uses it" in refused.output
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_eval_linear_probe_reports_intervals(catalog: Path, tmp_path: Path) -> None:

@@ -48,6 +48,24 @@ def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
     Console().print(table)
 
 
+#: options that only one recipe reads: giving one to the other recipe is an error, not a no-op
+_RECIPE_ONLY = {
+    "paper": ("triplets_per_epoch", "step_size", "gamma", "no_cls_loss", "freeze_backbone",
+              "cache_features", "resume"),
+    "product": ("high_lr", "weight_decay", "proxy_scale"),
+}
+
+
+def _refuse_other_recipes_options(ctx: typer.Context, recipe: str) -> None:
+    for other, names in _RECIPE_ONLY.items():
+        given = [name for name in names if other != recipe
+                 and ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            pronoun = "it" if len(given) == 1 else "them"
+            raise typer.BadParameter(f"{flags}: only --recipe {other} uses {pronoun}")
+
+
 def _product_trainer(net, source, options: dict):
     from agman_milvus.training.product import ProductConfig, ProductTrainer
 
@@ -89,6 +107,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
+        ctx: typer.Context,
         model: str = typer.Argument(..., help=f"Model to train: {', '.join(models)}"),
         output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics.jsonl)"),
         catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)",
@@ -160,8 +179,7 @@ def register(app: typer.Typer) -> None:
         if recipe not in ("product", "paper"):
             raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
         product = recipe == "product"
-        if product and resume:
-            raise typer.BadParameter("--resume works with --recipe paper only (a product run takes minutes)")
+        _refuse_other_recipes_options(ctx, recipe)
         source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
         if not source.train:
             raise typer.BadParameter("the data source has no training labels")
