@@ -114,12 +114,16 @@ class BlobStore:
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         """Store ``data`` and return its SHA-256 hex id. Idempotent and atomic."""
+        return self.put_new(data)[0]
+
+    def put_new(self, data: bytes | bytearray | memoryview) -> tuple[str, bool]:
+        """Like :meth:`put`, and say whether the blob was written now (False: it was there)."""
         data = bytes(data)
         sha = self.sha256(data)
         target = self.path(sha)
         try:
             if target.stat().st_size == len(data):
-                return sha
+                return sha, False
             logger.warning("blob %s has the wrong size on disk; rewriting it", sha)
         except FileNotFoundError:
             pass
@@ -140,7 +144,7 @@ class BlobStore:
             raise
         _fsync_dir(target.parent)
         logger.debug("stored blob %s (%d bytes)", sha, len(data))
-        return sha
+        return sha, True
 
     def _make_dirs(self, directory: Path) -> None:
         """Create ``directory`` and its parents up to and including ``root``, each 0700."""

@@ -111,13 +111,11 @@ def _ref_key(ref: str) -> str:
 
 def _store(data: bytes, source_uri: str | None, blobs: BlobStore, settings: Settings) -> _Source:
     """Check the header, then keep the bytes: what is not an image never enters the store."""
-    sha = BlobStore.sha256(data)
     try:
         probe_image_bytes(data, settings=settings, source=source_uri)
     except ImageError as exc:
-        return _Source(sha, source_uri, failure_text(exc))
-    new = not blobs.exists(sha)
-    blobs.put(data)
+        return _Source(BlobStore.sha256(data), source_uri, failure_text(exc))
+    sha, new = blobs.put_new(data)
     return _Source(sha, source_uri or BlobStore.uri(sha), new_blob=new)
 
 
