@@ -87,13 +87,15 @@ def embed_with_attempts(image_ids: Sequence[int], services: Services) -> IndexRe
     crashed before; see the module docstring."""
     catalog = services.catalog
     ids = list(dict.fromkeys(int(i) for i in image_ids))
-    earlier = catalog.images.attempts(ids)
-    if max(earlier.values(), default=0) >= BATCH_ATTEMPTS:
+    attempts = catalog.images.claim(ids)  # counts this attempt; the earlier ones are one less
+    crashed_before = sum(1 for a in attempts.values() if a > BATCH_ATTEMPTS)
+    if crashed_before:
         logger.info("%d of %d images were attempted %d times before: embedding them one by one",
-                    sum(1 for a in earlier.values() if a >= BATCH_ATTEMPTS), len(ids), BATCH_ATTEMPTS)
-        catalog.images.claim(ids, count=False)  # busy with all of them (attempts count one by one)
+                    crashed_before, len(ids), BATCH_ATTEMPTS)
+        # Take the batch attempt back (the claim stamp stays): attempts count one by one.
+        catalog.images.unclaim(list(attempts))
         return _one_by_one(ids, services, claim=True)
-    claimed = list(catalog.images.claim(ids))
+    claimed = list(attempts)
 
     def still_busy(_part: IndexReport) -> None:  # a heartbeat per written batch
         catalog.images.claim(claimed, count=False)

@@ -144,16 +144,6 @@ class ImageRepository(Repository):
         return self._set_status(image_ids, ImageStatus.pending, failure_reason=None, claimed_at=None,
                                 attempts=0)
 
-    def attempts(self, image_ids: Sequence[int]) -> dict[int, int]:
-        """Attempt counts of the *pending* images among ``image_ids``, by id."""
-        out: dict[int, int] = {}
-        with self.sessions() as s:
-            for chunk in chunks(list(image_ids)):
-                rows = s.execute(select(Image.id, Image.attempts).where(
-                    Image.id.in_(chunk), Image.status == ImageStatus.pending))
-                out.update((row[0], row[1]) for row in rows)
-        return out
-
     def claim(self, image_ids: Sequence[int], *, count: bool = True) -> dict[int, int]:
         """A worker starts embedding these images: count an attempt on the pending ones and
         stamp ``claimed_at``; returns their attempt counts including this one, by id.
@@ -172,7 +162,8 @@ class ImageRepository(Repository):
         return out
 
     def unclaim(self, image_ids: Sequence[int]) -> None:
-        """Take back an attempt that infrastructure trouble cut short (it is retried)."""
+        """Take back a counted attempt that did not run: infrastructure trouble cut it short (it
+        is retried), or its batch is split (each image then counts on its own); still stamped."""
         with self.sessions.begin() as s:
             for chunk in chunks(list(image_ids)):
                 s.execute(update(Image).where(Image.id.in_(chunk), Image.status == ImageStatus.pending,
