@@ -14,8 +14,9 @@ task) retries.
 ``settings.pending_resend_after`` seconds ago (its worker went silent) or, when the caller
 knows no message can still be waiting for it (the queue is empty), when it has waited unclaimed
 that long (its message was lost: a Redis restart, a failed publish). :func:`resend_stale`
-stamps stale images as sent and hands them to ``submit`` (the workers' timer, ``agman
-reconcile`` and a waiting ``agman ingest`` all call it; the stamp makes them take turns).
+stamps stale images as sent and hands them to ``submit``, slice by slice until none is left
+(the workers' timer, ``agman reconcile`` and a waiting ``agman ingest`` all call it; the stamp
+makes them take turns).
 Embedding is idempotent (upserts keyed by image id), so a re-send that races a slow worker
 costs time, not correctness.
 """
@@ -37,11 +38,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_ATTEMPTS", "embed_with_attempts", "resend_stale", "stale_pending"]
+__all__ = ["BATCH_ATTEMPTS", "RESEND_SLICE", "embed_with_attempts", "resend_stale", "stale_pending"]
 
 #: Attempts of a batch as a whole: a worker killed once (a deploy, a crash elsewhere) costs one
 #: batch re-run; a batch that killed two workers is split.
 BATCH_ATTEMPTS = 2
+
+#: Stale images taken (stamped) and submitted per step of :func:`resend_stale`.
+RESEND_SLICE = 1000
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -112,7 +116,7 @@ def embed_with_attempts(image_ids: Sequence[int], services: Services) -> IndexRe
 
 def stale_pending(catalog: Catalog, resend_after: float, *, unclaimed: bool,
                   image_ids: Sequence[int] | None = None, take: bool = False,
-                  limit: int = 1000) -> list[int]:
+                  limit: int = RESEND_SLICE) -> list[int]:
     """Ids of stale pending images (see the module docstring); ``take`` stamps them as sent."""
     cutoff = utcnow() - timedelta(seconds=resend_after)
     return catalog.images.stale_pending(
@@ -121,18 +125,24 @@ def stale_pending(catalog: Catalog, resend_after: float, *, unclaimed: bool,
 
 def resend_stale(
     catalog: Catalog, submit: Callable[[list[int]], None], resend_after: float, *, unclaimed: bool,
-    image_ids: Sequence[int] | None = None, limit: int = 1000,
+    image_ids: Sequence[int] | None = None, limit: int = RESEND_SLICE,
 ) -> int:
-    """Take stale pending images (at most ``limit``) and ``submit`` them; returns how many.
+    """Take stale pending images and ``submit`` them, in slices of at most ``limit`` until a
+    slice comes back short (drained); returns how many.
 
-    ``resend_after`` 0 disables re-sending. ``image_ids`` restricts the search (a waiting
-    ``agman ingest`` re-sends its own images only)."""
+    Slices keep a large backlog's stamping and sending bounded. ``resend_after`` 0 disables
+    re-sending. ``image_ids`` restricts the search (a waiting ``agman ingest`` re-sends its own
+    images only)."""
     if resend_after <= 0:
         return 0
-    ids = stale_pending(catalog, resend_after, unclaimed=unclaimed, image_ids=image_ids, take=True,
-                        limit=limit)
-    if ids:
-        logger.warning("re-sending %d images pending for more than %.0f s (first ids %s)",
-                       len(ids), resend_after, ids[:5])
-        submit(ids)
-    return len(ids)
+    total = 0
+    while True:
+        ids = stale_pending(catalog, resend_after, unclaimed=unclaimed, image_ids=image_ids, take=True,
+                            limit=limit)
+        if ids:
+            logger.warning("re-sending %d images pending for more than %.0f s (first ids %s)",
+                           len(ids), resend_after, ids[:5])
+            submit(ids)
+        total += len(ids)
+        if len(ids) < limit:
+            return total

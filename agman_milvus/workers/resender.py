@@ -46,15 +46,10 @@ def resend_stale_celery(app: Any, catalog: Any, settings: Settings,
 
     if settings.pending_resend_after <= 0:
         return 0
-    total = 0
     unclaimed = queue_depth(app) == 0
     dispatcher = CeleryDispatcher(app, priority=RESEND_PRIORITY)  # ahead of any backlog
-    while True:  # in slices, so a large backlog is stamped and sent in bounded steps
-        sent = resend_stale(catalog, dispatcher.submit, settings.pending_resend_after,
-                            unclaimed=unclaimed, image_ids=image_ids)
-        total += sent
-        if sent < 1000:
-            return total
+    return resend_stale(catalog, dispatcher.submit, settings.pending_resend_after,
+                        unclaimed=unclaimed, image_ids=image_ids)
 
 
 class ResendStep(bootsteps.StartStopStep):

@@ -1,7 +1,8 @@
 """Recovery of embedding work, embedded mode: real SQLite, real Milvus Lite, a tiny real model.
 
 * which pending images are stale (claimed by a silent worker, or waiting unclaimed) and that
-  taking them stamps them, so two callers never re-send the same image;
+  taking them stamps them, so two callers never re-send the same image; a re-send goes slice
+  by slice until none is left;
 * an image whose worker died ``max_attempts`` times is failed with a reason, its batchmates are
   indexed (the state a killed worker leaves is made with the same ``claim`` calls it makes);
 * ``agman reconcile`` re-embeds images left pending by a crashed in-process ingest.
@@ -92,6 +93,26 @@ def test_stale_pending_claimed_unclaimed_and_taken_once(sqlite_catalog) -> None:
     assert _pending_attempts(sqlite_catalog, ids) == {ids[0]: 1, ids[1]: 2, ids[3]: 1}
     images.mark_pending([ids[1]])  # an explicit retry starts afresh
     assert _pending_attempts(sqlite_catalog, [ids[1]]) == {ids[1]: 0}
+
+
+def test_resend_stale_sends_slice_by_slice_until_drained(sqlite_catalog) -> None:
+    from agman_milvus.usecases.recovery import resend_stale
+
+    product = sqlite_catalog.products.upsert("p").id
+    ids = [sqlite_catalog.images.add(product, f"{i:064x}")[0].id for i in range(5)]
+    sqlite_catalog.images.claim(ids[:1])
+    time.sleep(1.1)
+    sent: list[list[int]] = []
+
+    assert resend_stale(sqlite_catalog, sent.append, 1.0, unclaimed=False, limit=2) == 1
+    assert sent == [ids[:1]]  # the queue may still hold the unclaimed ones' messages
+    time.sleep(1.1)
+    sent.clear()
+    assert resend_stale(sqlite_catalog, sent.append, 1.0, unclaimed=True, limit=2) == 5
+    assert sent == [ids[:2], ids[2:4], ids[4:]]  # bounded slices, none sent twice
+    assert resend_stale(sqlite_catalog, sent.append, 1.0, unclaimed=True, limit=2) == 0  # stamped
+    assert resend_stale(sqlite_catalog, sent.append, 0, unclaimed=True) == 0  # 0 disables
+    assert len(sent) == 3
 
 
 def test_image_that_killed_its_workers_fails_and_its_batchmates_are_indexed(services) -> None:

@@ -44,10 +44,7 @@ def _pending_resender(settings: Any, catalog: Any, reembed: Any) -> Callable[[bo
             return resend_stale_celery(celery, catalog, settings)
         if dry_run:
             return len(stale_pending(catalog, after, unclaimed=True, limit=10**9))
-        total = 0
-        while sent := resend_stale(catalog, reembed, after, unclaimed=True):
-            total += sent
-        return total
+        return resend_stale(catalog, reembed, after, unclaimed=True)
 
     return resend
 
