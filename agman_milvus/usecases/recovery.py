@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from agman_milvus.services.store.catalog import Catalog
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_ATTEMPTS", "RESEND_SLICE", "embed_with_attempts", "resend_stale", "stale_pending"]
+__all__ = ["BATCH_ATTEMPTS", "RESEND_SLICE", "count_stale", "embed_with_attempts", "resend_stale"]
 
 #: Attempts of a batch as a whole: a worker killed once (a deploy, a crash elsewhere) costs one
 #: batch re-run; a batch that killed two workers is split.
@@ -114,13 +114,13 @@ def embed_with_attempts(image_ids: Sequence[int], services: Services) -> IndexRe
         return _one_by_one(ids, services, claim=False)
 
 
-def stale_pending(catalog: Catalog, resend_after: float, *, unclaimed: bool,
-                  image_ids: Sequence[int] | None = None, take: bool = False,
-                  limit: int = RESEND_SLICE) -> list[int]:
-    """Ids of stale pending images (see the module docstring); ``take`` stamps them as sent."""
-    cutoff = utcnow() - timedelta(seconds=resend_after)
-    return catalog.images.stale_pending(
-        cutoff, unclaimed=unclaimed, image_ids=image_ids, take=take, limit=limit)
+def _cutoff(resend_after: float) -> datetime:
+    return utcnow() - timedelta(seconds=resend_after)
+
+
+def count_stale(catalog: Catalog, resend_after: float, *, unclaimed: bool) -> int:
+    """How many pending images are stale (see the module docstring); nothing is changed."""
+    return catalog.images.count_stale(_cutoff(resend_after), unclaimed=unclaimed)
 
 
 def resend_stale(
@@ -137,8 +137,8 @@ def resend_stale(
         return 0
     total = 0
     while True:
-        ids = stale_pending(catalog, resend_after, unclaimed=unclaimed, image_ids=image_ids, take=True,
-                            limit=limit)
+        ids = catalog.images.stale_pending(_cutoff(resend_after), unclaimed=unclaimed,
+                                           image_ids=image_ids, take=True, limit=limit)
         if ids:
             logger.warning("re-sending %d images pending for more than %.0f s (first ids %s)",
                            len(ids), resend_after, ids[:5])

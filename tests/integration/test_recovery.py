@@ -79,6 +79,9 @@ def test_stale_pending_claimed_unclaimed_and_taken_once(sqlite_catalog) -> None:
     assert images.stale_pending(future, unclaimed=False) == ids[:2]  # claimed: stale regardless
     assert images.stale_pending(future, unclaimed=True) == ids  # + unclaimed when none can queue
     assert images.stale_pending(future, unclaimed=True, image_ids=[ids[1], ids[3]]) == [ids[1], ids[3]]
+    counts = [images.count_stale(cutoff, unclaimed=u) for cutoff, u in
+              [(past, True), (future, False), (future, True)]]
+    assert counts == [0, 2, 4]  # what a dry run reports: the same rows, counted in SQL
 
     assert images.stale_pending(future, unclaimed=False, take=True) == ids[:2]
     assert images.stale_pending(future - timedelta(seconds=4), unclaimed=False, take=True) == []

@@ -27,7 +27,7 @@ def _check_checkpoint_is_active(checkpoint: object, active_version: str) -> None
 def _pending_resender(settings: Any, catalog: Any, reembed: Any) -> Callable[[bool], int]:
     """Counts (dry run) or re-sends stale pending images: to the workers when there is a
     broker, else embedded here (nothing else would embed them)."""
-    from agman_milvus.usecases.recovery import resend_stale, stale_pending
+    from agman_milvus.usecases.recovery import count_stale, resend_stale
 
     after = settings.pending_resend_after
 
@@ -40,10 +40,10 @@ def _pending_resender(settings: Any, catalog: Any, reembed: Any) -> Callable[[bo
 
             celery = create_app(settings)
             if dry_run:
-                return len(stale_pending(catalog, after, unclaimed=queue_depth(celery) == 0, limit=10**9))
+                return count_stale(catalog, after, unclaimed=queue_depth(celery) == 0)
             return resend_stale_celery(celery, catalog, settings)
         if dry_run:
-            return len(stale_pending(catalog, after, unclaimed=True, limit=10**9))
+            return count_stale(catalog, after, unclaimed=True)
         return resend_stale(catalog, reembed, after, unclaimed=True)
 
     return resend

@@ -197,6 +197,12 @@ class ImageRepository(Repository):
                             .values(claimed_at=None, updated_at=utcnow()).returning(Image.id))
             return sorted(ids)
 
+    def count_stale(self, cutoff: datetime, *, unclaimed: bool) -> int:
+        """How many images :meth:`stale_pending` would return without a limit (counted in SQL)."""
+        with self.sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(Image)
+                                .where(self._stale(cutoff, unclaimed))) or 0)
+
     def _set_status(self, image_ids: Sequence[int], status: ImageStatus, **values: Any) -> int:
         changed = 0
         with self.sessions.begin() as s:
