@@ -338,9 +338,7 @@ def decode_image_bytes(
     ``source`` only names the origin in error messages.
     """
     limits = resolve_limits(settings, max_bytes, max_pixels, 1.0)
-    data = bytes(data)
-    label = source or "the given bytes"
-    check_size(len(data), limits.max_bytes, label)
+    data, label = _sized_bytes(data, limits, source)
     return _decode(data, limits, label)
 
 
@@ -357,9 +355,7 @@ def probe_image_bytes(
     those problems. Damage inside the compressed pixel data is found only by decoding.
     """
     limits = resolve_limits(settings, None, None, None)
-    data = bytes(data)
-    label = source or "the given bytes"
-    check_size(len(data), limits.max_bytes, label)
+    data, label = _sized_bytes(data, limits, source)
     im = _open_checked(data, limits, label)
     try:
         return im.format or "image", im.width, im.height
@@ -370,6 +366,15 @@ def probe_image_bytes(
 # --------------------------------------------------------------------------------------------
 # Reading sources
 # --------------------------------------------------------------------------------------------
+
+
+def _sized_bytes(data: bytes | bytearray | memoryview, limits: ImageLimits, source: str | None
+                 ) -> tuple[bytes, str]:
+    """In-memory image bytes under the byte limit, and the label that names them in messages."""
+    label = source or "the given bytes"
+    data = bytes(data)
+    check_size(len(data), limits.max_bytes, label)
+    return data, label
 
 
 def _describe(source: object) -> str:
@@ -509,7 +514,6 @@ def _read_file(path: Path, limits: ImageLimits, *, label: str | None = None) -> 
     label = label or str(path)
     max_bytes = limits.max_bytes
     resolved, checked = check_local_path(path, limits.roots, label=label)
-    check_size(checked.st_size, max_bytes, label)
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) \
         | getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -524,7 +528,7 @@ def _read_file(path: Path, limits: ImageLimits, *, label: str | None = None) -> 
             raise ImageNotFoundError(
                 f"{label} changed while it was being opened", reason="unreadable", source=label
             )
-        check_size(st.st_size, max_bytes, label)
+        check_size(st.st_size, max_bytes, label)  # the opened file's size, before reading it
         with os.fdopen(fd, "rb", closefd=True) as fh:
             fd = -1
             data = fh.read(max_bytes + 1)  # the file may have grown since fstat

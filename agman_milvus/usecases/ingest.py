@@ -115,6 +115,11 @@ def _store(data: bytes, source_uri: str | None, blobs: BlobStore, settings: Sett
         probe_image_bytes(data, settings=settings, source=source_uri)
     except ImageError as exc:
         return _Source(BlobStore.sha256(data), source_uri, failure_text(exc))
+    return _keep(data, source_uri, blobs)
+
+
+def _keep(data: bytes, source_uri: str | None, blobs: BlobStore) -> _Source:
+    """Keep bytes already known to be an image."""
     sha, new = blobs.put_new(data)
     return _Source(sha, source_uri or BlobStore.uri(sha), new_blob=new)
 
@@ -134,7 +139,7 @@ def _resolve_source(image: ImageSource, blobs: BlobStore, settings: Settings) ->
             data = read_image_bytes(image, settings=settings)
         except ImageError as exc:
             return _Source(_ref_key(f"pil:{image.mode}:{image.size}"), None, failure_text(exc))
-        return _store(data, None, blobs, settings)
+        return _keep(data, None, blobs)  # checked and decoded before it was encoded: no probe
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if not isinstance(image, str):

@@ -113,12 +113,14 @@ def test_bad_images_fail_with_reason_and_the_batch_goes_on(client, tmp_path: Pat
     cut_short = register_image(services, "bad-4", _jpeg(31)[:len(whole) // 2][::-1])  # garbage
     text = register_image(services, "bad-2", b"<html>403</html>")
     missing = register_image(services, "bad-3", tmp_path / "nope.jpg")
+    banner = register_image(services, "bad-5", Image.new("RGB", (1, 500)))  # checked before encoding
     assert missing.status == ImageStatus.failed and missing.reason.startswith("not_found:")
     assert not missing.needs_embedding
     # What the header shows is not an image fails at once and its bytes are never stored.
-    for reg in (text, cut_short):
+    for reg in (text, cut_short, banner):
         assert reg.status == ImageStatus.failed and not reg.needs_embedding
     assert text.reason.startswith("not_an_image:")
+    assert banner.reason.startswith("extreme_aspect_ratio:")
     assert len(list(services.blobs.iter_ids())) == 6  # five good images and the truncated one
     assert truncated.needs_embedding  # pixel data cut short: only decoding finds it
     ids = [r.image_id for r in [good[0], truncated, *good[1:3], *good[3:]]]
