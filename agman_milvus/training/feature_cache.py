@@ -20,16 +20,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.training.datasets import ImageTable, decode_image
-from agman_milvus.training.evaluate import evaluating
+from agman_milvus.training.evaluate import autocast, evaluating
+from agman_milvus.training.metrics import MAPResult, mean_average_precision
+from agman_milvus.training.readers import Label, RetrievalSplit
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,38 @@ class FeatureCache:
             logger.warning("feature cache: %d undecodable image(s) left out", dropped)
         return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {})
 
+    @classmethod
+    def load_or_build(
+        cls,
+        path: Path | None,
+        meta: dict[str, object],
+        trunk: nn.Module,
+        table: ImageTable,
+        train_images: Sequence[int],
+        valid_images: Sequence[int],
+        preprocess: Callable,
+        *,
+        on_build: Callable[[int], None] | None = None,
+        **build_options: Any,
+    ) -> FeatureCache:
+        """The cache at ``path`` if it matches ``meta``; else built (training images with their
+        mirrors, validation images as they are; ``on_build(images)`` first) and saved there."""
+        cache = cls.load(path, meta) if path else None
+        if cache is not None:
+            logger.info("feature cache: loaded %d rows from %s", len(cache), path)
+            return cache
+        if on_build is not None:
+            on_build(len(train_images) + len(valid_images))
+        started = time.perf_counter()
+        cache = cls.build(trunk, table, train_images, preprocess, with_flips=True, **build_options)
+        if valid_images:
+            cache = cache.extend(cls.build(trunk, table, valid_images, preprocess, with_flips=False,
+                                           **build_options))
+        logger.info("feature cache: %d rows in %.0f s", len(cache), time.perf_counter() - started)
+        if path:
+            cache.save(path, meta)
+        return cache
+
     def save(self, path: Path, meta: dict[str, object]) -> None:
         """Write to a safetensors file (``meta`` identifies trunk, size and image list)."""
         keys = torch.tensor([[image, int(flipped)] for image, flipped in self.keys], dtype=torch.long)
@@ -168,6 +205,33 @@ class CachedTrunk(nn.Module):
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self.real.forward_top(high)
+
+
+@torch.no_grad()
+def cached_map(
+    model: nn.Module, cache: FeatureCache, split: RetrievalSplit, *, batch_size: int = 64
+) -> MAPResult:
+    """MAP of ``model`` on ``split`` from cached maps: each image embedded once for all attributes
+    (the same network as embedding the images; images missing from the cache are left out)."""
+    labels = [lab for lab in split.queries + split.candidates if cache.row(lab.image) is not None]
+    images = sorted({lab.image for lab in labels})
+    at = {image: i for i, image in enumerate(images)}
+    rows = torch.tensor([cache.row(image) for image in images], dtype=torch.long)
+    device = next(model.parameters()).device
+    chunks = []
+    with cached_trunk(model, cache), evaluating(model), autocast(device):
+        for start in range(0, len(rows), batch_size):
+            chunks.append(model.embed_all(rows[start : start + batch_size].to(device)).float().cpu())
+    embedded = torch.cat(chunks).numpy()
+
+    def arrays(part: list[Label]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        part = [lab for lab in part if lab.image in at]
+        attributes = np.asarray([lab.attribute for lab in part])
+        return embedded[[at[lab.image] for lab in part], attributes], attributes, \
+            np.asarray([lab.value for lab in part])
+
+    return mean_average_precision(*arrays(split.queries), *arrays(split.candidates),
+                                  names=dict(enumerate(model.schema.names)))
 
 
 @contextlib.contextmanager

@@ -64,16 +64,6 @@ def triplet_objective(
 
 
 # -- product recipe (issue #12) ------------------------------------------------------------------
-def proxy_loss(embeddings: torch.Tensor, proxies: torch.Tensor, values: torch.Tensor, *,
-               scale: float = 16.0, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Normalised-softmax value classification: cross-entropy of ``scale · cos(e, proxy_v)``.
-
-    ``embeddings`` [N, D] (unit), ``proxies`` [V, D] (any norm), ``values`` [N] in [0, V).
-    """
-    logits = scale * embeddings.float() @ F.normalize(proxies.float(), dim=1).T
-    return F.cross_entropy(logits, values, label_smoothing=label_smoothing)
-
-
 def in_batch_triplet_loss(embeddings: torch.Tensor, values: torch.Tensor, margin: float = 0.2,
                           generator: torch.Generator | None = None) -> torch.Tensor | None:
     """Random in-batch triplets: each anchor with one random positive (same value, another image)

@@ -76,6 +76,14 @@ class MAPResult:
             out["overall"] = [float(np.percentile(means, low)), float(np.percentile(means, high))]
         return out
 
+    def named_maps(self) -> dict[str, float]:
+        """``{attribute name: MAP}``."""
+        return {self.names.get(a, str(a)): m for a, m in self.per_attribute.items()}
+
+    def validation_record(self) -> dict[str, object]:
+        """The per-epoch validation fields of a training record."""
+        return {"score": self.overall, "valid_map": self.overall, "valid_per_attribute": self.named_maps()}
+
     def to_json(self) -> dict[str, object]:
         return {
             "overall_map": self.overall,

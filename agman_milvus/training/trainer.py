@@ -38,9 +38,8 @@ from torch.utils.data import DataLoader
 
 from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
 from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
-from agman_milvus.training.feature_cache import FeatureCache, cached_trunk
+from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import triplet_objective
-from agman_milvus.training.metrics import mean_average_precision
 from agman_milvus.training.readers import RetrievalSplit, Triplet
 from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.state import load_training_state, save_training_state
@@ -269,15 +268,12 @@ class Trainer(RunFiles):
     def _validate(self, callbacks: Callbacks) -> dict[str, Any]:
         started = time.perf_counter()
         if self.valid is not None and self.cache is not None:
-            result = self._cached_map(self.valid)
-            out = {"score": result.overall, "valid_map": result.overall,
-                   "valid_per_attribute": {k: v["map"] for k, v in result.to_json()["per_attribute"].items()}}
+            out = cached_map(self.model, self.cache, self.valid,
+                             batch_size=self.config.eval_batch_size).validation_record()
         elif self.valid is not None:
-            result = evaluate_map(self.model, self.valid, self.valid_table,
-                                  batch_size=self.config.eval_batch_size,
-                                  workers=self.config.workers, progress=callbacks.on_eval)
-            out = {"score": result.overall, "valid_map": result.overall,
-                   "valid_per_attribute": {k: v["map"] for k, v in result.to_json()["per_attribute"].items()}}
+            out = evaluate_map(self.model, self.valid, self.valid_table,
+                               batch_size=self.config.eval_batch_size,
+                               workers=self.config.workers, progress=callbacks.on_eval).validation_record()
         else:
             acc = evaluate_triplets(self.model, self.valid_triplets or [], self.valid_table,
                                     batch_size=self.config.eval_batch_size, progress=callbacks.on_eval)
@@ -336,25 +332,12 @@ class Trainer(RunFiles):
             "train": [str(self.table.path(i)) for i in train_images],
             "valid": [str(self.valid_table.path(i)) for i in valid_images],
         }
-        path = self.config.cache_path
-        cache = FeatureCache.load(path, meta) if path else None
-        if cache is not None:
-            logger.info("feature cache: loaded %d rows from %s", len(cache), path)
-            return cache
         if self.valid_table is not self.table and valid_images:
             raise ValueError("--cache-features needs train and valid images in one image table")
-        started = time.perf_counter()
-        kwargs = dict(batch_size=self.config.eval_batch_size, workers=self.config.workers,
-                      progress=callbacks.on_eval)
-        cache = FeatureCache.build(model.trunk, self.table, train_images, model.preprocess,
-                                   with_flips=True, **kwargs)
-        if valid_images:
-            cache = cache.extend(FeatureCache.build(model.trunk, self.table, valid_images,
-                                                    model.preprocess, with_flips=False, **kwargs))
-        logger.info("feature cache: %d rows in %.0f s", len(cache), time.perf_counter() - started)
-        if path:
-            cache.save(path, meta)
-        return cache
+        return FeatureCache.load_or_build(
+            self.config.cache_path, meta, model.trunk, self.table, train_images, valid_images,
+            model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
+            progress=callbacks.on_eval)
 
     def _train_epoch_cached(self, epoch: int, triplets: list[Triplet], callbacks: Callbacks) -> _Running:
         cache = self.cache
@@ -383,31 +366,6 @@ class Trainer(RunFiles):
         if dropped:
             logger.warning("epoch %d: dropped %d triplet(s) with undecodable images", epoch, dropped)
         return running
-
-    @torch.no_grad()
-    def _cached_map(self, split: RetrievalSplit):
-        cache = self.cache
-        assert cache is not None
-        parts = []
-        for labels in (split.queries, split.candidates):
-            kept = [(cache.row(lab.image), lab) for lab in labels if cache.row(lab.image) is not None]
-            rows = torch.tensor([r for r, _ in kept], dtype=torch.long)
-            attrs = torch.tensor([lab.attribute for _, lab in kept], dtype=torch.long)
-            embeddings = []
-            with cached_trunk(self.model, cache):
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    for start in range(0, len(rows), self.config.eval_batch_size):
-                        end = start + self.config.eval_batch_size
-                        emb = self.model.embed(rows[start:end], attrs[start:end].to(self.device))
-                        embeddings.append(emb.float().cpu().numpy())
-                finally:
-                    self.model.train(was_training)
-            values = np.asarray([lab.value for _, lab in kept])
-            parts.append((np.concatenate(embeddings), attrs.numpy(), values))
-        (qe, qa, qv), (ce, ca, cv) = parts
-        return mean_average_precision(qe, qa, qv, ce, ca, cv, names=dict(enumerate(self.model.schema.names)))
 
     def _step(self, fields: list[torch.Tensor], running: _Running) -> None:
         anchor, negative, positive, attributes = (f.to(self.device, non_blocking=True) for f in fields)

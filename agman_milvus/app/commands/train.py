@@ -52,7 +52,7 @@ def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
 _RECIPE_ONLY = {
     "paper": ("triplets_per_epoch", "step_size", "gamma", "no_cls_loss", "freeze_backbone",
               "cache_features", "resume"),
-    "product": ("high_lr", "weight_decay", "proxy_scale"),
+    "product": ("high_lr", "weight_decay", "proxy_scale", "value_weight"),
 }
 
 
@@ -69,12 +69,13 @@ def _refuse_other_recipes_options(ctx: typer.Context, recipe: str) -> None:
 def _product_trainer(net, source, options: dict):
     from agman_milvus.training.product import ProductConfig, ProductTrainer
 
+    chosen = {"value_weight": options["value_weight"]} if options["value_weight"] is not None else {}
     config = ProductConfig(
         output_dir=options["output"], epochs=options["epochs"], batch_size=options["batch_size"] or 64,
         lr=options["lr"] or 1e-3, high_lr=options["high_lr"], weight_decay=options["weight_decay"],
         proxy_scale=options["proxy_scale"], margin=options["margin"], cache_path=options["cache_path"],
         seed=options["seed"], device=options["device"], workers=options["workers"],
-        threads=options["threads"])
+        threads=options["threads"], **chosen)
     if source.valid is not None and source.valid_table is not source.train_table:
         raise typer.BadParameter("the product recipe caches train and valid images in one image table")
     return ProductTrainer(net, config, source.train, source.train_table, valid=source.valid), config
@@ -145,6 +146,10 @@ def register(app: typer.Typer) -> None:
         weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
         proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
                                           rich_help_panel=_RECIPE),
+        value_weight: float | None = typer.Option(
+            None, min=0.0, max=1.0, rich_help_panel=_RECIPE,
+            help="product: how much of the value posterior each retrieval vector blends in (0 = the raw "
+                 "attribute embedding; default: the recipe's)"),
         step_size: int = typer.Option(3, min=1, help="paper: StepLR epochs", rich_help_panel=_RECIPE),
         gamma: float = typer.Option(0.9, help="paper: StepLR factor", rich_help_panel=_RECIPE),
         margin: float = typer.Option(0.2, rich_help_panel=_RECIPE),

@@ -11,6 +11,7 @@ from torch import nn
 from agman_milvus.core.model.backbones import Trunk
 from agman_milvus.core.model.layers import GeM, l2_normalize
 from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from agman_milvus.core.model.value_head import ValueHead
 from agman_milvus.core.schema import AttributeSchema
 
 AttributeIds = torch.Tensor | Sequence[int | str] | int | str
@@ -42,6 +43,7 @@ class AttributeEmbeddingModel(nn.Module):
         self.image_size = image_size
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.descriptor_pool = GeM(p=3.0)
+        self.value_head: ValueHead | None = None
         self.version: str | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -98,20 +100,36 @@ class AttributeEmbeddingModel(nn.Module):
         """Training forward; models with a classifier override this to add its logits."""
         return ModelOutput(self.embed(images, attribute_ids), None)
 
-    def embed(self, images: torch.Tensor, attribute_ids: AttributeIds) -> torch.Tensor:
-        """Unit embeddings [B, D], one attribute per image (no classifier branch)."""
-        inputs, _, _ = self._features(images)
-        return self._heads(inputs, self.attribute_tensor(attribute_ids, images.shape[0]))
+    def attach_value_head(self, scale: float = 16.0, weight: float = 0.0) -> ValueHead:
+        """Give the model per-attribute value proxies (see :mod:`.value_head`); returns the head."""
+        counts = [attribute.num_values for attribute in self.schema.attributes]
+        self.value_head = ValueHead(counts, self.embed_dim, scale=scale, weight=weight).to(self._device())
+        return self.value_head
 
-    def embed_all(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings [B, K, D] for all K attributes from one backbone pass."""
+    def embed(self, images: torch.Tensor, attribute_ids: AttributeIds) -> torch.Tensor:
+        """Retrieval vectors [B, D], one attribute per image (no classifier branch)."""
+        inputs, _, _ = self._features(images)
+        ids = self.attribute_tensor(attribute_ids, images.shape[0])
+        embeddings = self._heads(inputs, ids)
+        return embeddings if self.value_head is None else self.value_head(embeddings, ids)
+
+    def head_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings [B, K, D] straight from the heads, before the value head (what the
+        losses train)."""
         inputs, _, _ = self._features(images)
         return self._all_heads(inputs)
+
+    def embed_all(self, images: torch.Tensor) -> torch.Tensor:
+        """Retrieval vectors [B, K, D] for all K attributes from one backbone pass."""
+        return self._retrieval(self.head_embeddings(images))
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embed_all [B, K, D], copy descriptor [B, Dc])`` from a single backbone pass."""
         inputs, mid, high = self._features(images)
-        return self._all_heads(inputs), self._descriptor(mid, high)
+        return self._retrieval(self._all_heads(inputs)), self._descriptor(mid, high)
+
+    def _retrieval(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings if self.value_head is None else self.value_head(embeddings)
 
     def copy_descriptor(self, images: torch.Tensor) -> torch.Tensor:
         """Copy-detection descriptor [B, Dc], L2-normalised (see :meth:`_descriptor`)."""
@@ -150,4 +168,5 @@ class AttributeEmbeddingModel(nn.Module):
             "std": list(self.std),
             "embed_dim": self.embed_dim,
             "descriptor_dim": self.descriptor_dim,
+            "value_head": None if self.value_head is None else self.value_head.config(),
         }

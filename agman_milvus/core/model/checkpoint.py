@@ -102,6 +102,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         taps=config.get("taps", "paper"),  # checkpoints from before the product recipe
     )
     model.mean, model.std = tuple(config["mean"]), tuple(config["std"])
+    if config.get("value_head"):
+        model.attach_value_head(**config["value_head"])
     model.load_state_dict(state, strict=True)
     model.version = config["version"]
     return model.to(map_location).eval()
