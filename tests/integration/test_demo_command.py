@@ -23,7 +23,7 @@ from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = ["demo", "--images", "80", "--image-size", "64", "--epochs", "1", "--triplets-per-epoch", "128",
+TINY = ["demo", "--images", "80", "--image-size", "64", "--epochs", "1", "--batch-size", "32",
         "--copies", "6", "--calibration-sample", "20", "--queries-per-attribute", "2"]
 
 
