@@ -1,10 +1,10 @@
 """The demo model: trained on the demo catalog it beats its untrained start, and it is cached by key.
 
-Tiny settings throughout (96-pixel images, 200 of them, 768 triplets): seconds, not minutes. The
-ImageNet MobileNetV2 weights come from torchvision's cache (``scripts/setup.sh`` puts them
-there); the tests skip when they are absent. A random-init trunk is no use here: its AG-MAN
-embeddings of all images start nearly identical (cosine 0.9999) and a few hundred triplets do
-not move them.
+Tiny settings throughout (96-pixel images, 200 of them, 10 epochs of batches of 32 with the
+product recipe): seconds, not minutes. The ImageNet MobileNetV2 weights come from torchvision's
+cache (``scripts/setup.sh`` puts them there); the tests skip when they are absent. A random-init
+trunk is no use here: its AG-MAN embeddings of all images start nearly identical (cosine 0.9999)
+and a few hundred triplets did not move them (measured with the paper's recipe).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from agman_milvus.app.demo.demo_model import (
 )
 from agman_milvus.app.demo.photos import DEMO_ATTRIBUTES, generate_catalog
 
-TINY = DemoModelConfig(image_size=96, epochs=2, triplets_per_epoch=384, batch_size=32,
-                       lr=1e-3, step_size=2, gamma=0.5, min_count=2, test_fraction=0.3, valid_fraction=0.1,
-                       query_fraction=0.3, measure_start=True, threads=1)
+TINY = DemoModelConfig(image_size=96, epochs=10, batch_size=32, min_count=2, test_fraction=0.3,
+                       valid_fraction=0.1, query_fraction=0.3, measure_start=True, threads=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,14 +56,14 @@ def test_training_beats_the_untrained_start_on_held_out_images(trained) -> None:
     report = result.report
     before, after = report["untrained_agman"], report["trained"]
     floor = report["untrained_imagenet"]
-    # measured: MAP 36 -> 73 (ImageNet floor 47); P@10 rises likewise
+    # measured: MAP 44.5 -> 75.1 (ImageNet floor 47.4; 2 epochs only reached 55.4); P@10 37 -> 65
     assert after["overall_map"] > before["overall_map"] + 10, (before, after)
     assert after["overall_map"] > floor["overall_map"] + 5, (floor, after)
     assert after["overall_p_at_10"] > before["overall_p_at_10"], (before, after)
     assert set(after["per_attribute"]) == set(DEMO_ATTRIBUTES)
     assert report["feature_cache"]["rows"] >= 2 * report["train_images"]  # trained from cached trunk maps
     epochs = report["epochs"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert [e["epoch"] for e in epochs] == list(range(1, 11))
     assert report["test_images"] > 30
 
 

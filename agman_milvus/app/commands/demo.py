@@ -12,7 +12,8 @@ from pathlib import Path
 import typer
 
 _STAGES = {
-    "catalog": "catalog", "model": "demo model (train or cache)", "ingest": "ingest",
+    "catalog": "catalog", "maps": "demo model: frozen maps", "model": "demo model (train or cache)",
+    "ingest": "ingest",
     "search": "attribute searches", "multi": "multi-attribute search", "calibrate": "copy calibration",
     "copy": "copy checks",
 }
@@ -51,10 +52,10 @@ def register(app: typer.Typer) -> None:
             help="Model input size (default 160); also the generated photos' size (default 224)",
         ),
         epochs: int = typer.Option(
-            None, "--epochs", min=1, help="Training epochs of the demo model (default 6)"
+            None, "--epochs", min=1, help="Training epochs of the demo model (default 15)"
         ),
-        triplets_per_epoch: int = typer.Option(
-            None, "--triplets-per-epoch", min=32, help="Triplets per epoch (default 3000)"
+        batch_size: int = typer.Option(
+            None, "--batch-size", min=2, help="Images per training step of the demo model (default 32)"
         ),
         copies: int = typer.Option(
             40, "--copies", min=1, help="Edited copies to check, and as many unrelated images"
@@ -90,8 +91,8 @@ def register(app: typer.Typer) -> None:
         model = DemoModelConfig()
         if epochs is not None:
             model = replace(model, epochs=epochs)
-        if triplets_per_epoch is not None:
-            model = replace(model, triplets_per_epoch=triplets_per_epoch)
+        if batch_size is not None:
+            model = replace(model, batch_size=batch_size)
         options = DemoOptions(
             data_dir=data_dir if data_dir is not None else get_settings().data_dir, catalog=catalog,
             attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()) if attributes else None,

@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["DemoError", "DemoOptions", "DemoSummary", "FASHION_ATTRIBUTES", "Progress", "run_demo"]
 
 Progress = Callable[[str, int, "int | None"], None]
-"""``progress(stage, done, total)``; stages: catalog, model, ingest, search, multi, calibrate, copy."""
+"""``progress(stage, done, total)``; stages: catalog, model (with maps: the demo model's cached trunk
+maps), ingest, search, multi, calibrate, copy."""
 
 FASHION_ATTRIBUTES = ("articleType", "baseColour", "gender", "usage")
 """Default attributes of a fashion-products style manifest (``--catalog`` without ``--attributes``)."""
@@ -262,15 +263,26 @@ def _value(metadata: dict[str, Any], attribute: str) -> str | None:
 
 
 def _training_callbacks(progress: Progress | None, epochs: int) -> Callbacks | None:
+    """Stage ``maps`` while the frozen trunk maps are cached (images), then ``model`` (steps)."""
     if progress is None:
         return None
+    cached = {"done": 0, "total": 0}
+
+    def on_epoch_start(epoch: int, total: int) -> None:
+        if epoch == 0:  # the product trainer caches the frozen maps first
+            cached.update(done=0, total=total)
+            progress("maps", 0, total)
+
+    def on_eval(images: int) -> None:
+        cached["done"] += images
+        progress("maps", cached["done"], cached["total"] or None)
 
     def on_step(info: StepInfo) -> None:
         total = max(1, epochs * info.steps)
         done = min(total, max(0, (max(info.epoch, 1) - 1) * info.steps + info.step))
         progress("model", done, total)
 
-    return Callbacks(on_step=on_step)
+    return Callbacks(on_step=on_step, on_epoch_start=on_epoch_start, on_eval=on_eval)
 
 
 # -- the run -----------------------------------------------------------------------------------
