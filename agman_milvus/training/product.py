@@ -69,6 +69,11 @@ class ProductConfig:
     eval_batch_size: int = 64
     threads: int | None = None
 
+    def recipe_json(self) -> dict[str, Any]:
+        """The fields that change the trained weights (not where files go or how many threads)."""
+        runtime = ("output_dir", "cache_path", "device", "workers", "eval_batch_size", "threads")
+        return {k: v for k, v in asdict(self).items() if k not in runtime}
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
@@ -100,7 +105,7 @@ class ProductTrainer(RunFiles):
         for label in labels:
             self.values[index[label.image], label.attribute] = label.value
         torch.manual_seed(config.seed)
-        self.value_head = model.attach_value_head(scale=config.proxy_scale, weight=config.value_weight)
+        model.attach_value_head(scale=config.proxy_scale, weight=config.value_weight)
         model.trunk.requires_grad_(False)
         trunk_params = list(model.trunk.high_stage().requires_grad_(True).parameters())
         head_params = [p for name, p in model.named_parameters() if not name.startswith("trunk.")]
@@ -224,7 +229,7 @@ class ProductTrainer(RunFiles):
             if int(labelled.sum()) < 2:
                 continue
             emb, val = embeddings[labelled, attribute].float(), values[labelled, attribute]
-            loss = F.cross_entropy(self.value_head.logits(emb, attribute), val,
+            loss = F.cross_entropy(self.model.value_head.logits(emb, attribute), val,
                                    label_smoothing=self.config.label_smoothing)
             triplet = in_batch_triplet_loss(emb, val, self.config.margin, generator)
             parts.append(loss if triplet is None else loss + triplet)

@@ -52,8 +52,9 @@ REPORT_NAME = "report.json"
 
 @dataclass(frozen=True)
 class DemoModelConfig:
-    """The demo training recipe for about 600 images: the product recipe's knobs
-    (:class:`~agman_milvus.training.product.ProductConfig`) and the demo's split and size.
+    """The demo training recipe for about 600 images: the product recipe
+    (:class:`~agman_milvus.training.product.ProductConfig`, its defaults but for epochs and batch
+    size) and the demo's split and size.
 
     Measured on the 600-image demo catalog (2 cores shared with other jobs, one torch thread;
     test MAP over 109 queries, the ImageNet floor 47.5): at 160 px, 15 epochs of batches of 32
@@ -68,13 +69,6 @@ class DemoModelConfig:
     image_size: int = 160
     epochs: int = 15
     batch_size: int = 32
-    lr: float = 1e-3
-    high_lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    proxy_scale: float = 16.0
-    label_smoothing: float = 0.1
-    margin: float = 0.2
     seed: int = 1
     split_seed: int = 0
     test_fraction: float = 0.25
@@ -95,11 +89,16 @@ class DemoModelConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def product_config(self, output_dir: Path, threads: int | None = None) -> ProductConfig:
+        """The product recipe this demo model trains with (feature cache: 2 decode threads)."""
+        return ProductConfig(output_dir=output_dir, epochs=self.epochs, batch_size=self.batch_size,
+                             seed=self.seed, device="cpu", workers=2, threads=threads)
+
     def key_json(self) -> dict[str, Any]:
-        """The fields that change the trained weights (not ``threads``)."""
+        """The fields that change the trained weights (not ``threads``), with the recipe's."""
         data = self.to_json()
         data.pop("threads")
-        return data
+        return {**data, "recipe": self.product_config(Path()).recipe_json()}
 
 
 def cpu_threads() -> int:
@@ -310,12 +309,7 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
     }
     if config.measure_start:
         report["untrained_agman"] = measure_retrieval(model, data.test, table, k=config.precision_k).to_json()
-    train_config = ProductConfig(
-        output_dir=out_dir / "run", epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-        high_lr=config.high_lr, weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
-        proxy_scale=config.proxy_scale, label_smoothing=config.label_smoothing, margin=config.margin,
-        seed=config.seed, device="cpu", workers=2, threads=threads,  # feature cache: 2 decode threads
-    )
+    train_config = config.product_config(out_dir / "run", threads)
     trainer = ProductTrainer(model, train_config, data.train, table, valid=data.valid)
     fit_started, fit_cpu = time.perf_counter(), time.process_time()
     records = trainer.fit(callbacks)
