@@ -12,9 +12,7 @@ branch, all heads) still runs and trains every step.
 ``forward_high`` the matching high maps, ``forward_top`` runs the real (frozen) top stage.
 
 The product recipe fine-tunes the high stage, so it caches the mid maps only (``mid_only``, in
-float16 to halve the memory): ``forward_high`` then runs the real high stage on them. A model
-with AG-MAN's colour level (a pure function of the image too) has its colour maps cached beside
-them; :class:`CachedColour` reads them back.
+float16 to halve the memory): ``forward_high`` then runs the real high stage on them.
 """
 
 from __future__ import annotations
@@ -40,18 +38,16 @@ from agman_milvus.training.readers import Label, RetrievalSplit
 
 logger = logging.getLogger(__name__)
 
-#: (flipped, mid maps, high maps or None, colour maps or None) for each variant of a batch: as is
-#: and, with flips, mirrored
-TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+#: (flipped, mid maps, high maps or None) for each variant of a batch: as is and, with flips, mirrored
+TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None]]
 
 
 class FeatureCache:
-    """Rows of (mid, high, colour) maps (high None: mid only; colour None: no colour level);
-    ``row(image, flipped)`` -> row or None."""
+    """Rows of (mid, high) trunk maps (high None: mid only); ``row(image, flipped)`` -> row or None."""
 
     def __init__(self, mid: torch.Tensor, high: torch.Tensor | None, keys: list[tuple[int, bool]],
-                 meta: dict[str, object], colour: torch.Tensor | None = None) -> None:
-        self.mid, self.high, self.colour, self.meta = mid, high, colour, meta
+                 meta: dict[str, object]) -> None:
+        self.mid, self.high, self.meta = mid, high, meta
         self.keys = keys
         self._rows = {key: i for i, key in enumerate(keys)}
 
@@ -64,13 +60,9 @@ class FeatureCache:
     def extend(self, other: FeatureCache) -> FeatureCache:
         """A cache holding both (rows of ``other`` that are new are appended)."""
         new = [i for i, key in enumerate(other.keys) if key not in self._rows]
-
-        def joined(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
-            return None if mine is None or theirs is None else torch.cat([mine, theirs[new]])
-
-        return FeatureCache(torch.cat([self.mid, other.mid[new]]), joined(self.high, other.high),
-                            self.keys + [other.keys[i] for i in new], self.meta,
-                            joined(self.colour, other.colour))
+        high = None if self.high is None or other.high is None else torch.cat([self.high, other.high[new]])
+        return FeatureCache(torch.cat([self.mid, other.mid[new]]), high,
+                            self.keys + [other.keys[i] for i in new], self.meta)
 
     @classmethod
     def build(
@@ -85,11 +77,9 @@ class FeatureCache:
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
         mid_only: bool = False,
-        colour: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
-        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps;
-        ``colour`` (a model's ``colour_map``) adds its float16 colour maps."""
+        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps."""
         device = next(trunk.parameters()).device
 
         def decode(image: int) -> Decoded:
@@ -99,27 +89,23 @@ class FeatureCache:
             variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
             out = []
             for flipped, x in variants:
-                x = x.to(device)
-                mid = trunk.forward_mid(x)
-                colours = None if colour is None else colour(x).half().cpu()
+                mid = trunk.forward_mid(x.to(device))
                 if mid_only:
-                    out.append((flipped, mid.half().cpu(), None, colours))
+                    out.append((flipped, mid.half().cpu(), None))
                 else:
-                    out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu(), colours))
+                    out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
             return out
 
-        mids, highs, colours, keys = [], [], [], []
+        mids, highs, keys = [], [], []
         dropped = 0
 
         def collect(batch: Batch[int, Decoded], maps: TrunkMaps | None) -> None:
             nonlocal dropped
             dropped += len(batch.failures)
-            for flipped, mid, high, colour_maps in maps or []:
+            for flipped, mid, high in maps or []:
                 mids.append(mid)
                 if high is not None:
                     highs.append(high)
-                if colour_maps is not None:
-                    colours.append(colour_maps)
                 keys.extend((image, flipped) for image in batch.ok_items)
             if progress is not None:
                 progress(len(batch.items))
@@ -131,8 +117,7 @@ class FeatureCache:
             raise ValueError("no image could be decoded for the feature cache")
         if dropped:
             logger.warning("feature cache: %d undecodable image(s) left out", dropped)
-        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {},
-                   torch.cat(colours) if colours else None)
+        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {})
 
     @classmethod
     def load_or_build(
@@ -174,8 +159,6 @@ class FeatureCache:
         tensors = {"mid": self.mid.contiguous(), "keys": keys}
         if self.high is not None:
             tensors["high"] = self.high.contiguous()
-        if self.colour is not None:
-            tensors["colour"] = self.colour.contiguous()
         save_file(tensors, str(tmp),
                   metadata={"meta": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
@@ -194,7 +177,7 @@ class FeatureCache:
             return None
         tensors = load_file(str(path))
         keys = [(int(i), bool(f)) for i, f in tensors["keys"].tolist()]
-        return cls(tensors["mid"], tensors.get("high"), keys, meta, tensors.get("colour"))
+        return cls(tensors["mid"], tensors.get("high"), keys, meta)
 
 
 class CachedTrunk(nn.Module):
@@ -222,20 +205,6 @@ class CachedTrunk(nn.Module):
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self.real.forward_top(high)
-
-
-class CachedColour(nn.Module):
-    """A colour level whose input is cache row indices (the rows ``forward_mid`` was given)."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        super().__init__()
-        if cache.colour is None:
-            raise ValueError("the feature cache holds no colour maps; rebuild it for this model")
-        self.cache = cache
-
-    def forward(self, rows: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-        assert self.cache.colour is not None
-        return self.cache.colour[rows.detach().cpu()].to(rows.device).float()
 
 
 @torch.no_grad()
@@ -267,16 +236,11 @@ def cached_map(
 
 @contextlib.contextmanager
 def cached_trunk(model: nn.Module, cache: FeatureCache) -> Iterator[None]:
-    """Temporarily swap ``model.trunk`` for a :class:`CachedTrunk`, and a colour level for a
-    :class:`CachedColour` (restored on exit)."""
-    real, colour = model._modules["trunk"], model._modules.get("colour")
+    """Temporarily swap ``model.trunk`` for a :class:`CachedTrunk` (restored on exit)."""
+    real = model._modules["trunk"]
     real.eval()  # frozen: BatchNorm running statistics, exactly as when the cache was built
     model._modules["trunk"] = CachedTrunk(real, cache)
-    if colour is not None:
-        model._modules["colour"] = CachedColour(cache)
     try:
         yield
     finally:
         model._modules["trunk"] = real
-        if colour is not None:
-            model._modules["colour"] = colour

@@ -173,8 +173,7 @@ class ProductTrainer(RunFiles):
         valid_images = sorted({lab.image for lab in self.valid.queries + self.valid.candidates}) \
             if self.valid is not None else []
         meta = {
-            "levels": "mid+colour" if model.colour is not None else "mid",
-            "trunk": model.trunk.name, "taps": model.trunk.taps,
+            "levels": "mid", "trunk": model.trunk.name, "taps": model.trunk.taps,
             "trunk_sha256": weights_digest(model.trunk.state_dict()),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
             "train": [str(self.table.path(i)) for i in self.images],
@@ -184,7 +183,6 @@ class ProductTrainer(RunFiles):
             self.config.cache_path, meta, model.trunk, self.table, self.images, valid_images,
             model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
             progress=callbacks.on_eval, mid_only=True,
-            colour=model.colour_map if model.colour is not None else None,
             on_build=(lambda n: callbacks.on_epoch_start(0, n)) if callbacks.on_epoch_start else None)
 
     def _train_epoch(self, epoch: int, scheduler, callbacks: Callbacks) -> float:

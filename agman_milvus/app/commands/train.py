@@ -52,7 +52,7 @@ def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
 _RECIPE_ONLY = {
     "paper": ("triplets_per_epoch", "step_size", "gamma", "no_cls_loss", "freeze_backbone",
               "cache_features", "resume"),
-    "product": ("high_lr", "weight_decay", "proxy_scale", "value_weight", "colour"),
+    "product": ("high_lr", "weight_decay", "proxy_scale", "value_weight"),
 }
 
 
@@ -132,9 +132,6 @@ def register(app: typer.Typer) -> None:
         pretrained: bool = typer.Option(True, "--pretrained/--random-init",
                                         help="ImageNet weights for the backbone"),
         image_size: int = typer.Option(224, min=32, help="Square input size"),
-        colour: bool = typer.Option(False, "--colour/--no-colour",
-                                    help="product, agman: add the colour level (soft CIELAB histograms "
-                                    "per cell, beside the fused map)"),
         epochs: int | None = typer.Option(None, min=0, help="Default: 6 (product), 150 (paper)",
                                           rich_help_panel=_RECIPE),
         triplets_per_epoch: int = typer.Option(100_000, min=1, help="paper: triplets re-sampled each epoch",
@@ -187,8 +184,6 @@ def register(app: typer.Typer) -> None:
         if recipe not in ("product", "paper"):
             raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
         product = recipe == "product"
-        if colour and model != "agman":
-            raise typer.BadParameter(f"--colour: the colour level is an AG-MAN level; {model} has none")
         _refuse_other_recipes_options(ctx, recipe)
         source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
         if not source.train:
@@ -197,13 +192,12 @@ def register(app: typer.Typer) -> None:
         epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
         net = build_model(model, schema=source.schema, backbone=backbone, taps="late" if product else "paper",
-                          pretrained="imagenet" if pretrained else None, image_size=image_size,
-                          colour=colour)
+                          pretrained="imagenet" if pretrained else None, image_size=image_size)
         trainer, config = (_product_trainer if product else _paper_trainer)(net, source, locals())
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(
             {"model": model, "backbone": backbone, "pretrained": pretrained, "image_size": image_size,
-             "colour": colour, **config.to_json()}, indent=1))
+             **config.to_json()}, indent=1))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as progress:
             task = progress.add_task("", total=1, info="")

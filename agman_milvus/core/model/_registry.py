@@ -37,7 +37,6 @@ def build_model(
     image_size: int = 224,
     embed_dim: int | None = None,
     taps: str = "paper",
-    colour: bool = False,
 ) -> AttributeEmbeddingModel:
     """Build a registered model.
 
@@ -50,7 +49,6 @@ def build_model(
         image_size: the square input size of the model's preprocessing.
         embed_dim: embedding size (default: 512; ``asen_v2`` always uses the trunk's channels).
         taps: the trunk's tap points, ``paper`` or ``late`` (the product recipe's; no top stage).
-        colour: AG-MAN only: add the colour level (:mod:`agman_milvus.core.model.colour`).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
@@ -59,9 +57,5 @@ def build_model(
     kwargs: dict[str, object] = {"image_size": image_size}
     if embed_dim is not None or cls is not ASENv2:
         kwargs["embed_dim"] = 512 if embed_dim is None else embed_dim
-    if colour:
-        if cls is not AGMAN:
-            raise ValueError(f"the colour level is an AG-MAN level; {name} has none")
-        kwargs["colour"] = True
     model = cls(schema, trunk, **kwargs)
     return model.eval()

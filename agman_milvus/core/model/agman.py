@@ -7,9 +7,7 @@ V1 = V · w1 · M; V2 = V1 · CBAM(V1); g = Σ_hw V2; ACA m = σ(fc2 ReLU(fc1 [g
 g1 = g · w2 · m; g2 = g1 · ReLU(mask[a]); e = g2 / ||g2||. The classification branch
 (layer4 -> avgpool -> Linear(2048 -> A)) predicts the attribute *type* and runs in training only;
 with the product recipe's late tap points (see :mod:`agman_milvus.core.model.backbones`) the
-trunk has no top stage and the model no classification branch. With ``colour=True`` a
-parameter-free colour level (:mod:`agman_milvus.core.model.colour`: soft CIELAB histograms per
-stride-32 cell) is appended to F, a lower level than the trunk's for the colour attributes.
+trunk has no top stage and the model no classification branch.
 
 Note: w2 multiplies g right before the L2 normalisation, so it cancels out and its gradient is
 zero; it is kept for parameter-for-parameter fidelity with the reference.
@@ -28,7 +26,6 @@ from torch import nn
 
 from agman_milvus.core.model.backbones import MultiLevelFusion, Trunk
 from agman_milvus.core.model.base import AttributeEmbeddingModel, AttributeIds, ModelOutput
-from agman_milvus.core.model.colour import ColourLevel
 from agman_milvus.core.model.layers import SpatialAttention, l2_normalize, spatial_softmax
 from agman_milvus.core.schema import AttributeSchema
 
@@ -120,7 +117,7 @@ class AGMAN(AttributeEmbeddingModel):
     has_classifier = True
 
     def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512,
-                 image_size: int = 224, colour: bool = False) -> None:
+                 image_size: int = 224) -> None:
         super().__init__(schema, trunk, embed_dim, image_size)
         if not trunk.has_top and trunk.taps == "paper":
             raise ValueError("AG-MAN needs the trunk's top stage for its classification branch")
@@ -129,18 +126,12 @@ class AGMAN(AttributeEmbeddingModel):
         self.fusion = MultiLevelFusion(trunk.mid_channels, trunk.high_channels)
         if self.has_classifier:
             self.fc_embed = nn.Linear(trunk.top_channels, len(schema))
-        # the colour level's histograms join the fused map, so ASA can pool the garment's colour
-        self.colour = ColourLevel() if colour else None
-        in_channels = 2 * trunk.high_channels + (ColourLevel.channels if colour else 0)
-        self.head = AGMANHead(in_channels, len(schema), embed_dim)
+        self.head = AGMANHead(2 * trunk.high_channels, len(schema), embed_dim)
 
     def _maps(self, images: torch.Tensor):
         mid = self.trunk.forward_mid(images)
         high = self.trunk.forward_high(mid)
         fused, x_local = self.fusion(mid, high)
-        if self.colour is not None:
-            colour = F.adaptive_avg_pool2d(self.colour_map(images), fused.shape[-2:])
-            fused = torch.cat([fused, colour.to(fused.dtype)], dim=1)
         return mid, high, fused, x_local
 
     def _features(self, images: torch.Tensor):

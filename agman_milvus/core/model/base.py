@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from agman_milvus.core.model.backbones import Trunk
-from agman_milvus.core.model.colour import ColourLevel
 from agman_milvus.core.model.layers import GeM, l2_normalize
 from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from agman_milvus.core.model.value_head import ValueHead
@@ -45,7 +44,6 @@ class AttributeEmbeddingModel(nn.Module):
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.descriptor_pool = GeM(p=3.0)
         self.value_head: ValueHead | None = None
-        self.colour: ColourLevel | None = None  # AG-MAN's optional colour level (see .colour)
         self.version: str | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -101,12 +99,6 @@ class AttributeEmbeddingModel(nn.Module):
     def forward(self, images: torch.Tensor, attribute_ids: AttributeIds) -> ModelOutput:
         """Training forward; models with a classifier override this to add its logits."""
         return ModelOutput(self.embed(images, attribute_ids), None)
-
-    def colour_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The colour level's histogram map of a batch of (normalised) images."""
-        if self.colour is None:
-            raise ValueError(f"this {self.model_name} model has no colour level")
-        return self.colour(images, self.mean, self.std)
 
     def attach_value_head(self, scale: float = 16.0, weight: float = 0.0) -> ValueHead:
         """Give the model per-attribute value proxies (see :mod:`.value_head`); returns the head."""
@@ -176,6 +168,5 @@ class AttributeEmbeddingModel(nn.Module):
             "std": list(self.std),
             "embed_dim": self.embed_dim,
             "descriptor_dim": self.descriptor_dim,
-            "colour": self.colour is not None,
             "value_head": None if self.value_head is None else self.value_head.config(),
         }

@@ -100,7 +100,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         image_size=int(config["image_size"]),
         embed_dim=int(config["embed_dim"]),
         taps=config.get("taps", "paper"),  # checkpoints from before the product recipe
-        colour=bool(config.get("colour", False)),
     )
     model.mean, model.std = tuple(config["mean"]), tuple(config["std"])
     if config.get("value_head"):
