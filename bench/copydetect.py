@@ -14,11 +14,16 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
 * ``imagenet_gap``: global average pooling of the ImageNet MobileNetV2 trunk's last map;
 * ``descriptor``: the checker's copy descriptor (GeM p=3 + L2 over that map), normalised score
   ``cos - NORM_BETA * cos_NORM_K``;
-* ``candidates``: stage 1 of the checker: descriptors of the query, its mirror image and a blurred
-  copy (``copyright.query_views``), merged;
-* ``verified``: stage 2 of the checker on the first ``VERIFY_K`` candidates
-  (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual), score = the
-  verification score.
+* ``candidates``: the checker's descriptor source: descriptors of the query, its mirror image
+  and a blurred copy (``copyright.query_views``), merged;
+* ``voting``: the checker's local-feature source (:mod:`agman_milvus.core.copy_vote`): the
+  references' keypoints in a Milvus Lite collection written and searched by
+  :class:`VectorStore`, score = votes;
+* ``verified_descriptor_only``: stage 2 of the checker on the first ``VERIFY_K`` descriptor
+  candidates (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual),
+  score = the verification score;
+* ``verified``: stage 2 on both sources' candidates, taken alternately as the checker does
+  (``VERIFY_K`` + ``VOTE_K`` at most).
 
 Metrics: micro-AP, recall@1, candidate recall (true original among the verified candidates),
 per edit kind (a query with several edits counts in each). Verdicts ("copy" when score >= t):
@@ -40,6 +45,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,19 +53,23 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from pymilvus import MilvusClient
 
-from agman_milvus.core import copy_verify
+from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store.vectors import VectorStore
 from agman_milvus.usecases.copyright import (
     DENSE_K,
     EDITS,
     NORM_BETA,
     NORM_K,
     VERIFY_K,
+    VOTE_K,
     CopyThresholds,
+    interleave,
     micro_average_precision,
     query_views,
     random_edit,
@@ -245,17 +255,42 @@ def main(argv: list[str] | None = None) -> int:
     ref_lf = [copy_verify.extract(im) for im in ref_images]
     t_ref_kp = time.perf_counter() - t0
     log(f"reference keypoints: {t_ref_kp:.0f} s")
+    milvus_dir = tempfile.TemporaryDirectory(prefix="copydetect-")
+    store = VectorStore(MilvusClient(str(Path(milvus_dir.name) / "milvus.db")), schema, "bench",
+                        embed_dim=model.embed_dim, descriptor_dim=q_f["descriptor"].shape[1])
+    store.ensure_collections()
     t0 = time.perf_counter()
+    for start in range(0, len(refs), 100):
+        store.upsert_keypoints((j, j, copy_vote.vote_vectors(ref_lf[j]))
+                               for j in range(start, min(start + 100, len(refs))))
+    t_ref_insert = time.perf_counter() - t0
+    log(f"reference keypoints into Milvus Lite: {t_ref_insert:.0f} s")
+
+    t_extract = t_vote = t_stage2 = 0.0
     checked: list[list[tuple[int, copy_verify.Verification]]] = []
+    preds["voting"] = []
     for q in range(n):
+        t0 = time.perf_counter()
         qf = copy_verify.extract(queries[q])
         qm = qf.mirrored()
+        t1 = time.perf_counter()
+        votes = copy_vote.vote([qf, qm], store.search_keypoints)
+        preds["voting"].append(sorted(votes.items(), key=lambda p: -p[1])[:TOP])
+        t2 = time.perf_counter()
+        order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
+                           key=lambda p: p[0])
         checked.append([(j, copy_verify.verify(qf, ref_lf[j], query_mirror=qm, dense=k < DENSE_K))
-                        for k, (j, _) in enumerate(preds["candidates"][q][:VERIFY_K])])
+                        for k, (j, _) in enumerate(order)])
+        t_extract += t1 - t0
+        t_vote += t2 - t1
+        t_stage2 += time.perf_counter() - t2
         if q % 100 == 99:
             log(f"verified {q + 1}/{n}")
-    t_stage2 = time.perf_counter() - t0
+    milvus_dir.cleanup()
     preds["verified"] = rescore(checked, copy_verify.SCORE_WEIGHTS)
+    descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
+                       for q, pairs in enumerate(checked)]
+    preds["verified_descriptor_only"] = rescore(descriptor_only, copy_verify.SCORE_WEIGHTS)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
@@ -272,23 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     everything = np.arange(n)
     results = {name: evaluate(p, truth, everything) for name, p in preds.items()}
     results_held_out = {name: evaluate(p, truth, test) for name, p in preds.items()}
+    def candidate_recall(qs) -> float:
+        return round(float(np.mean([any(j in truth[q] for j, _ in checked[q]) for q in qs if truth[q]]
+                                   or [0.0])), 4)
+
     results["candidates"]["candidate_recall"] = round(float(np.mean(
         [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in range(n) if truth[q]])), 4)
+    results["voting"]["candidate_recall"] = round(float(np.mean(
+        [any(j in truth[q] for j, _ in preds["voting"][q][:VOTE_K]) for q in range(n) if truth[q]])), 4)
+    results["verified"]["candidate_recall"] = candidate_recall(range(n))
     per_edit = {}
     for kind in sorted(EDITS):
         kidx = np.array([q for q in range(n) if kind in edits[q]])
         per_edit[kind] = {name: evaluate(preds[name], truth, kidx)["recall_at_1"]
-                          for name in ("phash", "imagenet_gap", "candidates", "verified")}
-        per_edit[kind]["candidate_recall"] = round(float(np.mean(
-            [any(j in truth[q] for j, _ in preds["candidates"][q][:VERIFY_K]) for q in kidx if truth[q]]
-            or [0.0])), 4)
+                          for name in ("phash", "imagenet_gap", "candidates", "voting",
+                                       "verified_descriptor_only", "verified")}
+        per_edit[kind]["candidate_recall"] = candidate_recall(kidx)
         per_edit[kind]["queries"] = len(kidx)
         per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
     defaults = CopyThresholds(model_version="-")
     default_t, default_phash = defaults.copy, defaults.phash_copy
     distances = [{j: hamming(q_h[q], int(ref_h[j])) for j, _ in preds["verified"][q]} for q in range(n)]
     verdict = {}
-    for name in ("verified", "verified_fitted") if args.fit else ("verified",):
+    for name in ("verified_descriptor_only", "verified", *(("verified_fitted",) if args.fit else ())):
         s_cal = [s for q in cal for _, s in preds[name][q]]
         l_cal = [j in truth[q] for q in cal for j, _ in preds[name][q]]
         t99, _, _ = threshold_for_precision(s_cal, l_cal, sum(1 for q in cal if truth[q]), 0.99)
@@ -316,15 +357,21 @@ def main(argv: list[str] | None = None) -> int:
         "refs": len(refs), "positive_queries": args.positives, "negative_queries": len(outside),
         "queries_with_a_true_original": int(sum(1 for t in truth if t)),
         "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
-        "predictions_per_query": TOP, "verify_k": VERIFY_K, "seed": args.seed,
+        "predictions_per_query": TOP, "verify_k": VERIFY_K, "vote_k": VOTE_K, "seed": args.seed,
+        "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
+        "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
         "results": results, "results_held_out_half": results_held_out,
         "per_edit_recall_at_1": per_edit, "verdicts": verdict,
         "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),
                     "stage1_search": round(t_stage1_search, 1), "reference_keypoints": round(t_ref_kp, 1),
+                    "reference_keypoints_into_milvus": round(t_ref_insert, 1),
+                    "query_keypoints": round(t_extract, 1), "stage1_voting": round(t_vote, 1),
                     "stage2_verify": round(t_stage2, 1)},
-        "checks_per_s": round(n / (t_stage1_embed + t_stage1_search + t_stage2), 2),
-        "stage2_ms_per_query": round(1000 * t_stage2 / n, 1),
+        "checks_per_s": round(n / (t_stage1_embed + t_stage1_search + t_extract + t_vote + t_stage2), 2),
+        "ms_per_query": {"descriptor_embed": round(1000 * t_stage1_embed / n, 1),
+                         "query_keypoints": round(1000 * t_extract / n, 1),
+                         "voting": round(1000 * t_vote / n, 1), "verify": round(1000 * t_stage2 / n, 1)},
         "reference_keypoints_ms_per_image": round(1000 * t_ref_kp / len(refs), 1),
         "command": "python bench/copydetect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="Folders that local image paths and file:// URIs must resolve into (symlinks "
         "followed); unset = any regular file except under /proc, /sys and /dev",
     )
+    copy_keypoints: bool = Field(
+        default=True,
+        description="Extract each image's SIFT keypoints at ingest for copy checks (their second "
+        "candidate source and the verification's cache; ~60 ms an image on CPU); off = faster "
+        "ingest, copy candidates from the descriptor only",
+    )
     fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds to fetch an http(s) image")
     filter_fields: list[str] = Field(
         default_factory=lambda: ["category", "brand", "gender", "colour"],

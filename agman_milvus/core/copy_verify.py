@@ -108,9 +108,10 @@ def _resize_side(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
 
 def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float) -> LocalFeatures:
     kps, desc = _detector().detectAndCompute(work, None)
-    points = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
+    order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
+    points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
     descriptors = (np.zeros((0, 128), np.uint8) if desc is None
-                   else np.clip(np.rint(desc), 0, 255).astype(np.uint8))
+                   else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
     thumb, _ = _resize_side(work, THUMB_SIDE)
     return LocalFeatures(points, descriptors, size, scale, thumb, work)
 

@@ -23,9 +23,14 @@ from PIL import Image
 
 from agman_milvus.core.copy_verify import LocalFeatures, extract
 
-__all__ = ["LocalFeatureCache"]
+__all__ = ["LocalFeatureCache", "cache_root"]
 
 log = logging.getLogger(__name__)
+
+
+def cache_root(data_dir: Path) -> Path:
+    """Where a deployment's data directory keeps the cache."""
+    return Path(data_dir) / "local_features"
 
 
 class LocalFeatureCache:

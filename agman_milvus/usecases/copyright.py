@@ -2,12 +2,15 @@
 
 A check has two stages:
 
-1. **Candidates.** One backbone pass over the query, its mirror image and a blurred copy
-   (:func:`query_views`: flips and pixelation defeat the plain descriptor) gives the query's K
-   attribute vectors and three copy descriptors; each searches ``{prefix}_copy`` and the
-   union, ranked by the normalised descriptor score ``cos - NORM_BETA * cos_k`` (``cos_k``:
-   similarity to the query's ``NORM_K``-th neighbour, SSCD/ISC-style), gives the ``verify_k``
-   candidates.
+1. **Candidates**, from two sources taken alternately. (a) One backbone pass over the query,
+   its mirror image and a blurred copy (:func:`query_views`: flips and pixelation defeat the
+   plain descriptor) gives the query's K attribute vectors and three copy descriptors; each
+   searches ``{prefix}_copy`` and the union, ranked by the normalised descriptor score
+   ``cos - NORM_BETA * cos_k`` (``cos_k``: similarity to the query's ``NORM_K``-th
+   neighbour, SSCD/ISC-style), gives ``verify_k`` candidates. (b) The query's SIFT keypoints
+   (and its mirror's) vote for the catalogue images whose stored keypoints are nearest
+   (:mod:`agman_milvus.core.copy_vote`, ``{prefix}_keypoints``): ``vote_k`` candidates that
+   survive crops, pads, pastes and rotations which move the global descriptor.
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a ratio
    test and a RANSAC similarity fit (the mirrored query too), then a photometric residual after
    alignment: the share of cells that still differ once one global brightness/contrast change
@@ -37,47 +40,52 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from agman_milvus.core import copy_verify
+from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
-from agman_milvus.services.local_features import LocalFeatureCache
+from agman_milvus.services.local_features import LocalFeatureCache, cache_root
 from agman_milvus.services.store.catalog import Catalog, ImageStatus, IndexedSource
+from agman_milvus.services.store.vectors import COPY as COPY_COLLECTION
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
 from agman_milvus.usecases.base import UseCase, load_query_image
 
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
+    "interleave",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COPY, NEAR_DUPLICATE, DISTINCT = "copy", "near_duplicate", "distinct"
 _RANK = {COPY: 2, NEAR_DUPLICATE: 1, DISTINCT: 0}
 NORM_K = 10
 NORM_BETA = 0.5
-VERIFY_K = 10
+VERIFY_K = 10  # descriptor candidates verified per query
+VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
 MIN_COPY, MIN_NEAR = 0.5, 0.2
 #: Identifies what the thresholds apply to; stored thresholds of another method are not used.
-METHOD = "sift-ransac-residual-v1"
+METHOD = "vote-sift-ransac-residual-v2"
 
 
 class NotEnoughImagesError(AgmanError, RuntimeError):
@@ -218,14 +226,15 @@ class CopyChecker(UseCase):
         thresholds: CopyThresholds | None = None,
         features: LocalFeatureCache | None = None,
         verify_k: int = VERIFY_K,
+        vote_k: int = VOTE_K,
     ) -> None:
         super().__init__(embedder, vectors, catalog, settings=settings, blobs=blobs)
         self._thresholds = thresholds
         if features is None:
-            root = Path(settings.data_dir) / "local_features" if settings is not None else None
-            features = LocalFeatureCache(root)
+            features = LocalFeatureCache(cache_root(settings.data_dir) if settings is not None else None)
         self.features = features
         self.verify_k = verify_k
+        self.vote_k = vote_k
 
     @property
     def thresholds(self) -> CopyThresholds:
@@ -281,28 +290,52 @@ class CopyChecker(UseCase):
                     continue
                 if h.image_id not in merged or h.score > merged[h.image_id].score:
                     merged[h.image_id] = h
-            infos = self.catalog.images.info(list(merged))
+            query = _Query(image, encoded.embeddings[base + n], phash(image))
+            query.extract()
+            voted = [i for i in self._voted(query) if i not in skip]
+            infos = self.catalog.images.info([*merged, *voted])
             direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
+            voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
+            by_vote = self._vote_hits(voted, merged, encoded.descriptors[base + n], infos)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
-            queries.append(_Query(image, encoded.embeddings[base + n], phash(image)))
+            queries.append(query)
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
-                               for h in hits[:top_k]])
+                               for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
         return _Scored(queries, candidates)
+
+    def _voted(self, query: _Query) -> list[int]:
+        """Image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most first."""
+        if self.vote_k <= 0 or query.features is None or query.mirror is None:
+            return []
+        votes = copy_vote.vote([query.features, query.mirror], self.vectors.search_keypoints)
+        return sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
+
+    def _vote_hits(self, voted: list[int], known: dict[int, Hit], descriptor: np.ndarray,
+                   infos: dict[int, Any]) -> list[Hit]:
+        """Hits for voted images, with their descriptor similarity to the query."""
+        missing = [i for i in voted if i not in known]
+        stored = self.vectors.get_vectors(COPY_COLLECTION, missing) if missing else {}
+        out = []
+        for image_id in voted:
+            if image_id in known:
+                out.append(known[image_id])
+            elif image_id in stored:
+                out.append(Hit(image_id, infos[image_id].product_id,
+                               float(np.dot(descriptor, stored[image_id]))))
+        return out
 
     def verify_candidates(
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
     ) -> list[copy_verify.Verification | None]:
         """Stage 2 for the first ``verify_k`` candidates (None past them, or when a candidate's
         image cannot be read)."""
-        if query.features is None:
-            query.features = copy_verify.extract(query.image)
-            query.mirror = query.features.mirrored()
+        query.extract()
         out: list[copy_verify.Verification | None] = []
         for k, (hit, _, info) in enumerate(candidates):
             row = rows.get(hit.image_id)
-            if k >= self.verify_k or row is None or not info.source_uri:
+            if k >= self.verify_k + self.vote_k or row is None or not info.source_uri:
                 out.append(None)
                 continue
             try:
@@ -358,6 +391,10 @@ def query_views(image: Image.Image) -> list[Image.Image]:
     return [image, ImageOps.mirror(image), image.filter(ImageFilter.GaussianBlur(radius))]
 
 
+def _image_id(hit: Hit) -> int:
+    return hit.image_id
+
+
 def _live(info: Any) -> bool:
     return info is not None and info.status == ImageStatus.indexed and not info.product_deleted
 
@@ -369,6 +406,26 @@ class _Query:
     phash: int
     features: copy_verify.LocalFeatures | None = None
     mirror: copy_verify.LocalFeatures | None = None
+
+    def extract(self) -> None:
+        """Compute the query's local features and its mirror image's (once)."""
+        if self.features is None:
+            self.features = copy_verify.extract(self.image)
+            self.mirror = self.features.mirrored()
+
+
+def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],
+               key: Callable[[T], Hashable]) -> list[T]:
+    """Stage 1's candidate order: ``first`` and ``second`` alternately, then ``rest``; each
+    ``key`` (image) once."""
+    out: dict[Hashable, T] = {}
+    for pair in zip_longest(first, second):
+        for item in pair:
+            if item is not None:
+                out.setdefault(key(item), item)
+    for item in rest:
+        out.setdefault(key(item), item)
+    return list(out.values())
 
 
 @dataclass

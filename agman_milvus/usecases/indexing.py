@@ -8,6 +8,8 @@ style of clip-retrieval's reader -> mapper -> writer. Per-stage timings are logg
 Guarantees:
 
 * a bad image is marked failed with its reason; the rest of the batch goes on;
+* each image's SIFT keypoints are extracted in the decode threads (and cached on disk for
+  copy verification) and written to the copy check's voting collection beside its vectors;
 * vectors are written before a row is marked indexed, so SQL never claims a vector that Milvus
   lacks; an image deleted while it was being embedded has its fresh vectors removed again;
 * re-running a batch (task redelivery) rewrites the same rows by primary key: no duplicates.
@@ -28,6 +30,7 @@ import numpy as np
 
 from agman_milvus.core.engine import STAGES, Batch, EmbeddingEngine
 from agman_milvus.services.embedding import EncodedBatch
+from agman_milvus.services.local_features import LocalFeatureCache, cache_root
 from agman_milvus.services.store.catalog import Catalog, ImageFeatures, ImageInfo, ImageStatus
 from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import VectorRow
@@ -158,9 +161,13 @@ def index_images(
     preprocess = embedder.model.preprocess
     names = embedder.schema.names
 
+    local_features = (LocalFeatureCache(cache_root(settings.data_dir), memory_items=0)
+                      if settings.copy_keypoints else None)
+
     def decode(row: Image) -> DecodedRow:
         return decode_image_row(row.id, row.sha256, row.source_uri, blobs=services.blobs,
-                                settings=settings, preprocess=preprocess)
+                                settings=settings, preprocess=preprocess,
+                                local_features=local_features)
 
     def store(ok: list[DecodedRow], encoded: EncodedBatch, number: int) -> tuple[list[int], list[int]]:
         """Vectors first, then SQL; returns (indexed, skipped) image ids."""
@@ -169,6 +176,8 @@ def index_images(
                 and info[d.image_id].status != ImageStatus.deleted
                 and not info[d.image_id].product_deleted]
         vectors.upsert(vector_rows(ok, keep, info, names, encoded.embeddings, encoded.descriptors))
+        vectors.upsert_keypoints((ok[j].image_id, info[ok[j].image_id].product_id, ok[j].keypoints)
+                                 for j in keep if ok[j].keypoints is not None)
         written = [ok[j] for j in keep]
         _record_features(catalog, written)
         ids = [d.image_id for d in written]

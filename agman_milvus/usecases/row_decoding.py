@@ -13,15 +13,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
+from agman_milvus.core import copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.engine import Decoded
 from agman_milvus.core.images import ImageError, decode_image_bytes
 from agman_milvus.core.phash import phash, to_signed64
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.services.fetch import read_image_bytes
+from agman_milvus.services.local_features import LocalFeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class DecodedRow(Decoded):
     width: int | None = None
     height: int | None = None
     phash: int | None = None  # signed 64-bit, as stored in SQL
+    keypoints: np.ndarray | None = None  # copy-check voting vectors (copy_vote.vote_vectors)
 
 
 def failure_text(exc: BaseException) -> str:
@@ -71,8 +75,10 @@ def decode_image_row(
     blobs: BlobStore,
     settings: Settings,
     preprocess: Preprocess,
+    local_features: LocalFeatureCache | None = None,
 ) -> DecodedRow:
-    """Read, decode, hash and preprocess one image; never raises for a bad image."""
+    """Read, decode, hash and preprocess one image; never raises for a bad image. With
+    ``local_features``, its SIFT keypoints are extracted (and cached) for copy checks too."""
     try:
         data = read_row_bytes(image_id, sha256, source_uri, blobs, settings)
         label = source_uri or f"image {image_id}"
@@ -80,6 +86,7 @@ def decode_image_row(
         return DecodedRow(
             image_id=image_id, inputs=preprocess(image), width=image.width,
             height=image.height, phash=to_signed64(phash(image)),
+            keypoints=_vote_vectors(image_id, sha256, image, local_features),
         )
     except ImageError as exc:
         out = DecodedRow(image_id=image_id, failure=failure_text(exc))
@@ -88,3 +95,17 @@ def decode_image_row(
         out = DecodedRow(image_id=image_id, failure=failure_text(exc))
         logger.warning("image %d failed unexpectedly: %s", image_id, out.failure, exc_info=True)
     return out
+
+
+def _vote_vectors(
+    image_id: int, sha256: str, image: Image.Image, cache: LocalFeatureCache | None
+) -> np.ndarray | None:
+    """The image's copy-check voting vectors; None (logged) when its keypoints cannot be had:
+    copy checks then find it by its descriptor only."""
+    if cache is None:
+        return None
+    try:
+        return copy_vote.vote_vectors(cache.get(sha256, lambda: image))
+    except Exception as exc:  # noqa: BLE001 - an optional feature must not fail the image
+        logger.warning("image %d: no copy-check keypoints (%s)", image_id, exc)
+        return None

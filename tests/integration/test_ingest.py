@@ -51,6 +51,13 @@ def _counts(client) -> dict[str, int]:
     return {label: store.count(label) for label in [*store.schema.names, "copy"]}
 
 
+def _keypoint_rows(client, image_id: int) -> int:
+    store = client.services.vectors
+    rows = store.client.query(store.keypoint_collection, filter=f"image_id == {image_id}",
+                              output_fields=["image_id"], consistency_level="Strong")
+    return len(rows)
+
+
 def test_ingest_writes_every_collection_with_the_models_vectors(client, tmp_path: Path) -> None:
     from agman_milvus.core.images import decode_image_bytes
     from agman_milvus.core.phash import phash, to_signed64
@@ -82,6 +89,25 @@ def test_ingest_writes_every_collection_with_the_models_vectors(client, tmp_path
     assert (milvus_row["category"], milvus_row["colour"]) == ("shirt", "red")
     assert services.blobs.exists(row.sha256)
 
+    # the copy check's keypoints: cached by content, their strongest ones in Milvus for voting
+    from agman_milvus.core import copy_vote
+    from agman_milvus.services.local_features import LocalFeatureCache, cache_root
+
+    cache = LocalFeatureCache(cache_root(client.settings.data_dir))
+    assert cache.path(row.sha256).is_file()
+    expected_points = len(copy_vote.vote_vectors(cache.get(row.sha256, lambda: None)))
+    assert expected_points > 0 and _keypoint_rows(client, h1.image_id) == expected_points
+
+
+def test_ingest_without_copy_keypoints(tmp_path: Path, checkpoint: Path) -> None:
+    from agman_milvus.app.client import Client
+
+    with Client(data_dir=tmp_path / "data", checkpoint=checkpoint, device="cpu", broker_url=None,
+                milvus_uri=None, database_url=None, copy_keypoints=False) as c:
+        handle = c.ingest("sku-1", _image(1))
+        assert handle.status == "indexed" and _keypoint_rows(c, handle.image_id) == 0
+        assert not (tmp_path / "data" / "local_features").exists()
+
 
 def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_path: Path) -> None:
     from agman_milvus.usecases.ingest import index_images
@@ -96,8 +122,10 @@ def test_same_image_twice_and_same_event_twice_one_row_one_vector(client, tmp_pa
     assert (first.duplicate, again.duplicate, via_path.duplicate) == (False, True, True)
     assert again.status == "indexed"
     # A redelivered task rewrites the same rows (forced, as after a lost acknowledgement).
+    points = _keypoint_rows(client, first.image_id)
     report = index_images([first.image_id, first.image_id], client.services, force=True)
     assert report.indexed == [first.image_id]
+    assert _keypoint_rows(client, first.image_id) == points > 0  # replaced, not doubled
     assert client.services.catalog.images.count() == 1
     assert _counts(client) == {"colour": 1, "sleeve": 1, "copy": 1}
 

@@ -172,6 +172,43 @@ def test_upsert_is_idempotent_and_delete(milvus_client: MilvusClient, collection
     assert store.count(COPY) == 1 and store.count(0) == 4
 
 
+def keypoint_rows(store: VectorStore) -> dict[int, int]:
+    """``{image_id: keypoint rows}`` in the store's keypoint collection."""
+    rows = store.client.query(store.keypoint_collection, filter="image_id >= 0",
+                              output_fields=["image_id"], consistency_level="Strong")
+    out: dict[int, int] = {}
+    for row in rows:
+        out[int(row["image_id"])] = out.get(int(row["image_id"]), 0) + 1
+    return out
+
+
+def test_keypoints_are_replaced_per_image_found_and_deleted(
+    milvus_client: MilvusClient, collection_prefix: str
+) -> None:
+    rng = np.random.default_rng(3)
+    store = make_store(milvus_client, collection_prefix)
+    assert store.keypoint_collection in milvus_client.list_collections()
+    points = {1: unit(rng, 5, 128), 2: unit(rng, 3, 128), 3: unit(rng, 4, 128)}
+    assert store.upsert_keypoints([(i, 10 + (i == 3), v) for i, v in points.items()]) == 12
+    assert store.upsert_keypoints([(1, 10, points[1][:2])]) == 2  # image 1 again: replaced
+    assert keypoint_rows(store) == {1: 2, 2: 3, 3: 4}
+
+    found = store.search_keypoints(points[2][:2] + 0.01, top_k=2)
+    assert [hits[0] for hits in found] == [2, 2]
+    with pytest.raises(ValueError, match="NaN"):
+        store.upsert_keypoints([(4, 10, np.full((1, 128), np.nan))])
+
+    store.delete_images([2])
+    assert keypoint_rows(store) == {1: 2, 3: 4}
+    store.delete_product(11)
+    assert keypoint_rows(store) == {1: 2}
+    # every model version shares them; dropping an old version leaves them alone
+    v2 = make_store(milvus_client, collection_prefix, "v2")
+    v2.activate()
+    store.drop_version("v1")
+    assert keypoint_rows(v2) == {1: 2}
+
+
 def test_upsert_rejects_bad_rows(milvus_client: MilvusClient, collection_prefix: str) -> None:
     store = make_store(milvus_client, collection_prefix)
     good = np.ones(DIM, np.float32)

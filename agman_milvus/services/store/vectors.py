@@ -7,7 +7,10 @@ Layout (hidden behind :class:`VectorStore`):
   can never mix versions;
 * aliases ``{prefix}_{attribute.slug}`` / ``{prefix}_copy`` point at the active version's
   collections; switching models = fill the new version's collections, then :meth:`activate`;
-* primary key ``image_id`` = the SQL image id (``auto_id`` off): re-embedding is an upsert.
+* primary key ``image_id`` = the SQL image id (``auto_id`` off): re-embedding is an upsert;
+* ``{prefix}_keypoints``: the copy check's voting keypoints (:mod:`agman_milvus.core.copy_vote`),
+  many rows per image under an automatic key, shared by every model version (SIFT does not
+  depend on the model); an image's rows are replaced as a whole.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from agman_milvus.services.store.milvus_compat import Deployment, probe, quiet_l
 log = logging.getLogger(__name__)
 
 COPY = "copy"
+KEYPOINTS = "keypoints"
+KEYPOINT_DIM = 128
+#: Rows per insert request of keypoints (an image has up to a few hundred).
+KEYPOINT_BATCH = 20_000
 VECTOR_FIELD = "vector"
 META_MAX_LENGTH = 512
 VERSION_MAX_LENGTH = 64
@@ -192,10 +199,10 @@ class VectorStore:
     ) -> None:
         if not model_version or len(model_version) > VERSION_MAX_LENGTH:
             raise ValueError(f"model version must be 1-{VERSION_MAX_LENGTH} characters: {model_version!r}")
-        if COPY in [a.slug for a in schema]:
-            raise ValueError(
-                f"an attribute may not be called {COPY!r}: that collection holds copy descriptors"
-            )
+        for reserved in (COPY, KEYPOINTS):
+            if reserved in [a.slug for a in schema]:
+                raise ValueError(f"an attribute may not be called {reserved!r}: that name is "
+                                 "taken by the copy check's collections")
         for name in filter_fields:
             if not _FIELD_NAME.match(name) or name in _RESERVED_FIELDS:
                 raise ValueError(f"invalid filter field name {name!r}")
@@ -290,8 +297,34 @@ class VectorStore:
                 if name not in self.client.list_collections():
                     raise
                 self._check_existing(name, dim)  # another process created it meanwhile
+        self._ensure_keypoints(existing)
         if self.active_version() is None:
             self.activate()
+
+    @property
+    def keypoint_collection(self) -> str:
+        """The physical collection of the copy check's voting keypoints (every version's)."""
+        return f"{self.prefix}_{KEYPOINTS}"
+
+    def _ensure_keypoints(self, existing: set[str]) -> None:
+        name = self.keypoint_collection
+        if name in existing:
+            return
+        schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("image_id", DataType.INT64)
+        schema.add_field("product_id", DataType.INT64)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=KEYPOINT_DIM)
+        log.info("creating Milvus collection %s (dim %d)", name, KEYPOINT_DIM)
+        try:
+            self.client.create_collection(
+                name, schema=schema,
+                index_params=self.deployment.index_params(self.client, VECTOR_FIELD),
+                consistency_level=self.search_consistency, properties={_PROPERTY_ROLE: KEYPOINTS},
+            )
+        except MilvusException:
+            if name not in self.client.list_collections():
+                raise
 
     def _check_existing(self, name: str, dim: int) -> None:
         desc = self.client.describe_collection(name)
@@ -444,6 +477,48 @@ class VectorStore:
                 self.deployment.after_write(self.client, name)
         return len(rows)
 
+    def upsert_keypoints(self, rows: Iterable[tuple[int, int, np.ndarray]]) -> int:
+        """Replace the voting keypoints of images; ``rows`` are ``(image_id, product_id,
+        [n, 128] vectors)``. Returns the number of keypoints written."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        name = self.keypoint_collection
+        self._delete_keypoints(f"image_id in {[int(r[0]) for r in rows]}")
+        data = []
+        for image_id, product_id, vectors in rows:
+            arr = np.asarray(vectors, np.float32).reshape(-1, KEYPOINT_DIM)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"image {image_id}: keypoint vectors have NaN or infinite values")
+            data += [{"image_id": int(image_id), "product_id": int(product_id), VECTOR_FIELD: v}
+                     for v in arr.tolist()]
+        for start in range(0, len(data), KEYPOINT_BATCH):
+            chunk = data[start:start + KEYPOINT_BATCH]
+            self._on_loaded(name, lambda chunk=chunk: self.client.insert(name, chunk))
+        self.deployment.after_write(self.client, name)
+        return len(data)
+
+    def search_keypoints(self, vectors: np.ndarray, top_k: int) -> list[list[int]]:
+        """Per query vector, the image ids of its ``top_k`` nearest stored keypoints."""
+        queries = np.asarray(vectors, np.float32).reshape(-1, KEYPOINT_DIM)
+        if len(queries) == 0:
+            return []
+        name = self.keypoint_collection
+        if name not in self._loaded and name not in self.client.list_collections():
+            return [[] for _ in queries]  # a catalogue indexed before voting existed
+        result = self._on_loaded(name, lambda: self.client.search(
+            name, data=queries.tolist(), limit=top_k, output_fields=["image_id"],
+            search_params=self.deployment.search_params(top_k),
+            consistency_level=self.search_consistency))
+        return [[int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result]
+
+    def _delete_keypoints(self, expr: str) -> None:
+        name = self.keypoint_collection
+        if name not in self._loaded and name not in self.client.list_collections():
+            return
+        self._on_loaded(name, lambda: self.client.delete(name, filter=expr))
+        self.deployment.after_write(self.client, name)
+
     def delete_images(self, image_ids: Iterable[int]) -> None:
         """Remove images' vectors from every collection of every model version."""
         ids = [int(i) for i in image_ids]
@@ -452,6 +527,7 @@ class VectorStore:
         for name in self._all_collections():
             self._on_loaded(name, lambda name=name: self.client.delete(name, ids=ids))
             self.deployment.after_write(self.client, name)
+        self._delete_keypoints(f"image_id in {ids}")
 
     def delete_from(self, collection: str, image_ids: Sequence[int], batch_size: int = 1000) -> None:
         """Remove ``image_ids`` from one physical collection, ``batch_size`` ids per request."""
@@ -468,6 +544,7 @@ class VectorStore:
         for name in self._all_collections():
             self._on_loaded(name, lambda name=name: self.client.delete(name, filter=expr))
             self.deployment.after_write(self.client, name)
+        self._delete_keypoints(expr)
 
     def _all_collections(self) -> list[str]:
         names = self.existing_collections()
