@@ -21,17 +21,19 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
   :class:`VectorStore`, score = votes;
 * ``verified_descriptor_only``: stage 2 of the checker on the first ``VERIFY_K`` descriptor
   candidates (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual),
-  score = the verification score;
-* ``verified``: stage 2 on both sources' candidates, taken alternately as the checker does
-  (``VERIFY_K`` + ``VOTE_K`` at most).
+  score = the copy score (``copy_verify.copy_scores``);
+* ``verified_without_margin``: stage 2 on both sources' candidates, taken alternately as the
+  checker does (``VERIFY_K`` + ``VOTE_K`` at most), score = the verification score alone;
+* ``verified``: the same candidates, score = the copy score, as the checker decides.
 
 Metrics: micro-AP, recall@1, candidate recall (true original among the verified candidates),
 per edit kind (a query with several edits counts in each). Verdicts ("copy" when score >= t):
 with the shipped default threshold, and with t calibrated for 99% precision on half the queries
-and measured on the other half. ``--fit`` refits the verification score's logistic weights on
-the calibration half (printed; paste into ``copy_verify.SCORE_WEIGHTS``). Checks/s: stage 1
-(query + 2 views embedding) and stage 2 (query keypoints + verification) per query, with the
-references' keypoints precomputed as the checker's cache holds them. Prints JSON.
+and measured on the other half. ``--fit`` refits the verification score's and then the copy
+score's logistic weights on the calibration half (printed; paste into
+``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (query + 2 views
+embedding, query keypoints, voting) and stage 2 (verification) per query, with the
+references' keypoints precomputed as ingest stores them. Prints JSON.
 
     .venv/bin/python bench/copydetect.py --refs 2000 --positives 600 --negatives 400
 """
@@ -66,6 +68,7 @@ from agman_milvus.usecases.copyright import (
     EDITS,
     NORM_BETA,
     NORM_K,
+    SAME_PICTURE_BITS,
     VERIFY_K,
     VOTE_K,
     CopyThresholds,
@@ -170,12 +173,41 @@ def log(message: str) -> None:
 
 
 def rescore(checked, weights) -> list[list[tuple[int, float]]]:
-    """Verified predictions, best first, with the score model ``weights`` (dense fits keep theirs)."""
+    """Verification scores, best first, with the score model ``weights`` (dense fits keep theirs)."""
     out = []
     for pairs in checked:
         scored = [(j, copy_verify.score(v.inliers, v.inlier_ratio, v.coverage, v.residual, weights)
                    if v.method == "sift" and v.transform else v.score) for j, v in pairs]
         out.append(sorted(scored, key=lambda p: -p[1]))
+    return out
+
+
+def copy_rescore(
+    verified, ref_h: np.ndarray, weights=copy_verify.COPY_WEIGHTS
+) -> list[list[tuple[int, float]]]:
+    """Copy scores, best first, from verification scores, as the checker computes them
+    (:func:`copy_verify.copy_scores`; references with near-equal pHashes show one picture)."""
+    out = []
+    for pairs in verified:
+        refs = [j for j, _ in pairs]
+        scores = copy_verify.copy_scores(
+            [s for _, s in pairs],
+            lambda a, b, refs=refs: hamming(int(ref_h[refs[a]]), int(ref_h[refs[b]])) <= SAME_PICTURE_BITS,
+            weights)
+        out.append(sorted(zip(refs, scores, strict=True), key=lambda p: -p[1]))
+    return out
+
+
+def copy_score_inputs(verified, ref_h: np.ndarray) -> list[list[tuple[int, float, float]]]:
+    """Per query, (reference, verification score, margin over the best other) for fitting."""
+    out = []
+    for pairs in verified:
+        rows = []
+        for i, (j, s) in enumerate(pairs):
+            others = [t for k, (r, t) in enumerate(pairs)
+                      if k != i and hamming(int(ref_h[j]), int(ref_h[r])) > SAME_PICTURE_BITS]
+            rows.append((j, s, s - max(others, default=0.0)))
+        out.append(rows)
     return out
 
 
@@ -274,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         qf = copy_verify.extract(queries[q])
         qm = qf.mirrored()
         t1 = time.perf_counter()
-        votes = copy_vote.vote([qf, qm], store.search_keypoints)
+        votes = copy_vote.vote([qf], store.search_keypoints)
         preds["voting"].append(sorted(votes.items(), key=lambda p: -p[1])[:TOP])
         t2 = time.perf_counter()
         order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
@@ -287,14 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         if q % 100 == 99:
             log(f"verified {q + 1}/{n}")
     milvus_dir.cleanup()
-    preds["verified"] = rescore(checked, copy_verify.SCORE_WEIGHTS)
+    verification = rescore(checked, copy_verify.SCORE_WEIGHTS)
+    preds["verified_without_margin"] = verification
+    preds["verified"] = copy_rescore(verification, ref_h)
     descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
                        for q, pairs in enumerate(checked)]
-    preds["verified_descriptor_only"] = rescore(descriptor_only, copy_verify.SCORE_WEIGHTS)
+    preds["verified_descriptor_only"] = copy_rescore(
+        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
-    fitted = None
+    fitted = fitted_copy = None
     if args.fit:
         in_cal = set(cal.tolist())
         sift = [(q, j, v) for q in in_cal for j, v in checked[q] if v.method == "sift" and v.transform]
@@ -302,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                       for _, _, v in sift])
         y = np.array([j in truth[q] for q, j, _ in sift], float)
         fitted = tuple(round(float(w), 3) for w in fit_logistic(x, y))
-        preds["verified_fitted"] = rescore(checked, fitted)
+        inputs = copy_score_inputs(rescore(checked, fitted), ref_h)
+        rows = [(q, j, s, m) for q in in_cal for j, s, m in inputs[q]]
+        x2 = np.array([[1.0, s, m] for _, _, s, m in rows])
+        y2 = np.array([j in truth[q] for q, j, _, _ in rows], float)
+        fitted_copy = tuple(round(float(w), 3) for w in fit_logistic(x2, y2))
+        preds["verified_fitted"] = copy_rescore(rescore(checked, fitted), ref_h, fitted_copy)
 
     everything = np.arange(n)
     results = {name: evaluate(p, truth, everything) for name, p in preds.items()}
@@ -321,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         kidx = np.array([q for q in range(n) if kind in edits[q]])
         per_edit[kind] = {name: evaluate(preds[name], truth, kidx)["recall_at_1"]
                           for name in ("phash", "imagenet_gap", "candidates", "voting",
-                                       "verified_descriptor_only", "verified")}
+                                       "verified_descriptor_only", "verified_without_margin", "verified")}
         per_edit[kind]["candidate_recall"] = candidate_recall(kidx)
         per_edit[kind]["queries"] = len(kidx)
         per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
@@ -329,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     default_t, default_phash = defaults.copy, defaults.phash_copy
     distances = [{j: hamming(q_h[q], int(ref_h[j])) for j, _ in preds["verified"][q]} for q in range(n)]
     verdict = {}
-    for name in ("verified_descriptor_only", "verified", *(("verified_fitted",) if args.fit else ())):
+    names = ("verified_descriptor_only", "verified_without_margin", "verified")
+    for name in (*names, *(("verified_fitted",) if args.fit else ())):
         s_cal = [s for q in cal for _, s in preds[name][q]]
         l_cal = [j in truth[q] for q in cal for j, _ in preds[name][q]]
         t99, _, _ = threshold_for_precision(s_cal, l_cal, sum(1 for q in cal if truth[q]), 0.99)
@@ -361,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
         "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
+        "copy_weights": list(copy_verify.COPY_WEIGHTS), "fitted_copy_weights": fitted_copy,
         "results": results, "results_held_out_half": results_held_out,
         "per_edit_recall_at_1": per_edit, "verdicts": verdict,
         "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),

@@ -4,10 +4,16 @@ A global descriptor misses copies that change the picture's frame or texture (cr
 pastes into another photo, rotations, pixelation): on edited catalogue photos its candidates
 cap near 0.88 recall. Local features survive those edits. Each indexed image's strongest
 SIFT keypoints (the first :data:`VOTE_KEYPOINTS` of the verification features, which are
-ordered by response) are stored as RootSIFT vectors in Milvus; a query's keypoints (and its
-mirror image's) each look up their :data:`VOTE_NEIGHBOURS` nearest stored keypoints, and every
-catalogue image found gets one vote per query keypoint, weighted by the rank of its first hit
-(``1 / (rank + 1)``). The images with the most votes are candidates beside the descriptor's.
+ordered by response) are stored as RootSIFT vectors in Milvus; the query's strongest
+:data:`QUERY_KEYPOINTS` each look up their :data:`VOTE_NEIGHBOURS` nearest stored keypoints,
+and every catalogue image found gets one vote per query keypoint, weighted by the rank of its
+first hit (``1 / (rank + 1)``). The images with the most votes are candidates beside the
+descriptor's (whose mirrored view covers flips).
+
+Sizes measured on 1,000 catalogue photos and 360 edited copies (exact original among the 10
+most voted): 300 stored keypoints do as well as 1,000 (0.88 both); 250 query keypoints with
+3 neighbours as well as 1,000 with 5 (0.91 vs 0.88), at an eighth of the lookups; voting with
+the mirrored query too lifts flips (0.79 -> 0.91) but not the whole (0.90).
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ __all__ = ["VOTE_KEYPOINTS", "VOTE_NEIGHBOURS", "QUERY_KEYPOINTS", "root_sift", 
 KeypointSearch = Callable[[np.ndarray, int], list[list[int]]]
 
 VOTE_KEYPOINTS = 300  # stored per catalogue image
-QUERY_KEYPOINTS = 1000  # looked up per query view
-VOTE_NEIGHBOURS = 5  # stored keypoints returned per query keypoint
+QUERY_KEYPOINTS = 250  # looked up per query
+VOTE_NEIGHBOURS = 3  # stored keypoints returned per query keypoint
 DIM = 128
 
 
@@ -59,6 +65,7 @@ def tally(neighbours: Iterable[Sequence[int]]) -> dict[int, float]:
 
 
 def vote(views: Sequence[LocalFeatures], search: KeypointSearch) -> dict[int, float]:
-    """Votes per catalogue image for a query seen as ``views`` (the query and its mirror)."""
+    """Votes per catalogue image for a query seen as ``views`` (its features, or several
+    views' pooled)."""
     vectors = np.concatenate([vote_vectors(f, QUERY_KEYPOINTS) for f in views])
     return tally(search(vectors, VOTE_NEIGHBOURS)) if len(vectors) else {}

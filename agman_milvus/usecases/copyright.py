@@ -8,7 +8,7 @@ A check has two stages:
    searches ``{prefix}_copy`` and the union, ranked by the normalised descriptor score
    ``cos - NORM_BETA * cos_k`` (``cos_k``: similarity to the query's ``NORM_K``-th
    neighbour, SSCD/ISC-style), gives ``verify_k`` candidates. (b) The query's SIFT keypoints
-   (and its mirror's) vote for the catalogue images whose stored keypoints are nearest
+   vote for the catalogue images whose stored keypoints are nearest
    (:mod:`agman_milvus.core.copy_vote`, ``{prefix}_keypoints``): ``vote_k`` candidates that
    survive crops, pads, pastes and rotations which move the global descriptor.
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a ratio
@@ -16,8 +16,11 @@ A check has two stages:
    alignment: the share of cells that still differ once one global brightness/contrast change
    is allowed. Photos from one shoot (same model and pose, another product) align with dozens
    of inliers; the residual is what tells them from a copy. A logistic score over inliers,
-   inlier ratio, matched-region coverage and residual is the match's ``score``. The
-   candidates' keypoints are cached on disk by image content
+   inlier ratio, matched-region coverage and residual is the verification's ``score``; the
+   match's ``score`` (the copy score) weighs it against the query's best *other* candidate
+   (:func:`agman_milvus.core.copy_verify.copy_scores`): when several look-alike catalogue
+   photos align about equally well, none of them is called the original. The candidates'
+   keypoints are cached on disk by image content
    (:class:`agman_milvus.services.local_features.LocalFeatureCache`).
 
 Supporting evidence is kept with every match: the **pHash hamming distance** (tiny for
@@ -80,6 +83,7 @@ NORM_K = 10
 NORM_BETA = 0.5
 VERIFY_K = 10  # descriptor candidates verified per query
 VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
+SAME_PICTURE_BITS = 2  # pHash distance under which two catalogue images show one picture
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
@@ -98,8 +102,8 @@ class CopyThresholds:
     """Decision thresholds of one model version (see the module docstring)."""
 
     model_version: str
-    copy: float = 0.9
-    near_duplicate: float = 0.5
+    copy: float = 0.85
+    near_duplicate: float = 0.4
     #: -1: off until calibrated (on the edit benchmark, distance <= 4 as a rule on its own cut
     #: the copy verdict's precision from 0.987 to 0.966; docs/benchmarks.md)
     phash_copy: int = -1
@@ -163,9 +167,10 @@ class AttributeAgreement:
 
 @dataclass
 class CopyMatch:
-    """One catalogue image that the query may copy, with the evidence. ``score`` is the
-    verification score (0 when the candidate could not be verified), ``candidate_score`` the
-    normalised descriptor score that made it a candidate."""
+    """One catalogue image that the query may copy, with the evidence. ``score`` is the copy
+    score (the verification's score weighed against the query's other candidates; 0 when the
+    candidate could not be verified), ``candidate_score`` the normalised descriptor score that
+    made it a candidate (or would have, for a candidate found by keypoint voting)."""
 
     product_id: str
     image_id: int
@@ -307,9 +312,9 @@ class CopyChecker(UseCase):
 
     def _voted(self, query: _Query) -> list[int]:
         """Image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most first."""
-        if self.vote_k <= 0 or query.features is None or query.mirror is None:
+        if self.vote_k <= 0 or query.features is None:
             return []
-        votes = copy_vote.vote([query.features, query.mirror], self.vectors.search_keypoints)
+        votes = copy_vote.vote([query.features], self.vectors.search_keypoints)
         return sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
 
     def _vote_hits(self, voted: list[int], known: dict[int, Hit], descriptor: np.ndarray,
@@ -324,6 +329,26 @@ class CopyChecker(UseCase):
             elif image_id in stored:
                 out.append(Hit(image_id, infos[image_id].product_id,
                                float(np.dot(descriptor, stored[image_id]))))
+        return out
+
+    @staticmethod
+    def copy_scores(
+        verifications: Sequence[copy_verify.Verification | None], rows: Sequence[Any],
+    ) -> list[float]:
+        """Copy scores of one query's candidates (:func:`copy_verify.copy_scores`; 0 for an
+        unverified one). Candidates whose stored pHashes are within ``SAME_PICTURE_BITS`` show
+        the same picture and do not count against each other."""
+        hashes = [from_signed64(r.phash) if r is not None and r.phash is not None else None for r in rows]
+        verified = [i for i, v in enumerate(verifications) if v is not None]
+
+        def same_picture(a: int, b: int) -> bool:
+            ha, hb = hashes[verified[a]], hashes[verified[b]]
+            return ha is not None and hb is not None and hamming(ha, hb) <= SAME_PICTURE_BITS
+
+        out = [0.0] * len(verifications)
+        scored = copy_verify.copy_scores([verifications[i].score for i in verified], same_picture)
+        for i, score in zip(verified, scored, strict=True):
+            out[i] = score
         return out
 
     def verify_candidates(
@@ -354,10 +379,10 @@ class CopyChecker(UseCase):
         rows = self.catalog.images.get_many(ids)
         stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
         verifications = self.verify_candidates(query, candidates, rows)
+        scores = self.copy_scores(verifications, [rows.get(h.image_id) for h, _, _ in candidates])
         matches = []
-        for (hit, candidate_score, info), v in zip(candidates, verifications, strict=True):
+        for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
             row = rows.get(hit.image_id)
-            score = v.score if v is not None else 0.0
             distance = (hamming(query.phash, from_signed64(row.phash))
                         if row is not None and row.phash is not None else None)
             attributes = {}
@@ -666,11 +691,12 @@ def calibrate(
                                                   strict=True):
             rows = checker.catalog.images.get_many([h.image_id for h, _, _ in cands])
             verified = checker.verify_candidates(q, cands, rows)
-            for (hit, _, _), v in zip(cands, verified, strict=True):
+            copy_scores = checker.copy_scores(verified, [rows.get(h.image_id) for h, _, _ in cands])
+            for (hit, _, _), score in zip(cands, copy_scores, strict=True):
                 if hit.product_id == held_product:
                     continue  # another photo of the held-out product: neither copy nor distinct
                 is_copy = hit.image_id == target
-                scores.append(v.score if v is not None else 0.0)
+                scores.append(score)
                 labels.append(is_copy)
                 found += is_copy
                 row = rows.get(hit.image_id)
