@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     rng.shuffle(rows)
     refs = rows[: args.refs]
     outside = rows[args.refs: args.refs + args.negatives]
+    # "paste" puts a query into a photo that is neither a reference nor a query's source: a
+    # composite holds its background too, so a reference there would be a true match counted false
+    backdrops = rows[args.refs + args.negatives:]
     t0 = time.perf_counter()
     ref_images = [load(root, r) for r in refs]
     ref_keys: dict[str, set[int]] = {}
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     queries, truth, edits = [], [], []
     sources = ref_images[: args.positives] + [load(root, r) for r in outside]
     for src in sources:
-        edited, names = random_edit(src, rng, background=load(root, rng.choice(rows)))
+        edited, names = random_edit(src, rng, background=load(root, rng.choice(backdrops)))
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
     t_data = time.perf_counter() - t0
     n = len(queries)

@@ -677,24 +677,26 @@ def calibrate(
     t0 = checker.thresholds
     for start in range(0, len(picks), batch_size):
         chunk = list(range(start, min(start + batch_size, len(picks))))
-        queries, exclude, targets, held = [], [], [], []
+        queries, exclude, targets, held, backdrops = [], [], [], [], []
         for i in chunk:
-            background = images[rng.randrange(len(images))]
+            k = rng.randrange(len(images))
             for held_out in (False, True):
-                edited, _ = random_edit(images[i], rng, background=background)
+                edited, _ = random_edit(images[i], rng, background=images[k])
                 queries.append(edited)
                 exclude.append({picks[i][0]} if held_out else set())
                 targets.append(None if held_out else picks[i][0])
                 held.append(picks[i][1] if held_out else None)
+                backdrops.append(picks[k][0])
         scored = checker.score_candidates(queries, checker.verify_k, exclude)
-        for q, cands, target, held_product in zip(scored.queries, scored.candidates, targets, held,
-                                                  strict=True):
+        for q, cands, target, held_product, backdrop in zip(
+                scored.queries, scored.candidates, targets, held, backdrops, strict=True):
             rows = checker.catalog.images.get_many([h.image_id for h, _, _ in cands])
             verified = checker.verify_candidates(q, cands, rows)
             copy_scores = checker.copy_scores(verified, [rows.get(h.image_id) for h, _, _ in cands])
             for (hit, _, _), score in zip(cands, copy_scores, strict=True):
-                if hit.product_id == held_product:
-                    continue  # another photo of the held-out product: neither copy nor distinct
+                if hit.product_id == held_product or hit.image_id == backdrop:
+                    continue  # another photo of the held-out product, or the indexed photo a
+                    # "paste" edit put the query into: neither copy nor distinct
                 is_copy = hit.image_id == target
                 scores.append(score)
                 labels.append(is_copy)
