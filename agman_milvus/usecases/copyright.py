@@ -354,8 +354,8 @@ class CopyChecker(UseCase):
     def verify_candidates(
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
     ) -> list[copy_verify.Verification | None]:
-        """Stage 2 for the first ``verify_k`` candidates (None past them, or when a candidate's
-        image cannot be read)."""
+        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share; None past
+        them, or when a candidate's image cannot be read)."""
         query.extract()
         out: list[copy_verify.Verification | None] = []
         for k, (hit, _, info) in enumerate(candidates):
