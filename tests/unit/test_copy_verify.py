@@ -110,3 +110,5 @@ def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     twice = copy_scores([0.95, 0.95, 0.2], same_picture=lambda a, b: {a, b} == {0, 1})
     assert twice[0] == twice[1] == stands_out[0]
     assert copy_scores([]) == []
+    # a verification beyond doubt stands on its own, even beside a close look-alike
+    assert copy_scores([0.99, 0.87])[0] == 0.99 and copy_scores([0.99, 0.87])[1] < 0.5
