@@ -87,7 +87,7 @@ SAME_PICTURE_BITS = 2  # pHash distance under which two catalogue images show on
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
-MIN_COPY, MIN_NEAR = 0.5, 0.2
+MIN_COPY, MIN_NEAR = 0.8, 0.2
 #: Identifies what the thresholds apply to; stored thresholds of another method are not used.
 METHOD = "vote-sift-ransac-residual-v2"
 
