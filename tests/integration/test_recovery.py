@@ -172,7 +172,7 @@ def test_reconcile_reembeds_images_a_crashed_ingest_left_pending(tmp_path: Path,
     monkeypatch.setenv("AGMAN_DATA_DIR", str(data))
     monkeypatch.setenv("AGMAN_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("AGMAN_DEVICE", "cpu")
-    monkeypatch.setenv("AGMAN_PENDING_RESEND_AFTER", "1")
+    monkeypatch.setenv("AGMAN_PENDING_RESEND_AFTER", "3600")
     runner = CliRunner()
 
     def reconcile(*args: str) -> dict:
@@ -180,7 +180,8 @@ def test_reconcile_reembeds_images_a_crashed_ingest_left_pending(tmp_path: Path,
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout[result.stdout.index("{"):])
 
-    assert reconcile("--dry-run")["stale_pending"] == 0  # registered just now
+    assert reconcile("--dry-run")["stale_pending"] == 0  # registered under an hour ago
+    monkeypatch.setenv("AGMAN_PENDING_RESEND_AFTER", "1")  # no wall-clock race with the CLI's start
     time.sleep(1.2)
     assert reconcile("--dry-run")["stale_pending"] == 3
     assert reconcile()["stale_pending"] == 3
