@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     copy_keypoints: bool = Field(
         default=True,
         description="Extract each image's SIFT keypoints at ingest for copy checks (their second "
-        "candidate source and the verification's cache; ~60 ms an image on CPU); off = faster "
+        "candidate source and the verification's cache; 30-50 ms an image on CPU); off = faster "
         "ingest, copy candidates from the descriptor only",
     )
     fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds to fetch an http(s) image")

@@ -68,16 +68,16 @@ DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment 
 SCORE_WEIGHTS = (-6.439, 1.482, 5.171, -2.921, -4.768)
 
 #: Logistic weights of the copy score over (1, verification score, its margin over the best
-#: other candidate's). Fitted by ``bench/copydetect.py --fit`` (500 references, 500 queries,
-#: seed 7; cross-validated on halves: "copy" recall at precision 0.99 from 0.64 / 0.48 with
-#: the verification score alone to 0.81 / 0.76).
+#: other candidate's). Fitted, as ``bench/copydetect.py --fit`` now does, on the verifications
+#: of one benchmark run (500 references, 500 queries, seed 7; cross-validated on halves: "copy"
+#: recall at precision 0.99 from 0.64 / 0.48 with the verification score alone to 0.81 / 0.76).
 COPY_WEIGHTS = (-4.78, 3.388, 11.228)
 #: A verification score from which a candidate is a copy on its own, whatever the others score
 #: (many inliers, nothing left differing: a pixel copy beside look-alike photos of the same
 #: product line, which the margin alone called a near-duplicate).
 SURE = 0.93
 #: The most the other candidates' weakness may raise a verification score: unbounded, a weak
-#: alignment with nothing else near was lifted to 0.99 (the demo's one unrelated "copy"). With
+#: alignment with nothing else near was lifted to 0.99 (an unrelated photo in `agman demo`). With
 #: both rules, on three benchmark runs (docs/benchmarks.md): micro-AP 0.878-0.910, the default
 #: threshold's precision 0.981-0.993 at recall 0.72-0.74, and the verdict calibrated for 99%
 #: on half the queries kept recall 0.53-0.76 on the other half (0.28-0.78 without them).
