@@ -484,7 +484,7 @@ class VectorStore:
         if not rows:
             return 0
         name = self.keypoint_collection
-        self._delete_keypoints(f"image_id in {[int(r[0]) for r in rows]}")
+        self._delete_keypoints(f"image_id in {[int(r[0]) for r in rows]}", flush=False)
         data = []
         for image_id, product_id, vectors in rows:
             arr = np.asarray(vectors, np.float32).reshape(-1, KEYPOINT_DIM)
@@ -512,12 +512,14 @@ class VectorStore:
             consistency_level=self.search_consistency))
         return [[int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result]
 
-    def _delete_keypoints(self, expr: str) -> None:
+    def _delete_keypoints(self, expr: str, flush: bool = True) -> None:
+        """Delete keypoint rows matching ``expr`` (``flush=False``: a write follows that flushes)."""
         name = self.keypoint_collection
         if name not in self._loaded and name not in self.client.list_collections():
             return
         self._on_loaded(name, lambda: self.client.delete(name, filter=expr))
-        self.deployment.after_write(self.client, name)
+        if flush:
+            self.deployment.after_write(self.client, name)
 
     def delete_images(self, image_ids: Iterable[int]) -> None:
         """Remove images' vectors from every collection of every model version."""
