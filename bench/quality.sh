@@ -7,7 +7,8 @@
 #
 # Usage: bench/quality.sh [RUN_DIR]
 #   env: AGMAN_SHARED_DIR, RECIPE (product | paper), MODELS (default "agman probe floor asen_v2
-#   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE.
+#   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE, BACKBONE
+#   (default mobilenet_v2; the floor and the probe use the same trunk).
 # product (default): MobileNetV2 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors), high stage fine-tuned, value-proxy + in-batch triplet loss, 6 epochs of batch 64
 #   (agman_milvus/training/product.py).
@@ -20,6 +21,7 @@ RUN_DIR=${1:-/tmp/agman_quality}
 SHARED=${AGMAN_SHARED_DIR:-$(cd .. && pwd)/shared}
 CATALOG=$SHARED/data/fashion-products/manifest.csv
 RECIPE=${RECIPE:-product}
+BACKBONE=${BACKBONE:-mobilenet_v2}
 MODELS=${MODELS:-agman probe floor asen_v2 global}
 AGMAN=${AGMAN:-.venv/bin/agman}
 [ -f "$CATALOG" ] || { echo "no catalog at $CATALOG (set AGMAN_SHARED_DIR)" >&2; exit 1; }
@@ -29,12 +31,12 @@ DATA=(--catalog "$CATALOG" --attributes articleType,baseColour,gender,usage,seas
       --min-count 10 --split-seed 0)
 if [ "$RECIPE" = product ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-224}
-  COMMON=(--recipe product --backbone mobilenet_v2 --pretrained --image-size "$IMAGE_SIZE"
+  COMMON=(--recipe product --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
           --cache-path "$RUN_DIR/feature_cache.safetensors")
 else
   IMAGE_SIZE=${IMAGE_SIZE:-128}
-  COMMON=(--recipe paper --backbone mobilenet_v2 --pretrained --image-size "$IMAGE_SIZE"
+  COMMON=(--recipe paper --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-16}" --triplets-per-epoch 1600 --batch-size 16 --lr 1e-4 --step-size 3
           --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads 1
           --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors")
@@ -54,9 +56,9 @@ for row in $MODELS; do
   case $row in
     floor)
       echo "imagenet_floor train seconds: 0" | tee -a "$RUN_DIR/timing.txt"
-      $AGMAN eval --imagenet-floor mobilenet_v2 --image-size "$IMAGE_SIZE" "${EVAL[@]}" -o "$RUN_DIR/floor_test.json" ;;
+      $AGMAN eval --imagenet-floor "$BACKBONE" --image-size "$IMAGE_SIZE" "${EVAL[@]}" -o "$RUN_DIR/floor_test.json" ;;
     probe)  # trained on the train split, then evaluated: its training time is in the eval call
-      timed probe $AGMAN eval --linear-probe mobilenet_v2 --image-size "$IMAGE_SIZE" "${EVAL[@]}" \
+      timed probe $AGMAN eval --linear-probe "$BACKBONE" --image-size "$IMAGE_SIZE" "${EVAL[@]}" \
           -o "$RUN_DIR/probe_test.json" ;;
     *)
       timed "$row" $AGMAN train "$row" -o "$RUN_DIR/$row" "${DATA[@]}" "${COMMON[@]}"

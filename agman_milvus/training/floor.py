@@ -27,7 +27,7 @@ class PooledImageNetFeatures(nn.Module):
 
         self.schema = schema
         self.trunk = build_trunk(backbone, with_top=True, pretrained=pretrained)
-        self.preprocess = Preprocess(image_size)
+        self.preprocess = Preprocess(image_size, self.trunk.mean, self.trunk.std)
         self.eval()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from agman_milvus.core.model import (
 from agman_milvus.core.model.agman import csn_masks
 from agman_milvus.core.schema import AttributeSchema, UnknownAttributeError
 
-BACKBONES = ["resnet50", "mobilenet_v2"]
+BACKBONES = ["resnet50", "mobilenet_v2", "efficientnet_lite0"]
 
 
 @pytest.fixture(scope="module")

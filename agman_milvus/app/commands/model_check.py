@@ -8,7 +8,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("models")
     def models(
-        backbone: str = typer.Option("mobilenet_v2", help="resnet50 or mobilenet_v2"),
+        backbone: str = typer.Option("mobilenet_v2", help="resnet50, mobilenet_v2 or efficientnet_lite0/1/2"),
         pretrained: bool = typer.Option(False, help="Use torchvision's ImageNet weights (local cache)"),
     ) -> None:
         """Build every model for a demo schema and embed one image with each."""

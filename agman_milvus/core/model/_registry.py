@@ -43,9 +43,9 @@ def build_model(
     Args:
         name: one of :func:`list_models` (``agman``, ``asen_v2``, ``global``).
         schema: the attributes (and value names) the model embeds.
-        backbone: ``resnet50`` (the paper's) or ``mobilenet_v2``.
-        pretrained: ``None`` for random init, ``"imagenet"`` for torchvision's ImageNet weights
-            from the local torchvision cache.
+        backbone: ``resnet50`` (the paper's), ``mobilenet_v2`` or ``efficientnet_lite0/1/2``.
+        pretrained: ``None`` for random init, ``"imagenet"`` for the trunk's ImageNet weights
+            from local files (:mod:`agman_milvus.core.model.weights`).
         image_size: the square input size of the model's preprocessing.
         embed_dim: embedding size (default: 512; ``asen_v2`` always uses the trunk's channels).
         taps: the trunk's tap points, ``paper`` or ``late`` (the product recipe's; no top stage).

@@ -19,6 +19,11 @@ Those are the paper's tap points (``taps="paper"``). The product recipe taps one
 |--------------|-----------------------------------------|------------------------------------|
 | resnet50     | stem..layer3: 1024 x 14 x 14            | layer4: 2048 x 7 x 7               |
 | mobilenet_v2 | features[0:14]: 96 x 14 x 14            | features[14:19]: 1280 x 7 x 7      |
+
+EfficientNet-Lite trunks (``efficientnet_lite0/1/2``, see :mod:`.efficientnet_lite`) cut at the
+same stage boundaries: paper taps at the ends of the stride-8 (40 channels for Lite0) and
+stride-16 (112) stages, the rest plus the 1x1 head (1,280) as the top; late taps at the end of
+the stride-16 stage and the whole rest including the head.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet50
 
+from agman_milvus.core.model.efficientnet_lite import (
+    LITE_MEAN,
+    LITE_STD,
+    VARIANTS,
+    EfficientNetLite,
+)
+from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agman_milvus.core.model.weights import load_imagenet_state_dict
 
-BACKBONES = ("resnet50", "mobilenet_v2")
+BACKBONES = ("resnet50", "mobilenet_v2", *VARIANTS)
 TAPS = ("paper", "late")
 
 
@@ -44,6 +57,9 @@ class Trunk(nn.Module):
     top_channels: int
     has_top: bool
     taps: str = "paper"
+    #: the input normalisation the trunk's ImageNet weights were trained with (0-1 scale)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -59,7 +75,7 @@ class Trunk(nn.Module):
         raise NotImplementedError
 
     def load_imagenet(self) -> None:
-        """Overwrite the trunk with torchvision's IMAGENET1K_V1 weights (local cache only)."""
+        """Overwrite the trunk with its ImageNet weights (installed locally, never downloaded)."""
         state = load_imagenet_state_dict(self.name)
         own = self.state_dict()
         matched = {k: v for k, v in state.items() if k in own}
@@ -140,6 +156,50 @@ class MobileNetV2Trunk(Trunk):
         return high
 
 
+class EfficientNetLiteTrunk(Trunk):
+    """An EfficientNet-Lite variant cut at its stage boundaries (module names as the shipped
+    ImageNet state dicts have them)."""
+
+    mean, std = LITE_MEAN, LITE_STD
+
+    def __init__(self, variant: str, with_top: bool = True, taps: str = "paper") -> None:
+        super().__init__()
+        net = EfficientNetLite(variant)
+        self.name, self.taps = variant, taps
+        self.has_top = with_top and taps == "paper"
+        ends, channels = net.stage_ends, net.stage_channels
+        if taps == "late":  # mid: stride-16 end; high: the rest with the head
+            self._mid_end, self._high_end = ends[4], ends[-1]
+            self.mid_channels, self.high_channels = channels[4], net._bn1.num_features
+        else:  # mid: stride-8 end; high: stride-16 end; top: the rest with the head
+            self._mid_end, self._high_end = ends[2], ends[4]
+            self.mid_channels, self.high_channels = channels[2], channels[4]
+        self.top_channels = net._bn1.num_features
+        keeps_head = taps == "late" or self.has_top
+        self._conv_stem, self._bn0 = net._conv_stem, net._bn0
+        self._blocks = net._blocks if keeps_head else net._blocks[: self._high_end]
+        if keeps_head:
+            self._conv_head, self._bn1 = net._conv_head, net._bn1
+
+    def _run(self, x: torch.Tensor, start: int, end: int, head: bool) -> torch.Tensor:
+        for block in self._blocks[start:end]:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x))) if head else x
+
+    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(F.relu6(self._bn0(self._conv_stem(x))), 0, self._mid_end, head=False)
+
+    def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
+        return self._run(mid, self._mid_end, self._high_end, head=self.taps == "late")
+
+    def high_stage(self) -> nn.Module:
+        stage = list(self._blocks[self._mid_end : self._high_end])
+        return nn.ModuleList(stage + [self._conv_head, self._bn1] if self.taps == "late" else stage)
+
+    def forward_top(self, high: torch.Tensor) -> torch.Tensor:
+        return self._run(high, self._high_end, len(self._blocks), head=True)
+
+
 def _init_like_reference(module: nn.Module) -> None:
     """Reference init: every Conv2d ~ N(0, sqrt(2 / (k*k*out))), BatchNorm weight 1, bias 0."""
     for m in module.modules():
@@ -153,17 +213,20 @@ def _init_like_reference(module: nn.Module) -> None:
 
 def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = None,
                 taps: str = "paper") -> Trunk:
-    """A trunk by name; ``pretrained="imagenet"`` loads torchvision's ImageNet weights.
+    """A trunk by name; ``pretrained="imagenet"`` loads its ImageNet weights (see :mod:`.weights`).
 
     ``taps="late"`` moves the mid/high levels one stage up and has no top stage (``with_top``
     is then irrelevant).
     """
-    trunks = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}
-    if name not in trunks:
+    if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
     if taps not in TAPS:
         raise ValueError(f"unknown tap points {taps!r}; use one of {', '.join(TAPS)}")
-    trunk = trunks[name](with_top=with_top, taps=taps)
+    trunk: Trunk
+    if name in VARIANTS:
+        trunk = EfficientNetLiteTrunk(name, with_top=with_top, taps=taps)
+    else:
+        trunk = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}[name](with_top=with_top, taps=taps)
     if pretrained in ("imagenet", "IMAGENET1K_V1"):
         trunk.load_imagenet()
     elif pretrained not in (None, False, "", "none"):

