@@ -68,7 +68,6 @@ from agman_milvus.usecases.copyright import (
     EDITS,
     NORM_BETA,
     NORM_K,
-    SAME_PICTURE_BITS,
     VERIFY_K,
     VOTE_K,
     CopyThresholds,
@@ -186,14 +185,11 @@ def copy_rescore(
     verified, ref_h: np.ndarray, weights=copy_verify.COPY_WEIGHTS
 ) -> list[list[tuple[int, float]]]:
     """Copy scores, best first, from verification scores, as the checker computes them
-    (:func:`copy_verify.copy_scores`; references with near-equal pHashes show one picture)."""
+    (:func:`copy_verify.copy_scores` over the references' pHashes)."""
     out = []
     for pairs in verified:
         refs = [j for j, _ in pairs]
-        scores = copy_verify.copy_scores(
-            [s for _, s in pairs],
-            lambda a, b, refs=refs: hamming(int(ref_h[refs[a]]), int(ref_h[refs[b]])) <= SAME_PICTURE_BITS,
-            weights)
+        scores = copy_verify.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights)
         out.append(sorted(zip(refs, scores, strict=True), key=lambda p: -p[1]))
     return out
 
@@ -202,12 +198,9 @@ def copy_score_inputs(verified, ref_h: np.ndarray) -> list[list[tuple[int, float
     """Per query, (reference, verification score, margin over the best other) for fitting."""
     out = []
     for pairs in verified:
-        rows = []
-        for i, (j, s) in enumerate(pairs):
-            others = [t for k, (r, t) in enumerate(pairs)
-                      if k != i and hamming(int(ref_h[j]), int(ref_h[r])) > SAME_PICTURE_BITS]
-            rows.append((j, s, s - max(others, default=0.0)))
-        out.append(rows)
+        scores = [s for _, s in pairs]
+        margins = copy_verify.margins(scores, [int(ref_h[j]) for j, _ in pairs])
+        out.append([(j, s, m) for (j, s), m in zip(pairs, margins, strict=True)])
     return out
 
 

@@ -37,13 +37,15 @@ from __future__ import annotations
 import io
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from agman_milvus.core.phash import hamming
 
 __all__ = [
     "COPY_WEIGHTS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_scores", "draw_evidence",
@@ -82,6 +84,9 @@ SURE = 0.93
 #: threshold's precision 0.981-0.993 at recall 0.72-0.74, and the verdict calibrated for 99%
 #: on half the queries kept recall 0.53-0.76 on the other half (0.28-0.78 without them).
 MAX_LIFT = 0.1
+#: pHash distance under which two catalogue images show one picture (they do not count against
+#: each other in :func:`margins`).
+SAME_PICTURE_BITS = 2
 
 _local = threading.local()
 
@@ -183,22 +188,29 @@ def score(inliers: int, ratio: float, coverage: float, residual: float,
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
 
-def copy_scores(
-    scores: Sequence[float], same_picture: Callable[[int, int], bool] | None = None,
-    weights: tuple[float, ...] = COPY_WEIGHTS,
-) -> list[float]:
-    """Copy scores of one query's candidates from their verification ``scores``: each weighed
-    against the best score among the *other* candidates, except those that show the same
-    picture (``same_picture(i, k)``: e.g. one photo filed under two products). A score of at
+def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None) -> list[float]:
+    """Each candidate's score minus the best score among the *other* candidates, leaving out
+    those that show the same picture (pHashes, where known, within :data:`SAME_PICTURE_BITS`:
+    e.g. one photo filed under two products)."""
+    def same_picture(a: int, b: int) -> bool:
+        if hashes is None or hashes[a] is None or hashes[b] is None:
+            return False
+        return hamming(hashes[a], hashes[b]) <= SAME_PICTURE_BITS
+
+    return [s - max((t for k, t in enumerate(scores) if k != i and not same_picture(i, k)), default=0.0)
+            for i, s in enumerate(scores)]
+
+
+def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
+                weights: tuple[float, ...] = COPY_WEIGHTS) -> list[float]:
+    """Copy scores of one query's candidates from their verification ``scores`` and
+    :func:`margins` (``hashes``: the candidates' pHashes, None where unknown). A score of at
     least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`."""
     out = []
-    for i, s in enumerate(scores):
+    for s, margin in zip(scores, margins(scores, hashes), strict=True):
         if s >= SURE:
             out.append(float(s))
             continue
-        others = [t for k, t in enumerate(scores)
-                  if k != i and not (same_picture is not None and same_picture(i, k))]
-        margin = s - max(others, default=0.0)
         z = weights[0] + weights[1] * s + weights[2] * margin
         out.append(min(s + MAX_LIFT, 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))))
     return out

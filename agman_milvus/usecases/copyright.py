@@ -83,7 +83,6 @@ NORM_K = 10
 NORM_BETA = 0.5
 VERIFY_K = 10  # descriptor candidates verified per query
 VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
-SAME_PICTURE_BITS = 2  # pHash distance under which two catalogue images show one picture
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
@@ -335,18 +334,13 @@ class CopyChecker(UseCase):
     def copy_scores(
         verifications: Sequence[copy_verify.Verification | None], rows: Sequence[Any],
     ) -> list[float]:
-        """Copy scores of one query's candidates (:func:`copy_verify.copy_scores`; 0 for an
-        unverified one). Candidates whose stored pHashes are within ``SAME_PICTURE_BITS`` show
-        the same picture and do not count against each other."""
-        hashes = [from_signed64(r.phash) if r is not None and r.phash is not None else None for r in rows]
+        """Copy scores of one query's candidates (:func:`copy_verify.copy_scores` over their
+        stored pHashes; 0 for an unverified one)."""
         verified = [i for i, v in enumerate(verifications) if v is not None]
-
-        def same_picture(a: int, b: int) -> bool:
-            ha, hb = hashes[verified[a]], hashes[verified[b]]
-            return ha is not None and hb is not None and hamming(ha, hb) <= SAME_PICTURE_BITS
-
+        hashes = [from_signed64(rows[i].phash) if rows[i] is not None and rows[i].phash is not None
+                  else None for i in verified]
         out = [0.0] * len(verifications)
-        scored = copy_verify.copy_scores([verifications[i].score for i in verified], same_picture)
+        scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes)
         for i, score in zip(verified, scored, strict=True):
             out[i] = score
         return out

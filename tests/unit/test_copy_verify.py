@@ -106,9 +106,10 @@ def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     look_alikes = copy_scores([0.9, 0.88, 0.85])
     assert alone > stands_out[0] > 0.85 > look_alikes[0]  # three shots align: none is the original
     assert stands_out[1] < 0.01 and look_alikes == sorted(look_alikes, reverse=True)
-    # one picture filed twice does not count against itself
-    twice = copy_scores([0.9, 0.9, 0.2], same_picture=lambda a, b: {a, b} == {0, 1})
+    # one picture filed twice (pHashes 1 bit apart) does not count against itself
+    twice = copy_scores([0.9, 0.9, 0.2], hashes=[0b1011, 0b1010, 0xFFFF_0000])
     assert twice[0] == twice[1] == stands_out[0]
+    assert copy_scores([0.9, 0.9, 0.2], hashes=[0b1011, None, 0])[0] < 0.85  # unknown: counted
     assert copy_scores([]) == []
     # a verification beyond doubt stands on its own, even beside a close look-alike
     assert copy_scores([0.99, 0.87])[0] == 0.99 and copy_scores([0.99, 0.87])[1] < 0.5

@@ -127,8 +127,9 @@ def register(app: typer.Typer) -> None:
                                            rich_help_panel=_DATA),
         recipe: str = typer.Option("product", help="product (default: late taps, cached frozen mid maps, "
                                    "fine-tuned high stage, value-proxy + triplet loss) or paper (spec §3)"),
-        backbone: str | None = typer.Option(None, help="resnet50, mobilenet_v2 or efficientnet_lite0/1/2 (default: mobilenet_v2 "
-                                            "for --recipe product, resnet50 for paper)"),
+        backbone: str | None = typer.Option(None, help="resnet50, mobilenet_v2 or efficientnet_lite0/1/2 "
+                                            "(default: mobilenet_v2 for --recipe product, resnet50 for "
+                                            "paper)"),
         pretrained: bool = typer.Option(True, "--pretrained/--random-init",
                                         help="ImageNet weights for the backbone"),
         image_size: int = typer.Option(224, min=32, help="Square input size"),

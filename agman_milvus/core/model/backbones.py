@@ -226,7 +226,8 @@ def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = No
     if name in VARIANTS:
         trunk = EfficientNetLiteTrunk(name, with_top=with_top, taps=taps)
     else:
-        trunk = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}[name](with_top=with_top, taps=taps)
+        torchvision_trunk = {"resnet50": ResNet50Trunk, "mobilenet_v2": MobileNetV2Trunk}[name]
+        trunk = torchvision_trunk(with_top=with_top, taps=taps)
     if pretrained in ("imagenet", "IMAGENET1K_V1"):
         trunk.load_imagenet()
     elif pretrained not in (None, False, "", "none"):

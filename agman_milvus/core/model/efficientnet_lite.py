@@ -129,7 +129,8 @@ class EfficientNetLite(nn.Module):
             repeats = stage.repeats if index in (0, last) else math.ceil(depth * stage.repeats)
             for repeat in range(repeats):
                 stride = stage.stride if repeat == 0 else 1
-                self._blocks.append(MBConvBlock(in_channels, out_channels, stage.kernel, stride, stage.expand))
+                block = MBConvBlock(in_channels, out_channels, stage.kernel, stride, stage.expand)
+                self._blocks.append(block)
                 in_channels = out_channels
             self.stage_ends.append(len(self._blocks))
             self.stage_channels.append(out_channels)
