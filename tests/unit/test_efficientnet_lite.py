@@ -51,6 +51,8 @@ def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
     expected = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.weight, stride=2)
     assert torch.allclose(conv(x), expected)
     assert conv(torch.randn(1, 1, 9, 9)).shape[-1] == 5  # ceil(9 / 2)
+    unstrided = SamePadConv2d(1, 1, 5)
+    assert torch.allclose(unstrided(x), F.conv2d(F.pad(x, [2, 2, 2, 2]), unstrided.weight))
 
 
 def test_models_carry_the_lite_normalisation(tmp_path) -> None:

@@ -64,14 +64,20 @@ def round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class SamePadConv2d(nn.Conv2d):
-    """A bias-free Conv2d that pads like TensorFlow's ``SAME`` (output = ceil(input / stride))."""
+    """A bias-free Conv2d that pads like TensorFlow's ``SAME`` (output = ceil(input / stride)).
+
+    With stride 1 (odd kernels) that is the symmetric ``(k - 1) / 2``; only strided convolutions
+    pad per input size, more on the bottom/right when the total is odd.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, groups=groups,
-                         bias=False)
+                         bias=False, padding=(kernel_size - 1) // 2 if stride == 1 else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1):
+            return super().forward(x)
         pads: list[int] = []
         for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
                                         reversed(self.stride), strict=True):
