@@ -10,6 +10,9 @@ Drift, both ways:
 * **orphan blobs** (when given the blob store): stored bytes that no image row and no screening
   job names, older than an hour (an ingest in flight writes its blob just before its row)
   -> deleted.
+* **orphan keypoints**: copy-check voting keypoints of images that are not live -> deleted.
+  Live images without keypoints (indexed before voting existed, or with keypoints turned off)
+  are only counted (``without_keypoints``): re-ingesting or ``agman reindex`` stores them.
 * **stale pending rows**: images pending past ``pending_resend_after`` whose work was lost (see
   :mod:`agman_milvus.usecases.recovery`) -> sent again (``resend_pending``).
 """
@@ -44,6 +47,8 @@ class ReconcileReport:
     missing_vectors: list[int] = field(default_factory=list)
     stale_rows: list[int] = field(default_factory=list)
     stale_pending: int = 0
+    orphan_keypoints: list[int] = field(default_factory=list)
+    without_keypoints: int = 0
     deleted_vectors: int = 0
     orphan_blobs: list[str] = field(default_factory=list)
     reembedded: int = 0
@@ -53,7 +58,8 @@ class ReconcileReport:
     def clean(self) -> bool:
         """True when no drift was found."""
         return not (any(self.orphan_vectors.values()) or any(self.stale_vectors.values())
-                    or self.missing_vectors or self.stale_rows or self.stale_pending)
+                    or self.missing_vectors or self.stale_rows or self.stale_pending
+                    or self.orphan_keypoints)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -63,6 +69,7 @@ class ReconcileReport:
             "stale_vectors": {k: len(v) for k, v in self.stale_vectors.items()},
             "missing_vectors": len(self.missing_vectors), "stale_rows": len(self.stale_rows),
             "stale_pending": self.stale_pending,
+            "orphan_keypoints": len(self.orphan_keypoints), "without_keypoints": self.without_keypoints,
             "deleted_vectors": self.deleted_vectors, "orphan_blobs": len(self.orphan_blobs),
             "reembedded": self.reembedded,
             "unrepaired": self.unrepaired,
@@ -125,6 +132,9 @@ def reconcile(
         missing |= current_ids - seen
         missing |= set(stale) & current_ids
     report.missing_vectors = sorted(missing)
+    with_keypoints = vectors.keypoint_image_ids()
+    report.orphan_keypoints = sorted(with_keypoints - live)
+    report.without_keypoints = len(set(indexed) - with_keypoints)
     if resend_pending is not None:
         report.stale_pending = resend_pending(dry_run)
     log.info("reconcile found: %s", report.to_dict())
@@ -136,6 +146,7 @@ def reconcile(
         doomed = report.orphan_vectors[label] + report.stale_vectors[label]
         vectors.delete_from(name, doomed, batch_size)
         report.deleted_vectors += len(doomed)
+    vectors.delete_keypoints(report.orphan_keypoints)
 
     todo = sorted(set(report.missing_vectors) | set(report.stale_rows))
     if not todo:

@@ -117,6 +117,30 @@ def test_reconcile_finds_and_repairs_drift(world) -> None:
                                vector_for(ids[3], "colour", DIM), atol=1e-6)
 
 
+def test_reconcile_deletes_orphan_keypoints(world) -> None:
+    catalog, store, embed, ids = world
+    rng = np.random.default_rng(0)
+
+    def keypoints(n: int) -> np.ndarray:
+        v = rng.random((n, 128), dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    # 9999 lies many of the scan's 32-id windows above the others
+    store.upsert_keypoints([(ids[0], 1, keypoints(300)), (ids[1], 1, keypoints(300)),
+                            (9999, 1, keypoints(5))])
+    catalog.images.mark_failed(ids[1], "decode error")
+
+    dry = reconcile(catalog, store, "v2", dry_run=True, reembed=embed)
+    assert dry.orphan_keypoints == [ids[1], 9999] and not dry.clean
+    assert dry.without_keypoints == 6  # indexed, never given keypoints: counted, not drift
+    assert store.keypoint_image_ids() == {ids[0], ids[1], 9999}  # a dry run changes nothing
+
+    reconcile(catalog, store, "v2", dry_run=False, reembed=embed)
+    assert store.keypoint_image_ids() == {ids[0]}
+    after = reconcile(catalog, store, "v2", dry_run=True, reembed=embed)
+    assert after.clean and after.orphan_keypoints == [], after.to_dict()
+
+
 def test_reconcile_sweeps_orphan_blobs(world, tmp_path: Path) -> None:
     """Blobs no image row (any status) and no screening job names, older than an hour, go;
     named ones and fresh ones (an ingest in flight) stay."""

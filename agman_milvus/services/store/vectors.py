@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 COPY = "copy"
 KEYPOINTS = "keypoints"
 KEYPOINT_DIM = 128
+#: Most voting keypoints stored per image (the checker stores ``copy_vote.VOTE_KEYPOINTS``).
+MAX_KEYPOINTS = 512
+#: Rows one keypoint query may return (Milvus' largest query window).
+KEYPOINT_QUERY_LIMIT = 16384
 #: Rows per insert request of keypoints (an image has up to a few hundred).
 KEYPOINT_BATCH = 20_000
 VECTOR_FIELD = "vector"
@@ -479,7 +483,7 @@ class VectorStore:
 
     def upsert_keypoints(self, rows: Iterable[tuple[int, int, np.ndarray]]) -> int:
         """Replace the voting keypoints of images; ``rows`` are ``(image_id, product_id,
-        [n, 128] vectors)``. Returns the number of keypoints written."""
+        [n, 128] vectors)``, at most :data:`MAX_KEYPOINTS` each. Returns the number written."""
         rows = list(rows)
         if not rows:
             return 0
@@ -488,6 +492,8 @@ class VectorStore:
         data = []
         for image_id, product_id, vectors in rows:
             arr = np.asarray(vectors, np.float32).reshape(-1, KEYPOINT_DIM)
+            if len(arr) > MAX_KEYPOINTS:
+                raise ValueError(f"image {image_id}: {len(arr)} keypoints, at most {MAX_KEYPOINTS} are kept")
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"image {image_id}: keypoint vectors have NaN or infinite values")
             data += [{"image_id": int(image_id), "product_id": int(product_id), VECTOR_FIELD: v}
@@ -511,6 +517,33 @@ class VectorStore:
             search_params=self.deployment.search_params(top_k),
             consistency_level=self.search_consistency))
         return [[int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result]
+
+    def keypoint_image_ids(self) -> set[int]:
+        """The ids of the images that have voting keypoints stored (read in windows of image
+        ids small enough that no window can hold more rows than one query returns)."""
+        name = self.keypoint_collection
+        if name not in self._loaded and name not in self.client.list_collections():
+            return set()
+        window = KEYPOINT_QUERY_LIMIT // MAX_KEYPOINTS
+
+        def read(expr: str, limit: int = KEYPOINT_QUERY_LIMIT) -> set[int]:
+            rows = self._on_loaded(name, lambda: self.client.query(
+                name, filter=expr, output_fields=["image_id"], limit=limit, consistency_level="Strong"))
+            return {int(r["image_id"]) for r in rows}
+
+        end = window
+        while read(f"image_id >= {end}", 1):  # ids are SQL ids: find a bound above the largest
+            end *= 2
+        found: set[int] = set()
+        for start in range(0, end, window):
+            found |= read(f"image_id >= {start} and image_id < {start + window}")
+        return found
+
+    def delete_keypoints(self, image_ids: Sequence[int], batch_size: int = 1000) -> None:
+        """Remove the voting keypoints of ``image_ids``, ``batch_size`` images per request."""
+        for start in range(0, len(image_ids), batch_size):
+            ids = [int(i) for i in image_ids[start:start + batch_size]]
+            self._delete_keypoints(f"image_id in {ids}", flush=start + batch_size >= len(image_ids))
 
     def _delete_keypoints(self, expr: str, flush: bool = True) -> None:
         """Delete keypoint rows matching ``expr`` (``flush=False``: a write follows that flushes)."""
