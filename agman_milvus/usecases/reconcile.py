@@ -12,7 +12,8 @@ Drift, both ways:
   -> deleted.
 * **orphan keypoints**: copy-check voting keypoints of images that are not live -> deleted.
   Live images without keypoints (indexed before voting existed, or with keypoints turned off)
-  are only counted (``without_keypoints``): re-ingesting or ``agman reindex`` stores them.
+  are only counted (``without_keypoints``): re-ingesting them, or a reindex to a new model
+  version, stores their keypoints.
 * **stale pending rows**: images pending past ``pending_resend_after`` whose work was lost (see
   :mod:`agman_milvus.usecases.recovery`) -> sent again (``resend_pending``).
 """
