@@ -29,6 +29,7 @@ from agman_milvus.core.engine import Batch, EmbeddingEngine, batched
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.container import Services
 from agman_milvus.services.embedding import Embedder, EncodedBatch
+from agman_milvus.services.local_features import LocalFeatureCache, cache_root
 from agman_milvus.services.store.catalog import LIVE_STATUSES, Catalog, ImageStatus
 from agman_milvus.services.store.tables import Image
 from agman_milvus.services.store.vectors import COPY, VectorStore
@@ -249,7 +250,8 @@ def _embed(
     total: int,
 ) -> None:
     """Decode (next batch ahead, in threads), embed and write ``image_ids`` to ``store`` (in a
-    writer thread, while the next batch embeds), on the embedding engine.
+    writer thread, while the next batch embeds), on the embedding engine. Images without
+    copy-check keypoints (indexed before keypoint voting) get them on the way.
 
     SQL is not changed: the rows keep serving the active version until the switch.
     """
@@ -257,6 +259,8 @@ def _embed(
     preprocess = embedder.model.preprocess
     names = embedder.schema.names
     chunks = list(batched(image_ids, batch_size))
+    keypoints = LocalFeatureCache(cache_root(settings.data_dir), memory_items=0)
+    lacking = set(image_ids) - store.keypoint_image_ids() if settings.copy_keypoints else set()
 
     def live_rows(ids: list[int]) -> list[Image]:
         rows = catalog.images.get_many(ids)
@@ -264,7 +268,8 @@ def _embed(
 
     def decode(row: Image) -> DecodedRow:
         return decode_image_row(row.id, row.sha256, row.source_uri, blobs=services.blobs,
-                                settings=settings, preprocess=preprocess)
+                                settings=settings, preprocess=preprocess,
+                                local_features=keypoints if row.id in lacking else None)
 
     def write(batch: Batch[Image, DecodedRow], encoded: EncodedBatch | None) -> list[int]:
         return _write(store, catalog, batch.ok, names, encoded) if encoded is not None else []
@@ -294,6 +299,8 @@ def _write(
     keep = [j for j, d in enumerate(ok) if (m := info.get(d.image_id)) is not None
             and m.status in LIVE_STATUSES and not m.product_deleted]
     store.upsert(vector_rows(ok, keep, info, names, encoded.embeddings, encoded.descriptors))
+    store.upsert_keypoints((ok[j].image_id, info[ok[j].image_id].product_id, ok[j].keypoints)
+                           for j in keep if ok[j].keypoints is not None)
     ids = [ok[j].image_id for j in keep]
     rows = catalog.images.get_many(ids)
     gone = [i for i in ids if i not in rows or rows[i].status == ImageStatus.deleted]

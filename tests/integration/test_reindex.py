@@ -84,12 +84,15 @@ def test_reindex_fills_the_new_version_then_switches(tmp_path: Path, checkpoints
     ids = [_ingest(services, f"sku-{i}", i, colour="red") for i in range(4)]
     store_a = services.vectors
     version_a = store_a.model_version
+    store_a.delete_keypoints([ids[0]])  # as if indexed before copy checks stored keypoints
+    assert ids[0] not in store_a.keypoint_image_ids()
 
     report = reindex(services, ckpt_b, activate=False)
     version_b = report.new_version
     assert version_b != version_a and report.old_version == version_a
     assert sorted(report.embedded) == ids and report.already_done == 0 and not report.activated
     store_b = _store(settings, ckpt_b)
+    assert store_b.keypoint_image_ids() == set(ids)  # the missing keypoints were filled in
     assert _counts(store_b) == _counts(store_a) == {"colour": 4, "sleeve": 4, "copy": 4}
     # A still serves: SQL, the aliases and the rows all name A, and reconcile sees no drift.
     assert services.catalog.model_versions.active().version == version_a
