@@ -11,9 +11,10 @@ import re
 import sys
 from pathlib import Path
 
-ROWS = [("floor", "untrained ImageNet MobileNetV2, pooled (floor)"),
-        ("imagenet_floor", "untrained ImageNet MobileNetV2, pooled (floor)"),
-        ("probe", "linear probe: frozen ImageNet MobileNetV2, pooled + one linear classifier per attribute"),
+#: (row key, label); ``{trunk}`` is the backbone the row's JSON names (the last word of "model")
+ROWS = [("floor", "untrained ImageNet {trunk}, pooled (floor)"),
+        ("imagenet_floor", "untrained ImageNet {trunk}, pooled (floor)"),
+        ("probe", "linear probe: frozen ImageNet {trunk}, pooled + one linear classifier per attribute"),
         ("global", "global (no attribute conditioning)"),
         ("asen_v2", "ASEN_v2"),
         ("agman", "AG-MAN")]
@@ -52,6 +53,7 @@ def main(run_dir: Path) -> None:
             seconds = timings.get("floor" if key == "imagenet_floor" else key)
             time_cell = "-" if seconds is None else ("none" if seconds == 0 else f"{seconds} s")
             overall = _cell(r["overall_map"], ci.get("overall"), bold=True)
+            label = label.format(trunk=r["model"].split()[-1])
             print(f"| {label} | {cells} | {overall} | {time_cell} |")
     for key, _ in ROWS:
         metrics = run_dir / key / "metrics.jsonl"
