@@ -4,6 +4,7 @@ Compares, at batch 16 and 224x224 with 8 attributes:
   * ``embed_all`` (one trunk pass without layer4, all K heads batched) — the product path;
   * the reference path: K full forward passes (layer4 and the classifier included), one per attribute;
   * a plain torchvision ResNet-50 forward (one global embedding, what a user would otherwise run);
+  * the product recipe's networks (late taps) on MobileNetV2 and EfficientNet-Lite0;
 and reports images/s for both backbones under the product's default settings (channels_last,
 allocator tuning), plus optional torch.compile (freezing) and an FX static-int8 trunk with its
 cosine similarity to fp32. Rounds are interleaved and medians reported: this machine is noisy.
@@ -88,6 +89,11 @@ def main() -> None:
         bb: build_model("agman", schema=SCHEMA, backbone=bb).eval().to(memory_format=torch.channels_last)
         for bb in ("resnet50", "mobilenet_v2")
     }
+    product = {  # the product recipe's networks (late taps, no top stage)
+        bb: build_model("agman", schema=SCHEMA, backbone=bb, taps="late").eval()
+        .to(memory_format=torch.channels_last)
+        for bb in ("mobilenet_v2", "efficientnet_lite0")
+    }
     plain = resnet50(weights=None).eval().to(memory_format=torch.channels_last)
     cases: dict[str, Callable[[], object]] = {
         "resnet50.embed_all": lambda: models["resnet50"].embed_all(x),
@@ -95,6 +101,8 @@ def main() -> None:
         "resnet50.reference_k_passes": lambda: reference_path(models["resnet50"], x),
         "mobilenet_v2.embed_all": lambda: models["mobilenet_v2"].embed_all(x),
         "mobilenet_v2.reference_k_passes": lambda: reference_path(models["mobilenet_v2"], x),
+        "product.mobilenet_v2.embed_all": lambda: product["mobilenet_v2"].embed_all(x),
+        "product.efficientnet_lite0.embed_all": lambda: product["efficientnet_lite0"].embed_all(x),
     }
     extra: dict[str, object] = {}
     if args.compile:
@@ -153,6 +161,9 @@ def main() -> None:
             ),
             "resnet50.embed_all_cost_vs_plain_resnet50": paired(
                 samples, "torchvision_resnet50.forward", "resnet50.embed_all"
+            ),
+            "product.efficientnet_lite0_cost_vs_mobilenet_v2": paired(
+                samples, "product.mobilenet_v2.embed_all", "product.efficientnet_lite0.embed_all"
             ),
         },
         **extra,

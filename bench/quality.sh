@@ -8,8 +8,9 @@
 # Usage: bench/quality.sh [RUN_DIR]
 #   env: AGMAN_SHARED_DIR, RECIPE (product | paper), MODELS (default "agman probe floor asen_v2
 #   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE, BACKBONE
-#   (default mobilenet_v2; the floor and the probe use the same trunk).
-# product (default): MobileNetV2 at 224 px, late taps, frozen mid maps cached once (float16, with
+#   (default efficientnet_lite0 for product, mobilenet_v2 for paper; the floor and the probe use
+#   the same trunk).
+# product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors), high stage fine-tuned, value-proxy + in-batch triplet loss, 6 epochs of batch 64
 #   (agman_milvus/training/product.py).
 # paper: issue #3's budget run of the paper's triplet recipe (frozen trunk, cached maps, 128 px,
@@ -21,7 +22,7 @@ RUN_DIR=${1:-/tmp/agman_quality}
 SHARED=${AGMAN_SHARED_DIR:-$(cd .. && pwd)/shared}
 CATALOG=$SHARED/data/fashion-products/manifest.csv
 RECIPE=${RECIPE:-product}
-BACKBONE=${BACKBONE:-mobilenet_v2}
+if [ "$RECIPE" = product ]; then BACKBONE=${BACKBONE:-efficientnet_lite0}; else BACKBONE=${BACKBONE:-mobilenet_v2}; fi
 MODELS=${MODELS:-agman probe floor asen_v2 global}
 AGMAN=${AGMAN:-.venv/bin/agman}
 [ -f "$CATALOG" ] || { echo "no catalog at $CATALOG (set AGMAN_SHARED_DIR)" >&2; exit 1; }

@@ -96,15 +96,17 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
 
     runner = CliRunner()
     data = ["--catalog", str(catalog), "--attributes", "colour,mark", "--min-count", "2"]
-    common = [*data, "--backbone", "mobilenet_v2", "--image-size", "48", "--epochs", "1", "--seed", "1",
+    common = [*data, "--image-size", "48", "--epochs", "1", "--seed", "1",
               "--workers", "0", "--threads", "1", "--device", "cpu"]
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "product"), *common,
                                  "--batch-size", "16"])
     assert result.exit_code == 0, result.output
     assert "valid MAP" in result.output and ", mark " in result.output  # per-attribute valid MAP
-    assert read_checkpoint_config(tmp_path / "product" / "best.safetensors")["taps"] == "late"
+    product = read_checkpoint_config(tmp_path / "product" / "best.safetensors")
+    assert (product["taps"], product["backbone"]) == ("late", "efficientnet_lite0")
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "paper"), *common,
-                                 "--recipe", "paper", "--random-init", "--triplets-per-epoch", "16",
+                                 "--recipe", "paper", "--backbone", "mobilenet_v2", "--random-init",
+                                 "--triplets-per-epoch", "16",
                                  "--freeze-backbone"])
     assert result.exit_code == 0, result.output
     paper = read_checkpoint_config(tmp_path / "paper" / "best.safetensors")

@@ -128,8 +128,8 @@ def register(app: typer.Typer) -> None:
         recipe: str = typer.Option("product", help="product (default: late taps, cached frozen mid maps, "
                                    "fine-tuned high stage, value-proxy + triplet loss) or paper (spec §3)"),
         backbone: str | None = typer.Option(None, help="resnet50, mobilenet_v2 or efficientnet_lite0/1/2 "
-                                            "(default: mobilenet_v2 for --recipe product, resnet50 for "
-                                            "paper)"),
+                                            "(default: efficientnet_lite0 for --recipe product, resnet50 "
+                                            "for paper)"),
         pretrained: bool = typer.Option(True, "--pretrained/--random-init",
                                         help="ImageNet weights for the backbone"),
         image_size: int = typer.Option(224, min=32, help="Square input size"),
@@ -178,6 +178,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from agman_milvus.core.model import build_model
+        from agman_milvus.training.product import PRODUCT_BACKBONE
         from agman_milvus.training.trainer import Callbacks
 
         if model not in models:
@@ -189,7 +190,7 @@ def register(app: typer.Typer) -> None:
         source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
         if not source.train:
             raise typer.BadParameter("the data source has no training labels")
-        backbone = backbone or ("mobilenet_v2" if product else "resnet50")
+        backbone = backbone or (PRODUCT_BACKBONE if product else "resnet50")
         epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
         net = build_model(model, schema=source.schema, backbone=backbone, taps="late" if product else "paper",
