@@ -48,8 +48,8 @@ from PIL import Image
 from agman_milvus.core.phash import hamming
 
 __all__ = [
-    "COPY_WEIGHTS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_scores", "draw_evidence",
-    "extract", "features_vector", "score", "verify",
+    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_scores",
+    "draw_evidence", "extract", "features_vector", "margins", "score", "verify",
 ]
 
 WORK_SIDE = 448
