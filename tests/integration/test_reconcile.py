@@ -125,7 +125,7 @@ def test_reconcile_deletes_orphan_keypoints(world) -> None:
         v = rng.random((n, 128), dtype=np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    # 9999 lies many of the scan's 32-id windows above the others
+    # 9999 lies far above the others: the scan's windows widen across the gap
     store.upsert_keypoints([(ids[0], 1, keypoints(300)), (ids[1], 1, keypoints(300)),
                             (9999, 1, keypoints(5))])
     catalog.images.mark_failed(ids[1], "decode error")
@@ -139,6 +139,17 @@ def test_reconcile_deletes_orphan_keypoints(world) -> None:
     assert store.keypoint_image_ids() == {ids[0]}
     after = reconcile(catalog, store, "v2", dry_run=True, reembed=embed)
     assert after.clean and after.orphan_keypoints == [], after.to_dict()
+
+
+def test_keypoint_scan_finds_every_image_of_a_window_fuller_than_one_query(world) -> None:
+    from agman_milvus.services.store.vectors import KEYPOINT_QUERY_LIMIT, MAX_KEYPOINTS
+
+    _, store, _, _ = world
+    vectors = np.zeros((MAX_KEYPOINTS, 128), np.float32)
+    vectors[:, 0] = 1.0
+    images = range(100, 100 + KEYPOINT_QUERY_LIMIT // MAX_KEYPOINTS + 8)  # one query cannot hold them
+    store.upsert_keypoints([(i, 1, vectors) for i in images])
+    assert store.keypoint_image_ids() == set(images)
 
 
 def test_reconcile_sweeps_orphan_blobs(world, tmp_path: Path) -> None:

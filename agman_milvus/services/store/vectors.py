@@ -519,25 +519,34 @@ class VectorStore:
         return [[int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result]
 
     def keypoint_image_ids(self) -> set[int]:
-        """The ids of the images that have voting keypoints stored (read in windows of image
-        ids small enough that no window can hold more rows than one query returns)."""
+        """The ids of the images that have voting keypoints stored.
+
+        Read in windows of image ids: a window that could have been cut off by the query limit
+        is read again at half the width; sparse windows double, so gaps between ids cost a
+        few queries, not one per :data:`KEYPOINT_QUERY_LIMIT` worth of ids.
+        """
         name = self.keypoint_collection
         if name not in self._loaded and name not in self.client.list_collections():
             return set()
-        window = KEYPOINT_QUERY_LIMIT // MAX_KEYPOINTS
 
-        def read(expr: str, limit: int = KEYPOINT_QUERY_LIMIT) -> set[int]:
+        def read(expr: str, limit: int = KEYPOINT_QUERY_LIMIT) -> list[int]:
             rows = self._on_loaded(name, lambda: self.client.query(
                 name, filter=expr, output_fields=["image_id"], limit=limit, consistency_level="Strong"))
-            return {int(r["image_id"]) for r in rows}
+            return [int(r["image_id"]) for r in rows]
 
-        end = window
-        while read(f"image_id >= {end}", 1):  # ids are SQL ids: find a bound above the largest
-            end *= 2
         found: set[int] = set()
-        for start in range(0, end, window):
-            found |= read(f"image_id >= {start} and image_id < {start + window}")
-        return found
+        start, width = 0, KEYPOINT_QUERY_LIMIT // MAX_KEYPOINTS
+        while True:
+            ids = read(f"image_id >= {start} and image_id < {start + width}")
+            if len(ids) >= KEYPOINT_QUERY_LIMIT and width > 1:
+                width //= 2  # maybe cut off: read the window again, narrower
+                continue
+            found.update(ids)
+            start += width
+            if not ids and not read(f"image_id >= {start}", 1):
+                return found
+            if len(ids) < KEYPOINT_QUERY_LIMIT // 4:
+                width *= 2
 
     def delete_keypoints(self, image_ids: Sequence[int], batch_size: int = 1000) -> None:
         """Remove the voting keypoints of ``image_ids``, ``batch_size`` images per request."""
