@@ -36,10 +36,14 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet50
 
 from agman_milvus.core.model.efficientnet_lite import (
+    BN_EPS,
+    HEAD_CHANNELS,
     LITE_MEAN,
     LITE_STD,
+    STEM_CHANNELS,
     VARIANTS,
-    EfficientNetLite,
+    SamePadConv2d,
+    build_blocks,
 )
 from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agman_milvus.core.model.weights import load_imagenet_state_dict
@@ -164,22 +168,24 @@ class EfficientNetLiteTrunk(Trunk):
 
     def __init__(self, variant: str, with_top: bool = True, taps: str = "paper") -> None:
         super().__init__()
-        net = EfficientNetLite(variant)
+        lite = build_blocks(variant)
         self.name, self.taps = variant, taps
         self.has_top = with_top and taps == "paper"
-        ends, channels = net.stage_ends, net.stage_channels
+        ends, channels = lite.stage_ends, lite.stage_channels
         if taps == "late":  # mid: stride-16 end; high: the rest with the head
             self._mid_end, self._high_end = ends[4], ends[-1]
-            self.mid_channels, self.high_channels = channels[4], net._bn1.num_features
+            self.mid_channels, self.high_channels = channels[4], HEAD_CHANNELS
         else:  # mid: stride-8 end; high: stride-16 end; top: the rest with the head
             self._mid_end, self._high_end = ends[2], ends[4]
             self.mid_channels, self.high_channels = channels[2], channels[4]
-        self.top_channels = net._bn1.num_features
+        self.top_channels = HEAD_CHANNELS
         keeps_head = taps == "late" or self.has_top
-        self._conv_stem, self._bn0 = net._conv_stem, net._bn0
-        self._blocks = net._blocks if keeps_head else net._blocks[: self._high_end]
+        self._conv_stem = SamePadConv2d(3, STEM_CHANNELS, 3, stride=2)
+        self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
+        self._blocks = lite.blocks if keeps_head else lite.blocks[: self._high_end]
         if keeps_head:
-            self._conv_head, self._bn1 = net._conv_head, net._bn1
+            self._conv_head = SamePadConv2d(channels[-1], HEAD_CHANNELS, 1)
+            self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
 
     def _run(self, x: torch.Tensor, start: int, end: int, head: bool) -> torch.Tensor:
         for block in self._blocks[start:end]:

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite (Tan & Le; TensorFlow's ``efficientnet/lite`` builder) as a plain module.
+"""EfficientNet-Lite's building blocks (Tan & Le; TensorFlow's ``efficientnet/lite`` builder).
 
 The Lite variants drop squeeze-and-excitation, use ReLU6, and keep the stem (32) and head (1,280)
 widths fixed across scales. Module names follow lukemelas' EfficientNet-PyTorch
@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: (width multiplier, depth multiplier, native input size) per variant.
-VARIANTS: dict[str, tuple[float, float, int]] = {
-    "efficientnet_lite0": (1.0, 1.0, 224),
-    "efficientnet_lite1": (1.0, 1.1, 240),
-    "efficientnet_lite2": (1.1, 1.2, 260),
+#: (width multiplier, depth multiplier) per variant; trained at 224, 240 and 260 px.
+VARIANTS: dict[str, tuple[float, float]] = {
+    "efficientnet_lite0": (1.0, 1.0),
+    "efficientnet_lite1": (1.0, 1.1),
+    "efficientnet_lite2": (1.1, 1.2),
 }
 #: Input normalisation the TensorFlow Lite models were trained with, on a 0-1 scale.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
-_BN_EPS = 1e-3
+BN_EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ class MBConvBlock(nn.Module):
         hidden = in_channels * expand
         if expand != 1:
             self._expand_conv = SamePadConv2d(in_channels, hidden, 1)
-            self._bn0 = nn.BatchNorm2d(hidden, eps=_BN_EPS)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
         self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride=stride, groups=hidden)
-        self._bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=BN_EPS)
         self._project_conv = SamePadConv2d(hidden, out_channels, 1)
-        self._bn2 = nn.BatchNorm2d(out_channels, eps=_BN_EPS)
+        self._bn2 = nn.BatchNorm2d(out_channels, eps=BN_EPS)
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -110,35 +110,32 @@ class MBConvBlock(nn.Module):
         return x + inputs if self.residual else x
 
 
-class EfficientNetLite(nn.Module):
-    """The modules of an EfficientNet-Lite variant without its classifier: ``_conv_stem`` +
-    ``_bn0``, ``_blocks``, ``_conv_head`` + ``_bn1`` (each conv followed by its BN and ReLU6).
+@dataclass
+class LiteBlocks:
+    """The inverted-residual blocks of a variant; ``stage_ends[i]`` is the index one past the
+    last block of stage ``i`` (where a trunk may cut), ``stage_channels[i]`` its output width."""
 
-    ``stage_ends[i]`` is the index one past the last block of stage ``i``, so a trunk can cut
-    the block list at stage boundaries; ``stage_channels[i]`` is that stage's output width.
-    """
+    blocks: nn.ModuleList
+    stage_ends: list[int]
+    stage_channels: list[int]
 
-    def __init__(self, variant: str) -> None:
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
-        width, depth, _ = VARIANTS[variant]
-        self._conv_stem = SamePadConv2d(3, STEM_CHANNELS, 3, stride=2)
-        self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=_BN_EPS)
-        self._blocks = nn.ModuleList()
-        self.stage_ends: list[int] = []
-        self.stage_channels: list[int] = []
-        in_channels = STEM_CHANNELS
-        last = len(BASE_STAGES) - 1
-        for index, stage in enumerate(BASE_STAGES):
-            out_channels = round_filters(stage.out_channels, width)
-            repeats = stage.repeats if index in (0, last) else math.ceil(depth * stage.repeats)
-            for repeat in range(repeats):
-                stride = stage.stride if repeat == 0 else 1
-                block = MBConvBlock(in_channels, out_channels, stage.kernel, stride, stage.expand)
-                self._blocks.append(block)
-                in_channels = out_channels
-            self.stage_ends.append(len(self._blocks))
-            self.stage_channels.append(out_channels)
-        self._conv_head = SamePadConv2d(in_channels, HEAD_CHANNELS, 1)
-        self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=_BN_EPS)
+
+def build_blocks(variant: str) -> LiteBlocks:
+    """The blocks between the stem (:data:`STEM_CHANNELS`, a stride-2 3x3 conv) and the 1x1 head
+    (:data:`HEAD_CHANNELS`) of ``variant``, scaled from :data:`BASE_STAGES`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
+    width, depth = VARIANTS[variant]
+    out = LiteBlocks(nn.ModuleList(), [], [])
+    in_channels = STEM_CHANNELS
+    last = len(BASE_STAGES) - 1
+    for index, stage in enumerate(BASE_STAGES):
+        out_channels = round_filters(stage.out_channels, width)
+        repeats = stage.repeats if index in (0, last) else math.ceil(depth * stage.repeats)
+        for repeat in range(repeats):
+            stride = stage.stride if repeat == 0 else 1
+            out.blocks.append(MBConvBlock(in_channels, out_channels, stage.kernel, stride, stage.expand))
+            in_channels = out_channels
+        out.stage_ends.append(len(out.blocks))
+        out.stage_channels.append(out_channels)
+    return out
