@@ -184,7 +184,10 @@ def features_vector(inliers: int, ratio: float, coverage: float, residual: float
 def score(inliers: int, ratio: float, coverage: float, residual: float,
           weights: tuple[float, ...] = SCORE_WEIGHTS) -> float:
     """Probability-like copy score in [0, 1]."""
-    z = float(np.dot(weights, features_vector(inliers, ratio, coverage, residual)))
+    return _logistic(float(np.dot(weights, features_vector(inliers, ratio, coverage, residual))))
+
+
+def _logistic(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
 
@@ -212,7 +215,7 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
             out.append(float(s))
             continue
         z = weights[0] + weights[1] * s + weights[2] * margin
-        out.append(min(s + MAX_LIFT, 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))))
+        out.append(min(s + MAX_LIFT, _logistic(z)))
     return out
 
 
@@ -258,7 +261,7 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]
     return Verification(
-        score=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))), inliers=0, matches=0, inlier_ratio=0.0,
+        score=_logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
         coverage=float(cc), residual=residual, mirrored=False, method="dense",
         transform=_to_original(m, q, c, False).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, False)],
