@@ -153,6 +153,8 @@ def _reindex(
 
     rounds = CATCH_UP_ROUNDS if activate else 1
     state = _compare(store, catalog)
+    # keypoints are every version's: only images indexed before voting existed lack them
+    with_keypoints = store.keypoint_image_ids() if settings.copy_keypoints else None
     report.live_images = len(state.live)
     report.already_done = len(state.finished)
     for attempt in range(rounds + 1):
@@ -162,8 +164,11 @@ def _reindex(
             break
         if attempt:
             logger.info("catch-up round %d: %d images changed meanwhile", attempt, len(todo))
-        _embed(todo, services, embedder, store, report, batch_size or settings.batch_size,
+        lacking = set(todo) - with_keypoints if with_keypoints is not None else set()
+        _embed(todo, lacking, services, embedder, store, report, batch_size or settings.batch_size,
                on_progress, done=len(state.finished & state.live), total=len(state.live))
+        if with_keypoints is not None:
+            with_keypoints |= lacking
         state = _compare(store, catalog)
 
     missing = state.live - state.finished
@@ -245,13 +250,13 @@ def _delete_from(store: VectorStore, image_ids: Iterable[int]) -> int:
 
 # -- embedding ---------------------------------------------------------------------------------
 def _embed(
-    image_ids: list[int], services: Services, embedder: Embedder, store: VectorStore,
+    image_ids: list[int], lacking: set[int], services: Services, embedder: Embedder, store: VectorStore,
     report: ReindexReport, batch_size: int, on_progress: Progress | None, *, done: int,
     total: int,
 ) -> None:
     """Decode (next batch ahead, in threads), embed and write ``image_ids`` to ``store`` (in a
-    writer thread, while the next batch embeds), on the embedding engine. Images without
-    copy-check keypoints (indexed before keypoint voting) get them on the way.
+    writer thread, while the next batch embeds), on the embedding engine. The ``lacking``
+    images (no copy-check keypoints stored) get them on the way.
 
     SQL is not changed: the rows keep serving the active version until the switch.
     """
@@ -259,8 +264,7 @@ def _embed(
     preprocess = embedder.model.preprocess
     names = embedder.schema.names
     chunks = list(batched(image_ids, batch_size))
-    keypoints = LocalFeatureCache(cache_root(settings.data_dir), memory_items=0)
-    lacking = set(image_ids) - store.keypoint_image_ids() if settings.copy_keypoints else set()
+    keypoints = LocalFeatureCache(cache_root(settings.data_dir), memory_items=0) if lacking else None
 
     def live_rows(ids: list[int]) -> list[Image]:
         rows = catalog.images.get_many(ids)
