@@ -3,8 +3,8 @@
 Measured on held-out catalogue photos (docs/results.md), it beats a supervised linear probe where
 the paper's triplet recipe (:mod:`agman_milvus.training.trainer`) stays far below it:
 
-* the EfficientNet-Lite0 ImageNet trunk (:data:`PRODUCT_BACKBONE`; MobileNetV2 scored 0.6 MAP
-  lower over two seeds each, docs/results.md) at 224 px;
+* the EfficientNet-Lite0 ImageNet trunk (:data:`PRODUCT_BACKBONE`; AG-MAN on MobileNetV2
+  scored 0.6 MAP lower, mean of two seeds each, docs/results.md) at 224 px;
 * tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`): the
   mid level is frozen and its maps cached once per image and mirror (float16), the high level is
   fine-tuned on top of them with its BatchNorm statistics frozen (eval mode);
