@@ -209,6 +209,17 @@ def test_keypoints_are_replaced_per_image_found_and_deleted(
     assert keypoint_rows(v2) == {1: 2}
 
 
+def test_delete_images_takes_a_long_id_list(milvus_client: MilvusClient, collection_prefix: str) -> None:
+    """2,500 ids go out in requests of 1,000, not as one oversized delete expression."""
+    rng = np.random.default_rng(5)
+    store = make_store(milvus_client, collection_prefix)
+    store.upsert(make_rows(rng, [7, 1500, 2400, 3000], [1, 2, 3, 4]))
+    store.upsert_keypoints([(i, 1, unit(rng, 2, 128)) for i in (7, 1500, 2400, 3000)])
+    store.delete_images(range(2500))
+    assert all(store.count(label) == 1 for label in store.collection_names())
+    assert keypoint_rows(store) == {3000: 2}
+
+
 def test_upsert_rejects_bad_rows(milvus_client: MilvusClient, collection_prefix: str) -> None:
     store = make_store(milvus_client, collection_prefix)
     good = np.ones(DIM, np.float32)

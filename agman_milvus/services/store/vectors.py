@@ -564,14 +564,14 @@ class VectorStore:
             self.deployment.after_write(self.client, name)
 
     def delete_images(self, image_ids: Iterable[int]) -> None:
-        """Remove images' vectors from every collection of every model version."""
+        """Remove images' vectors from every collection of every model version (in requests of
+        1,000 ids, so a long list never becomes one oversized delete expression)."""
         ids = [int(i) for i in image_ids]
         if not ids:
             return
         for name in self._all_collections():
-            self._on_loaded(name, lambda name=name: self.client.delete(name, ids=ids))
-            self.deployment.after_write(self.client, name)
-        self._delete_keypoints(f"image_id in {ids}")
+            self.delete_from(name, ids)
+        self.delete_keypoints(ids)
 
     def delete_from(self, collection: str, image_ids: Sequence[int], batch_size: int = 1000) -> None:
         """Remove ``image_ids`` from one physical collection, ``batch_size`` ids per request."""
