@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
         order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
                            key=lambda p: p[0])
-        checked.append([(j, copy_verify.verify(qf, ref_lf[j], query_mirror=qm, dense=k < DENSE_K))
-                        for k, (j, _) in enumerate(order)])
+        verified = copy_verify.verify_all(qf, [ref_lf[j] for j, _ in order], query_mirror=qm,
+                                          dense=[k < DENSE_K for k in range(len(order))])
+        checked.append([(j, v) for (j, _), v in zip(order, verified, strict=True)])
         t_extract += t1 - t0
         t_vote += t2 - t1
         t_stage2 += time.perf_counter() - t2

@@ -351,21 +351,19 @@ class CopyChecker(UseCase):
         """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share; None past
         them, or when a candidate's image cannot be read)."""
         query.extract()
-        out: list[copy_verify.Verification | None] = []
-        for k, (hit, _, info) in enumerate(candidates):
+        readable: dict[int, copy_verify.LocalFeatures] = {}
+        for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
             row = rows.get(hit.image_id)
-            if k >= self.verify_k + self.vote_k or row is None or not info.source_uri:
-                out.append(None)
+            if row is None or not info.source_uri:
                 continue
             try:
-                ref = self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
+                readable[k] = self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
-                out.append(None)
-                continue
-            out.append(copy_verify.verify(query.features, ref, query_mirror=query.mirror,
-                                          dense=k < DENSE_K))
-        return out
+        verified = copy_verify.verify_all(query.features, list(readable.values()), query_mirror=query.mirror,
+                                          dense=[k < DENSE_K for k in readable])
+        found = dict(zip(readable, verified, strict=True))
+        return [found.get(k) for k in range(len(candidates))]
 
     def _verify(self, query: _Query, candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
         t = self.thresholds
