@@ -77,6 +77,7 @@ from agman_milvus.usecases.copyright import (
     random_edit,
     threshold_for_precision,
 )
+from agman_milvus.usecases.screening import BATCH_SIZE as SCREEN_BATCH
 
 TOP = 10
 
@@ -297,24 +298,25 @@ def main(argv: list[str] | None = None) -> int:
     t_extract = t_vote = t_stage2 = 0.0
     checked: list[list[tuple[int, copy_verify.Verification]]] = []
     preds["voting"] = []
-    for q in range(n):
+    for start in range(0, n, SCREEN_BATCH):  # as a screening job: one keypoint search per batch
+        batch = range(start, min(start + SCREEN_BATCH, n))
         t0 = time.perf_counter()
-        qf = copy_verify.extract(queries[q])
-        qm = qf.mirrored()
+        qfs = {q: copy_verify.extract(queries[q]) for q in batch}
         t1 = time.perf_counter()
-        votes = copy_vote.vote([qf], store.search_keypoints)
-        preds["voting"].append(sorted(votes.items(), key=lambda p: -p[1])[:TOP])
+        found = copy_vote.vote_many([[qfs[q]] for q in batch], store.search_keypoints)
+        preds["voting"].extend(sorted(votes.items(), key=lambda p: -p[1])[:TOP] for votes in found)
         t2 = time.perf_counter()
-        order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
-                           key=lambda p: p[0])
-        verified = copy_verify.verify_all(qf, [ref_lf[j] for j, _ in order], query_mirror=qm,
-                                          dense=[k < DENSE_K for k in range(len(order))])
-        checked.append([(j, v) for (j, _), v in zip(order, verified, strict=True)])
+        for q in batch:
+            order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
+                               key=lambda p: p[0])
+            verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order],
+                                              query_mirror=qfs[q].mirrored(),
+                                              dense=[k < DENSE_K for k in range(len(order))])
+            checked.append([(j, v) for (j, _), v in zip(order, verified, strict=True)])
         t_extract += t1 - t0
         t_vote += t2 - t1
         t_stage2 += time.perf_counter() - t2
-        if q % 100 == 99:
-            log(f"verified {q + 1}/{n}")
+        log(f"verified {batch.stop}/{n}")
     milvus_dir.cleanup()
     verification = rescore(checked, copy_verify.SCORE_WEIGHTS)
     preds["verified_without_margin"] = verification

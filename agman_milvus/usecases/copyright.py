@@ -284,8 +284,11 @@ class CopyChecker(UseCase):
         limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
         raw = self.vectors.search_copy(encoded.descriptors, limit)
         base = n_extra * len(images)  # the plain queries' rows come after every extra view
-        queries, candidates = [], []
-        for n, image in enumerate(images):
+        queries = [_Query(image, encoded.embeddings[base + n], phash(image))
+                   for n, image in enumerate(images)]
+        all_voted = self._voted(queries)
+        candidates = []
+        for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
             own = [raw[base + n], *raw[n * n_extra:(n + 1) * n_extra]]
@@ -294,9 +297,7 @@ class CopyChecker(UseCase):
                     continue
                 if h.image_id not in merged or h.score > merged[h.image_id].score:
                     merged[h.image_id] = h
-            query = _Query(image, encoded.embeddings[base + n], phash(image))
-            query.extract()
-            voted = [i for i in self._voted(query) if i not in skip]
+            voted = [i for i in all_voted[n] if i not in skip]
             infos = self.catalog.images.info([*merged, *voted])
             direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
@@ -304,17 +305,20 @@ class CopyChecker(UseCase):
             voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
             by_vote = self._vote_hits(voted, merged, encoded.descriptors[base + n], infos)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
-            queries.append(query)
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
                                for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
         return _Scored(queries, candidates)
 
-    def _voted(self, query: _Query) -> list[int]:
-        """Image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most first."""
-        if self.vote_k <= 0 or query.features is None:
-            return []
-        votes = copy_vote.vote([query.features], self.vectors.search_keypoints)
-        return sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
+    def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
+        """Per query, image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most
+        first; every query's keypoints go to Milvus in one search."""
+        for query in queries:
+            query.extract()
+        if self.vote_k <= 0:
+            return [[] for _ in queries]
+        found = copy_vote.vote_many([[q.features] for q in queries], self.vectors.search_keypoints)
+        return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
+                for votes in found]
 
     def _vote_hits(self, voted: list[int], known: dict[int, Hit], descriptor: np.ndarray,
                    infos: dict[int, Any]) -> list[Hit]:

@@ -32,6 +32,8 @@ __all__ = ["ERROR", "ScreeningJobHandle", "create_job", "query_references", "run
 log = logging.getLogger(__name__)
 
 ERROR = "error"
+#: Queries a screening job checks together (one model pass, one keypoint search) and commits.
+BATCH_SIZE = 16
 
 
 def query_references(images: Sequence[ImageSource], blobs: BlobStore) -> list[str]:
@@ -58,7 +60,7 @@ def create_job(catalog: Catalog, refs: Sequence[str], *, top_k: int = 5, **param
         len(refs), {"queries": list(refs), "top_k": int(top_k), **params})
 
 
-def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = 16) -> ScreeningJob:
+def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = BATCH_SIZE) -> ScreeningJob:
     """Run (or resume) job ``job_id`` to the end; returns its final row.
 
     Each batch deletes any matches an interrupted earlier run left for its queries, stores the

@@ -59,4 +59,18 @@ def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
     features = copy_verify.extract(copy)
     votes = copy_vote.vote([features], search)
     assert max(votes, key=votes.__getitem__) == 3
-    assert copy_vote.vote([copy_verify.extract(Image.new("RGB", (32, 32)))], search) == {}
+    blank = copy_verify.extract(Image.new("RGB", (32, 32)))
+    assert copy_vote.vote([blank], search) == {}
+
+    # several queries share one search; each gets the votes it would get alone
+    calls: list[int] = []
+
+    def counted(vectors: np.ndarray, k: int) -> list[list[int]]:
+        calls.append(len(vectors))
+        return search(vectors, k)
+
+    other = copy_verify.extract(textured(5).rotate(8, fillcolor="white"))
+    together = copy_vote.vote_many([[features], [blank], [other]], counted)
+    assert len(calls) == 1
+    assert together == [votes, {}, copy_vote.vote([other], search)]
+    assert max(together[2], key=together[2].__getitem__) == 5

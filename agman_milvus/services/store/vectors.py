@@ -46,6 +46,8 @@ MAX_KEYPOINTS = 512
 KEYPOINT_QUERY_LIMIT = 16384
 #: Rows per insert request of keypoints (an image has up to a few hundred).
 KEYPOINT_BATCH = 20_000
+#: Query vectors per keypoint search request (a screening batch's queries go together).
+KEYPOINT_SEARCH_BATCH = 4096
 VECTOR_FIELD = "vector"
 META_MAX_LENGTH = 512
 VERSION_MAX_LENGTH = 64
@@ -512,11 +514,15 @@ class VectorStore:
         name = self.keypoint_collection
         if name not in self._loaded and name not in self.client.list_collections():
             return [[] for _ in queries]  # a catalogue indexed before voting existed
-        result = self._on_loaded(name, lambda: self.client.search(
-            name, data=queries.tolist(), limit=top_k, output_fields=["image_id"],
-            search_params=self.deployment.search_params(top_k),
-            consistency_level=self.search_consistency))
-        return [[int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result]
+        out: list[list[int]] = []
+        for start in range(0, len(queries), KEYPOINT_SEARCH_BATCH):
+            chunk = queries[start:start + KEYPOINT_SEARCH_BATCH].tolist()
+            result = self._on_loaded(name, lambda chunk=chunk: self.client.search(
+                name, data=chunk, limit=top_k, output_fields=["image_id"],
+                search_params=self.deployment.search_params(top_k),
+                consistency_level=self.search_consistency))
+            out.extend([int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result)
+        return out
 
     def keypoint_image_ids(self) -> set[int]:
         """The ids of the images that have voting keypoints stored.
