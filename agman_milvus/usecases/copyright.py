@@ -264,6 +264,8 @@ class CopyChecker(UseCase):
 
     def check_many(self, images: Sequence[ImageSource], top_k: int = 5) -> list[CopyCheck]:
         """Check several images with batched inference."""
+        if not images:
+            return []
         pil = [self.load_image(im) for im in images]
         scored = self.score_candidates(pil, max(top_k, self.verify_k))
         return [self._verify(q, cands, top_k)

@@ -91,6 +91,7 @@ def test_uncalibrated_check_says_so_and_finds_an_exact_copy(client) -> None:
     match = next(m for m in check.matches if m.product_id == "p5")
     assert match.verdict == COPY and match.score >= check.score >= 0.9  # verified at the default threshold
     assert match.phash_distance is not None and match.phash_distance <= 4
+    assert client._copy_checker().check_many([]) == []  # an empty batch, not a Milvus error
 
 
 def test_calibrated_checks_copy_vs_distinct(client, tmp_path: Path) -> None:
