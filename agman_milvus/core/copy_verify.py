@@ -5,9 +5,10 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
 1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) on the grey image resized so its
    longer side is :data:`WORK_SIDE` px (small queries are upscaled: more keypoints survive),
    plus a :data:`THUMB_SIDE` px grey thumbnail for the photometric check.
-2. **Geometry.** Lowe's ratio test, then a RANSAC similarity (rotation, scale, translation)
-   from the candidate to the query. A mirrored query is tried as well when the direct fit is
-   weak, so flipped copies verify too.
+2. **Geometry.** Lowe's ratio test (the query against all its candidates in one matrix
+   product, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
+   the candidate to the query. A mirrored query (the same keypoints, descriptors permuted) is
+   tried as well when the direct fit is weak, so flipped copies verify too.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -15,8 +16,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    mean difference stays above :data:`CELL_DIFF` grey levels.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
-   ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
-   with the residual gives the score (``method="dense"``).
+   ECC, affine, started from "same frame", half size first) is tried when the fit fails, and
+   its correlation with the residual gives the score (``method="dense"``).
 4. **Score.** A logistic model over (log inliers, inlier ratio, matched-region coverage,
    residual), coefficients :data:`SCORE_WEIGHTS` fitted on the synthetic edit benchmark
    (``bench/copydetect.py --fit``).
