@@ -61,6 +61,7 @@ from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
+from agman_milvus.core.runtime import prepare_for_inference
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.services.store.vectors import VectorStore
 from agman_milvus.usecases.copyright import (
@@ -105,7 +106,7 @@ def features(model, images, batch: int = 64) -> dict[str, np.ndarray]:
     out: dict[str, list[torch.Tensor]] = {"descriptor": [], "imagenet_gap": []}
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            x = model.preprocess.batch(images[start:start + batch])
+            x = model.preprocess.batch(images[start:start + batch]).to(memory_format=torch.channels_last)
             mid = trunk.forward_mid(x)
             high = trunk.forward_high(mid)
             out["descriptor"].append(model._descriptor(mid, high))
@@ -252,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {n} queries, {len(refs)} references")
 
     schema = AttributeSchema.from_dict({"articleType": 2, "baseColour": 2})
-    model = build_model("agman", schema=schema, backbone=args.backbone, pretrained="imagenet").eval()
+    model = build_model("agman", schema=schema, backbone=args.backbone, pretrained="imagenet")
+    model = prepare_for_inference(model, torch.device("cpu"))  # as the checker's Embedder runs it
+    torch.set_num_threads(args.threads)
     ref_f = features(model, ref_images)
     t0 = time.perf_counter()
     q_f = features(model, queries)
