@@ -7,8 +7,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    plus a :data:`THUMB_SIDE` px grey thumbnail for the photometric check.
 2. **Geometry.** Lowe's ratio test (the query against all its candidates in one matrix
    product, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
-   the candidate to the query. A mirrored query (the same keypoints, descriptors permuted) is
-   tried as well when the direct fit is weak, so flipped copies verify too.
+   the candidate to the query. A mirrored query is tried as well when the direct fit is weak,
+   so flipped copies verify too.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -121,20 +121,15 @@ class LocalFeatures:
         return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
                    (int(w), int(h)), float(s), a["thumb"].astype(np.uint8))
 
+    work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
+
     def mirrored(self) -> LocalFeatures:
-        """The features of the mirrored image, without running SIFT again: the same keypoints
-        mirrored and their descriptors permuted (:data:`_MIRROR`)."""
-        points = self.points.copy()
-        points[:, 0] = round(self.size[0] * self.scale) - 0.5 - points[:, 0]
-        return LocalFeatures(points, np.ascontiguousarray(self.descriptors[:, _MIRROR]), self.size,
-                             self.scale, np.ascontiguousarray(self.thumb[:, ::-1]))
-
-
-#: A SIFT descriptor's entries for the mirror image of its patch: OpenCV's 4x4x8 layout with the
-#: rows of spatial bins reversed and the orientation bins negated. On catalogue photos this
-#: matches SIFT run on the mirrored image to 0.6% (median relative difference), and the
-#: keypoints land at ``width - 0.5 - x``.
-_MIRROR = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (-np.arange(8)) % 8].reshape(-1)
+        """The features of the mirrored image (keypoints recomputed: SIFT is not flip-invariant,
+        and permuting the descriptors instead, though 0.6% from SIFT's own on catalogue photos,
+        lost 2 of 600 originals on bench/copydetect.py)."""
+        if self.work is None:
+            raise ValueError("mirrored() needs features from extract(), not from stored arrays")
+        return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale)
 
 
 def _resize_side(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -144,17 +139,21 @@ def _resize_side(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     return cv2.resize(grey, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp), s
 
 
-def extract(image: Image.Image) -> LocalFeatures:
-    """Local features of ``image`` (any mode)."""
-    grey = np.asarray(image.convert("L"))
-    work, scale = _resize_side(grey, WORK_SIDE)
+def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float) -> LocalFeatures:
     kps, desc = _detector().detectAndCompute(work, None)
     order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
     points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
     descriptors = (np.zeros((0, 128), np.uint8) if desc is None
                    else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
     thumb, _ = _resize_side(work, THUMB_SIDE)
-    return LocalFeatures(points, descriptors, image.size, scale, thumb)
+    return LocalFeatures(points, descriptors, size, scale, thumb, work)
+
+
+def extract(image: Image.Image) -> LocalFeatures:
+    """Local features of ``image`` (any mode)."""
+    grey = np.asarray(image.convert("L"))
+    work, scale = _resize_side(grey, WORK_SIDE)
+    return _extract_grey(work, image.size, scale)
 
 
 @dataclass

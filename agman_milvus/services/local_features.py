@@ -9,6 +9,7 @@ through a temporary file and a rename: a reader sees a whole file or none.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -54,6 +55,7 @@ class LocalFeatureCache:
         if feats is None:
             feats = extract(load())
             self._write(key, feats)
+        feats = dataclasses.replace(feats, work=None)  # the grey work image serves queries only
         with self._lock:
             self._memory[key] = feats
             while len(self._memory) > self._limit:
