@@ -24,8 +24,8 @@ import numpy as np
 
 from agman_milvus.core.copy_verify import LocalFeatures
 
-__all__ = ["VOTE_KEYPOINTS", "VOTE_NEIGHBOURS", "QUERY_KEYPOINTS", "root_sift", "tally", "vote",
-           "vote_many", "vote_vectors"]
+__all__ = ["VOTE_KEYPOINTS", "VOTE_NEIGHBOURS", "QUERY_KEYPOINTS", "root_sift", "tally", "vote_many",
+           "vote_vectors"]
 
 #: Nearest stored keypoints: ``search(vectors, k)`` -> per vector, image ids nearest first.
 KeypointSearch = Callable[[np.ndarray, int], list[list[int]]]
@@ -64,14 +64,9 @@ def tally(neighbours: Iterable[Sequence[int]]) -> dict[int, float]:
     return votes
 
 
-def vote(views: Sequence[LocalFeatures], search: KeypointSearch) -> dict[int, float]:
-    """Votes per catalogue image for a query seen as ``views`` (its features, or several
-    views' pooled)."""
-    return vote_many([views], search)[0]
-
-
 def vote_many(queries: Sequence[Sequence[LocalFeatures]], search: KeypointSearch) -> list[dict[int, float]]:
-    """:func:`vote` for several queries with one ``search`` over all their keypoints (Milvus
+    """Votes per catalogue image for each query, a query seen as its ``views`` (its features,
+    or several views' pooled), with one ``search`` over all their keypoints (Milvus
     Lite pays a cost proportional to the collection's rows on every search call: at 263k
     keypoint rows 0.3 s to look up 1 vector, 0.46 s for 250)."""
     vectors = [np.concatenate([vote_vectors(f, QUERY_KEYPOINTS) for f in views]) if views

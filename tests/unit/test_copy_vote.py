@@ -57,10 +57,10 @@ def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
 
     copy = textured(3).crop((20, 10, 150, 140)).rotate(12, expand=True, fillcolor="white")
     features = copy_verify.extract(copy)
-    votes = copy_vote.vote([features], search)
+    [votes] = copy_vote.vote_many([[features]], search)
     assert max(votes, key=votes.__getitem__) == 3
     blank = copy_verify.extract(Image.new("RGB", (32, 32)))
-    assert copy_vote.vote([blank], search) == {}
+    assert copy_vote.vote_many([[blank]], search) == [{}]
 
     # several queries share one search; each gets the votes it would get alone
     calls: list[int] = []
@@ -72,5 +72,5 @@ def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
     other = copy_verify.extract(textured(5).rotate(8, fillcolor="white"))
     together = copy_vote.vote_many([[features], [blank], [other]], counted)
     assert len(calls) == 1
-    assert together == [votes, {}, copy_vote.vote([other], search)]
+    assert together == [votes, {}, *copy_vote.vote_many([[other]], search)]
     assert max(together[2], key=together[2].__getitem__) == 5
