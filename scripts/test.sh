@@ -9,5 +9,7 @@ bash scripts/services.sh
 # the layers (import-linter contracts in pyproject.toml) and the lint rules, before any test
 .venv/bin/lint-imports --no-cache
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+# two test processes (one per core), each test file whole in one of them: the e2e modules'
+# steps run in order on a deployment their module builds
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
 bash tests/server_stack_tier.sh
