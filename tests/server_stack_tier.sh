@@ -4,10 +4,11 @@
 #
 # milvus==2.3.5 (PyPI, console script `milvus-server`) binds most of its ports on ALL
 # interfaces, so it may only run inside a network namespace that has nothing but loopback.
-# This script creates one (`unshare -n`; needs root), brings `lo` up, starts a throwaway
-# PostgreSQL cluster (127.0.0.1:5432 of the namespace, its own socket dir) and Redis
-# (127.0.0.1:6379, AOF on, as in docker/), then runs pytest there. The session fixture in
-# tests/conftest.py starts the Milvus server on 127.0.0.1:19530 with its data in a fresh
+# This script creates two (`unshare -n`; needs root) and runs pytest in both at once: one for
+# the store's tests (tests/integration), one for the full stack's (tests/e2e), where it first
+# starts a throwaway PostgreSQL cluster (127.0.0.1:5432 of the namespace, its own socket dir)
+# and Redis (127.0.0.1:6379, AOF on, as in docker/). In each, the session fixture in
+# tests/conftest.py starts a Milvus server on 127.0.0.1:19530 with its data in a fresh
 # directory under /tmp (the first start extracts ~250 MB into it) and stops it with SIGINT.
 # The fault tests restart Redis, PostgreSQL and Milvus mid-ingest (AGMAN_TEST_STACK_WORK).
 # Everything is stopped and removed on exit.
@@ -36,6 +37,19 @@ chown postgres "$WORK"
 trap 'rm -rf "$WORK"' EXIT
 
 cd "$ROOT"
+# The store's tests against the server (tests/integration, marked milvus_server: Milvus only,
+# SQLite catalogues) run beside the full stack's (tests/e2e), each in its own namespace with
+# its own Milvus server: the e2e fault tests freeze Milvus and restart Redis and PostgreSQL.
+mkdir -p "$WORK/store"
+unshare -n env PYTHON="$PYTHON" WORK="$WORK/store" bash -c '
+  set -euo pipefail
+  ip link set lo up
+  export AGMAN_TEST_MILVUS_SERVER=1 AGMAN_TEST_MILVUS_DATA="$WORK/milvus"
+  "$PYTHON" -m pytest -m milvus_server tests/integration -q -p no:cacheprovider "$@"
+' bash "$@" > "$WORK/store.log" 2>&1 &
+store_pid=$!
+
+stack_status=0
 unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
   set -euo pipefail
   ip link set lo up
@@ -60,6 +74,11 @@ unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
   export AGMAN_TEST_REDIS_URL=redis://127.0.0.1:6379/0
   # what the fault tests (tests/e2e/test_stack_faults.py) need to restart Redis and PostgreSQL
   export AGMAN_TEST_STACK_WORK="$WORK" AGMAN_TEST_PGBIN="$PGBIN"
-  "$PYTHON" -m pytest -m "milvus_server or server_stack" tests/integration tests/e2e -q \
-    -p no:cacheprovider "$@"
-' bash "$@"
+  "$PYTHON" -m pytest -m "milvus_server or server_stack" tests/e2e -q -p no:cacheprovider "$@"
+' bash "$@" || stack_status=$?
+
+store_status=0
+wait "$store_pid" || store_status=$?
+echo "--- the store against the Milvus server (tests/integration):"
+cat "$WORK/store.log"
+exit $(( stack_status != 0 ? stack_status : store_status ))
