@@ -41,13 +41,16 @@ cd "$ROOT"
 # SQLite catalogues) run beside the full stack's (tests/e2e), each in its own namespace with
 # its own Milvus server: the e2e fault tests freeze Milvus and restart Redis and PostgreSQL.
 mkdir -p "$WORK/store"
-unshare -n env PYTHON="$PYTHON" WORK="$WORK/store" bash -c '
+# its own process group (setsid), so that an interrupted tier stops it and its Milvus server too
+setsid unshare -n env PYTHON="$PYTHON" WORK="$WORK/store" bash -c '
   set -euo pipefail
   ip link set lo up
   export AGMAN_TEST_MILVUS_SERVER=1 AGMAN_TEST_MILVUS_DATA="$WORK/milvus"
   "$PYTHON" -m pytest -m milvus_server tests/integration -q -p no:cacheprovider "$@"
 ' bash "$@" > "$WORK/store.log" 2>&1 &
 store_pid=$!
+trap 'kill -- "-$store_pid" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM  # do not wait for the store half: exit, and the trap above stops it
 
 stack_status=0
 unshare -n env PYTHON="$PYTHON" PGBIN="$PGBIN" WORK="$WORK" bash -c '
