@@ -63,8 +63,10 @@ from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.runtime import prepare_for_inference
 from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.core.threads import thread_map
 from agman_milvus.services.store.vectors import VectorStore
 from agman_milvus.usecases.copyright import (
+    DENSE_FEW_K,
     DENSE_K,
     EDITS,
     NORM_BETA,
@@ -158,6 +160,28 @@ def verdicts(preds, truth, idx, t: float, distances=None, phash_copy: int = -1) 
             "recall": round(correct / positives, 4) if positives else 0.0, "called": called}
 
 
+def verdict_errors(preds, checked, truth, edits, t: float) -> dict:
+    """The default "copy" verdict's mistakes, for reading: each wrong call (a query without an
+    original called a copy, or one matched to another reference) with the called candidate's
+    verification, and the missed originals counted by where they were lost."""
+    wrong, missed = [], {"not_verified": 0, "below_threshold": 0}
+    for q, pairs in enumerate(preds):
+        best, score = pairs[0] if pairs else (None, 0.0)
+        verification = dict(checked[q])
+        if score >= t and best not in truth[q]:
+            v = verification[best]
+            original = next((s for j, s in pairs if j in truth[q]), None)
+            wrong.append({"query": q, "edits": edits[q], "has_original": bool(truth[q]),
+                          "original_score": None if original is None else round(original, 4),
+                          "called": best, "score": round(score, 4), "method": v.method,
+                          "inliers": v.inliers, "inlier_ratio": round(v.inlier_ratio, 3),
+                          "coverage": round(v.coverage, 3), "residual": round(v.residual, 3),
+                          "verification_score": round(v.score, 4)})
+        elif truth[q] and not any(j in truth[q] and s >= t for j, s in pairs):
+            missed["not_verified" if not truth[q] & verification.keys() else "below_threshold"] += 1
+    return {"threshold": t, "wrong_calls": wrong, "missed_originals": missed}
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> np.ndarray:
     """Newton-Raphson logistic regression (x has a leading 1 column)."""
     w = np.zeros(x.shape[1])
@@ -218,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negatives", type=int, default=200)
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch and OpenCV threads, and queries verified side by side")
+    ap.add_argument("--dense-few-k", type=int, default=DENSE_FEW_K,
+                    help="candidates given the few-keypoints dense alignment (copyright.DENSE_FEW_K)")
     ap.add_argument("--fit", action="store_true", help="refit the verification score's weights")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -298,25 +325,32 @@ def main(argv: list[str] | None = None) -> int:
     t_ref_insert = time.perf_counter() - t0
     log(f"reference keypoints into Milvus Lite: {t_ref_insert:.0f} s")
 
+    qfs: dict[int, copy_verify.LocalFeatures] = {}
+    mirrors: dict[int, copy_verify.LocalFeatures] = {}
+
+    def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
+        """Stage 2 of query ``q``, on its candidates as the checker orders them."""
+        order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
+                           key=lambda p: p[0])
+        verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
+                                          dense=[k < DENSE_K for k in range(len(order))],
+                                          dense_if_few=[k < args.dense_few_k for k in range(len(order))])
+        return [(j, v) for (j, _), v in zip(order, verified, strict=True)]
+
     t_extract = t_vote = t_stage2 = 0.0
     checked: list[list[tuple[int, copy_verify.Verification]]] = []
     preds["voting"] = []
     for start in range(0, n, SCREEN_BATCH):  # as a screening job: one keypoint search per batch
         batch = range(start, min(start + SCREEN_BATCH, n))
         t0 = time.perf_counter()
-        qfs = {q: copy_verify.extract(queries[q]) for q in batch}
-        mirrors = {q: qfs[q].mirrored() for q in batch}
+        extracted = thread_map(lambda q: (q, copy_verify.extract(queries[q])), batch, args.threads)
+        qfs.update(extracted)
+        mirrors.update(thread_map(lambda p: (p[0], p[1].mirrored()), extracted, args.threads))
         t1 = time.perf_counter()
         found = copy_vote.vote_many([[qfs[q]] for q in batch], store.search_keypoints)
         preds["voting"].extend(sorted(votes.items(), key=lambda p: -p[1])[:TOP] for votes in found)
         t2 = time.perf_counter()
-        for q in batch:
-            order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
-                               key=lambda p: p[0])
-            verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order],
-                                              query_mirror=mirrors[q],
-                                              dense=[k < DENSE_K for k in range(len(order))])
-            checked.append([(j, v) for (j, _), v in zip(order, verified, strict=True)])
+        checked.extend(thread_map(verify, batch, args.threads))
         t_extract += t1 - t0
         t_vote += t2 - t1
         t_stage2 += time.perf_counter() - t2
@@ -402,12 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         "queries_with_a_true_original": int(sum(1 for t in truth if t)),
         "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
         "predictions_per_query": TOP, "verify_k": VERIFY_K, "vote_k": VOTE_K, "seed": args.seed,
+        "dense_k": DENSE_K, "dense_few_k": args.dense_few_k, "threads": args.threads,
         "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
         "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
         "copy_weights": list(copy_verify.COPY_WEIGHTS), "fitted_copy_weights": fitted_copy,
         "results": results, "results_held_out_half": results_held_out,
         "per_edit_recall_at_1": per_edit, "verdicts": verdict,
+        "default_verdict_errors": verdict_errors(preds["verified"], checked, truth, edits, default_t),
         "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),
                     "stage1_search": round(t_stage1_search, 1), "reference_keypoints": round(t_ref_kp, 1),
                     "reference_keypoints_into_milvus": round(t_ref_insert, 1),

@@ -237,9 +237,12 @@ def verify(query: LocalFeatures, candidate: LocalFeatures, *,
 
 def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
                query_mirror: LocalFeatures | None = None,
-               dense: Sequence[bool] | None = None) -> list[Verification]:
+               dense: Sequence[bool] | None = None,
+               dense_if_few: Sequence[bool] | None = None) -> list[Verification]:
     """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate), with
-    the query's descriptors matched against all of them in one matrix product per view."""
+    the query's descriptors matched against all of them in one matrix product per view.
+    ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
+    the candidates it marks."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
@@ -251,7 +254,8 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
             if flipped.score > best[i].score:
                 best[i] = flipped
     for i, candidate in enumerate(candidates):
-        few = min(len(query.points), len(candidate.points)) < DENSE_BELOW
+        few = (min(len(query.points), len(candidate.points)) < DENSE_BELOW
+               and (dense_if_few is None or dense_if_few[i]))
         wanted = dense is not None and dense[i] and best[i].score < 0.5
         if best[i].score < MIRROR_BELOW and (few or wanted):
             aligned = _verify_dense(query, candidate)

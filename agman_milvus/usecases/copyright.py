@@ -58,6 +58,7 @@ from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
+from agman_milvus.core.threads import thread_map
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.local_features import LocalFeatureCache, cache_root
@@ -84,6 +85,8 @@ NORM_BETA = 0.5
 VERIFY_K = 10  # descriptor candidates verified per query
 VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
+#: candidates that get the dense alignment when they or the query have few keypoints
+DENSE_FEW_K = 6
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
 MIN_COPY, MIN_NEAR = 0.8, 0.2
@@ -268,8 +271,9 @@ class CopyChecker(UseCase):
             return []
         pil = [self.load_image(im) for im in images]
         scored = self.score_candidates(pil, max(top_k, self.verify_k))
-        return [self._verify(q, cands, top_k)
-                for q, cands in zip(scored.queries, scored.candidates, strict=True)]
+        return [self._decide(q, cands, rows, verified, top_k)
+                for q, cands, (rows, verified) in zip(scored.queries, scored.candidates,
+                                                      self.verify_scored(scored), strict=True)]
 
     # -- internals shared with calibration ------------------------------------------------------
     def score_candidates(
@@ -314,8 +318,7 @@ class CopyChecker(UseCase):
     def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
         """Per query, image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most
         first; every query's keypoints go to Milvus in one search."""
-        for query in queries:
-            query.extract()
+        thread_map(_Query.extract, queries)
         if self.vote_k <= 0:
             return [[] for _ in queries]
         found = copy_vote.vote_many([[q.features] for q in queries], self.vectors.search_keypoints)
@@ -367,16 +370,27 @@ class CopyChecker(UseCase):
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
         verified = copy_verify.verify_all(query.features, list(readable.values()), query_mirror=query.mirror,
-                                          dense=[k < DENSE_K for k in readable])
+                                          dense=[k < DENSE_K for k in readable],
+                                          dense_if_few=[k < DENSE_FEW_K for k in readable])
         found = dict(zip(readable, verified, strict=True))
         return [found.get(k) for k in range(len(candidates))]
 
-    def _verify(self, query: _Query, candidates: list[tuple[Hit, float, Any]], top_k: int) -> CopyCheck:
+    def verify_scored(
+        self, scored: _Scored,
+    ) -> list[tuple[dict[int, Any], list[copy_verify.Verification | None]]]:
+        """Stage 2 for every query of a batch: each query's candidates' catalogue rows and
+        verifications, the queries verified side by side (:func:`thread_map`)."""
+        rows = [self.catalog.images.get_many([h.image_id for h, _, _ in cands])
+                for cands in scored.candidates]
+        verified = thread_map(lambda job: self.verify_candidates(*job),
+                              zip(scored.queries, scored.candidates, rows, strict=True))
+        return list(zip(rows, verified, strict=True))
+
+    def _decide(self, query: _Query, candidates: list[tuple[Hit, float, Any]], rows: dict[int, Any],
+                verifications: list[copy_verify.Verification | None], top_k: int) -> CopyCheck:
         t = self.thresholds
         ids = [h.image_id for h, _, _ in candidates]
-        rows = self.catalog.images.get_many(ids)
         stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
-        verifications = self.verify_candidates(query, candidates, rows)
         scores = self.copy_scores(verifications, [rows.get(h.image_id) for h, _, _ in candidates])
         matches = []
         for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
@@ -686,10 +700,9 @@ def calibrate(
                 held.append(picks[i][1] if held_out else None)
                 backdrops.append(picks[k][0])
         scored = checker.score_candidates(queries, checker.verify_k, exclude)
-        for q, cands, target, held_product, backdrop in zip(
-                scored.queries, scored.candidates, targets, held, backdrops, strict=True):
-            rows = checker.catalog.images.get_many([h.image_id for h, _, _ in cands])
-            verified = checker.verify_candidates(q, cands, rows)
+        for q, cands, (rows, verified), target, held_product, backdrop in zip(
+                scored.queries, scored.candidates, checker.verify_scored(scored), targets, held, backdrops,
+                strict=True):
             copy_scores = checker.copy_scores(verified, [rows.get(h.image_id) for h, _, _ in cands])
             for (hit, _, _), score in zip(cands, copy_scores, strict=True):
                 if hit.product_id == held_product or hit.image_id == backdrop:

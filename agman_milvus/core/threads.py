@@ -1,0 +1,38 @@
+"""CPU-bound work of a batch spread over a thread pool, one item a thread.
+
+Copy checks spend most of their time in OpenCV (SIFT, RANSAC, ECC) and NumPy matrix products,
+which release the GIL, so a screening batch's queries run side by side on the machine's cores.
+NumPy's BLAS is held to one thread meanwhile: its own threads would compete with the pool's (on
+2 cores, 40 queries' verification took 215 ms a query one after another, 167 ms on two threads
+with BLAS threaded, 124 ms with BLAS on one thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from threadpoolctl import threadpool_limits
+
+__all__ = ["cpu_count", "thread_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]``, in order, on up to ``workers`` threads (default: one a core);
+    the first exception raised by ``fn`` is raised here."""
+    items = list(items)
+    workers = min(workers or cpu_count(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))

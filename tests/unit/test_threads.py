@@ -1,0 +1,52 @@
+"""thread_map: order, errors, threads used, BLAS held to one thread inside."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np  # noqa: F401 - loads the BLAS whose threads are checked
+import pytest
+from threadpoolctl import threadpool_info
+
+from agman_milvus.core.threads import thread_map
+
+
+def test_results_keep_the_items_order():
+    assert thread_map(lambda x: x * x, range(50), workers=4) == [x * x for x in range(50)]
+
+
+def test_items_run_on_several_threads():
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(_: int) -> str:
+        barrier.wait()  # both items must be running at once, or this times out
+        return threading.current_thread().name
+
+    names = thread_map(meet, [0, 1], workers=2)
+    assert len(set(names)) == 2
+
+
+def test_one_worker_runs_in_the_calling_thread():
+    caller = threading.current_thread().name
+    assert thread_map(lambda _: threading.current_thread().name, [0, 1, 2], workers=1) == [caller] * 3
+
+
+def test_the_first_error_is_raised():
+    def fail_on_three(x: int) -> int:
+        if x == 3:
+            raise ValueError("three")
+        return x
+
+    with pytest.raises(ValueError, match="three"):
+        thread_map(fail_on_three, range(6), workers=2)
+
+
+def test_blas_runs_on_one_thread_inside_and_is_restored_after():
+    def blas_threads(_: int) -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads(0)
+    assert before, "NumPy's BLAS is loaded"
+    inside = thread_map(blas_threads, [0, 1], workers=2)
+    assert all(n == 1 for threads in inside for n in threads)
+    assert blas_threads(0) == before
