@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                                            **verdicts(preds[name], truth, test, default_t)},
             "calibrated_p99_held_out": {"threshold": round(t99, 4),
                                         **verdicts(preds[name], truth, test, t99)},
+            "by_threshold": {f"{t:.3f}": {half: verdicts(preds[name], truth, idx, t)
+                                          for half, idx in (("calibration_half", cal), ("held_out", test))}
+                             for t in np.arange(0.5, 0.99, 0.025)},
         }
         for kind in sorted(EDITS):
             kidx = np.array([q for q in range(n) if kind in edits[q]])

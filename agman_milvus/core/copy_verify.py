@@ -4,7 +4,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
 
 1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) on the grey image resized so its
    longer side is :data:`WORK_SIDE` px (small queries are upscaled: more keypoints survive),
-   plus a :data:`THUMB_SIDE` px grey thumbnail for the photometric check.
+   plus a :data:`THUMB_SIDE` px grey thumbnail and a :data:`CHROMA_SIDE` px colour (Cr, Cb)
+   thumbnail for the photometric check.
 2. **Geometry.** Lowe's ratio test (the query against all its candidates in one matrix
    product, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
    the candidate to the query. A mirrored query is tried as well when the direct fit is weak,
@@ -12,8 +13,15 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
-   and the residual is the share of 16-px cells (at :data:`WORK_SIDE`) of the overlap whose
-   mean difference stays above :data:`CELL_DIFF` grey levels.
+   and a 16-px cell (at :data:`WORK_SIDE`) differs when its mean difference stays above
+   :data:`CELL_DIFF` grey levels. Shoot-mates often differ only in colour (a pink and a blue
+   shirt are one grey), so a cell also differs when its colour about grey (Cr, Cb) does, by
+   over :data:`CHROMA_DIFF`, after one global saturation factor is fitted (brightness,
+   contrast and saturation changes scale it; a greyscale copy fits a factor of 0 and shows no
+   colour difference). The residual is the share of differing cells among the overlap's
+   *content* cells: those where the candidate shows something (not flat, near-white
+   backdrop) or that differ. A product on a white backdrop fills a small part of its photo;
+   counted over the whole overlap, another product's difference was diluted.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
    ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
@@ -55,11 +63,15 @@ __all__ = [
 
 WORK_SIDE = 448
 THUMB_SIDE = 224
+CHROMA_SIDE = 112
 N_FEATURES = 1000
 RATIO = 0.8
 RANSAC_PX = 8.0  # reprojection threshold at WORK_SIDE
 CELL = 8  # residual cell side at THUMB_SIDE (16 px at WORK_SIDE)
 CELL_DIFF = 16.0  # grey levels (0-255) a cell's mean difference may keep after the fit
+CHROMA_DIFF = 10.0  # Cr/Cb levels a cell's mean colour difference may keep after the fit
+BACKGROUND_GREY = 235.0  # a candidate cell lighter than this, and flat, is backdrop, not content
+CONTENT_SPREAD = 6.0  # grey levels of spread within a cell that make it content all the same
 MIN_INLIERS = 6
 MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
 MAX_LINES = 40  # inlier pairs kept for drawing
@@ -102,23 +114,27 @@ def _detector() -> Any:
 
 @dataclass
 class LocalFeatures:
-    """SIFT keypoints of one image at ``WORK_SIDE`` and its grey thumbnail."""
+    """SIFT keypoints of one image at ``WORK_SIDE``, its grey and its colour thumbnails."""
 
     points: np.ndarray  # [N, 2] float32, work-image pixels
     descriptors: np.ndarray  # [N, 128] uint8
     size: tuple[int, int]  # original (width, height)
     scale: float  # work pixels per original pixel
     thumb: np.ndarray  # [h, w] uint8 grey, longer side THUMB_SIDE
+    chroma: np.ndarray  # [h, w, 2] uint8 Cr, Cb (YCrCb), longer side CHROMA_SIDE
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"points": self.points, "descriptors": self.descriptors,
-                "meta": np.array([*self.size, self.scale], np.float64), "thumb": self.thumb}
+                "meta": np.array([*self.size, self.scale], np.float64), "thumb": self.thumb,
+                "chroma": self.chroma}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> LocalFeatures:
+        """Features from :meth:`to_arrays`' arrays (KeyError when one is missing, e.g. a file
+        written before the colour thumbnail existed)."""
         w, h, s = a["meta"].tolist()
         return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
-                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8))
+                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8), a["chroma"].astype(np.uint8))
 
     work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
 
@@ -128,31 +144,35 @@ class LocalFeatures:
         lost 2 of 600 originals on bench/copydetect.py)."""
         if self.work is None:
             raise ValueError("mirrored() needs features from extract(), not from stored arrays")
-        return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale)
+        return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
+                             np.ascontiguousarray(self.chroma[:, ::-1]))
 
 
-def _resize_side(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
-    h, w = grey.shape
+def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    h, w = image.shape[:2]
     s = side / max(w, h)
     interp = cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA
-    return cv2.resize(grey, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp), s
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp), s
 
 
-def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float) -> LocalFeatures:
+def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
+                  chroma: np.ndarray) -> LocalFeatures:
     kps, desc = _detector().detectAndCompute(work, None)
     order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
     points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
     descriptors = (np.zeros((0, 128), np.uint8) if desc is None
                    else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
     thumb, _ = _resize_side(work, THUMB_SIDE)
-    return LocalFeatures(points, descriptors, size, scale, thumb, work)
+    return LocalFeatures(points, descriptors, size, scale, thumb, chroma, work)
 
 
 def extract(image: Image.Image) -> LocalFeatures:
     """Local features of ``image`` (any mode)."""
-    grey = np.asarray(image.convert("L"))
-    work, scale = _resize_side(grey, WORK_SIDE)
-    return _extract_grey(work, image.size, scale)
+    rgb = image.convert("RGB")
+    work, scale = _resize_side(np.asarray(rgb.convert("L")), WORK_SIDE)
+    small, _ = _resize_side(np.asarray(rgb), CHROMA_SIDE)
+    chroma = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:])
+    return _extract_grey(work, image.size, scale, chroma)
 
 
 @dataclass
@@ -164,12 +184,13 @@ class Verification:
     matches: int
     inlier_ratio: float
     coverage: float  # share of the overlap spanned by the inliers (dense: ECC correlation)
-    residual: float  # share of overlap cells that still differ after the photometric fit
+    residual: float  # share of overlap cells that still differ (grey or colour) after the fits
     mirrored: bool
     method: str = "sift"
     transform: list[list[float]] | None = None  # 2x3, candidate -> query, original pixels
     region: list[list[float]] = field(default_factory=list)  # candidate's outline in the query
     lines: list[list[float]] = field(default_factory=list)  # [xq, yq, xc, yc] inlier pairs
+    colour_residual: float = 0.0  # share of overlap cells that differ in colour alone
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,14 +298,14 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     kq = q.thumb.shape[1] / (q.size[0] * q.scale)
     kc = c.thumb.shape[1] / (c.size[0] * c.scale)
     m = np.hstack([mt[:, :2] * (kc / kq), mt[:, 2:] / kq])  # work pixels
-    residual = _residual(q, c, m)
+    residual, colour = _residual(q, c, m)
     z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
     work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]
     return Verification(
         score=_logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
-        coverage=float(cc), residual=residual, mirrored=False, method="dense",
+        coverage=float(cc), residual=residual, mirrored=False, method="dense", colour_residual=colour,
         transform=_to_original(m, q, c, False).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, False)],
     )
@@ -365,11 +386,11 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
     overlap, _ = cv2.intersectConvexConvex(quad.astype(np.float32), rect)
     hull = cv2.contourArea(cv2.convexHull(dst[inl].astype(np.float32)))
     coverage = float(min(1.0, hull / overlap)) if overlap > 1 else 0.0
-    residual = _residual(q, c, m)
+    residual, colour = _residual(q, c, m)
     sc = score(n, n / len(pairs), coverage, residual)
     return Verification(
         score=sc, inliers=n, matches=len(pairs), inlier_ratio=n / len(pairs), coverage=coverage,
-        residual=residual, mirrored=mirrored,
+        residual=residual, colour_residual=colour, mirrored=mirrored,
         transform=_to_original(m, q, c, mirrored).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, mirrored)],
         lines=[[*map(float, _query_original(dst[k:k + 1], q, mirrored)[0]),
@@ -394,17 +415,68 @@ def _to_original(m: np.ndarray, q: LocalFeatures, c: LocalFeatures, mirrored: bo
     return (flip @ sq @ full @ sc)[:2]
 
 
-def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> float:
-    """Share of overlap cells that still differ after one global brightness/contrast fit."""
-    kq = q.thumb.shape[1] / (q.size[0] * q.scale)  # thumb pixels per work pixel
-    kc = c.thumb.shape[1] / (c.size[0] * c.scale)
+def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> tuple[float, float]:
+    """Shares of the overlap's *content* cells that still differ after the photometric fits:
+    (in grey level or in colour, in colour alone); (1.0, 0.0) when the overlap is too small to
+    tell. Content cells are those showing something in the candidate (not plain background:
+    darker than :data:`BACKGROUND_GREY` or textured) or differing; a product on a white
+    backdrop is otherwise a small share of its own photo."""
+    grey = _grey_cells(q, c, m)
+    if grey is None:
+        return 1.0, 0.0
+    differs, usable, content = grey
+    colour = _colour_cells(q, c, m)
+    if colour is None:
+        colour = np.zeros_like(differs)
+    gh, gw = min(differs.shape[0], colour.shape[0]), min(differs.shape[1], colour.shape[1])
+    differs, usable, content, colour = (a[:gh, :gw] for a in (differs, usable, content, colour))
+    colour &= usable
+    counted = usable & (content | differs | colour)
+    if counted.sum() < 4:
+        counted = usable
+    n = float(counted.sum())
+    return float((counted & (differs | colour)).sum() / n), float((counted & colour).sum() / n)
+
+
+def _warp_onto(q_img: np.ndarray, c_img: np.ndarray, q: LocalFeatures, c: LocalFeatures,
+               m: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The candidate's thumbnail ``c_img`` warped by ``m`` (work pixels) onto the query's
+    ``q_img`` (same kind), and the mask of query pixels it covers; None when it covers under
+    four ``cell`` x ``cell`` cells."""
+    kq = q_img.shape[1] / (q.size[0] * q.scale)  # thumb pixels per work pixel
+    kc = c_img.shape[1] / (c.size[0] * c.scale)
     mt = np.hstack([m[:, :2] * (kq / kc), m[:, 2:] * kq])
-    h, w = q.thumb.shape
-    warped = cv2.warpAffine(c.thumb, mt, (w, h), flags=cv2.INTER_LINEAR)
-    valid = cv2.warpAffine(np.full(c.thumb.shape, 255, np.uint8), mt, (w, h), flags=cv2.INTER_NEAREST)
+    h, w = q_img.shape[:2]
+    warped = cv2.warpAffine(c_img, mt, (w, h), flags=cv2.INTER_LINEAR)
+    valid = cv2.warpAffine(np.full(c_img.shape[:2], 255, np.uint8), mt, (w, h), flags=cv2.INTER_NEAREST)
     valid = cv2.erode(valid, np.ones((3, 3), np.uint8)) > 0
-    if valid.sum() < 4 * CELL * CELL:
-        return 1.0
+    if valid.sum() < 4 * cell * cell:
+        return None
+    return warped, valid
+
+
+def _cell_sums(a: np.ndarray, cell: int) -> np.ndarray:
+    """Sums of ``a`` over ``cell`` x ``cell`` cells (the part that fills whole cells)."""
+    gh, gw = a.shape[0] // cell, a.shape[1] // cell
+    return a[:gh * cell, :gw * cell].reshape(gh, cell, gw, cell).sum(axis=(1, 3))
+
+
+def _cell_means(a: np.ndarray, valid: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, the mean of ``a`` over its ``valid`` pixels, and whether enough are valid."""
+    counts = _cell_sums(valid.astype(np.float32), cell)
+    usable = counts >= 0.75 * cell * cell
+    return _cell_sums(a * valid, cell) / np.maximum(counts, 1.0), usable
+
+
+def _grey_cells(q: LocalFeatures, c: LocalFeatures,
+                m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per :data:`CELL` cell of the query's thumbnail, after one global brightness/contrast fit
+    of the warped candidate: (differs by over :data:`CELL_DIFF`, usable, candidate content);
+    None when the overlap is too small."""
+    onto = _warp_onto(q.thumb, c.thumb, q, c, m, CELL)
+    if onto is None:
+        return None
+    warped, valid = onto
     a = cv2.GaussianBlur(q.thumb, (0, 0), 1.2).astype(np.float32)
     b = cv2.GaussianBlur(warped, (0, 0), 1.2).astype(np.float32)
     x, y = b[valid], a[valid]
@@ -412,17 +484,33 @@ def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> float:
     gain = float(np.cov(x, y, bias=True)[0, 1] / var) if var > 1e-3 else 1.0
     gain = min(3.0, max(0.33, gain))
     offset = float(y.mean() - gain * x.mean())
-    diff = np.abs(a - (gain * b + offset)) * valid
-    gh, gw = h // CELL, w // CELL
-    if gh == 0 or gw == 0:
-        return 1.0
-    cells = diff[:gh * CELL, :gw * CELL].reshape(gh, CELL, gw, CELL).sum(axis=(1, 3))
-    counts = valid[:gh * CELL, :gw * CELL].reshape(gh, CELL, gw, CELL).sum(axis=(1, 3))
-    usable = counts >= 0.75 * CELL * CELL
-    if usable.sum() < 4:
-        return 1.0
-    means = cells[usable] / counts[usable]
-    return float((means > CELL_DIFF).mean())
+    diff, usable = _cell_means(np.abs(a - (gain * b + offset)), valid, CELL)
+    raw = warped.astype(np.float32)
+    mean, _ = _cell_means(raw, valid, CELL)
+    square, _ = _cell_means(raw * raw, valid, CELL)
+    spread = np.sqrt(np.maximum(square - mean * mean, 0.0))
+    content = (mean < BACKGROUND_GREY) | (spread > CONTENT_SPREAD)
+    if int(usable.sum()) < 4:
+        return None
+    return (diff > CELL_DIFF) & usable, usable, content
+
+
+def _colour_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarray | None:
+    """Per cell (the grey cells' grid), whether the colour (Cr, Cb about grey) still differs
+    by over :data:`CHROMA_DIFF` after one global saturation factor is fitted (least squares,
+    at least 0: a greyscale query fits 0 and differs nowhere); None when too small to tell."""
+    cell = max(1, round(CELL * q.chroma.shape[0] / q.thumb.shape[0]))
+    onto = _warp_onto(q.chroma, c.chroma, q, c, m, cell)
+    if onto is None:
+        return None
+    warped, valid = onto
+    a = cv2.GaussianBlur(q.chroma, (0, 0), 0.6).astype(np.float32) - 128.0
+    b = cv2.GaussianBlur(warped, (0, 0), 0.6).astype(np.float32) - 128.0
+    x, y = b[valid], a[valid]
+    power = float((x * x).sum())
+    factor = min(3.0, max(0.0, float((x * y).sum()) / power)) if power > 1e-3 else 0.0
+    diff, usable = _cell_means(np.linalg.norm(a - factor * b, axis=2), valid, cell)
+    return (diff > CHROMA_DIFF) & usable
 
 
 def draw_evidence(query: Image.Image, candidate: Image.Image, v: Verification | dict[str, Any],

@@ -1,10 +1,12 @@
-"""On-disk cache of catalogue images' local features (SIFT keypoints + grey thumbnail).
+"""On-disk cache of catalogue images' local features (SIFT keypoints, grey and colour thumbnails).
 
 Copy verification needs the candidates' keypoints; extracting them costs ~60 ms an image, more
 than matching. They are computed once per image content (keyed by the image's SHA-256, so a
 re-ingested or re-indexed image reuses them), stored as ``<root>/<sha[:2]>/<sha>.npz``
-(~150 KB) and kept in a small in-memory LRU (memory only when ``root`` is None). Writes go
-through a temporary file and a rename: a reader sees a whole file or none.
+(~115 KB for a 224 px catalogue photo, 25 KB of it the colour thumbnail; files of the older
+format, without it, are recomputed) and kept in a small in-memory LRU (memory only when
+``root`` is None). Writes go through a temporary file and a rename: a reader sees a whole file
+or none.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class LocalFeatureCache:
             with np.load(path) as data:
                 return LocalFeatures.from_arrays(dict(data))
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("unreadable local features %s (%s); recomputing", path, exc)
+            log.warning("unreadable or older-format local features %s (%s); recomputing", path, exc)
             return None
 
     def _write(self, key: str, feats: LocalFeatures) -> None:

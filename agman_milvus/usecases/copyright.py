@@ -89,9 +89,9 @@ DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fi
 DENSE_FEW_K = 6
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
-MIN_COPY, MIN_NEAR = 0.8, 0.2
+MIN_COPY, MIN_NEAR = 0.75, 0.2
 #: Identifies what the thresholds apply to; stored thresholds of another method are not used.
-METHOD = "vote-sift-ransac-residual-v2"
+METHOD = "vote-sift-ransac-residual-v3"
 
 
 class NotEnoughImagesError(AgmanError, RuntimeError):
@@ -104,7 +104,7 @@ class CopyThresholds:
     """Decision thresholds of one model version (see the module docstring)."""
 
     model_version: str
-    copy: float = 0.85
+    copy: float = 0.75
     near_duplicate: float = 0.4
     #: -1: off until calibrated (on the edit benchmark, distance <= 4 as a rule on its own cut
     #: the copy verdict's precision from 0.987 to 0.966; docs/benchmarks.md)

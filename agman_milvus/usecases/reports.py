@@ -40,7 +40,8 @@ QUERY_THUMB = 224
 CSV_FIELDS = ["query", "verdict", "score", "product_id", "image_id", "title",
               "descriptor_similarity", "phash_distance", "attributes_agreeing",
               "attributes_total", "attributes", "match_source", "candidate_score",
-              "verification_method", "inliers", "inlier_ratio", "region_coverage", "residual", "region"]
+              "verification_method", "inliers", "inlier_ratio", "region_coverage", "residual",
+              "colour_residual", "region"]
 
 
 @dataclass
@@ -136,11 +137,12 @@ def write_csv(report: ScreeningReport, path: Path) -> Path:
 def _verification_fields(v: dict[str, Any] | None) -> dict[str, str]:
     if not v:
         return dict.fromkeys(("verification_method", "inliers", "inlier_ratio", "region_coverage",
-                              "residual", "region"), "")
+                              "residual", "colour_residual", "region"), "")
     return {"verification_method": v.get("method", ""), "inliers": str(v.get("inliers", "")),
             "inlier_ratio": f"{v.get('inlier_ratio', 0):.3f}",
             "region_coverage": f"{v.get('coverage', 0):.3f}",
             "residual": f"{v.get('residual', 1):.3f}",
+            "colour_residual": f"{v.get('colour_residual', 0):.3f}",
             "region": " ".join(f"{x:.0f},{y:.0f}" for x, y in v.get("region") or [])}
 
 
@@ -185,6 +187,11 @@ class _MatchView:
     evidence: str | None = None  # data:image/png URI of the evidence picture
 
 
+def _residual_text(v: dict[str, Any]) -> str:
+    return (f"{v.get('residual', 1):.2f} of content cells differ"
+            f" ({v.get('colour_residual', 0):.2f} in colour)")
+
+
 def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None],
                 evidence: Callable[[ReportRow], str | None]) -> _MatchView:
     scores: list[tuple[str, str]] = []
@@ -194,12 +201,12 @@ def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None],
     v = row.verification
     if v and v.get("method") == "dense":
         scores += [("dense alignment", f"correlation {v.get('coverage', 0):.3f}"),
-                   ("residual", f"{v.get('residual', 1):.2f} of cells differ")]
+                   ("residual", _residual_text(v))]
     elif v:
         scores += [("inliers", f"{v.get('inliers', 0)} of {v.get('matches', 0)} matches"
                     + (" (mirrored)" if v.get("mirrored") else "")),
                    ("matched region", f"{100 * v.get('coverage', 0):.0f}% spanned by inliers"),
-                   ("residual", f"{v.get('residual', 1):.2f} of cells differ")]
+                   ("residual", _residual_text(v))]
     return _MatchView(row=row, query_thumbnail=thumbs(row.query),
                       match_thumbnail=thumbs(row.match_source) if row.image_id is not None else None,
                       scores=scores, evidence=evidence(row))

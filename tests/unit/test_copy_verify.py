@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from agman_milvus.core import copy_verify as cv
 from agman_milvus.services.local_features import LocalFeatureCache
@@ -58,6 +58,43 @@ def test_aligned_but_different_content_shows_in_the_residual() -> None:
     assert v.score < copy.score
 
 
+def test_the_residual_counts_the_product_not_the_white_backdrop() -> None:
+    """A catalogue photo: a product on white. A shoot-mate differing in half the product is
+    half different, not the few percent of the whole frame that half covers."""
+    def on_white(product: np.ndarray) -> Image.Image:
+        canvas = np.full((240, 240, 3), 255, np.uint8)
+        canvas[80:160, 80:160] = product
+        return Image.fromarray(canvas)
+
+    product = np.asarray(textured(8, 80)).copy()
+    mate = product.copy()
+    mate[40:] = np.asarray(textured(9, 80))[40:]
+    original = cv.extract(on_white(product))
+    v = cv.verify(cv.extract(on_white(mate)), original)
+    assert v.residual > 0.3, v
+    assert cv.verify(cv.extract(on_white(product)), original).residual < 0.05
+
+
+def test_a_colour_variant_shows_in_the_residual_and_a_desaturated_copy_does_not() -> None:
+    """Shoot-mates in another colour are one grey picture: only the colour residual tells them
+    apart. Saturation changes and greyscale copies keep it at 0."""
+    a = np.asarray(textured(5)).astype(np.float32)
+    grey = a @ np.array([0.299, 0.587, 0.114], np.float32)
+    variant = a.copy()
+    # the middle 'garment' in another hue of the same grey level: colour about grey reversed
+    variant[40:160, 40:160] = np.clip(2 * grey[40:160, 40:160, None] - a[40:160, 40:160], 0, 255)
+    original = cv.extract(Image.fromarray(a.astype(np.uint8)))
+    shifted = cv.verify(cv.extract(Image.fromarray(variant.astype(np.uint8))), original)
+    assert shifted.inliers >= 20 and shifted.colour_residual > 0.3
+    assert shifted.residual == shifted.colour_residual
+    for name in ("desaturated", "greyscale"):
+        strength = 0.3 if name == "desaturated" else 0.0
+        copy = ImageEnhance.Color(Image.fromarray(a.astype(np.uint8))).enhance(strength)
+        v = cv.verify(cv.extract(copy), original)
+        assert v.colour_residual < 0.05, name
+        assert v.score > shifted.score, name
+
+
 def test_evidence_picture_shows_both_images(tmp_path: Path) -> None:
     original = textured(5)
     query = original.crop((20, 10, 190, 180)).resize((120, 120))
@@ -80,7 +117,21 @@ def test_keypoint_cache_computes_once_and_reads_back(tmp_path: Path) -> None:
     again = LocalFeatureCache(tmp_path).get("ab" * 32, load)  # a fresh process: from disk
     assert len(calls) == 1 and cache.path("ab" * 32).is_file()
     assert np.array_equal(first.descriptors, again.descriptors) and again.size == first.size
+    assert np.array_equal(first.chroma, again.chroma)
     assert cv.verify(cv.extract(textured(6)), again).score > 0.9
+
+
+def test_keypoint_cache_recomputes_a_file_of_the_older_format(tmp_path: Path) -> None:
+    """Files written before the colour thumbnail existed are recomputed, not used without it."""
+    cache = LocalFeatureCache(tmp_path)
+    older = {k: v for k, v in cv.extract(textured(7)).to_arrays().items() if k != "chroma"}
+    cache.path("cd" * 32).parent.mkdir(parents=True)
+    np.savez(cache.path("cd" * 32), **older)
+    calls = []
+    feats = cache.get("cd" * 32, lambda: calls.append(1) or textured(7))
+    assert calls == [1] and feats.chroma.shape[2] == 2
+    with np.load(cache.path("cd" * 32)) as rewritten:
+        assert "chroma" in rewritten
 
 
 @pytest.mark.realdata
