@@ -184,13 +184,13 @@ class Verification:
     matches: int
     inlier_ratio: float
     coverage: float  # share of the overlap spanned by the inliers (dense: ECC correlation)
-    residual: float  # share of overlap cells that still differ (grey or colour) after the fits
+    residual: float  # share of the overlap's content cells that still differ (grey or colour)
     mirrored: bool
     method: str = "sift"
     transform: list[list[float]] | None = None  # 2x3, candidate -> query, original pixels
     region: list[list[float]] = field(default_factory=list)  # candidate's outline in the query
     lines: list[list[float]] = field(default_factory=list)  # [xq, yq, xc, yc] inlier pairs
-    colour_residual: float = 0.0  # share of overlap cells that differ in colour alone
+    colour_residual: float = 0.0  # share of the overlap's content cells that differ in colour
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
