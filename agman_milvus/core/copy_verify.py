@@ -485,13 +485,13 @@ def _grey_cells(q: LocalFeatures, c: LocalFeatures,
     gain = min(3.0, max(0.33, gain))
     offset = float(y.mean() - gain * x.mean())
     diff, usable = _cell_means(np.abs(a - (gain * b + offset)), valid, CELL)
+    if int(usable.sum()) < 4:
+        return None
     raw = warped.astype(np.float32)
     mean, _ = _cell_means(raw, valid, CELL)
     square, _ = _cell_means(raw * raw, valid, CELL)
     spread = np.sqrt(np.maximum(square - mean * mean, 0.0))
     content = (mean < BACKGROUND_GREY) | (spread > CONTENT_SPREAD)
-    if int(usable.sum()) < 4:
-        return None
     return (diff > CELL_DIFF) & usable, usable, content
 
 
