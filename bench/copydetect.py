@@ -166,23 +166,29 @@ def verdicts(preds, truth, idx, t: float, distances=None, phash_copy: int = -1) 
 def verdict_errors(preds, checked, truth, edits, t: float) -> dict:
     """The default "copy" verdict's mistakes, for reading: each wrong call (a query without an
     original called a copy, or one matched to another reference) with the called candidate's
-    verification, and the missed originals counted by where they were lost."""
-    wrong, missed = [], {"not_verified": 0, "below_threshold": 0}
+    verification, the originals verified but scored under ``t`` with theirs, and the count of
+    originals that were never verified."""
+    def described(q: int, j: int, score: float, v: copy_verify.Verification) -> dict:
+        return {"query": q, "edits": edits[q], "reference": j, "score": round(score, 4),
+                "method": v.method, "inliers": v.inliers, "inlier_ratio": round(v.inlier_ratio, 3),
+                "coverage": round(v.coverage, 3), "residual": round(v.residual, 3),
+                "colour_residual": round(v.colour_residual, 3), "verification_score": round(v.score, 4)}
+
+    wrong, below, not_verified = [], [], 0
     for q, pairs in enumerate(preds):
         best, score = pairs[0] if pairs else (None, 0.0)
         verification = dict(checked[q])
+        original = next(((j, s) for j, s in pairs if j in truth[q]), None)
         if score >= t and best not in truth[q]:
-            v = verification[best]
-            original = next((s for j, s in pairs if j in truth[q]), None)
-            wrong.append({"query": q, "edits": edits[q], "has_original": bool(truth[q]),
-                          "original_score": None if original is None else round(original, 4),
-                          "called": best, "score": round(score, 4), "method": v.method,
-                          "inliers": v.inliers, "inlier_ratio": round(v.inlier_ratio, 3),
-                          "coverage": round(v.coverage, 3), "residual": round(v.residual, 3),
-                          "verification_score": round(v.score, 4)})
-        elif truth[q] and not any(j in truth[q] and s >= t for j, s in pairs):
-            missed["not_verified" if not truth[q] & verification.keys() else "below_threshold"] += 1
-    return {"threshold": t, "wrong_calls": wrong, "missed_originals": missed}
+            wrong.append({**described(q, best, score, verification[best]), "has_original": bool(truth[q]),
+                          "original_score": None if original is None else round(original[1], 4)})
+        elif truth[q] and original is None:
+            not_verified += 1
+        elif original is not None and original[1] < t:
+            below.append({**described(q, original[0], original[1], verification[original[0]]),
+                          "rank": [j for j, _ in pairs].index(original[0]) + 1})
+    return {"threshold": t, "wrong_calls": wrong, "originals_below_threshold": below,
+            "originals_not_verified": not_verified}
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> np.ndarray:
