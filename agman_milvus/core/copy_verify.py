@@ -73,6 +73,8 @@ CHROMA_DIFF = 10.0  # Cr/Cb levels a cell's mean colour difference may keep afte
 BACKGROUND_GREY = 235.0  # a candidate cell lighter than this, and flat, is backdrop, not content
 CONTENT_SPREAD = 6.0  # grey levels of spread within a cell that make it content all the same
 MIN_INLIERS = 6
+AFFINE_GAIN = 1.25  # inliers a general affine fit must add over the similarity to replace it
+MAX_STRETCH = 2.0  # the most one axis may be scaled against the other in an affine fit
 MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
 MAX_LINES = 40  # inlier pairs kept for drawing
 DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
@@ -374,6 +376,8 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
         return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
     inl = mask.ravel().astype(bool)
     n = int(inl.sum())
+    if n >= MIN_INLIERS:
+        m, inl, n = _stretched(src, dst, m, inl, n)
     s = math.sqrt(abs(np.linalg.det(m[:, :2])))
     if n < MIN_INLIERS or not 0.05 < s < 20:
         return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "inliers": n,
@@ -396,6 +400,22 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
         lines=[[*map(float, _query_original(dst[k:k + 1], q, mirrored)[0]),
                 *map(float, src[k] / c.scale)] for k in np.flatnonzero(inl)[:MAX_LINES]],
     )
+
+
+def _stretched(src: np.ndarray, dst: np.ndarray, m: np.ndarray, inl: np.ndarray,
+               n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The similarity fit, or a general affine one (another aspect ratio: a copy stretched to
+    fit a layout) when that explains at least :data:`AFFINE_GAIN` times as many matches."""
+    a, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
+                                   maxIters=2000, confidence=0.995)
+    if a is None or mask is None:
+        return m, inl, n
+    a_inl = mask.ravel().astype(bool)
+    a_n = int(a_inl.sum())
+    sx, sy = np.linalg.norm(a[:, 0]), np.linalg.norm(a[:, 1])
+    if a_n >= AFFINE_GAIN * n and 1 / MAX_STRETCH < sx / sy < MAX_STRETCH:
+        return a, a_inl, a_n
+    return m, inl, n
 
 
 def _query_original(points: np.ndarray, q: LocalFeatures, mirrored: bool) -> np.ndarray:

@@ -46,6 +46,18 @@ def test_an_edited_copy_verifies_with_its_region_and_an_unrelated_image_does_not
     assert mirrored.mirrored and mirrored.score > 0.9
 
 
+def test_a_stretched_copy_verifies_with_an_affine_fit() -> None:
+    """A copy squeezed to another aspect ratio and pasted into a larger picture: a similarity
+    explains only part of it; the affine fit takes over and the photometric check agrees."""
+    original = textured(12, 240)
+    canvas = Image.fromarray(np.asarray(textured(13, 420)))
+    canvas.paste(original.resize((330, 200)), (40, 90))
+    v = cv.verify(cv.extract(canvas), cv.extract(original))
+    sx, sy = np.linalg.norm(np.asarray(v.transform)[:, 0]), np.linalg.norm(np.asarray(v.transform)[:, 1])
+    assert sx / sy == pytest.approx(330 / 200, rel=0.05)
+    assert v.residual < 0.1 and v.score > 0.9, v
+
+
 def test_aligned_but_different_content_shows_in_the_residual() -> None:
     """Same layout (the 'same shoot' case): the geometry fits, the residual tells the difference."""
     a = textured(3)
