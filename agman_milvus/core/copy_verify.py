@@ -8,8 +8,9 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    thumbnail for the photometric check.
 2. **Geometry.** Lowe's ratio test (the query against all its candidates in one matrix
    product, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
-   the candidate to the query. A mirrored query is tried as well when the direct fit is weak,
-   so flipped copies verify too.
+   the candidate to the query, or a general affine one when it explains 1.25x the matches (a
+   copy stretched to another aspect ratio). A mirrored query is tried as well when the direct
+   fit is weak, so flipped copies verify too.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
