@@ -34,5 +34,14 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
     workers = min(workers or cpu_count(), len(items))
     if workers <= 1:
         return [fn(x) for x in items]
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    with (threadpool_limits(limits=1, user_api="blas"),
+          ThreadPoolExecutor(workers, initializer=_one_blas_thread) as pool):
         return list(pool.map(fn, items))
+
+
+def _one_blas_thread() -> None:
+    """Hold BLAS to one thread in a pool thread too. The caller's limit covers BLAS libraries
+    that count threads per process; one threaded by OpenMP (faiss' OpenBLAS, in Milvus Lite)
+    counts them per thread, and a new thread starts at the default. Not restored: the setting
+    ends with the thread, and the caller's limit restores the per-process ones."""
+    threadpool_limits(limits=1, user_api="blas")

@@ -113,7 +113,9 @@ def test_resend_stale_sends_slice_by_slice_until_drained(sqlite_catalog) -> None
     sent.clear()
     assert resend_stale(sqlite_catalog, sent.append, 1.0, unclaimed=True, limit=2) == 5
     assert sent == [ids[:2], ids[2:4], ids[4:]]  # bounded slices, none sent twice
-    assert resend_stale(sqlite_catalog, sent.append, 1.0, unclaimed=True, limit=2) == 0  # stamped
+    # Stamped as sent just now: not stale at 2 s, although four of them were added over 2.2 s ago
+    # (the margin keeps a slow machine's seconds between the two calls from re-staling them).
+    assert resend_stale(sqlite_catalog, sent.append, 2.0, unclaimed=True, limit=2) == 0
     assert resend_stale(sqlite_catalog, sent.append, 0, unclaimed=True) == 0  # 0 disables
     assert len(sent) == 3
 

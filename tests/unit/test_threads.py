@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import faiss  # noqa: F401 - loads an OpenBLAS threaded by OpenMP (one count per thread)
 import numpy as np  # noqa: F401 - loads the BLAS whose threads are checked
 import pytest
 from threadpoolctl import threadpool_info
