@@ -377,7 +377,7 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
         return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
     inl = mask.ravel().astype(bool)
     n = int(inl.sum())
-    if n >= MIN_INLIERS:
+    if n >= MIN_INLIERS and AFFINE_GAIN * n <= len(pairs):  # else no fit could gain enough
         m, inl, n = _stretched(src, dst, m, inl, n)
     s = math.sqrt(abs(np.linalg.det(m[:, :2])))
     if n < MIN_INLIERS or not 0.05 < s < 20:
