@@ -78,8 +78,9 @@ AFFINE_GAIN = 1.25  # inliers a general affine fit must add over the similarity 
 MAX_STRETCH = 2.0  # the most one axis may be scaled against the other in an affine fit
 MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
 MAX_LINES = 40  # inlier pairs kept for drawing
+ECC_HALF_ITERATIONS = 100  # dense alignment: iterations on half-size thumbnails, then
+ECC_FINE_ITERATIONS = 20  # at full size (the correlation that scores it is the full size's)
 DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
-MATCH_ROWS = 8192  # candidate descriptors per matrix product in the ratio test (32 MiB per 1,000 query rows)
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
 #: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
@@ -292,8 +293,9 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     """ECC affine alignment of the thumbnails from "same frame", then the residual check."""
     (qh, qw), (ch, cw) = q.thumb.shape, c.thumb.shape
     warp = np.array([[cw / qw, 0, 0], [0, ch / qh, 0]], np.float32)  # query -> candidate (thumbs)
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
     try:
+        warp = _ecc_half_size(q.thumb, c.thumb, warp)
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_FINE_ITERATIONS, 1e-5)
         cc, warp = cv2.findTransformECC(q.thumb, c.thumb, warp, cv2.MOTION_AFFINE, criteria, None, 5)
     except cv2.error:
         return _NONE
@@ -314,54 +316,48 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     )
 
 
+def _ecc_half_size(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    """ECC's affine ``warp`` (query -> candidate pixels) refined on both images at half size,
+    where an iteration costs a quarter; the full-size pass then starts close."""
+    q_half = cv2.resize(q_img, (q_img.shape[1] // 2, q_img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    c_half = cv2.resize(c_img, (c_img.shape[1] // 2, c_img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    sq, sc = q_half.shape[1] / q_img.shape[1], c_half.shape[1] / c_img.shape[1]
+    half = np.hstack([warp[:, :2] * (sc / sq), warp[:, 2:] * sc]).astype(np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_HALF_ITERATIONS, 1e-5)
+    _, half = cv2.findTransformECC(q_half, c_half, half, cv2.MOTION_AFFINE, criteria, None, 3)
+    return np.hstack([half[:, :2] * (sq / sc), half[:, 2:] / sc]).astype(np.float32)
+
+
 def _ratio_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
     """Lowe's ratio test of the query's descriptors against each candidate's: ``(query index,
     candidate index)`` pairs whose nearest neighbour in that candidate is under :data:`RATIO`
     times the second nearest (L2).
 
-    One matrix product over the stacked candidates (in chunks of about :data:`MATCH_ROWS` rows)
-    instead of a brute-force matcher per candidate. SIFT descriptors are integers up to 255, so
-    every squared distance is an integer below 2^24 and float32 computes it exactly: the pairs
-    are those of OpenCV's brute-force matcher (up to ties).
+    A matrix product per candidate, query rows by candidate rows (so that each query row's two
+    nearest are found along contiguous memory), instead of a brute-force matcher. SIFT
+    descriptors are integers up to 255, so every squared distance is an integer below 2^24 and
+    float32 computes it exactly: the pairs are those of OpenCV's brute-force matcher (up to ties).
     """
     out: list[list[tuple[int, int]]] = [[] for _ in candidates]
     if len(q) < 2:
         return out
     qf = q.astype(np.float32)
-    q_sq = np.einsum("ij,ij->i", qf, qf)
+    q_sq = np.einsum("ij,ij->i", qf, qf)[:, None]
     rows = np.arange(len(qf))
-    chunk: list[int] = []
-
-    def flush() -> None:
-        stacked = np.concatenate([candidates[i] for i in chunk]).astype(np.float32)
-        # [candidate rows, query rows]: each candidate is a contiguous block of rows
-        dist = stacked @ qf.T
-        dist *= -2.0
-        dist += np.einsum("ij,ij->i", stacked, stacked)[:, None]
-        dist += q_sq[None, :]
-        start = 0
-        for i in chunk:
-            block = dist[start:start + len(candidates[i])]
-            start += len(candidates[i])
-            nearest = block.argmin(axis=0)
-            d1 = block[nearest, rows]
-            block[nearest, rows] = np.inf
-            d2 = block.min(axis=0)
-            keep = np.sqrt(np.maximum(d1, 0.0)) < RATIO * np.sqrt(np.maximum(d2, 0.0))
-            out[i] = list(zip(rows[keep].tolist(), nearest[keep].tolist(), strict=True))
-        chunk.clear()
-
-    size = 0
     for i, c in enumerate(candidates):
         if len(c) < 2:
             continue
-        chunk.append(i)
-        size += len(c)
-        if size >= MATCH_ROWS:
-            flush()
-            size = 0
-    if chunk:
-        flush()
+        cf = c.astype(np.float32)
+        dist = qf @ cf.T  # [query rows, candidate rows]
+        dist *= -2.0
+        dist += np.einsum("ij,ij->i", cf, cf)[None, :]
+        dist += q_sq
+        nearest = dist.argmin(axis=1)
+        d1 = dist[rows, nearest]
+        dist[rows, nearest] = np.inf
+        d2 = dist.min(axis=1)
+        keep = np.sqrt(np.maximum(d1, 0.0)) < RATIO * np.sqrt(np.maximum(d2, 0.0))
+        out[i] = list(zip(rows[keep].tolist(), nearest[keep].tolist(), strict=True))
     return out
 
 

@@ -178,3 +178,22 @@ def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     assert copy_scores([0.99, 0.87])[0] == 0.99 and copy_scores([0.99, 0.87])[1] < 0.5
     # nothing near lifts a weak alignment, but not far
     assert 0.6 < copy_scores([0.6, 0.01])[0] <= 0.7
+
+
+def test_ratio_matches_are_those_of_opencvs_brute_force_matcher() -> None:
+    """The matrix-product ratio test keeps exactly the pairs of OpenCV's BFMatcher (k=2)."""
+    import cv2
+
+    query = cv.extract(EDITS["rotate"](textured(3), random.Random(1)))
+    candidates = [cv.extract(textured(s)) for s in (3, 4)] + [cv.extract(Image.new("RGB", (64, 64), "white"))]
+    found = cv._ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    for candidate, pairs in zip(candidates, found, strict=True):
+        expected = []
+        if len(candidate.descriptors) >= 2:
+            for m in matcher.knnMatch(query.descriptors.astype(np.float32),
+                                      candidate.descriptors.astype(np.float32), k=2):
+                if len(m) == 2 and m[0].distance < cv.RATIO * m[1].distance:
+                    expected.append((m[0].queryIdx, m[0].trainIdx))
+        assert sorted(pairs) == sorted(expected)
+    assert len(found[0]) > 50 and len(found[0]) > 5 * len(found[1])  # the original matches best
