@@ -4,7 +4,9 @@ Copy checks spend most of their time in OpenCV (SIFT, RANSAC, ECC) and NumPy mat
 which release the GIL, so a screening batch's queries run side by side on the machine's cores.
 NumPy's BLAS is held to one thread meanwhile: its own threads would compete with the pool's (on
 2 cores, 40 queries' verification took 215 ms a query one after another, 167 ms on two threads
-with BLAS threaded, 124 ms with BLAS on one thread).
+with BLAS threaded, 124 ms with BLAS on one thread). A single item (one copy check) runs in the
+calling thread with BLAS held to one thread too: one query's verification against 20 candidates
+took 330-360 ms with BLAS threaded and 190-240 ms on one thread, beside other jobs.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
     the first exception raised by ``fn`` is raised here."""
     items = list(items)
     workers = min(workers or cpu_count(), len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
+    if workers <= 1:  # one item (a single copy check) or one core: BLAS' threads only contend
+        with threadpool_limits(limits=1, user_api="blas"):
+            return [fn(x) for x in items]
     with (threadpool_limits(limits=1, user_api="blas"),
           ThreadPoolExecutor(workers, initializer=_one_blas_thread) as pool):
         return list(pool.map(fn, items))

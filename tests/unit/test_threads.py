@@ -51,3 +51,12 @@ def test_blas_runs_on_one_thread_inside_and_is_restored_after():
     inside = thread_map(blas_threads, [0, 1], workers=2)
     assert all(n == 1 for threads in inside for n in threads)
     assert blas_threads(0) == before
+
+
+def test_a_single_item_runs_with_blas_on_one_thread_too():
+    def blas_threads(_: int) -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads(0)
+    assert all(n == 1 for n in thread_map(blas_threads, [0], workers=4)[0])
+    assert blas_threads(0) == before
