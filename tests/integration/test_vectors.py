@@ -23,6 +23,7 @@ from agman_milvus.services.store.vectors import (
     VectorRow,
     VectorStore,
     VectorStoreError,
+    close_milvus,
     dedupe_by_product,
     open_milvus,
     search_distinct_products,
@@ -389,3 +390,12 @@ def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
     client = open_milvus(settings)  # the holder exited: now it opens, once per process
     assert open_milvus(settings) is client
     assert client.list_collections() == []
+
+    # closing it frees the directory for another process while this one lives on
+    assert close_milvus(settings)
+    other = subprocess.run(
+        [sys.executable, "-c", f"from pymilvus import MilvusClient\n"
+                               f"print(MilvusClient({str(tmp_path / 'milvus.db')!r}).list_collections())"],
+        capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0 and other.stdout.strip().splitlines()[-1] == "[]", other.stderr[-2000:]
+    assert open_milvus(settings).list_collections() == []  # and this process opens it afresh

@@ -153,7 +153,22 @@ def close_milvus(settings: Settings) -> bool:
         client.close()
     except Exception as exc:  # noqa: BLE001 - closing is best effort; the entry is gone either way
         log.warning("closing the Milvus client for %s failed: %s", uri, exc)
+    _release_lite_server(uri)
     return True
+
+
+def _release_lite_server(uri: str) -> None:
+    """Stop this process's embedded Milvus Lite server for a local ``uri``, which frees the
+    directory's lock. pymilvus starts one per path on first use and keeps it, lock included,
+    until the process exits, even after ``close()``: another process (the next ``agman``
+    command) could not open the directory meanwhile."""
+    if not _is_local_path(uri):
+        return
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # no Milvus Lite installed: nothing embedded to stop
+        return
+    server_manager_instance.release_server(uri)
 
 
 def _lite_dir_locked(path: Path) -> bool:
