@@ -58,7 +58,7 @@ from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
-from agman_milvus.core.threads import thread_map
+from agman_milvus.core.threads import cpu_count, thread_map
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.local_features import LocalFeatureCache, cache_root
@@ -356,9 +356,10 @@ class CopyChecker(UseCase):
 
     def verify_candidates(
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
+        workers: int = 1,
     ) -> list[copy_verify.Verification | None]:
         """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share; None past
-        them, or when a candidate's image cannot be read)."""
+        them, or when a candidate's image cannot be read), shared out over ``workers`` threads."""
         query.extract()
         readable: dict[int, copy_verify.LocalFeatures] = {}
         for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
@@ -369,21 +370,33 @@ class CopyChecker(UseCase):
                 readable[k] = self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
-        verified = copy_verify.verify_all(query.features, list(readable.values()), query_mirror=query.mirror,
-                                          dense=[k < DENSE_K for k in readable],
-                                          dense_if_few=[k < DENSE_FEW_K for k in readable])
-        found = dict(zip(readable, verified, strict=True))
+
+        def verify(ranks: list[int]) -> list[copy_verify.Verification]:
+            return copy_verify.verify_all(
+                query.features, [readable[k] for k in ranks], query_mirror=query.mirror,
+                dense=[k < DENSE_K for k in ranks], dense_if_few=[k < DENSE_FEW_K for k in ranks])
+
+        # every workers-th candidate to a thread: the best-ranked, which get the dense alignment,
+        # spread over all of them
+        shares = [list(readable)[i::workers] for i in range(max(1, workers))]
+        found: dict[int, copy_verify.Verification] = {}
+        for ranks, verified in zip(shares, thread_map(verify, shares, workers), strict=True):
+            found.update(zip(ranks, verified, strict=True))
         return [found.get(k) for k in range(len(candidates))]
 
     def verify_scored(
         self, scored: _Scored,
     ) -> list[tuple[dict[int, Any], list[copy_verify.Verification | None]]]:
         """Stage 2 for every query of a batch: each query's candidates' catalogue rows and
-        verifications, the queries verified side by side (:func:`thread_map`)."""
+        verifications, on all cores (:func:`thread_map`): queries side by side, or a single
+        query's candidates shared out."""
         rows = [self.catalog.images.get_many([h.image_id for h, _, _ in cands])
                 for cands in scored.candidates]
-        verified = thread_map(lambda job: self.verify_candidates(*job),
-                              zip(scored.queries, scored.candidates, rows, strict=True))
+        jobs = list(zip(scored.queries, scored.candidates, rows, strict=True))
+        if len(jobs) == 1:
+            verified = [self.verify_candidates(*jobs[0], workers=cpu_count())]
+        else:
+            verified = thread_map(lambda job: self.verify_candidates(*job), jobs)
         return list(zip(rows, verified, strict=True))
 
     def _decide(self, query: _Query, candidates: list[tuple[Hit, float, Any]], rows: dict[int, Any],

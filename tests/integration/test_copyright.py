@@ -136,3 +136,20 @@ def test_thresholds_of_another_model_are_not_used(tmp_path: Path) -> None:
     CopyThresholds(model_version="other", copy=0.1, calibrated=True).save(path)
     loaded = CopyThresholds.load(path, "mine")
     assert not loaded.calibrated and loaded.model_version == "mine"
+
+
+def test_a_single_checks_candidates_shared_over_two_threads_verify_as_on_one(client) -> None:
+    checker = client._copy_checker()
+    edited = jpeg(photo(7).rotate(8, expand=True).resize((70, 70)), 70)
+    scored = checker.score_candidates([edited], top_k=5)
+    query, candidates = scored.queries[0], scored.candidates[0]
+    rows = checker.catalog.images.get_many([h.image_id for h, _, _ in candidates])
+    one = checker.verify_candidates(query, candidates, rows, workers=1)
+    two = checker.verify_candidates(query, candidates, rows, workers=2)
+    assert [v is None for v in one] == [v is None for v in two]
+    assert sum(v is not None for v in two) >= 2  # both threads had candidates
+    best = max(range(len(one)), key=lambda k: one[k].score if one[k] else -1)
+    assert max(range(len(two)), key=lambda k: two[k].score if two[k] else -1) == best
+    assert two[best].score == pytest.approx(one[best].score, abs=0.05)
+    check = client.check_copy(edited)  # a single check takes this path (two threads here)
+    assert check.best.product_id == "p7" and check.best.image_id == candidates[best][0].image_id
