@@ -15,7 +15,7 @@ from pymilvus import MilvusClient
 from agman_milvus.core.config import Settings
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.services.store.filters import FilterError, build_filter, quote_string
-from agman_milvus.services.store.milvus_compat import HNSW_BUILD, KEYPOINT_IVF_BUILD, probe
+from agman_milvus.services.store.milvus_compat import HNSW_BUILD, probe
 from agman_milvus.services.store.vectors import (
     COPY,
     Hit,
@@ -101,12 +101,6 @@ def test_deployment_probe_and_index_params(milvus_client: MilvusClient, collecti
     # Lite drops flat build params silently; the compat layer must make them stick
     assert {k: int(v) for k, v in index.items() if k in HNSW_BUILD} == HNSW_BUILD or \
         {k: int(v) for k, v in index.get("params", {}).items()} == HNSW_BUILD
-    keypoints = milvus_client.describe_index(store.keypoint_collection, "vector")
-    if deployment.lite:  # IVF trains in seconds; Lite builds HNSW graphs in the background
-        assert keypoints["index_type"] == "IVF_FLAT"
-        assert {k: int(v) for k, v in keypoints.get("params", {}).items()} == KEYPOINT_IVF_BUILD
-    else:
-        assert keypoints["index_type"] == "HNSW"
     if deployment.lite:
         assert deployment.grouping_search and not deployment.binary_vectors
     else:

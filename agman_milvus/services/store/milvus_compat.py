@@ -15,10 +15,6 @@ checks each point on both):
   servers need over-fetching plus de-duplication (done in :mod:`agman_milvus.services.store.vectors`).
 * Lite does not implement ``filter_params`` (expression templates); both accept escaped string
   literals, see :mod:`agman_milvus.services.store.filters`.
-* Lite builds a segment's HNSW graph in one background thread after a flush or a compaction
-  (minutes for a 100,000-row segment on one core) and searches the segment by brute force until
-  then. The copy check's keypoint collection (hundreds of rows per image) therefore gets an
-  IVF_FLAT index on Lite, trained in seconds; a server keeps HNSW.
 """
 
 from __future__ import annotations
@@ -33,12 +29,6 @@ from pymilvus import MilvusClient
 log = logging.getLogger(__name__)
 
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
-#: IVF lists per Lite segment of keypoints, and lists scanned per keypoint looked up. Lite trains
-#: each segment's lists with faiss, which prints a warning to stderr for a segment of under 39
-#: rows a list: 128 lists stay quiet for segments of about 19 photos and more (an ingest batch
-#: of 32 photos writes about 8,500 rows).
-KEYPOINT_IVF_BUILD = {"nlist": 128}
-KEYPOINT_NPROBE = 8
 LITE_VERSION_PREFIX = "milvus_lite"
 
 
@@ -64,24 +54,6 @@ class Deployment:
 
     def search_params(self, top_k: int, metric: str = "COSINE") -> dict[str, Any]:
         return {"metric_type": metric, "params": {"ef": max(64, top_k)}}
-
-    def keypoint_index_params(self, client: MilvusClient, field: str) -> Any:
-        """The keypoint collection's index: IVF_FLAT on Lite (see the module's notes), HNSW on
-        a server."""
-        if not self.lite:
-            return self.index_params(client, field)
-        params = client.prepare_index_params()
-        params.add_index(field_name=field, index_type="IVF_FLAT", metric_type="COSINE",
-                         params={"params": dict(KEYPOINT_IVF_BUILD)})
-        return params
-
-    def keypoint_search_params(self, top_k: int) -> dict[str, Any]:
-        """Search params for the keypoint collection (on Lite, ``ef`` still serves a keypoint
-        collection created with HNSW by an earlier version)."""
-        params = self.search_params(top_k)
-        if self.lite:
-            params["params"]["nprobe"] = KEYPOINT_NPROBE
-        return params
 
     def after_write(self, client: MilvusClient, collection: str) -> None:
         """Make fresh writes cheap to search: flush on Lite, nothing on a server."""

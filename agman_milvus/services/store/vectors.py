@@ -340,7 +340,7 @@ class VectorStore:
         try:
             self.client.create_collection(
                 name, schema=schema,
-                index_params=self.deployment.keypoint_index_params(self.client, VECTOR_FIELD),
+                index_params=self.deployment.index_params(self.client, VECTOR_FIELD),
                 consistency_level=self.search_consistency, properties={_PROPERTY_ROLE: KEYPOINTS},
             )
         except MilvusException:
@@ -534,7 +534,7 @@ class VectorStore:
             chunk = queries[start:start + KEYPOINT_SEARCH_BATCH].tolist()
             result = self._on_loaded(name, lambda chunk=chunk: self.client.search(
                 name, data=chunk, limit=top_k, output_fields=["image_id"],
-                search_params=self.deployment.keypoint_search_params(top_k),
+                search_params=self.deployment.search_params(top_k),
                 consistency_level=self.search_consistency))
             out.extend([int((h.get("entity") or h)["image_id"]) for h in hits] for hits in result)
         return out
