@@ -378,7 +378,8 @@ class CopyChecker(UseCase):
 
         # every workers-th candidate to a thread: the best-ranked, which get the dense alignment,
         # spread over all of them
-        shares = [list(readable)[i::workers] for i in range(max(1, workers))]
+        ranks = list(readable)
+        shares = [share for i in range(workers) if (share := ranks[i::workers])]
         found: dict[int, copy_verify.Verification] = {}
         for ranks, verified in zip(shares, thread_map(verify, shares, workers), strict=True):
             found.update(zip(ranks, verified, strict=True))
