@@ -6,8 +6,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    longer side is :data:`WORK_SIDE` px (small queries are upscaled: more keypoints survive),
    plus a :data:`THUMB_SIDE` px grey thumbnail and a :data:`CHROMA_SIDE` px colour (Cr, Cb)
    thumbnail for the photometric check.
-2. **Geometry.** Lowe's ratio test (the query against all its candidates in one matrix
-   product, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
+2. **Geometry.** Lowe's ratio test (a matrix product of the query's descriptors with each
+   candidate's, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
    the candidate to the query, or a general affine one when it explains 1.25x the matches (a
    copy stretched to another aspect ratio). A mirrored query is tried as well when the direct
    fit is weak, so flipped copies verify too.
@@ -264,8 +264,8 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
                query_mirror: LocalFeatures | None = None,
                dense: Sequence[bool] | None = None,
                dense_if_few: Sequence[bool] | None = None) -> list[Verification]:
-    """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate), with
-    the query's descriptors matched against all of them in one matrix product per view.
+    """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate), the
+    mirrored query's features extracted once for all of them.
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
     the candidates it marks."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
