@@ -12,7 +12,9 @@ branch, all heads) still runs and trains every step.
 ``forward_high`` the matching high maps, ``forward_top`` runs the real (frozen) top stage.
 
 The product recipe fine-tunes the high stage, so it caches the mid maps only (``mid_only``, in
-float16 to halve the memory): ``forward_high`` then runs the real high stage on them.
+float16 to halve the memory): ``forward_high`` then runs the real high stage on them. When it
+also fine-tunes the mid level's last ``tail_blocks`` blocks, the cache holds the maps before
+them and ``forward_mid`` runs those blocks on the cached rows.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None]]
 
 
 class FeatureCache:
-    """Rows of (mid, high) trunk maps (high None: mid only); ``row(image, flipped)`` -> row or None."""
+    """Rows of (mid, high) trunk maps (high None: mid only); ``row(image, flipped)`` -> row or None.
+
+    With ``tail_blocks`` > 0 the "mid" rows are the maps before the mid level's last blocks.
+    """
 
     def __init__(self, mid: torch.Tensor, high: torch.Tensor | None, keys: list[tuple[int, bool]],
-                 meta: dict[str, object]) -> None:
+                 meta: dict[str, object], tail_blocks: int = 0) -> None:
         self.mid, self.high, self.meta = mid, high, meta
+        self.tail_blocks = tail_blocks
         self.keys = keys
         self._rows = {key: i for i, key in enumerate(keys)}
 
@@ -62,7 +68,7 @@ class FeatureCache:
         new = [i for i, key in enumerate(other.keys) if key not in self._rows]
         high = None if self.high is None or other.high is None else torch.cat([self.high, other.high[new]])
         return FeatureCache(torch.cat([self.mid, other.mid[new]]), high,
-                            self.keys + [other.keys[i] for i in new], self.meta)
+                            self.keys + [other.keys[i] for i in new], self.meta, self.tail_blocks)
 
     @classmethod
     def build(
@@ -77,9 +83,13 @@ class FeatureCache:
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
         mid_only: bool = False,
+        tail_blocks: int = 0,
     ) -> FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
-        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps."""
+        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps
+        (without the mid level's last ``tail_blocks`` blocks)."""
+        if tail_blocks and not mid_only:
+            raise ValueError("a cache of high maps cannot leave mid-level blocks out")
         device = next(trunk.parameters()).device
 
         def decode(image: int) -> Decoded:
@@ -89,11 +99,11 @@ class FeatureCache:
             variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
             out = []
             for flipped, x in variants:
-                mid = trunk.forward_mid(x.to(device))
                 if mid_only:
-                    out.append((flipped, mid.half().cpu(), None))
-                else:
-                    out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
+                    out.append((flipped, trunk.forward_frozen(x.to(device), tail_blocks).half().cpu(), None))
+                    continue
+                mid = trunk.forward_mid(x.to(device))
+                out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
             return out
 
         mids, highs, keys = [], [], []
@@ -117,7 +127,7 @@ class FeatureCache:
             raise ValueError("no image could be decoded for the feature cache")
         if dropped:
             logger.warning("feature cache: %d undecodable image(s) left out", dropped)
-        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {})
+        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {}, tail_blocks)
 
     @classmethod
     def load_or_build(
@@ -177,7 +187,7 @@ class FeatureCache:
             return None
         tensors = load_file(str(path))
         keys = [(int(i), bool(f)) for i, f in tensors["keys"].tolist()]
-        return cls(tensors["mid"], tensors.get("high"), keys, meta)
+        return cls(tensors["mid"], tensors.get("high"), keys, meta, int(meta.get("tail_blocks", 0)))
 
 
 class CachedTrunk(nn.Module):
@@ -194,7 +204,10 @@ class CachedTrunk(nn.Module):
     def forward_mid(self, rows: torch.Tensor) -> torch.Tensor:
         self._rows = rows.detach().cpu()
         device = next(self.real.parameters()).device
-        return self.cache.mid[self._rows].to(device).float()
+        cached = self.cache.mid[self._rows].to(device).float()
+        if not self.cache.tail_blocks:
+            return cached
+        return self.real.forward_mid_tail(cached, self.cache.tail_blocks)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         if self.cache.high is None:  # mid-only cache: the high stage runs (and may train)

@@ -7,7 +7,9 @@ the paper's triplet recipe (:mod:`agman_milvus.training.trainer`) stays far belo
   scored 0.6 MAP lower, mean of two seeds each, docs/results.md) at 224 px;
 * tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`): the
   mid level is frozen and its maps cached once per image and mirror (float16), the high level is
-  fine-tuned on top of them with its BatchNorm statistics frozen (eval mode);
+  fine-tuned on top of them with its BatchNorm statistics frozen (eval mode); on request
+  (``tuned_mid_blocks``) the mid level's last blocks are fine-tuned too and the cache holds the
+  maps before them (Lite0's last 3: no gain over two seeds, docs/results.md "Seventh run");
 * no attribute-type branch (the trunk has no top stage);
 * per attribute, a normalised-softmax proxy classification of the attribute *value* on the unit
   embedding (``scale · cos``, label smoothing) plus random in-batch triplets (margin 0.2); the
@@ -60,6 +62,7 @@ class ProductConfig:
     batch_size: int = 64
     lr: float = 1e-3
     high_lr: float = 3e-4
+    tuned_mid_blocks: int = 0
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     proxy_scale: float = 16.0
@@ -111,7 +114,8 @@ class ProductTrainer(RunFiles):
         torch.manual_seed(config.seed)
         model.attach_value_head(scale=config.proxy_scale, weight=config.value_weight)
         model.trunk.requires_grad_(False)
-        trunk_params = list(model.trunk.high_stage().requires_grad_(True).parameters())
+        tuned = [model.trunk.high_stage(), model.trunk.mid_tail(config.tuned_mid_blocks)]
+        trunk_params = [p for part in tuned for p in part.requires_grad_(True).parameters()]
         head_params = [p for name, p in model.named_parameters() if not name.startswith("trunk.")]
         self.optimizer = torch.optim.AdamW(
             [{"params": head_params, "lr": config.lr},
@@ -178,6 +182,7 @@ class ProductTrainer(RunFiles):
             if self.valid is not None else []
         meta = {
             "levels": "mid", "trunk": model.trunk.name, "taps": model.trunk.taps,
+            "tail_blocks": self.config.tuned_mid_blocks,
             "trunk_sha256": weights_digest(model.trunk.state_dict()),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
             "train": [str(self.table.path(i)) for i in self.images],
@@ -186,7 +191,7 @@ class ProductTrainer(RunFiles):
         return FeatureCache.load_or_build(
             self.config.cache_path, meta, model.trunk, self.table, self.images, valid_images,
             model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
-            progress=callbacks.on_eval, mid_only=True,
+            progress=callbacks.on_eval, mid_only=True, tail_blocks=self.config.tuned_mid_blocks,
             on_build=(lambda n: callbacks.on_epoch_start(0, n)) if callbacks.on_epoch_start else None)
 
     def _train_epoch(self, epoch: int, scheduler, callbacks: Callbacks) -> float:

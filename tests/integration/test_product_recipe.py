@@ -74,6 +74,30 @@ def test_product_recipe_trains_saves_and_loads_the_same_network(catalog: Path, t
     assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
 
 
+def test_product_recipe_fine_tunes_the_mid_levels_last_blocks_on_request(catalog: Path,
+                                                                          tmp_path: Path) -> None:
+    source = _source(catalog)
+    torch.manual_seed(0)
+    model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late",
+                        pretrained="imagenet", image_size=64)
+
+    def trunk_part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in model.trunk.state_dict().items() if k.startswith(prefix)}
+
+    before_tail, tail = trunk_part("features.10."), trunk_part("features.13.")
+    config = ProductConfig(output_dir=tmp_path, epochs=1, batch_size=16, device="cpu", workers=0, threads=1,
+                           tuned_mid_blocks=3)
+    trainer = ProductTrainer(model, config, source.train, source.train_table, valid=source.valid)
+    trainer.fit()
+    assert trainer.cache is not None and trainer.cache.mid.shape[1] == 64  # the maps before the tail
+    state = model.trunk.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before_tail.items())
+    assert not all(torch.equal(state[k], v) for k, v in tail.items())
+    loaded = load_checkpoint(tmp_path / "last.safetensors")
+    result = evaluate_map(loaded, source.valid, source.train_table, workers=0)
+    assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
+
+
 def test_product_recipe_learns_the_attributes(catalog: Path, tmp_path: Path) -> None:
     source = _source(catalog)
     torch.manual_seed(0)

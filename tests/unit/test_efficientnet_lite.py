@@ -46,6 +46,22 @@ def test_high_stage_holds_exactly_the_late_trunks_upper_parameters() -> None:
     assert upper == expected
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
+def test_mid_tail_after_the_frozen_part_is_the_mid_level(name: str) -> None:
+    trunk = build_trunk(name, taps="late").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = trunk.forward_mid(x)
+        frozen = trunk.forward_frozen(x, 3)
+        assert frozen.shape[1] != whole.shape[1]  # Lite0: 80 channels before its 112-channel stage
+        assert torch.allclose(trunk.forward_mid_tail(frozen, 3), whole, atol=1e-5)
+    assert len(trunk.mid_tail(3)) == 3 and len(trunk.mid_tail(0)) == 0
+    with pytest.raises(ValueError, match="fine-tune 0 to"):
+        trunk.mid_tail(100)
+    with pytest.raises(ValueError, match="not supported"):
+        build_trunk("resnet50", taps="late").mid_tail(1)
+
+
 def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
     conv = SamePadConv2d(1, 1, 3, stride=2)
     x = torch.randn(1, 1, 8, 8)

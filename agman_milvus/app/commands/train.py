@@ -52,7 +52,7 @@ def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
 _RECIPE_ONLY = {
     "paper": ("triplets_per_epoch", "step_size", "gamma", "no_cls_loss", "freeze_backbone",
               "cache_features", "resume"),
-    "product": ("high_lr", "weight_decay", "proxy_scale", "value_weight"),
+    "product": ("high_lr", "tune_mid_blocks", "weight_decay", "proxy_scale", "value_weight"),
 }
 
 
@@ -72,7 +72,8 @@ def _product_trainer(net, source, options: dict):
     chosen = {"value_weight": options["value_weight"]} if options["value_weight"] is not None else {}
     config = ProductConfig(
         output_dir=options["output"], epochs=options["epochs"], batch_size=options["batch_size"] or 64,
-        lr=options["lr"] or 1e-3, high_lr=options["high_lr"], weight_decay=options["weight_decay"],
+        lr=options["lr"] or 1e-3, high_lr=options["high_lr"], tuned_mid_blocks=options["tune_mid_blocks"],
+        weight_decay=options["weight_decay"],
         proxy_scale=options["proxy_scale"], margin=options["margin"], cache_path=options["cache_path"],
         seed=options["seed"], device=options["device"], workers=options["workers"],
         threads=options["threads"], **chosen)
@@ -144,6 +145,9 @@ def register(app: typer.Typer) -> None:
                                         rich_help_panel=_RECIPE),
         high_lr: float = typer.Option(3e-4, help="product: lr of the fine-tuned high stage",
                                       rich_help_panel=_RECIPE),
+        tune_mid_blocks: int = typer.Option(0, min=0, rich_help_panel=_RECIPE,
+                                            help="product: also fine-tune the mid level's last N blocks "
+                                                 "(at the high stage's lr; cached: the maps before them)"),
         weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
         proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
                                           rich_help_panel=_RECIPE),

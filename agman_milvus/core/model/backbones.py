@@ -78,6 +78,24 @@ class Trunk(nn.Module):
         """The modules of the high level (what the product recipe fine-tunes)."""
         raise NotImplementedError
 
+    def mid_tail(self, blocks: int) -> nn.ModuleList:
+        """The last ``blocks`` blocks of the mid level (the product recipe may fine-tune them)."""
+        if blocks:
+            raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
+        return nn.ModuleList()
+
+    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """The mid level without its last ``tail_blocks`` blocks (what a feature cache holds)."""
+        if tail_blocks:
+            raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
+        return self.forward_mid(x)
+
+    def forward_mid_tail(self, frozen: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """The mid map from :meth:`forward_frozen`'s map: its last ``tail_blocks`` blocks."""
+        for block in self.mid_tail(tail_blocks):
+            frozen = block(frozen)
+        return frozen
+
     def load_imagenet(self) -> None:
         """Overwrite the trunk with its ImageNet weights (installed locally, never downloaded)."""
         state = load_imagenet_state_dict(self.name)
@@ -154,6 +172,16 @@ class MobileNetV2Trunk(Trunk):
     def high_stage(self) -> nn.Module:
         return self.features[self._MID_END : self._HIGH_END]
 
+    def mid_tail(self, blocks: int) -> nn.ModuleList:
+        _check_tail(blocks, self._MID_END)
+        return nn.ModuleList(self.features[self._MID_END - blocks : self._MID_END] if blocks else [])
+
+    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        _check_tail(tail_blocks, self._MID_END)
+        for layer in self.features[: self._MID_END - tail_blocks]:
+            x = layer(x)
+        return x
+
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         for layer in self.features[self._HIGH_END :]:
             high = layer(high)
@@ -193,7 +221,16 @@ class EfficientNetLiteTrunk(Trunk):
         return F.relu6(self._bn1(self._conv_head(x))) if head else x
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(F.relu6(self._bn0(self._conv_stem(x))), 0, self._mid_end, head=False)
+        return self.forward_frozen(x, 0)
+
+    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        _check_tail(tail_blocks, self._mid_end)
+        stem = F.relu6(self._bn0(self._conv_stem(x)))
+        return self._run(stem, 0, self._mid_end - tail_blocks, head=False)
+
+    def mid_tail(self, blocks: int) -> nn.ModuleList:
+        _check_tail(blocks, self._mid_end)
+        return nn.ModuleList(self._blocks[self._mid_end - blocks : self._mid_end] if blocks else [])
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         return self._run(mid, self._mid_end, self._high_end, head=self.taps == "late")
@@ -204,6 +241,11 @@ class EfficientNetLiteTrunk(Trunk):
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self._run(high, self._high_end, len(self._blocks), head=True)
+
+
+def _check_tail(blocks: int, mid_blocks: int) -> None:
+    if not 0 <= blocks < mid_blocks:
+        raise ValueError(f"the mid level has {mid_blocks} blocks: fine-tune 0 to {mid_blocks - 1} of them")
 
 
 def _init_like_reference(module: nn.Module) -> None:
