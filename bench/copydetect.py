@@ -217,14 +217,16 @@ def rescore(checked, weights) -> list[list[tuple[int, float]]]:
 
 
 def copy_rescore(
-    verified, ref_h: np.ndarray, weights=copy_verify.COPY_WEIGHTS
+    verified, ref_h: np.ndarray, smoothed: list[dict[int, float]], weights=copy_verify.COPY_WEIGHTS
 ) -> list[list[tuple[int, float]]]:
     """Copy scores, best first, from verification scores, as the checker computes them
-    (:func:`copy_verify.copy_scores` over the references' pHashes)."""
+    (:func:`copy_verify.copy_scores` over the references' pHashes and the scores with a
+    pixelated picture's blocks smoothed away, ``smoothed[q][reference]``)."""
     out = []
-    for pairs in verified:
+    for q, pairs in enumerate(verified):
         refs = [j for j, _ in pairs]
-        scores = copy_verify.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights)
+        scores = copy_verify.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights,
+                                         smoothed=[smoothed[q][j] for j in refs])
         out.append(sorted(zip(refs, scores, strict=True), key=lambda p: -p[1]))
     return out
 
@@ -371,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"verified {batch.stop}/{n}")
     milvus_dir.cleanup()
     verification = rescore(checked, copy_verify.SCORE_WEIGHTS)
+    smoothed = [{j: v.smoothed_score for j, v in pairs} for pairs in checked]
     preds["verified_without_margin"] = verification
-    preds["verified"] = copy_rescore(verification, ref_h)
+    preds["verified"] = copy_rescore(verification, ref_h, smoothed)
     descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
                        for q, pairs in enumerate(checked)]
     preds["verified_descriptor_only"] = copy_rescore(
-        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h)
+        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h, smoothed)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         x2 = np.array([[1.0, s, m] for _, _, s, m in rows])
         y2 = np.array([j in truth[q] for q, j, _, _ in rows], float)
         fitted_copy = tuple(round(float(w), 3) for w in fit_logistic(x2, y2))
-        preds["verified_fitted"] = copy_rescore(rescore(checked, fitted), ref_h, fitted_copy)
+        preds["verified_fitted"] = copy_rescore(rescore(checked, fitted), ref_h, smoothed, fitted_copy)
 
     everything = np.arange(n)
     results = {name: evaluate(p, truth, everything) for name, p in preds.items()}
@@ -418,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
     defaults = CopyThresholds(model_version="-")
     default_t, default_phash = defaults.copy, defaults.phash_copy
+    default_near = defaults.near_duplicate
     distances = [{j: hamming(q_h[q], int(ref_h[j])) for j, _ in preds["verified"][q]} for q in range(n)]
     verdict = {}
     names = ("verified_descriptor_only", "verified_without_margin", "verified")
@@ -432,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                                            **verdicts(preds[name], truth, test, default_t)},
             "calibrated_p99_held_out": {"threshold": round(t99, 4),
                                         **verdicts(preds[name], truth, test, t99)},
+            # "copy" or "near_duplicate": flagged for a reviewer (what `agman demo` counts as found)
+            "flagged_default": {"threshold": default_near,
+                                **verdicts(preds[name], truth, everything, default_near)},
             "by_threshold": {f"{t:.3f}": {half: verdicts(preds[name], truth, idx, t)
                                           for half, idx in (("calibration_half", cal), ("held_out", test))}
                              for t in np.arange(0.5, 0.99, 0.025)},
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in sorted(EDITS):
             kidx = np.array([q for q in range(n) if kind in edits[q]])
             per_edit[kind][f"{name}_verdict_default"] = verdicts(preds[name], truth, kidx, default_t)
+            per_edit[kind][f"{name}_flagged_default"] = verdicts(preds[name], truth, kidx, default_near)
             per_edit[kind][f"{name}_verdict_default_with_phash"] = verdicts(
                 preds[name], truth, kidx, default_t, distances, default_phash)
         verdict[name]["default_thresholds_with_phash_rule"] = {

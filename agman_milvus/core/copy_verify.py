@@ -23,6 +23,9 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    *content* cells: those where the candidate shows something (not flat, near-white
    backdrop) or that differ. A product on a white backdrop fills a small part of its photo;
    counted over the whole overlap, another product's difference was diluted.
+   A pixelated picture (:func:`pixel_block`: its edges fall on a regular grid) is compared
+   with both images smoothed at its block size, so the blocks' edges do not count as
+   differences.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
    ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
@@ -81,6 +84,11 @@ MAX_LINES = 40  # inlier pairs kept for drawing
 ECC_HALF_ITERATIONS = 100  # dense alignment: iterations on half-size thumbnails, then
 ECC_FINE_ITERATIONS = 20  # at full size (the correlation that scores it is the full size's)
 DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
+BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
+#: The factor on a score with a pixelated picture's blocks smoothed away (so at most this): at
+#: the block size, another product of one shoot looks the same (on bench/copydetect.py, 2 of 240
+#: queries without an original scored 0.83-0.91 so), so it flags a near-duplicate, never a copy.
+PIXELATED_MAX = 0.6
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
 #: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
@@ -126,19 +134,21 @@ class LocalFeatures:
     scale: float  # work pixels per original pixel
     thumb: np.ndarray  # [h, w] uint8 grey, longer side THUMB_SIDE
     chroma: np.ndarray  # [h, w, 2] uint8 Cr, Cb (YCrCb), longer side CHROMA_SIDE
+    block: float = 0.0  # side of a pixelated picture's blocks (original pixels), 0: not pixelated
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"points": self.points, "descriptors": self.descriptors,
                 "meta": np.array([*self.size, self.scale], np.float64), "thumb": self.thumb,
-                "chroma": self.chroma}
+                "chroma": self.chroma, "block": np.array(self.block, np.float64)}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> LocalFeatures:
         """Features from :meth:`to_arrays`' arrays (KeyError when one is missing, e.g. a file
-        written before the colour thumbnail existed)."""
+        written before the colour thumbnail or the block size existed)."""
         w, h, s = a["meta"].tolist()
         return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
-                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8), a["chroma"].astype(np.uint8))
+                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8), a["chroma"].astype(np.uint8),
+                   float(a["block"]))
 
     work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
 
@@ -149,7 +159,7 @@ class LocalFeatures:
         if self.work is None:
             raise ValueError("mirrored() needs features from extract(), not from stored arrays")
         return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
-                             np.ascontiguousarray(self.chroma[:, ::-1]))
+                             np.ascontiguousarray(self.chroma[:, ::-1]), self.block)
 
 
 def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -160,23 +170,51 @@ def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
 
 
 def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
-                  chroma: np.ndarray) -> LocalFeatures:
+                  chroma: np.ndarray, block: float) -> LocalFeatures:
     kps, desc = _detector().detectAndCompute(work, None)
     order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
     points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
     descriptors = (np.zeros((0, 128), np.uint8) if desc is None
                    else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
     thumb, _ = _resize_side(work, THUMB_SIDE)
-    return LocalFeatures(points, descriptors, size, scale, thumb, chroma, work)
+    return LocalFeatures(points, descriptors, size, scale, thumb, chroma, block, work)
 
 
 def extract(image: Image.Image) -> LocalFeatures:
     """Local features of ``image`` (any mode)."""
     rgb = image.convert("RGB")
-    work, scale = _resize_side(np.asarray(rgb.convert("L")), WORK_SIDE)
+    grey = np.asarray(rgb.convert("L"))
+    work, scale = _resize_side(grey, WORK_SIDE)
     small, _ = _resize_side(np.asarray(rgb), CHROMA_SIDE)
     chroma = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:])
-    return _extract_grey(work, image.size, scale, chroma)
+    return _extract_grey(work, image.size, scale, chroma, pixel_block(grey))
+
+
+def pixel_block(grey: np.ndarray) -> float:
+    """The side of the blocks (pixels) of a pixelated picture, 0.0 for any other.
+
+    Along each axis, the neighbour differences averaged over the other axis peak where the
+    blocks meet: a pixelated picture's peaks are evenly spaced (at least 3 px apart, 70% of the
+    gaps within 15% of the median, the same spacing both ways); a photo's are not. Pixelation
+    followed by a rescale or a pad is found too; followed by JPEG, blur or rotation mostly not.
+    """
+    spacing = []
+    for axis in (1, 0):
+        profile = np.abs(np.diff(grey.astype(np.float32), axis=axis)).mean(axis=1 - axis)
+        if len(profile) < 3:
+            return 0.0
+        inner = profile[1:-1]
+        peaks = np.flatnonzero((inner > profile[:-2]) & (inner >= profile[2:])
+                               & (inner > 2 * np.median(profile) + 0.5)) + 1
+        if len(peaks) < 6:
+            return 0.0
+        gaps = np.diff(peaks)
+        median = float(np.median(gaps))
+        regular = np.abs(gaps - median) <= max(1.0, 0.15 * median)
+        if median < 3 or regular.mean() <= 0.7:
+            return 0.0
+        spacing.append(float(gaps[regular].mean()))
+    return float(np.mean(spacing)) if abs(spacing[0] - spacing[1]) <= 0.2 * spacing[0] else 0.0
 
 
 @dataclass
@@ -195,6 +233,13 @@ class Verification:
     region: list[list[float]] = field(default_factory=list)  # candidate's outline in the query
     lines: list[list[float]] = field(default_factory=list)  # [xq, yq, xc, yc] inlier pairs
     colour_residual: float = 0.0  # share of the overlap's content cells that differ in colour
+    #: the score with a pixelated picture's blocks smoothed away (0.0: neither is pixelated)
+    smoothed_score: float = 0.0
+
+    @property
+    def rank(self) -> float:
+        """The score, or the smoothed one scaled by :data:`PIXELATED_MAX` when that is higher."""
+        return max(self.score, PIXELATED_MAX * self.smoothed_score)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,10 +279,13 @@ def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None)
 
 
 def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
-                weights: tuple[float, ...] = COPY_WEIGHTS) -> list[float]:
+                weights: tuple[float, ...] = COPY_WEIGHTS,
+                smoothed: Sequence[float] | None = None) -> list[float]:
     """Copy scores of one query's candidates from their verification ``scores`` and
     :func:`margins` (``hashes``: the candidates' pHashes, None where unknown). A score of at
-    least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`."""
+    least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`. Where
+    a pixelated picture was compared (``smoothed``: :attr:`Verification.smoothed_score`), the
+    copy score is at least that times :data:`PIXELATED_MAX`."""
     out = []
     for s, margin in zip(scores, margins(scores, hashes), strict=True):
         if s >= SURE:
@@ -245,6 +293,8 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
             continue
         z = weights[0] + weights[1] * s + weights[2] * margin
         out.append(min(s + MAX_LIFT, _logistic(z)))
+    if smoothed is not None:
+        out = [max(c, PIXELATED_MAX * t) for c, t in zip(out, smoothed, strict=True)]
     return out
 
 
@@ -276,7 +326,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
         flipped_pairs = _ratio_matches_many(mirror.descriptors, [candidates[i].descriptors for i in weak])
         for i, p in zip(weak, flipped_pairs, strict=True):
             flipped = _verify_one(mirror, candidates[i], p, mirrored=True)
-            if flipped.score > best[i].score:
+            if flipped.rank > best[i].rank:
                 best[i] = flipped
     for i, candidate in enumerate(candidates):
         few = (min(len(query.points), len(candidate.points)) < DENSE_BELOW
@@ -284,7 +334,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
         wanted = dense is not None and dense[i] and best[i].score < 0.5
         if best[i].score < MIRROR_BELOW and (few or wanted):
             aligned = _verify_dense(query, candidate)
-            if aligned.score > best[i].score:
+            if aligned.rank > best[i].rank:
                 best[i] = aligned
     return best
 
@@ -305,13 +355,15 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     m = np.hstack([mt[:, :2] * (kc / kq), mt[:, 2:] / kq])  # work pixels
     residual, colour = _residual(q, c, m)
     z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
+    smoothed = (_logistic(30.0 * (float(cc) - 0.9) - 10.0 * _residual(q, c, m, smooth=True)[0])
+                if _block_sigma(q, c, m, q.thumb) else 0.0)
     work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]
     return Verification(
         score=_logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
         coverage=float(cc), residual=residual, mirrored=False, method="dense", colour_residual=colour,
-        transform=_to_original(m, q, c, False).tolist(),
+        smoothed_score=smoothed, transform=_to_original(m, q, c, False).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, False)],
     )
 
@@ -389,9 +441,11 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
     coverage = float(min(1.0, hull / overlap)) if overlap > 1 else 0.0
     residual, colour = _residual(q, c, m)
     sc = score(n, n / len(pairs), coverage, residual)
+    smoothed = (score(n, n / len(pairs), coverage, _residual(q, c, m, smooth=True)[0])
+                if _block_sigma(q, c, m, q.thumb) else 0.0)
     return Verification(
         score=sc, inliers=n, matches=len(pairs), inlier_ratio=n / len(pairs), coverage=coverage,
-        residual=residual, colour_residual=colour, mirrored=mirrored,
+        residual=residual, colour_residual=colour, mirrored=mirrored, smoothed_score=smoothed,
         transform=_to_original(m, q, c, mirrored).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, mirrored)],
         lines=[[*map(float, _query_original(dst[k:k + 1], q, mirrored)[0]),
@@ -432,17 +486,18 @@ def _to_original(m: np.ndarray, q: LocalFeatures, c: LocalFeatures, mirrored: bo
     return (flip @ sq @ full @ sc)[:2]
 
 
-def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> tuple[float, float]:
+def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray,
+              smooth: bool = False) -> tuple[float, float]:
     """Shares of the overlap's *content* cells that still differ after the photometric fits:
     (in grey level or in colour, in colour alone); (1.0, 0.0) when the overlap is too small to
     tell. Content cells are those showing something in the candidate (not plain background:
     darker than :data:`BACKGROUND_GREY` or textured) or differing; a product on a white
     backdrop is otherwise a small share of its own photo."""
-    grey = _grey_cells(q, c, m)
+    grey = _grey_cells(q, c, m, smooth)
     if grey is None:
         return 1.0, 0.0
     differs, usable, content = grey
-    colour = _colour_cells(q, c, m)
+    colour = _colour_cells(q, c, m, smooth)
     if colour is None:
         colour = np.zeros_like(differs)
     gh, gw = min(differs.shape[0], colour.shape[0]), min(differs.shape[1], colour.shape[1])
@@ -485,8 +540,8 @@ def _cell_means(a: np.ndarray, valid: np.ndarray, cell: int) -> tuple[np.ndarray
     return _cell_sums(a * valid, cell) / np.maximum(counts, 1.0), usable
 
 
-def _grey_cells(q: LocalFeatures, c: LocalFeatures,
-                m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _grey_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray,
+                smooth: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Per :data:`CELL` cell of the query's thumbnail, after one global brightness/contrast fit
     of the warped candidate: (differs by over :data:`CELL_DIFF`, usable, candidate content);
     None when the overlap is too small."""
@@ -494,8 +549,12 @@ def _grey_cells(q: LocalFeatures, c: LocalFeatures,
     if onto is None:
         return None
     warped, valid = onto
-    a = cv2.GaussianBlur(q.thumb, (0, 0), 1.2).astype(np.float32)
-    b = cv2.GaussianBlur(warped, (0, 0), 1.2).astype(np.float32)
+    sigma = _block_sigma(q, c, m, q.thumb) if smooth else 0.0
+    if sigma > 1.2:
+        a, b = _smoothed_pair(q.thumb, warped, valid, sigma)
+    else:
+        a = cv2.GaussianBlur(q.thumb, (0, 0), 1.2).astype(np.float32)
+        b = cv2.GaussianBlur(warped, (0, 0), 1.2).astype(np.float32)
     x, y = b[valid], a[valid]
     var = float(x.var())
     gain = float(np.cov(x, y, bias=True)[0, 1] / var) if var > 1e-3 else 1.0
@@ -512,7 +571,32 @@ def _grey_cells(q: LocalFeatures, c: LocalFeatures,
     return (diff > CELL_DIFF) & usable, usable, content
 
 
-def _colour_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarray | None:
+def _block_sigma(q: LocalFeatures, c: LocalFeatures, m: np.ndarray, q_img: np.ndarray) -> float:
+    """The blur (pixels of ``q_img``, a query thumbnail) that smooths the blocks of a pixelated
+    query or candidate away before they are compared: 0.0 when neither is pixelated, or both
+    with blocks of one size (the candidate's taken at its scale in the query, ``m``: candidate
+    -> query work pixels)."""
+    c_block = c.block * c.scale * math.sqrt(abs(float(np.linalg.det(m[:, :2])))) / q.scale
+    if q.block and c_block and abs(q.block - c_block) <= 0.2 * q.block:
+        return 0.0
+    return BLOCK_BLUR * max(q.block, c_block) * q_img.shape[1] / q.size[0]
+
+
+def _smoothed_pair(q_img: np.ndarray, warped: np.ndarray, valid: np.ndarray,
+                   sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both images blurred by ``sigma`` over the overlap only (normalised convolution: what lies
+    outside it, padding or the candidate's missing border, does not bleed in)."""
+    mask = valid.astype(np.float32)
+    weight = np.maximum(cv2.GaussianBlur(mask, (0, 0), sigma), 1e-3)
+    if q_img.ndim == 3:  # colour thumbnails: one mask for both channels
+        mask, weight = mask[:, :, None], weight[:, :, None]
+    a, b = (cv2.GaussianBlur(img.astype(np.float32) * mask, (0, 0), sigma).reshape(img.shape) / weight
+            for img in (q_img, warped))
+    return a, b
+
+
+def _colour_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray,
+                  smooth: bool = False) -> np.ndarray | None:
     """Per cell (the grey cells' grid), whether the colour (Cr, Cb about grey) still differs
     by over :data:`CHROMA_DIFF` after one global saturation factor is fitted (least squares,
     at least 0: a greyscale query fits 0 and differs nowhere); None when too small to tell."""
@@ -521,8 +605,12 @@ def _colour_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarr
     if onto is None:
         return None
     warped, valid = onto
-    a = cv2.GaussianBlur(q.chroma, (0, 0), 0.6).astype(np.float32) - 128.0
-    b = cv2.GaussianBlur(warped, (0, 0), 0.6).astype(np.float32) - 128.0
+    sigma = _block_sigma(q, c, m, q.chroma) if smooth else 0.0
+    if sigma > 0.6:
+        a, b = (x - 128.0 for x in _smoothed_pair(q.chroma, warped, valid, sigma))
+    else:
+        a = cv2.GaussianBlur(q.chroma, (0, 0), 0.6).astype(np.float32) - 128.0
+        b = cv2.GaussianBlur(warped, (0, 0), 0.6).astype(np.float32) - 128.0
     x, y = b[valid], a[valid]
     power = float((x * x).sum())
     factor = min(3.0, max(0.0, float((x * y).sum()) / power)) if power > 1e-3 else 0.0

@@ -349,7 +349,8 @@ class CopyChecker(UseCase):
         hashes = [from_signed64(rows[i].phash) if rows[i] is not None and rows[i].phash is not None
                   else None for i in verified]
         out = [0.0] * len(verifications)
-        scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes)
+        scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
+                                         smoothed=[verifications[i].smoothed_score for i in verified])
         for i, score in zip(verified, scored, strict=True):
             out[i] = score
         return out

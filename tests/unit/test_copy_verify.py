@@ -161,6 +161,41 @@ def test_every_edit_kind_of_catalogue_photos_verifies(shared_dir: Path) -> None:
         assert int(np.argmax(scores)) == i, (name, sorted(scores)[-3:])
 
 
+def test_pixel_block_finds_the_blocks_of_a_pixelated_picture_only() -> None:
+    rng = np.random.default_rng(5)
+    smooth = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).resize((200, 200),
+                                                                                      Image.Resampling.BICUBIC)
+    assert cv.pixel_block(np.asarray(smooth.convert("L"))) == 0.0
+    blocky = smooth.resize((20, 20), Image.Resampling.BILINEAR).resize((200, 200), Image.Resampling.NEAREST)
+    assert cv.pixel_block(np.asarray(blocky.convert("L"))) == pytest.approx(10.0, abs=0.5)
+    assert cv.extract(blocky).block == pytest.approx(10.0, abs=0.5)
+    assert cv.pixel_block(np.zeros((2, 2), np.uint8)) == 0.0  # too small to tell
+
+
+@pytest.mark.realdata
+def test_pixelated_catalogue_photos_verify_against_their_originals(shared_dir: Path) -> None:
+    """With a pixelated query's blocks smoothed away, its original verifies (without, most
+    scored under 0.5 on 40 photos); such a comparison makes a near-duplicate, not a copy."""
+    root = shared_dir / "data" / "fashion-products"
+    rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[100:112]
+    photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
+    refs = [cv.extract(p) for p in photos]
+    smoothed, plain = [], []
+    for i in range(6):
+        query = cv.extract(EDITS["pixelate"](photos[i], random.Random(i)))
+        assert query.block >= 3
+        verified = cv.verify_all(query, refs, dense=[True] * len(refs))
+        assert int(np.argmax([v.rank for v in verified])) == i
+        smoothed.append(verified[i].smoothed_score)
+        plain.append(verified[i].score)
+        copy = cv.copy_scores([v.score for v in verified], smoothed=[v.smoothed_score for v in verified])
+        assert copy[i] >= cv.PIXELATED_MAX * verified[i].smoothed_score
+        assert all(c < 0.75 or v.score >= 0.6 for c, v in zip(copy, verified, strict=True))
+    assert np.median(smoothed) > 0.8 and np.median(smoothed) > np.median(plain) + 0.2
+    unpixelated = cv.verify(cv.extract(photos[0]), refs[0])
+    assert unpixelated.smoothed_score == 0.0 and unpixelated.rank == unpixelated.score
+
+
 def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     from agman_milvus.core.copy_verify import copy_scores
 
