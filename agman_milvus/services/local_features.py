@@ -4,9 +4,9 @@ Copy verification needs the candidates' keypoints; extracting them costs ~60 ms 
 than matching. They are computed once per image content (keyed by the image's SHA-256, so a
 re-ingested or re-indexed image reuses them), stored as ``<root>/<sha[:2]>/<sha>.npz``
 (~115 KB for a 224 px catalogue photo, 25 KB of it the colour thumbnail; files of an older
-format, without it or without the pixelation block size, are recomputed) and kept in a small in-memory LRU (memory only when
-``root`` is None). Writes go through a temporary file and a rename: a reader sees a whole file
-or none.
+format, without it or without the pixelation block size, are recomputed) and kept in a small
+in-memory LRU (memory only when ``root`` is None). Writes go through a temporary file and a
+rename: a reader sees a whole file or none.
 """
 
 from __future__ import annotations
