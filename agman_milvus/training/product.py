@@ -7,9 +7,10 @@ the paper's triplet recipe (:mod:`agman_milvus.training.trainer`) stays far belo
   scored 0.6 MAP lower, mean of two seeds each, docs/results.md) at 224 px;
 * tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`): the
   mid level is frozen and its maps cached once per image and mirror (float16), the high level is
-  fine-tuned on top of them with its BatchNorm statistics frozen (eval mode); on request
-  (``tuned_mid_blocks``) the mid level's last blocks are fine-tuned too and the cache holds the
-  maps before them (Lite0's last 3: no gain over two seeds, docs/results.md "Seventh run");
+  fine-tuned on top of them with its BatchNorm statistics frozen (eval mode); so are the mid
+  level's last ``tuned_mid_blocks`` blocks, whose input maps the cache then holds
+  (:func:`tuned_mid_blocks`: Lite0's last 3, its 112-channel stage; docs/results.md "Seventh
+  run": +2.2 ``baseColour``, +0.5 overall over two seeds; the served network is the same);
 * no attribute-type branch (the trunk has no top stage);
 * per attribute, a normalised-softmax proxy classification of the attribute *value* on the unit
   embedding (``scale · cos``, label smoothing) plus random in-batch triplets (margin 0.2); the
@@ -51,6 +52,13 @@ logger = logging.getLogger(__name__)
 RECIPE = "product"
 #: The trunk ``agman train`` uses with this recipe unless told otherwise.
 PRODUCT_BACKBONE = "efficientnet_lite0"
+#: Mid-level blocks fine-tuned by default, per trunk (measured on Lite0 only; others: none).
+_TUNED_MID_BLOCKS = {"efficientnet_lite0": 3}
+
+
+def tuned_mid_blocks(backbone: str) -> int:
+    """How many of the mid level's last blocks the recipe fine-tunes on ``backbone`` by default."""
+    return _TUNED_MID_BLOCKS.get(backbone, 0)
 
 
 @dataclass

@@ -67,12 +67,14 @@ def _refuse_other_recipes_options(ctx: typer.Context, recipe: str) -> None:
 
 
 def _product_trainer(net, source, options: dict):
-    from agman_milvus.training.product import ProductConfig, ProductTrainer
+    from agman_milvus.training.product import ProductConfig, ProductTrainer, tuned_mid_blocks
 
+    tuned = options["tune_mid_blocks"]
+    tuned = tuned_mid_blocks(options["backbone"]) if tuned is None else tuned
     chosen = {"value_weight": options["value_weight"]} if options["value_weight"] is not None else {}
     config = ProductConfig(
         output_dir=options["output"], epochs=options["epochs"], batch_size=options["batch_size"] or 64,
-        lr=options["lr"] or 1e-3, high_lr=options["high_lr"], tuned_mid_blocks=options["tune_mid_blocks"],
+        lr=options["lr"] or 1e-3, high_lr=options["high_lr"], tuned_mid_blocks=tuned,
         weight_decay=options["weight_decay"],
         proxy_scale=options["proxy_scale"], margin=options["margin"], cache_path=options["cache_path"],
         seed=options["seed"], device=options["device"], workers=options["workers"],
@@ -145,9 +147,10 @@ def register(app: typer.Typer) -> None:
                                         rich_help_panel=_RECIPE),
         high_lr: float = typer.Option(3e-4, help="product: lr of the fine-tuned high stage",
                                       rich_help_panel=_RECIPE),
-        tune_mid_blocks: int = typer.Option(0, min=0, rich_help_panel=_RECIPE,
-                                            help="product: also fine-tune the mid level's last N blocks "
-                                                 "(at the high stage's lr; cached: the maps before them)"),
+        tune_mid_blocks: int | None = typer.Option(
+            None, min=0, rich_help_panel=_RECIPE,
+            help="product: also fine-tune the mid level's last N blocks (at the high stage's lr; cached: "
+                 "the maps before them; default: 3 on efficientnet_lite0, else 0)"),
         weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
         proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
                                           rich_help_panel=_RECIPE),
