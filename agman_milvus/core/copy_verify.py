@@ -23,9 +23,9 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    *content* cells: those where the candidate shows something (not flat, near-white
    backdrop) or that differ. A product on a white backdrop fills a small part of its photo;
    counted over the whole overlap, another product's difference was diluted.
-   A pixelated picture (:func:`pixel_block`: its edges fall on a regular grid) is compared
-   with both images smoothed at its block size, so the blocks' edges do not count as
-   differences.
+   A pixelated picture (:func:`pixel_block`: its edges fall on a regular grid) is compared a
+   second time with both images smoothed at its block size, so the blocks' edges do not count
+   as differences; that score (``smoothed_score``) can make a near-duplicate, not a copy.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
    ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
@@ -87,7 +87,7 @@ DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment 
 BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
 #: The factor on a score with a pixelated picture's blocks smoothed away (so at most this): at
 #: the block size, another product of one shoot looks the same (on bench/copydetect.py, 2 of 240
-#: queries without an original scored 0.83-0.91 so), so it flags a near-duplicate, never a copy.
+#: queries without an original scored 0.84 and 0.91 so), so it flags a near-duplicate, never a copy.
 PIXELATED_MAX = 0.6
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
