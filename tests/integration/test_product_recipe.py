@@ -130,8 +130,9 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert (product["taps"], product["backbone"]) == ("late", "efficientnet_lite0")
     # Lite0's recipe fine-tunes its mid level's last 3 blocks; other trunks none unless asked
     assert json.loads((tmp_path / "product" / "config.json").read_text())["tuned_mid_blocks"] == 3
-    result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common, "--batch-size", "16",
-                                 "--backbone", "mobilenet_v2", "--random-init", "--epochs", "0"])
+    result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common,
+                                 "--batch-size", "16", "--backbone", "mobilenet_v2", "--random-init",
+                                 "--epochs", "0"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "mnv2" / "config.json").read_text())["tuned_mid_blocks"] == 0
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "paper"), *common,
