@@ -41,7 +41,7 @@ CSV_FIELDS = ["query", "verdict", "score", "product_id", "image_id", "title",
               "descriptor_similarity", "phash_distance", "attributes_agreeing",
               "attributes_total", "attributes", "match_source", "candidate_score",
               "verification_method", "inliers", "inlier_ratio", "region_coverage", "residual",
-              "colour_residual", "region"]
+              "colour_residual", "smoothed_score", "region"]
 
 
 @dataclass
@@ -137,12 +137,13 @@ def write_csv(report: ScreeningReport, path: Path) -> Path:
 def _verification_fields(v: dict[str, Any] | None) -> dict[str, str]:
     if not v:
         return dict.fromkeys(("verification_method", "inliers", "inlier_ratio", "region_coverage",
-                              "residual", "colour_residual", "region"), "")
+                              "residual", "colour_residual", "smoothed_score", "region"), "")
     return {"verification_method": v.get("method", ""), "inliers": str(v.get("inliers", "")),
             "inlier_ratio": f"{v.get('inlier_ratio', 0):.3f}",
             "region_coverage": f"{v.get('coverage', 0):.3f}",
             "residual": f"{v.get('residual', 1):.3f}",
             "colour_residual": f"{v.get('colour_residual', 0):.3f}",
+            "smoothed_score": f"{v.get('smoothed_score', 0):.3f}",
             "region": " ".join(f"{x:.0f},{y:.0f}" for x, y in v.get("region") or [])}
 
 
@@ -207,6 +208,9 @@ def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None],
                     + (" (mirrored)" if v.get("mirrored") else "")),
                    ("matched region", f"{100 * v.get('coverage', 0):.0f}% spanned by inliers"),
                    ("residual", _residual_text(v))]
+    if v and v.get("smoothed_score"):
+        scores.append(("pixelated", f"{v['smoothed_score']:.3f} with the blocks smoothed away "
+                                    "(a near-duplicate at most)"))
     return _MatchView(row=row, query_thumbnail=thumbs(row.query),
                       match_thumbnail=thumbs(row.match_source) if row.image_id is not None else None,
                       scores=scores, evidence=evidence(row))

@@ -4,6 +4,7 @@ a template value the caller forgot (an error, not an empty string)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from html.parser import HTMLParser
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_screening_report_escapes_text_and_inlines_both_thumbnails(photos: list[
     assert "1 copy and 0 near-duplicate matches" in text and "pHash distance -" in text
     assert "colour: agrees (0.900 vs 0.800)" in text and "image unavailable" in text
     assert "http" not in page
+
+
+def test_a_pixelated_match_says_its_blocks_were_smoothed_away(photos: list[Path]) -> None:
+    verification = {"method": "dense", "coverage": 0.98, "residual": 0.4, "colour_residual": 0.1,
+                    "smoothed_score": 0.87}
+    row = ReportRow(query=str(photos[0]), verdict="near_duplicate", score=0.52, product_id="p1", image_id=1,
+                    descriptor_similarity=0.7, phash_distance=20, match_source=str(photos[1]),
+                    verification=verification)
+    report = ScreeningReport(job_id=5, status="done", done=1, total=1, created_at=None, finished_at=None,
+                             error=None, rows=[row])
+    text = " ".join(" ".join(_Text(report_html(report, lambda ref: Image.open(ref))).text).split())
+    assert "pixelated 0.870 with the blocks smoothed away (a near-duplicate at most)" in text
+    plain_verification = {**verification, "smoothed_score": 0.0}
+    plain = ScreeningReport(job_id=6, status="done", done=1, total=1, created_at=None, finished_at=None,
+                            error=None, rows=[dataclasses.replace(row, verification=plain_verification)])
+    assert "smoothed away" not in report_html(plain, lambda ref: Image.open(ref))
 
 
 def test_empty_screening_report_says_so() -> None:
