@@ -198,11 +198,10 @@ def pixel_block(grey: np.ndarray) -> float:
     gaps within 15% of the median, the same spacing both ways); a photo's are not. Pixelation
     followed by a rescale or a pad is found too; followed by JPEG, blur or rotation mostly not.
     """
+    if min(grey.shape) < 3:
+        return 0.0
     spacing = []
-    for axis in (1, 0):
-        profile = np.abs(np.diff(grey.astype(np.float32), axis=axis)).mean(axis=1 - axis)
-        if len(profile) < 3:
-            return 0.0
+    for profile in _edge_profiles(grey):
         inner = profile[1:-1]
         peaks = np.flatnonzero((inner > profile[:-2]) & (inner >= profile[2:])
                                & (inner > 2 * np.median(profile) + 0.5)) + 1
@@ -215,6 +214,21 @@ def pixel_block(grey: np.ndarray) -> float:
             return 0.0
         spacing.append(float(gaps[regular].mean()))
     return float(np.mean(spacing)) if abs(spacing[0] - spacing[1]) <= 0.2 * spacing[0] else 0.0
+
+
+def _edge_profiles(grey: np.ndarray, stripe: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The mean absolute grey difference across each column boundary and each row boundary,
+    read in stripes of ``stripe`` rows (a few MB at a time, whatever the photo's size)."""
+    h, w = grey.shape
+    across_columns = np.zeros(w - 1)
+    across_rows = np.empty(h - 1)
+    for top in range(0, h - 1, stripe):
+        rows = grey[top : top + stripe + 1].astype(np.int16)  # one more row: the next boundary
+        across_columns += np.abs(np.diff(rows[:stripe], axis=1)).sum(axis=0)
+        across_rows[top : top + len(rows) - 1] = np.abs(np.diff(rows, axis=0)).mean(axis=1)
+    if (h - 1) % stripe == 0:  # the last row was not in any stripe's first ``stripe`` rows
+        across_columns += np.abs(np.diff(grey[-1].astype(np.int16)))
+    return across_columns / h, across_rows
 
 
 @dataclass

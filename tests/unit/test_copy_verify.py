@@ -170,6 +170,17 @@ def test_pixel_block_finds_the_blocks_of_a_pixelated_picture_only() -> None:
     assert cv.pixel_block(np.asarray(blocky.convert("L"))) == pytest.approx(10.0, abs=0.5)
     assert cv.extract(blocky).block == pytest.approx(10.0, abs=0.5)
     assert cv.pixel_block(np.zeros((2, 2), np.uint8)) == 0.0  # too small to tell
+    tall = smooth.resize((30, 60), Image.Resampling.BILINEAR).resize((300, 600), Image.Resampling.NEAREST)
+    assert cv.pixel_block(np.asarray(tall.convert("L"))) == pytest.approx(10.0, abs=0.5)  # 3 stripes
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (15, 9), (16, 9), (17, 9), (40, 33)])
+def test_edge_profiles_read_in_stripes_equal_the_whole_image_difference(shape: tuple[int, int]) -> None:
+    grey = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    across_columns, across_rows = cv._edge_profiles(grey, stripe=8)
+    whole = grey.astype(np.float64)
+    np.testing.assert_allclose(across_columns, np.abs(np.diff(whole, axis=1)).mean(axis=0))
+    np.testing.assert_allclose(across_rows, np.abs(np.diff(whole, axis=0)).mean(axis=1))
 
 
 @pytest.mark.realdata
