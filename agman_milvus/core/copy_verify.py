@@ -252,8 +252,8 @@ class Verification:
 
     @property
     def rank(self) -> float:
-        """The score, or the smoothed one scaled by :data:`PIXELATED_MAX` when that is higher."""
-        return max(self.score, PIXELATED_MAX * self.smoothed_score)
+        """The score, or the smoothed one as far as it counts (:func:`pixelated_floor`)."""
+        return pixelated_floor(self.score, self.smoothed_score)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,8 +308,14 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
         z = weights[0] + weights[1] * s + weights[2] * margin
         out.append(min(s + MAX_LIFT, _logistic(z)))
     if smoothed is not None:
-        out = [max(c, PIXELATED_MAX * t) for c, t in zip(out, smoothed, strict=True)]
+        out = [pixelated_floor(c, t) for c, t in zip(out, smoothed, strict=True)]
     return out
+
+
+def pixelated_floor(score: float, smoothed: float) -> float:
+    """``score``, raised to the ``smoothed`` score (a pixelated picture's blocks smoothed away)
+    scaled by :data:`PIXELATED_MAX`: a near-duplicate at most."""
+    return max(score, PIXELATED_MAX * smoothed)
 
 
 _NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage=0.0, residual=1.0,
@@ -369,8 +375,8 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     m = np.hstack([mt[:, :2] * (kc / kq), mt[:, 2:] / kq])  # work pixels
     residual, colour = _residual(q, c, m)
     z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
-    smoothed = (_logistic(30.0 * (float(cc) - 0.9) - 10.0 * _residual(q, c, m, smooth=True)[0])
-                if _block_sigma(q, c, m, q.thumb) else 0.0)
+    blocks = _smoothed_residual(q, c, m)
+    smoothed = 0.0 if blocks is None else _logistic(30.0 * (float(cc) - 0.9) - 10.0 * blocks)
     work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]
@@ -455,8 +461,8 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
     coverage = float(min(1.0, hull / overlap)) if overlap > 1 else 0.0
     residual, colour = _residual(q, c, m)
     sc = score(n, n / len(pairs), coverage, residual)
-    smoothed = (score(n, n / len(pairs), coverage, _residual(q, c, m, smooth=True)[0])
-                if _block_sigma(q, c, m, q.thumb) else 0.0)
+    blocks = _smoothed_residual(q, c, m)
+    smoothed = 0.0 if blocks is None else score(n, n / len(pairs), coverage, blocks)
     return Verification(
         score=sc, inliers=n, matches=len(pairs), inlier_ratio=n / len(pairs), coverage=coverage,
         residual=residual, colour_residual=colour, mirrored=mirrored, smoothed_score=smoothed,
@@ -522,6 +528,12 @@ def _residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray,
         counted = usable
     n = float(counted.sum())
     return float((counted & (differs | colour)).sum() / n), float((counted & colour).sum() / n)
+
+
+def _smoothed_residual(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> float | None:
+    """The residual with a pixelated query's or candidate's blocks smoothed away; None when
+    neither is pixelated (or both with blocks of one size)."""
+    return _residual(q, c, m, smooth=True)[0] if _block_sigma(q, c, m, q.thumb) else None
 
 
 def _warp_onto(q_img: np.ndarray, c_img: np.ndarray, q: LocalFeatures, c: LocalFeatures,
