@@ -160,9 +160,7 @@ class MobileNetV2Trunk(Trunk):
         self.features = features if with_top or taps == "late" else features[: self._HIGH_END]
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.features[: self._MID_END]:
-            x = layer(x)
-        return x
+        return self.forward_frozen(x, 0)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         for layer in self.features[self._MID_END : self._HIGH_END]:
