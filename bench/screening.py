@@ -1,0 +1,188 @@
+"""A screening job end to end on the embedded default, as a user runs it: speed and verdicts.
+
+1. ``agman ingest`` of ``--refs`` catalogue photos in its own process (Milvus Lite builds its
+   index graphs before that process exits, so the next process finds them built).
+2. Queries as bench/copydetect.py draws them (same seed, same edits): ``--positives`` edited
+   copies of references and ``--negatives`` edited photos that are not references, written as
+   PNG files.
+3. In a new process: one warm-up ``check_copy`` (model and collections loaded), then a
+   screening job over every query (``Client.screen``, the background thread of the embedded
+   default) timed from submit to done, its stages timed by wrapping the checker's methods.
+
+The model is AG-MAN on MobileNetV2 with the ImageNet trunk (the copy descriptor and local
+features do not depend on the attribute heads). Reports checks/s, ms per query by stage, the
+ingest's images/s, and the job's verdicts: per query with an original, whether its best match
+is that original as ``copy``, as ``near_duplicate``, or another product; per query without
+one, whether anything was flagged. Prints JSON.
+
+    AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py --refs 1000 --positives 360 --negatives 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from copydetect import content_key, load, shared_dir  # bench/ is on sys.path when run as a script
+
+from agman_milvus.core.model import build_model
+from agman_milvus.core.model.checkpoint import save_checkpoint
+from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.usecases.copyright import random_edit
+
+#: Runs in the screening process: warm-up, the timed job, stage timers, the job's best matches.
+SCREEN_SCRIPT = r"""
+import json, sys, time
+from collections import defaultdict
+from agman_milvus import Client
+from agman_milvus.services.embedding import Embedder
+from agman_milvus.services.store.vectors import VectorStore
+from agman_milvus.usecases.copyright import CopyChecker
+
+queries = json.loads(open(sys.argv[1]).read())
+spent = defaultdict(float)
+
+def timed(owner, name, label):
+    inner = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t0
+    setattr(owner, name, wrapper)
+
+timed(CopyChecker, "score_candidates", "stage1")
+timed(Embedder, "encode", "stage1_embed")
+timed(CopyChecker, "_voted", "stage1_keypoints_and_voting")
+timed(VectorStore, "search_keypoints", "stage1_voting_search")
+timed(CopyChecker, "verify_scored", "stage2_verify")
+timed(CopyChecker, "_decide", "decide")
+with Client() as client:
+    client.check_copy(queries[0])
+    spent.clear()
+    t0 = time.perf_counter()
+    job = client.screen(queries).wait(timeout=7200)
+    seconds = time.perf_counter() - t0
+    best = {}
+    for m in job.matches():
+        evidence = m.evidence or {}
+        if evidence.get("rank") == 1:
+            best[m.query_ref] = {"verdict": m.verdict, "product_id": evidence.get("product_id")}
+print(json.dumps({"status": job.status, "seconds": seconds, "stages": dict(spent), "best": best}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--refs", type=int, default=1000)
+    ap.add_argument("--positives", type=int, default=360)
+    ap.add_argument("--negatives", type=int, default=240)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    shared = shared_dir()
+    if shared is None:
+        print("no shared data (set AGMAN_SHARED_DIR)", file=sys.stderr)
+        return 2
+    root = shared / "data" / "fashion-products"
+    rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))
+    rng = random.Random(args.seed)
+    rng.shuffle(rows)
+    refs, outside = rows[:args.refs], rows[args.refs:args.refs + args.negatives]
+    backdrops = rows[args.refs + args.negatives:]
+
+    with tempfile.TemporaryDirectory(prefix="screening-bench-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "AGMAN_DATA_DIR": str(work / "data"),
+               "AGMAN_CHECKPOINT": str(work / "model.safetensors")}
+        for name in ("AGMAN_MILVUS_URI", "MILVUS_URI", "AGMAN_DATABASE_URL", "AGMAN_BROKER_URL"):
+            env.pop(name, None)
+        schema = AttributeSchema.from_dict({"articleType": 2, "baseColour": 2})
+        save_checkpoint(build_model("agman", schema=schema, backbone="mobilenet_v2",
+                                    pretrained="imagenet", image_size=args.image_size),
+                        work / "model.safetensors")
+        manifest = work / "refs.csv"
+        with open(manifest, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["file", "id"])
+            writer.writeheader()
+            writer.writerows({"file": str(root / r["file"]), "id": r["id"]} for r in refs)
+
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).with_name("agman")), "ingest", str(manifest)],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        ingest_s = time.perf_counter() - t0
+
+        ids_by_key: dict[str, set[str]] = {}
+        for r in refs:
+            ids_by_key.setdefault(content_key(load(root, r)), set()).add(r["id"])
+        queries, truth, edits = [], {}, {}
+        for n, src_row in enumerate(refs[:args.positives] + outside):
+            src = load(root, src_row)
+            edited, names = random_edit(src, rng, background=load(root, rng.choice(backdrops)))
+            path = work / "queries" / f"q{n:04d}.png"
+            path.parent.mkdir(exist_ok=True)
+            edited.save(path)
+            queries.append(str(path))
+            truth[str(path)], edits[str(path)] = ids_by_key.get(content_key(src), set()), names
+        (work / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-c", SCREEN_SCRIPT, str(work / "queries.json")],
+                              env=env, check=True, capture_output=True, text=True)
+        job = json.loads(done.stdout.strip().splitlines()[-1])
+
+    best = job["best"]  # query -> its rank-1 match, when flagged
+    with_original = [q for q in queries if truth[q]]
+    without = [q for q in queries if not truth[q]]
+
+    def is_found(q: str, verdicts: tuple[str, ...]) -> bool:
+        return q in best and best[q]["verdict"] in verdicts and best[q]["product_id"] in truth[q]
+
+    def found(qs: list[str], verdicts: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
+        return round(sum(is_found(q, verdicts) for q in qs) / max(1, len(qs)), 3)
+
+    def flagged(qs: list[str], verdicts: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
+        return round(sum(q in best and best[q]["verdict"] in verdicts for q in qs) / max(1, len(qs)), 3)
+
+    copies = [q for q in queries if q in best and best[q]["verdict"] == "copy"]
+    per_edit = {}
+    for kind in sorted({k for names in edits.values() for k in names}):
+        qs = [q for q in with_original if kind in edits[q]]
+        per_edit[kind] = {"queries_with_original": len(qs), "copy_recall": found(qs, ("copy",)),
+                          "flagged_recall": found(qs)}
+    n = len(queries)
+    report = {
+        "refs": len(refs), "queries": n, "queries_with_original": len(with_original),
+        "image_size": args.image_size, "seed": args.seed, "job_status": job["status"],
+        "checks_per_s": round(n / job["seconds"], 2),
+        "ms_per_query": {k: round(1000 * v / n, 1) for k, v in sorted(job["stages"].items())},
+        "job_seconds": round(job["seconds"], 1),
+        "ingest_images_per_s": round(len(refs) / ingest_s, 2),
+        "verdicts": {
+            "copy_precision": round(sum(is_found(q, ("copy",)) for q in copies) / max(1, len(copies)), 3),
+            "copy_recall": found(with_original, ("copy",)),
+            "flagged_recall": found(with_original),
+            "with_original_wrong_product_flagged": round(flagged(with_original) - found(with_original), 3),
+            "without_original_called_copy": flagged(without, ("copy",)),
+            "without_original_flagged": flagged(without),
+        },
+        "per_edit": per_edit,
+        "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
