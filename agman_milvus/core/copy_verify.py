@@ -10,7 +10,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    candidate's, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
    the candidate to the query, or a general affine one when it explains 1.25x the matches (a
    copy stretched to another aspect ratio). A mirrored query is tried as well when the direct
-   fit is weak, so flipped copies verify too.
+   fit is weak, so flipped copies verify too (and in the dense alignment below, when the mirrored
+   query's frame looks more like the candidate's).
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -84,6 +85,9 @@ MAX_LINES = 40  # inlier pairs kept for drawing
 ECC_HALF_ITERATIONS = 100  # dense alignment: iterations on half-size thumbnails, then
 ECC_FINE_ITERATIONS = 20  # at full size (the correlation that scores it is the full size's)
 DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
+#: How much better the mirrored query's tiny thumbnail must correlate with the candidate's than
+#: the query's own for a weak dense alignment to be tried on the mirrored query too.
+MIRROR_FRAME_MARGIN = 0.02
 BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
 #: The factor on a score with a pixelated picture's blocks smoothed away (so at most this): at
 #: the block size, another product of one shoot looks the same (on bench/copydetect.py, 2 of 240
@@ -338,14 +342,22 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
     mirrored query's features extracted once for all of them.
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
     the candidates it marks."""
+    mirror = query_mirror
+
+    def mirrored_query() -> LocalFeatures:
+        nonlocal mirror
+        if mirror is None:
+            mirror = query.mirrored()
+        return mirror
+
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
     if weak:
-        mirror = query_mirror if query_mirror is not None else query.mirrored()
-        flipped_pairs = _ratio_matches_many(mirror.descriptors, [candidates[i].descriptors for i in weak])
+        flipped_pairs = _ratio_matches_many(mirrored_query().descriptors,
+                                            [candidates[i].descriptors for i in weak])
         for i, p in zip(weak, flipped_pairs, strict=True):
-            flipped = _verify_one(mirror, candidates[i], p, mirrored=True)
+            flipped = _verify_one(mirrored_query(), candidates[i], p, mirrored=True)
             if flipped.rank > best[i].rank:
                 best[i] = flipped
     for i, candidate in enumerate(candidates):
@@ -354,13 +366,34 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
         wanted = dense is not None and dense[i] and best[i].score < 0.5
         if best[i].score < MIRROR_BELOW and (few or wanted):
             aligned = _verify_dense(query, candidate)
+            if aligned.score < 0.5 and _frame_looks_mirrored(query.thumb, candidate.thumb):
+                flipped = _verify_dense(mirrored_query(), candidate, mirrored=True)
+                if flipped.rank > aligned.rank:
+                    aligned = flipped
             if aligned.rank > best[i].rank:
                 best[i] = aligned
     return best
 
 
-def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
-    """ECC affine alignment of the thumbnails from "same frame", then the residual check."""
+def _frame_looks_mirrored(q_thumb: np.ndarray, c_thumb: np.ndarray) -> bool:
+    """True when the mirrored query's frame resembles the candidate's more than the query's
+    does, by :data:`MIRROR_FRAME_MARGIN` (correlation of tiny grey thumbnails): the dense
+    alignment, which starts from "same frame", is then worth trying on the mirrored query."""
+    c = _tiny(c_thumb)
+    direct, flipped = float((_tiny(q_thumb) * c).sum()), float((_tiny(q_thumb[:, ::-1]) * c).sum())
+    return flipped > direct + MIRROR_FRAME_MARGIN
+
+
+def _tiny(thumb: np.ndarray, side: int = 24) -> np.ndarray:
+    """``thumb`` at ``side`` x ``side`` px, zero-mean, unit norm."""
+    t = cv2.resize(np.ascontiguousarray(thumb), (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    t -= t.mean()
+    return t / max(float(np.linalg.norm(t)), 1e-6)
+
+
+def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) -> Verification:
+    """ECC affine alignment of the thumbnails from "same frame", then the residual check
+    (``mirrored``: ``q`` holds the mirrored query's features)."""
     (qh, qw), (ch, cw) = q.thumb.shape, c.thumb.shape
     warp = np.array([[cw / qw, 0, 0], [0, ch / qh, 0]], np.float32)  # query -> candidate (thumbs)
     try:
@@ -382,9 +415,9 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures) -> Verification:
     quad = corners @ m[:, :2].T + m[:, 2]
     return Verification(
         score=_logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
-        coverage=float(cc), residual=residual, mirrored=False, method="dense", colour_residual=colour,
-        smoothed_score=smoothed, transform=_to_original(m, q, c, False).tolist(),
-        region=[list(map(float, p)) for p in _query_original(quad, q, False)],
+        coverage=float(cc), residual=residual, mirrored=mirrored, method="dense", colour_residual=colour,
+        smoothed_score=smoothed, transform=_to_original(m, q, c, mirrored).tolist(),
+        region=[list(map(float, p)) for p in _query_original(quad, q, mirrored)],
     )
 
 

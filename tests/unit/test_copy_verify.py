@@ -207,6 +207,34 @@ def test_pixelated_catalogue_photos_verify_against_their_originals(shared_dir: P
     assert unpixelated.smoothed_score == 0.0 and unpixelated.rank == unpixelated.score
 
 
+@pytest.mark.realdata
+def test_flipped_pixelated_catalogue_photos_align_densely_on_the_mirrored_query(shared_dir: Path) -> None:
+    """A flipped, pixelated copy has too few keypoints for a fit either way; the dense alignment
+    from "same frame" is tried on the mirrored query when its frame looks more like the
+    candidate's."""
+    root = shared_dir / "data" / "fashion-products"
+    rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[200:206]
+    photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
+    refs = [cv.extract(p) for p in photos]
+    smoothed, methods = [], []
+    for i, photo in enumerate(photos):
+        query = cv.extract(ImageOps.mirror(EDITS["pixelate"](photo, random.Random(i))))
+        verified = cv.verify_all(query, refs, dense=[True] * len(refs))
+        assert int(np.argmax([v.rank for v in verified])) == i  # before: 2 of the 6 ranked another
+        assert verified[i].mirrored
+        smoothed.append(verified[i].smoothed_score)
+        methods.append(verified[i].method)
+    assert methods.count("dense") >= 4 and np.median(smoothed) > 0.7, (methods, smoothed)  # before: 0.1
+
+
+def test_a_mirrored_frame_is_told_from_the_same_frame() -> None:
+    ramp = np.tile(np.linspace(0, 255, 120, dtype=np.float32), (90, 1))
+    texture = np.asarray(textured(4, 120).convert("L").resize((120, 90)), np.float32)
+    picture = (0.7 * ramp + 0.3 * texture).astype(np.uint8)
+    assert cv._frame_looks_mirrored(picture[:, ::-1], picture)
+    assert not cv._frame_looks_mirrored(picture, picture)
+
+
 def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     from agman_milvus.core.copy_verify import copy_scores
 
