@@ -108,6 +108,14 @@ def content_key(im: Image.Image) -> str:
     return hashlib.sha1(small.tobytes()).hexdigest()
 
 
+def print_report(report: dict, out: Path | None) -> None:
+    """Print ``report`` as JSON, and write it to ``out`` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+
+
 def features(model, images, batch: int = 64) -> dict[str, np.ndarray]:
     """The checker's copy descriptor and ImageNet GAP from one trunk pass per batch."""
     trunk = model.trunk
@@ -508,10 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_keypoints_ms_per_image": round(1000 * t_ref_kp / len(refs), 1),
         "command": "python bench/copydetect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    print_report(report, args.out)
     return 0
 
 

@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from copydetect import content_key, load, shared_dir  # bench/ is on sys.path when run as a script
+# bench/ is on sys.path when this runs as a script
+from copydetect import content_key, load, print_report, shared_dir
 
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.checkpoint import save_checkpoint
@@ -177,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_edit": per_edit,
         "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    print_report(report, args.out)
     return 0
 
 
