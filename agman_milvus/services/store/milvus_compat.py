@@ -52,8 +52,9 @@ class Deployment:
         params.add_index(field_name=field, index_type="HNSW", metric_type=metric, params=build)
         return params
 
-    def search_params(self, top_k: int, metric: str = "COSINE") -> dict[str, Any]:
-        return {"metric_type": metric, "params": {"ef": max(64, top_k)}}
+    def search_params(self, top_k: int, metric: str = "COSINE", ef: int = 64) -> dict[str, Any]:
+        """HNSW search params: the graph walk keeps ``ef`` candidates (at least ``top_k``)."""
+        return {"metric_type": metric, "params": {"ef": max(ef, top_k)}}
 
     def after_write(self, client: MilvusClient, collection: str) -> None:
         """Make fresh writes cheap to search: flush on Lite, nothing on a server."""
