@@ -144,7 +144,9 @@ class FeatureCache:
         **build_options: Any,
     ) -> FeatureCache:
         """The cache at ``path`` if it matches ``meta``; else built (training images with their
-        mirrors, validation images as they are; ``on_build(images)`` first) and saved there."""
+        mirrors, validation images as they are; ``on_build(images)`` first) and saved there.
+        ``meta["tail_blocks"]`` (default 0) is the mid-level blocks the cache leaves out."""
+        build_options["tail_blocks"] = int(meta.get("tail_blocks", 0))
         cache = cls.load(path, meta) if path else None
         if cache is not None:
             logger.info("feature cache: loaded %d rows from %s", len(cache), path)

@@ -199,7 +199,7 @@ class ProductTrainer(RunFiles):
         return FeatureCache.load_or_build(
             self.config.cache_path, meta, model.trunk, self.table, self.images, valid_images,
             model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
-            progress=callbacks.on_eval, mid_only=True, tail_blocks=self.config.tuned_mid_blocks,
+            progress=callbacks.on_eval, mid_only=True,
             on_build=(lambda n: callbacks.on_epoch_start(0, n)) if callbacks.on_epoch_start else None)
 
     def _train_epoch(self, epoch: int, scheduler, callbacks: Callbacks) -> float:
