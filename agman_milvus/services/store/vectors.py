@@ -51,7 +51,8 @@ KEYPOINT_SEARCH_BATCH = 4096
 #: HNSW candidates kept while walking the keypoint graph. Voting sums 150 lookups a query, so a
 #: short walk loses nothing: on 1,000 catalogue photos' keypoints and 360 edited copies the
 #: original was among the 10 most voted for 87.5% with ef 64, 32 and 16 alike, while the search
-#: took 61-71, 49 and 41 ms a query (docs/benchmarks.md).
+#: took 61-71, 49 and 41 ms a query beside a training (idle: 57 -> 46 ms at 64 -> 32;
+#: docs/benchmarks.md).
 KEYPOINT_EF = 32
 VECTOR_FIELD = "vector"
 META_MAX_LENGTH = 512
