@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 # bench/ is on sys.path when this runs as a script
 from copydetect import content_key, load, print_report, shared_dir
@@ -39,47 +41,46 @@ from agman_milvus.core.model.checkpoint import save_checkpoint
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import random_edit
 
-#: Runs in the screening process: warm-up, the timed job, stage timers, the job's best matches.
-SCREEN_SCRIPT = r"""
-import json, sys, time
-from collections import defaultdict
-from agman_milvus import Client
-from agman_milvus.services.embedding import Embedder
-from agman_milvus.services.store.vectors import VectorStore
-from agman_milvus.usecases.copyright import CopyChecker
 
-queries = json.loads(open(sys.argv[1]).read())
-spent = defaultdict(float)
+def screen_job(queries_file: Path) -> dict:
+    """The screening process: one warm-up check, then the timed job over the queries in
+    ``queries_file`` (JSON list of paths), its stages timed by wrapping the checker's methods;
+    returns the job's status, seconds, per-stage seconds and each query's rank-1 match."""
+    from agman_milvus import Client
+    from agman_milvus.services.embedding import Embedder
+    from agman_milvus.services.store.vectors import VectorStore
+    from agman_milvus.usecases.copyright import CopyChecker
 
-def timed(owner, name, label):
-    inner = getattr(owner, name)
-    def wrapper(*args, **kwargs):
+    queries = json.loads(queries_file.read_text(encoding="utf-8"))
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(owner: type, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(CopyChecker, "score_candidates", "stage1")
+    timed(Embedder, "encode", "stage1_embed")
+    timed(CopyChecker, "_voted", "stage1_keypoints_and_voting")
+    timed(VectorStore, "search_keypoints", "stage1_voting_search")
+    timed(CopyChecker, "verify_scored", "stage2_verify")
+    timed(CopyChecker, "_decide", "decide")
+    with Client() as client:
+        client.check_copy(queries[0])
+        spent.clear()
         t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            spent[label] += time.perf_counter() - t0
-    setattr(owner, name, wrapper)
-
-timed(CopyChecker, "score_candidates", "stage1")
-timed(Embedder, "encode", "stage1_embed")
-timed(CopyChecker, "_voted", "stage1_keypoints_and_voting")
-timed(VectorStore, "search_keypoints", "stage1_voting_search")
-timed(CopyChecker, "verify_scored", "stage2_verify")
-timed(CopyChecker, "_decide", "decide")
-with Client() as client:
-    client.check_copy(queries[0])
-    spent.clear()
-    t0 = time.perf_counter()
-    job = client.screen(queries).wait(timeout=7200)
-    seconds = time.perf_counter() - t0
-    best = {}
-    for m in job.matches():
-        evidence = m.evidence or {}
-        if evidence.get("rank") == 1:
-            best[m.query_ref] = {"verdict": m.verdict, "product_id": evidence.get("product_id")}
-print(json.dumps({"status": job.status, "seconds": seconds, "stages": dict(spent), "best": best}))
-"""
+        job = client.screen(queries).wait(timeout=7200)
+        seconds = time.perf_counter() - t0
+        best = {m.query_ref: {"verdict": m.verdict, "product_id": (m.evidence or {}).get("product_id")}
+                for m in job.matches() if (m.evidence or {}).get("rank") == 1}
+    return {"status": job.status, "seconds": seconds, "stages": dict(spent), "best": best}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
     args = ap.parse_args(argv)
+    if args.screen_job:
+        print(json.dumps(screen_job(args.screen_job)))
+        return 0
     shared = shared_dir()
     if shared is None:
         print("no shared data (set AGMAN_SHARED_DIR)", file=sys.stderr)
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             queries.append(str(path))
             truth[str(path)], edits[str(path)] = ids_by_key.get(content_key(src), set()), names
         (work / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
-        done = subprocess.run([sys.executable, "-c", SCREEN_SCRIPT, str(work / "queries.json")],
+        done = subprocess.run([sys.executable, __file__, "--screen-job", str(work / "queries.json")],
                               env=env, check=True, capture_output=True, text=True)
         job = json.loads(done.stdout.strip().splitlines()[-1])
 
