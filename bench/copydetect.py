@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for src in sources:
         edited, names = random_edit(src, rng, background=load(root, rng.choice(backdrops)))
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
+    q_blocks = [copy_verify.pixel_block(np.asarray(q.convert("L"))) for q in queries]
     t_data = time.perf_counter() - t0
     n = len(queries)
     log(f"data: {n} queries, {len(refs)} references")
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_f = features(model, ref_images)
     t0 = time.perf_counter()
     q_f = features(model, queries)
-    extra_f = [features(model, [query_views(q)[v] for q in queries])["descriptor"] for v in (1, 2)]
+    views = [query_views(q, b) for q, b in zip(queries, q_blocks, strict=True)]
+    extra_f = [features(model, [v[k] for v in views])["descriptor"] for k in (1, 2)]
     t_stage1_embed = time.perf_counter() - t0
     log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")
 
@@ -371,16 +373,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def query_features(q: int) -> tuple[copy_verify.LocalFeatures, copy_verify.LocalFeatures]:
         """Query ``q``'s local features and its mirror image's, as the checker extracts them."""
-        features_q = copy_verify.extract(queries[q])
+        features_q = copy_verify.extract(queries[q], q_blocks[q])
         return features_q, features_q.mirrored()
 
     def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
         """Stage 2 of query ``q``, on its candidates as the checker orders them."""
         order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
                            key=lambda p: p[0])
-        verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
-                                          dense=[k < DENSE_K for k in range(len(order))],
-                                          dense_if_few=[k < args.dense_few_k for k in range(len(order))])
+        pixelated = q_blocks[q] > 0  # every candidate of a pixelated query gets the dense alignment
+        verified = copy_verify.verify_all(
+            qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
+            dense=[pixelated or k < DENSE_K for k in range(len(order))],
+            dense_if_few=[pixelated or k < args.dense_few_k for k in range(len(order))])
         return [(j, v) for (j, _), v in zip(order, verified, strict=True)]
 
     t_extract = t_vote = t_stage2 = 0.0

@@ -184,14 +184,15 @@ def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
     return LocalFeatures(points, descriptors, size, scale, thumb, chroma, block, work)
 
 
-def extract(image: Image.Image) -> LocalFeatures:
-    """Local features of ``image`` (any mode)."""
+def extract(image: Image.Image, block: float | None = None) -> LocalFeatures:
+    """Local features of ``image`` (any mode); ``block``: its :func:`pixel_block` when the
+    caller has it already."""
     rgb = image.convert("RGB")
     grey = np.asarray(rgb.convert("L"))
     work, scale = _resize_side(grey, WORK_SIDE)
     small, _ = _resize_side(np.asarray(rgb), CHROMA_SIDE)
     chroma = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:])
-    return _extract_grey(work, image.size, scale, chroma, pixel_block(grey))
+    return _extract_grey(work, image.size, scale, chroma, pixel_block(grey) if block is None else block)
 
 
 def pixel_block(grey: np.ndarray) -> float:

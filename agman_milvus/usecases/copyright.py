@@ -3,7 +3,7 @@
 A check has two stages:
 
 1. **Candidates**, from two sources taken alternately. (a) One backbone pass over the query,
-   its mirror image and a blurred copy (:func:`query_views`: flips and pixelation defeat the
+   its mirror image and a smoothed copy (:func:`query_views`: flips and pixelation defeat the
    plain descriptor) gives the query's K attribute vectors and three copy descriptors; each
    searches ``{prefix}_copy`` and the union, ranked by the normalised descriptor score
    ``cos - NORM_BETA * cos_k`` (``cos_k``: similarity to the query's ``NORM_K``-th
@@ -11,10 +11,12 @@ A check has two stages:
    vote for the catalogue images whose stored keypoints are nearest
    (:mod:`agman_milvus.core.copy_vote`, ``{prefix}_keypoints``): ``vote_k`` candidates that
    survive crops, pads, pastes and rotations which move the global descriptor.
-2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a ratio
-   test and a RANSAC similarity fit (the mirrored query too), then a photometric residual after
-   alignment: the share of cells that still differ once one global brightness/contrast change
-   is allowed. Photos from one shoot (same model and pose, another product) align with dozens
+2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a
+   ratio test and a RANSAC similarity fit (the mirrored query too; when that fails, a dense
+   alignment of the thumbnails for the best-ranked candidates, and for every candidate of a
+   pixelated query, whose blocks defeat SIFT), then a photometric residual after alignment:
+   the share of cells that still differ once one global brightness/contrast change is
+   allowed. Photos from one shoot (same model and pose, another product) align with dozens
    of inliers; the residual is what tells them from a copy. A logistic score over inliers,
    inlier ratio, matched-region coverage and residual is the verification's ``score``; the
    match's ``score`` (the copy score) weighs it against the query's best *other* candidate
@@ -283,14 +285,15 @@ class CopyChecker(UseCase):
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
-        views = [query_views(im) for im in images]
+        blocks = [copy_verify.pixel_block(np.asarray(im.convert("L"))) for im in images]
+        views = [query_views(im, block) for im, block in zip(images, blocks, strict=True)]
         encoded = self.embedder.encode([im for _, *extra_views in views for im in extra_views] + images)
         n_extra = len(views[0]) - 1 if views else 0
         extra = max(len(e) for e in exclude) if exclude else 0
         limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
         raw = self.vectors.search_copy(encoded.descriptors, limit)
         base = n_extra * len(images)  # the plain queries' rows come after every extra view
-        queries = [_Query(image, encoded.embeddings[base + n], phash(image))
+        queries = [_Query(image, encoded.embeddings[base + n], phash(image), blocks[n])
                    for n, image in enumerate(images)]
         all_voted = self._voted(queries)
         candidates = []
@@ -372,10 +375,13 @@ class CopyChecker(UseCase):
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
 
+        pixelated = query.block > 0  # its blocks defeat SIFT: every candidate gets the dense alignment
+
         def verify(ranks: list[int]) -> list[copy_verify.Verification]:
             return copy_verify.verify_all(
                 query.features, [readable[k] for k in ranks], query_mirror=query.mirror,
-                dense=[k < DENSE_K for k in ranks], dense_if_few=[k < DENSE_FEW_K for k in ranks])
+                dense=[pixelated or k < DENSE_K for k in ranks],
+                dense_if_few=[pixelated or k < DENSE_FEW_K for k in ranks])
 
         # every workers-th candidate to a thread: the best-ranked, which get the dense alignment,
         # spread over all of them
@@ -433,14 +439,29 @@ class CopyChecker(UseCase):
                          calibrated=t.calibrated, model_version=t.model_version, phash=query.phash)
 
 
-def query_views(image: Image.Image) -> list[Image.Image]:
-    """The query and the extra views stage 1 searches with: its mirror image and a blurred copy
-    (radius 1/75 of the longer side; a pixelated query's blocks otherwise dominate its
-    descriptor: on 400 catalogue photos, true original in the top 10 for 43% of pixelated
-    queries plain, 75% blurred)."""
+def query_views(image: Image.Image, block: float = 0.0) -> list[Image.Image]:
+    """The query and the extra views stage 1 searches with: its mirror image and a smoothed
+    copy, blurred (radius 1/75 of the longer side) or, for a pixelated query (``block``: its
+    :func:`~agman_milvus.core.copy_verify.pixel_block`), its blocks scaled down to one pixel
+    each and back up smoothly. A pixelated query's blocks otherwise dominate its descriptor: on
+    400 catalogue photos, true original in the top 10 for 43% of pixelated queries plain, 75%
+    blurred; on the 53 pixelated queries of bench/copydetect.py whose blocks are detected, 57%
+    blurred, 72% with the blocks scaled away (docs/benchmarks.md)."""
     image = image.convert("RGB")
-    radius = max(1.0, max(image.size) / 75)
-    return [image, ImageOps.mirror(image), image.filter(ImageFilter.GaussianBlur(radius))]
+    return [image, ImageOps.mirror(image), unpixelate(image, block) if block else blurred(image)]
+
+
+def blurred(image: Image.Image) -> Image.Image:
+    """``image`` blurred with a radius of 1/75 of its longer side."""
+    return image.filter(ImageFilter.GaussianBlur(max(1.0, max(image.size) / 75)))
+
+
+def unpixelate(image: Image.Image, block: float) -> Image.Image:
+    """A pixelated ``image`` with blocks of ``block`` pixels, smoothed: each block averaged to
+    one pixel, then scaled back up bicubically."""
+    w, h = image.size
+    small = (max(1, round(w / block)), max(1, round(h / block)))
+    return image.resize(small, Image.Resampling.BOX).resize((w, h), Image.Resampling.BICUBIC)
 
 
 def _image_id(hit: Hit) -> int:
@@ -456,13 +477,14 @@ class _Query:
     image: Image.Image
     embeddings: np.ndarray  # [K, D]
     phash: int
+    block: float  # copy_verify.pixel_block of the image: 0.0 unless it is pixelated
     features: copy_verify.LocalFeatures | None = None
     mirror: copy_verify.LocalFeatures | None = None
 
     def extract(self) -> None:
         """Compute the query's local features and its mirror image's (once)."""
         if self.features is None:
-            self.features = copy_verify.extract(self.image)
+            self.features = copy_verify.extract(self.image, self.block)
             self.mirror = self.features.mirrored()
 
 

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agman_milvus.core.copy_verify import pixel_block
 from agman_milvus.usecases.copyright import (
     COPY,
+    DENSE_FEW_K,
     DISTINCT,
     EDITS,
     CopyThresholds,
     micro_average_precision,
+    query_views,
     random_edit,
     threshold_for_precision,
     thresholds_path,
@@ -83,6 +86,46 @@ def test_every_edit_produces_a_valid_image() -> None:
         assert out.mode == "RGB" and min(out.size) >= 8, name
     edited, names = random_edit(photo(2), r, edits=(3, 3), background=photo(3))
     assert len(names) == 3 and edited.mode == "RGB"
+
+
+def pixelated(im: Image.Image, block: int) -> Image.Image:
+    small = im.resize((im.width // block, im.height // block), Image.Resampling.BILINEAR)
+    return small.resize(im.size, Image.Resampling.NEAREST)
+
+
+def test_a_pixelated_querys_smoothed_view_scales_its_blocks_away() -> None:
+    """The third view of a pixelated query averages each block to one pixel and scales back up
+    smoothly: no blocks left, and nearer the source than the blur other queries get."""
+    source = photo(11, 160)
+    query = pixelated(source, 10)
+    block = pixel_block(np.asarray(query.convert("L")))
+    assert block == pytest.approx(10.0, abs=0.5)
+    smoothed, blurred = query_views(query, block)[2], query_views(query)[2]
+    assert pixel_block(np.asarray(smoothed.convert("L"))) == 0.0
+
+    def error(im: Image.Image) -> float:
+        return float(np.abs(np.asarray(im, np.float32) - np.asarray(source, np.float32)).mean())
+
+    assert error(smoothed) < 0.8 * error(blurred)
+
+
+def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -> None:
+    """SIFT finds the blocks' corners, not the picture: the original of a pixelated query is
+    aligned densely wherever it ranks among the candidates (it was only among the first
+    DENSE_FEW_K: a pixelated copy's original found by voting late in the list scored 0)."""
+    checker = client._copy_checker()
+    scored = checker.score_candidates([pixelated(photo(9), 4)], top_k=5)
+    query, candidates = scored.queries[0], scored.candidates[0]
+    assert query.block == pytest.approx(4.0, abs=0.5)
+    original = next(c for c in candidates if c[2].external_id == "p9")
+    others = [c for c in candidates if c is not original]
+    last = min(len(candidates), checker.verify_k + checker.vote_k) - 1
+    assert last >= DENSE_FEW_K
+    candidates = [*others[:last], original]  # the original last of those verified
+    rows = checker.catalog.images.get_many([h.image_id for h, _, _ in candidates])
+    verified = checker.verify_candidates(query, candidates, rows)
+    assert verified[last].method == "dense" and verified[last].rank >= 0.5, verified[last]
+    assert verified[last].rank == max(v.rank for v in verified if v is not None)
 
 
 def test_uncalibrated_check_says_so_and_finds_an_exact_copy(client) -> None:
