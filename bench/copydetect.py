@@ -80,6 +80,7 @@ from agman_milvus.usecases.copyright import (
     VERIFY_K,
     VOTE_K,
     CopyThresholds,
+    dense_alignments,
     interleave,
     micro_average_precision,
     query_views,
@@ -380,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         """Stage 2 of query ``q``, on its candidates as the checker orders them."""
         order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
                            key=lambda p: p[0])
-        pixelated = q_blocks[q] > 0  # every candidate of a pixelated query gets the dense alignment
-        verified = copy_verify.verify_all(
-            qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
-            dense=[pixelated or k < DENSE_K for k in range(len(order))],
-            dense_if_few=[pixelated or k < args.dense_few_k for k in range(len(order))])
+        dense, dense_if_few = dense_alignments(qfs[q], {k: ref_lf[j] for k, (j, _) in enumerate(order)},
+                                               args.dense_few_k)
+        verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
+                                          dense=[dense[k] for k in range(len(order))],
+                                          dense_if_few=[dense_if_few[k] for k in range(len(order))])
         return [(j, v) for (j, _), v in zip(order, verified, strict=True)]
 
     t_extract = t_vote = t_stage2 = 0.0

@@ -72,7 +72,7 @@ from agman_milvus.usecases.base import UseCase, load_query_image
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "interleave",
+    "dense_alignments", "interleave",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
@@ -273,9 +273,12 @@ class CopyChecker(UseCase):
             return []
         pil = [self.load_image(im) for im in images]
         scored = self.score_candidates(pil, max(top_k, self.verify_k))
-        return [self._decide(q, cands, rows, verified, top_k)
-                for q, cands, (rows, verified) in zip(scored.queries, scored.candidates,
-                                                      self.verify_scored(scored), strict=True)]
+        verified = self.verify_scored(scored)
+        ids = sorted({h.image_id for cands in scored.candidates for h, _, _ in cands})
+        stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
+        return [self._decide(q, cands, rows, verifications, top_k, stored)
+                for q, cands, (rows, verifications) in zip(scored.queries, scored.candidates, verified,
+                                                           strict=True)]
 
     # -- internals shared with calibration ------------------------------------------------------
     def score_candidates(
@@ -375,13 +378,12 @@ class CopyChecker(UseCase):
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
 
-        pixelated = query.block > 0  # its blocks defeat SIFT: every candidate gets the dense alignment
+        dense, dense_if_few = dense_alignments(query.features, readable)
 
         def verify(ranks: list[int]) -> list[copy_verify.Verification]:
             return copy_verify.verify_all(
                 query.features, [readable[k] for k in ranks], query_mirror=query.mirror,
-                dense=[pixelated or k < DENSE_K for k in ranks],
-                dense_if_few=[pixelated or k < DENSE_FEW_K for k in ranks])
+                dense=[dense[k] for k in ranks], dense_if_few=[dense_if_few[k] for k in ranks])
 
         # every workers-th candidate to a thread: the best-ranked, which get the dense alignment,
         # spread over all of them
@@ -408,10 +410,11 @@ class CopyChecker(UseCase):
         return list(zip(rows, verified, strict=True))
 
     def _decide(self, query: _Query, candidates: list[tuple[Hit, float, Any]], rows: dict[int, Any],
-                verifications: list[copy_verify.Verification | None], top_k: int) -> CopyCheck:
+                verifications: list[copy_verify.Verification | None], top_k: int,
+                stored: dict[str, dict[int, np.ndarray]]) -> CopyCheck:
+        """The query's matches and verdict (``stored``: the candidates' attribute vectors, by
+        attribute name and image id, read for the whole batch at once)."""
         t = self.thresholds
-        ids = [h.image_id for h, _, _ in candidates]
-        stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
         scores = self.copy_scores(verifications, [rows.get(h.image_id) for h, _, _ in candidates])
         matches = []
         for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
@@ -437,6 +440,20 @@ class CopyChecker(UseCase):
         return CopyCheck(verdict=best.verdict if best else DISTINCT,
                          score=best.score if best else 0.0, matches=matches[:top_k],
                          calibrated=t.calibrated, model_version=t.model_version, phash=query.phash)
+
+
+def dense_alignments(
+    query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
+    dense_few_k: int = DENSE_FEW_K,
+) -> tuple[dict[int, bool], dict[int, bool]]:
+    """For each candidate (by its rank in the query's candidate list): whether the dense
+    alignment is tried when the keypoint fit fails, and whether when either image has few
+    keypoints (:func:`copy_verify.verify_all`'s ``dense`` and ``dense_if_few``). The first
+    :data:`DENSE_K` always; for a pixelated query, whose blocks defeat SIFT, also every other
+    candidate whose frame resembles the query's (:func:`copy_verify.frames_resemble`)."""
+    dense = {k: k < DENSE_K or (query.block > 0 and copy_verify.frames_resemble(query, c))
+             for k, c in candidates.items()}
+    return dense, {k: wanted or k < dense_few_k for k, wanted in dense.items()}
 
 
 def query_views(image: Image.Image, block: float = 0.0) -> list[Image.Image]:

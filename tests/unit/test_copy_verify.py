@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from agman_milvus.core import copy_verify as cv
 from agman_milvus.services.local_features import LocalFeatureCache
@@ -233,6 +233,15 @@ def test_a_mirrored_frame_is_told_from_the_same_frame() -> None:
     picture = (0.7 * ramp + 0.3 * texture).astype(np.uint8)
     assert cv._frame_looks_mirrored(picture[:, ::-1], picture)
     assert not cv._frame_looks_mirrored(picture, picture)
+
+
+def test_frames_resemble_in_either_orientation_and_not_across_pictures() -> None:
+    picture = textured(6)
+    original = cv.extract(picture)
+    assert cv.frames_resemble(cv.extract(picture.filter(ImageFilter.GaussianBlur(3))), original)
+    assert cv.frames_resemble(cv.extract(ImageOps.mirror(picture)), original)
+    others = [cv.extract(textured(seed)) for seed in range(7, 12)]
+    assert not any(cv.frames_resemble(other, original) for other in others)
 
 
 def test_copy_score_weighs_a_candidate_against_the_others() -> None:
