@@ -383,7 +383,7 @@ def frames_resemble(query: LocalFeatures, candidate: LocalFeatures) -> bool:
     """Whether the query's frame, or its mirror image's, resembles the candidate's enough
     (:data:`FRAME_RESEMBLES`) for a dense alignment to be worth its cost. On the pixelated
     queries of bench/copydetect.py every original that the dense alignment found passed
-    (lowest 0.51), a third of the other candidates did not."""
+    (lowest 0.44), a third of the other candidates did not."""
     c = _tiny(candidate.thumb)
     q = _tiny(query.thumb)
     return max(float((q * c).sum()), float((q[:, ::-1] * c).sum())) >= FRAME_RESEMBLES
