@@ -111,8 +111,8 @@ def test_a_pixelated_querys_smoothed_view_scales_its_blocks_away() -> None:
 
 def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -> None:
     """SIFT finds the blocks' corners, not the picture: the original of a pixelated query is
-    aligned densely wherever it ranks among the candidates (it was only among the first
-    DENSE_FEW_K: a pixelated copy's original found by voting late in the list scored 0)."""
+    aligned densely wherever it ranks among the candidates, its frame resembling the query's
+    (before, only the first DENSE_FEW_K were, so an original late in the list scored 0)."""
     checker = client._copy_checker()
     scored = checker.score_candidates([pixelated(photo(9), 4)], top_k=5)
     query, candidates = scored.queries[0], scored.candidates[0]
