@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         dense, dense_if_few = dense_alignments(qfs[q], {k: ref_lf[j] for k, (j, _) in enumerate(order)},
                                                args.dense_few_k)
         verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
-                                          dense=[dense[k] for k in range(len(order))],
-                                          dense_if_few=[dense_if_few[k] for k in range(len(order))])
+                                          dense=list(dense.values()),
+                                          dense_if_few=list(dense_if_few.values()))
         return [(j, v) for (j, _), v in zip(order, verified, strict=True)]
 
     t_extract = t_vote = t_stage2 = 0.0
