@@ -26,7 +26,7 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    counted over the whole overlap, another product's difference was diluted.
    A pixelated picture (:func:`pixel_block`: its edges fall on a regular grid) is compared a
    second time with both images smoothed at its block size, so the blocks' edges do not count
-   as differences; that score (``smoothed_score``) can make a near-duplicate, not a copy.
+   as differences; that score (``smoothed_score``) makes a copy only by the margin rule below.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
    ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
@@ -37,7 +37,8 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
 5. **Copy score** (:func:`copy_scores`), over all of one query's verified candidates: each
    candidate's score weighed against the best *other* candidate's (:data:`COPY_WEIGHTS`),
    unless the verification alone is beyond doubt (:data:`SURE`); it may lower a score, and
-   raise it by :data:`MAX_LIFT` at most.
+   raise it by :data:`MAX_LIFT` at most. A pixelated picture's smoothed score goes through the
+   same model against the other candidates' best evidence, never taken as sure on its own.
    Catalogue photos from one shoot often align with a query almost as well as each other; a
    copy's original stands out. The copy thresholds over this score come from calibration.
 
@@ -92,9 +93,10 @@ MIRROR_FRAME_MARGIN = 0.02
 #: which :func:`frames_resemble` says a dense alignment from "same frame" cannot succeed.
 FRAME_RESEMBLES = 0.4
 BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
-#: The factor on a score with a pixelated picture's blocks smoothed away (so at most this): at
-#: the block size, another product of one shoot looks the same (on bench/copydetect.py, 2 of 240
-#: queries without an original scored 0.84 and 0.91 so), so it flags a near-duplicate, never a copy.
+#: The factor on a score with a pixelated picture's blocks smoothed away that sets a floor under
+#: the copy score: at the block size, another product of one shoot can look the same (on
+#: bench/copydetect.py, 2 of 240 queries without an original scored 0.84 and 0.91 so), so taken
+#: alone it flags a near-duplicate; :func:`copy_scores` makes a copy of it only by its margin.
 PIXELATED_MAX = 0.6
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
@@ -287,16 +289,19 @@ def _logistic(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
 
-def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None) -> list[float]:
-    """Each candidate's score minus the best score among the *other* candidates, leaving out
-    those that show the same picture (pHashes, where known, within :data:`SAME_PICTURE_BITS`:
-    e.g. one photo filed under two products)."""
+def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
+            others: Sequence[float] | None = None) -> list[float]:
+    """Each candidate's score minus the best score among the *other* candidates (``others``:
+    the scores to compare with, default ``scores`` themselves), leaving out those that show the
+    same picture (pHashes, where known, within :data:`SAME_PICTURE_BITS`: e.g. one photo filed
+    under two products)."""
     def same_picture(a: int, b: int) -> bool:
         if hashes is None or hashes[a] is None or hashes[b] is None:
             return False
         return hamming(hashes[a], hashes[b]) <= SAME_PICTURE_BITS
 
-    return [s - max((t for k, t in enumerate(scores) if k != i and not same_picture(i, k)), default=0.0)
+    others = scores if others is None else others
+    return [s - max((t for k, t in enumerate(others) if k != i and not same_picture(i, k)), default=0.0)
             for i, s in enumerate(scores)]
 
 
@@ -305,24 +310,32 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
                 smoothed: Sequence[float] | None = None) -> list[float]:
     """Copy scores of one query's candidates from their verification ``scores`` and
     :func:`margins` (``hashes``: the candidates' pHashes, None where unknown). A score of at
-    least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`. Where
-    a pixelated picture was compared (``smoothed``: :attr:`Verification.smoothed_score`), the
-    copy score is at least that times :data:`PIXELATED_MAX`."""
-    out = []
-    for s, margin in zip(scores, margins(scores, hashes), strict=True):
-        if s >= SURE:
-            out.append(float(s))
-            continue
-        z = weights[0] + weights[1] * s + weights[2] * margin
-        out.append(min(s + MAX_LIFT, _logistic(z)))
-    if smoothed is not None:
-        out = [pixelated_floor(c, t) for c, t in zip(out, smoothed, strict=True)]
+    least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`.
+
+    Where a pixelated picture was compared (``smoothed``: :attr:`Verification.smoothed_score`),
+    the smoothed score goes through the same margin model, weighed against the other
+    candidates' best evidence (score or smoothed score) and never taken as sure on its own: at
+    the block size, another product of one shoot can look the same, but then it has a
+    look-alike beside it. The copy score is the larger of the two, and at least the smoothed
+    score times :data:`PIXELATED_MAX` (a near-duplicate for a reviewer when the margin is small).
+    """
+    out = [s if s >= SURE else _margin_model(s, margin, weights)
+           for s, margin in zip(scores, margins(scores, hashes), strict=True)]
+    if smoothed is not None and any(smoothed):
+        best = [max(s, t) for s, t in zip(scores, smoothed, strict=True)]
+        out = [max(c, _margin_model(t, margin, weights) if t > 0 else 0.0, pixelated_floor(c, t))
+               for c, t, margin in zip(out, smoothed, margins(smoothed, hashes, best), strict=True)]
     return out
+
+
+def _margin_model(score: float, margin: float, weights: tuple[float, ...]) -> float:
+    """The copy model over a verification score and its margin, lifting by :data:`MAX_LIFT` at most."""
+    return min(score + MAX_LIFT, _logistic(weights[0] + weights[1] * score + weights[2] * margin))
 
 
 def pixelated_floor(score: float, smoothed: float) -> float:
     """``score``, raised to the ``smoothed`` score (a pixelated picture's blocks smoothed away)
-    scaled by :data:`PIXELATED_MAX`: a near-duplicate at most."""
+    scaled by :data:`PIXELATED_MAX`."""
     return max(score, PIXELATED_MAX * smoothed)
 
 

@@ -210,7 +210,7 @@ def _match_view(row: ReportRow, thumbs: Callable[[str | None], str | None],
                    ("residual", _residual_text(v))]
     if v and v.get("smoothed_score"):
         scores.append(("pixelated", f"{v['smoothed_score']:.3f} with the blocks smoothed away "
-                                    "(a near-duplicate at most)"))
+                                    "(a copy only if no other photo is near)"))
     return _MatchView(row=row, query_thumbnail=thumbs(row.query),
                       match_thumbnail=thumbs(row.match_source) if row.image_id is not None else None,
                       scores=scores, evidence=evidence(row))

@@ -86,7 +86,7 @@ def test_a_pixelated_match_says_its_blocks_were_smoothed_away(photos: list[Path]
     report = ScreeningReport(job_id=5, status="done", done=1, total=1, created_at=None, finished_at=None,
                              error=None, rows=[row])
     text = " ".join(" ".join(_Text(report_html(report, lambda ref: Image.open(ref))).text).split())
-    assert "pixelated 0.870 with the blocks smoothed away (a near-duplicate at most)" in text
+    assert "pixelated 0.870 with the blocks smoothed away (a copy only if no other photo is near)" in text
     plain_verification = {**verification, "smoothed_score": 0.0}
     plain = ScreeningReport(job_id=6, status="done", done=1, total=1, created_at=None, finished_at=None,
                             error=None, rows=[dataclasses.replace(row, verification=plain_verification)])
