@@ -23,7 +23,8 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
   candidates (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual),
   score = the copy score (``copy_verify.copy_scores``);
 * ``verified_without_margin``: stage 2 on both sources' candidates, taken alternately as the
-  checker does (``VERIFY_K`` + ``VOTE_K`` at most), score = the verification score alone;
+  checker does (``VERIFY_K`` + ``VOTE_K`` at most, up to a sure copy:
+  ``copyright.verify_in_order``), score = the verification score alone;
 * ``verified``: the same candidates, score = the copy score, as the checker decides.
 
 Metrics: micro-AP, recall@1, candidate recall (true original among the verified candidates),
@@ -80,12 +81,12 @@ from agman_milvus.usecases.copyright import (
     VERIFY_K,
     VOTE_K,
     CopyThresholds,
-    dense_alignments,
     interleave,
     micro_average_precision,
     query_views,
     random_edit,
     threshold_for_precision,
+    verify_in_order,
 )
 from agman_milvus.usecases.screening import BATCH_SIZE as SCREEN_BATCH
 
@@ -370,23 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"keypoint graphs built (Milvus Lite closed and reopened): {t_ref_index:.0f} s")
 
     qfs: dict[int, copy_verify.LocalFeatures] = {}
-    mirrors: dict[int, copy_verify.LocalFeatures] = {}
-
-    def query_features(q: int) -> tuple[copy_verify.LocalFeatures, copy_verify.LocalFeatures]:
-        """Query ``q``'s local features and its mirror image's, as the checker extracts them."""
-        features_q = copy_verify.extract(queries[q], q_blocks[q])
-        return features_q, features_q.mirrored()
+    stop_at = max(copy_verify.SURE, CopyThresholds(model_version="-").copy)
 
     def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
-        """Stage 2 of query ``q``, on its candidates as the checker orders them."""
-        order = interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
-                           key=lambda p: p[0])
-        dense, dense_if_few = dense_alignments(qfs[q], {k: ref_lf[j] for k, (j, _) in enumerate(order)},
-                                               args.dense_few_k)
-        verified = copy_verify.verify_all(qfs[q], [ref_lf[j] for j, _ in order], query_mirror=mirrors[q],
-                                          dense=list(dense.values()),
-                                          dense_if_few=list(dense_if_few.values()))
-        return [(j, v) for (j, _), v in zip(order, verified, strict=True)]
+        """Stage 2 of query ``q``, on its candidates as the checker orders them, up to a sure
+        copy (the candidates after it are left out, as the checker leaves them unverified)."""
+        order = [j for j, _ in interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
+                                          key=lambda p: p[0])]
+        verified = verify_in_order(qfs[q], {k: ref_lf[j] for k, j in enumerate(order)},
+                                   {k: int(ref_h[j]) for k, j in enumerate(order)}, stop_at=stop_at,
+                                   dense_few_k=args.dense_few_k)
+        return [(order[k], v) for k, v in verified.items()]
 
     t_extract = t_vote = t_stage2 = 0.0
     vote_batch_s: list[float] = []
@@ -395,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, n, args.screen_batch):  # as a screening job: one keypoint search per batch
         batch = range(start, min(start + args.screen_batch, n))
         t0 = time.perf_counter()
-        for q, (features_q, mirror_q) in zip(batch, thread_map(query_features, batch, args.threads),
-                                             strict=True):
-            qfs[q], mirrors[q] = features_q, mirror_q
+        for q, features_q in zip(batch, thread_map(lambda q: copy_verify.extract(queries[q], q_blocks[q]),
+                                                   batch, args.threads), strict=True):
+            qfs[q] = features_q
         t1 = time.perf_counter()
         found = copy_vote.vote_many([[qfs[q]] for q in batch], store.search_keypoints)
         preds["voting"].extend(sorted(votes.items(), key=lambda p: -p[1])[:TOP] for votes in found)

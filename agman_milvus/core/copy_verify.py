@@ -160,15 +160,18 @@ class LocalFeatures:
                    float(a["block"]))
 
     work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
+    _mirror: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
 
     def mirrored(self) -> LocalFeatures:
-        """The features of the mirrored image (keypoints recomputed: SIFT is not flip-invariant,
-        and permuting the descriptors instead, though 0.6% from SIFT's own on catalogue photos,
-        lost 2 of 600 originals on bench/copydetect.py)."""
+        """The features of the mirrored image, extracted on the first call (keypoints recomputed:
+        SIFT is not flip-invariant, and permuting the descriptors instead, though 0.6% from
+        SIFT's own on catalogue photos, lost 2 of 600 originals on bench/copydetect.py)."""
         if self.work is None:
             raise ValueError("mirrored() needs features from extract(), not from stored arrays")
-        return _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
-                             np.ascontiguousarray(self.chroma[:, ::-1]), self.block)
+        if self._mirror is None:
+            self._mirror = _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
+                                         np.ascontiguousarray(self.chroma[:, ::-1]), self.block)
+        return self._mirror
 
 
 def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -343,38 +346,27 @@ _NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage
                      mirrored=False)
 
 
-def verify(query: LocalFeatures, candidate: LocalFeatures, *,
-           query_mirror: LocalFeatures | None = None, dense: bool = False) -> Verification:
-    """Verify ``candidate`` against ``query`` (and the mirrored query when the direct fit is weak;
-    pass ``query_mirror`` to reuse its features across candidates). The dense alignment is
-    tried when the fit fails and either image has few keypoints, or always with ``dense``."""
-    return verify_all(query, [candidate], query_mirror=query_mirror, dense=[dense])[0]
+def verify(query: LocalFeatures, candidate: LocalFeatures, *, dense: bool = False) -> Verification:
+    """Verify ``candidate`` against ``query`` (and the mirrored query when the direct fit is
+    weak: :meth:`LocalFeatures.mirrored`, extracted once a query). The dense alignment is tried
+    when the fit fails and either image has few keypoints, or always with ``dense``."""
+    return verify_all(query, [candidate], dense=[dense])[0]
 
 
 def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
-               query_mirror: LocalFeatures | None = None,
                dense: Sequence[bool] | None = None,
                dense_if_few: Sequence[bool] | None = None) -> list[Verification]:
-    """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate), the
-    mirrored query's features extracted once for all of them.
+    """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate).
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
     the candidates it marks."""
-    mirror = query_mirror
-
-    def mirrored_query() -> LocalFeatures:
-        nonlocal mirror
-        if mirror is None:
-            mirror = query.mirrored()
-        return mirror
-
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
     if weak:
-        flipped_pairs = _ratio_matches_many(mirrored_query().descriptors,
+        flipped_pairs = _ratio_matches_many(query.mirrored().descriptors,
                                             [candidates[i].descriptors for i in weak])
         for i, p in zip(weak, flipped_pairs, strict=True):
-            flipped = _verify_one(mirrored_query(), candidates[i], p, mirrored=True)
+            flipped = _verify_one(query.mirrored(), candidates[i], p, mirrored=True)
             if flipped.rank > best[i].rank:
                 best[i] = flipped
     for i, candidate in enumerate(candidates):
@@ -384,7 +376,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
         if best[i].score < MIRROR_BELOW and (few or wanted):
             aligned = _verify_dense(query, candidate)
             if aligned.score < 0.5 and _frame_looks_mirrored(query.thumb, candidate.thumb):
-                flipped = _verify_dense(mirrored_query(), candidate, mirrored=True)
+                flipped = _verify_dense(query.mirrored(), candidate, mirrored=True)
                 if flipped.rank > aligned.rank:
                     aligned = flipped
             if aligned.rank > best[i].rank:

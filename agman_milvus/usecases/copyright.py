@@ -72,7 +72,7 @@ from agman_milvus.usecases.base import UseCase, load_query_image
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "dense_alignments", "interleave",
+    "interleave", "verify_in_order",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
@@ -352,8 +352,7 @@ class CopyChecker(UseCase):
         """Copy scores of one query's candidates (:func:`copy_verify.copy_scores` over their
         stored pHashes; 0 for an unverified one)."""
         verified = [i for i, v in enumerate(verifications) if v is not None]
-        hashes = [from_signed64(rows[i].phash) if rows[i] is not None and rows[i].phash is not None
-                  else None for i in verified]
+        hashes = [_phash_of(rows[i]) for i in verified]
         out = [0.0] * len(verifications)
         scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
                                          smoothed=[verifications[i].smoothed_score for i in verified])
@@ -365,8 +364,9 @@ class CopyChecker(UseCase):
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
         workers: int = 1,
     ) -> list[copy_verify.Verification | None]:
-        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share; None past
-        them, or when a candidate's image cannot be read), shared out over ``workers`` threads."""
+        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
+        first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`). None for a
+        candidate past them, not verified after a sure copy, or whose image cannot be read."""
         query.extract()
         readable: dict[int, copy_verify.LocalFeatures] = {}
         for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
@@ -378,20 +378,9 @@ class CopyChecker(UseCase):
             except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
 
-        dense, dense_if_few = dense_alignments(query.features, readable)
-
-        def verify(ranks: list[int]) -> list[copy_verify.Verification]:
-            return copy_verify.verify_all(
-                query.features, [readable[k] for k in ranks], query_mirror=query.mirror,
-                dense=[dense[k] for k in ranks], dense_if_few=[dense_if_few[k] for k in ranks])
-
-        # every workers-th candidate to a thread: the best-ranked, which get the dense alignment,
-        # spread over all of them
-        ranks = list(readable)
-        shares = [share for i in range(workers) if (share := ranks[i::workers])]
-        found: dict[int, copy_verify.Verification] = {}
-        for ranks, verified in zip(shares, thread_map(verify, shares, workers), strict=True):
-            found.update(zip(ranks, verified, strict=True))
+        hashes = {k: _phash_of(rows.get(candidates[k][0].image_id)) for k in readable}
+        found = verify_in_order(query.features, readable, hashes,
+                                stop_at=max(copy_verify.SURE, self.thresholds.copy), workers=workers)
         return [found.get(k) for k in range(len(candidates))]
 
     def verify_scored(
@@ -456,6 +445,44 @@ def dense_alignments(
     return dense, {k: wanted or k < dense_few_k for k, wanted in dense.items()}
 
 
+def verify_in_order(
+    query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
+    hashes: dict[int, int | None], *, stop_at: float, workers: int = 1, dense_few_k: int = DENSE_FEW_K,
+) -> dict[int, copy_verify.Verification]:
+    """Stage 2 for one query: its ``candidates`` (features by rank) verified best-ranked first,
+    ``workers`` at a time (the dense alignments of the best-ranked spread over them), until one
+    scores ``stop_at`` or more. Such a candidate is a copy whatever the others score
+    (:data:`copy_verify.SURE`), so after it only those showing the same picture (``hashes``:
+    pHashes by rank, None where unknown; :data:`copy_verify.SAME_PICTURE_BITS`) are verified,
+    to be called copies too. Returns the verifications by rank."""
+    dense, dense_if_few = dense_alignments(query, candidates, dense_few_k)
+
+    def verify(k: int) -> copy_verify.Verification:
+        return copy_verify.verify_all(query, [candidates[k]], dense=[dense[k]],
+                                      dense_if_few=[dense_if_few[k]])[0]
+
+    def same_picture(k: int, sure: list[int | None]) -> bool:
+        return hashes.get(k) is not None and any(
+            h is not None and hamming(hashes[k], h) <= copy_verify.SAME_PICTURE_BITS for h in sure)
+
+    ranks = list(candidates)
+    found: dict[int, copy_verify.Verification] = {}
+    sure: list[int | None] = []
+    for start in range(0, len(ranks), workers):
+        todo = [k for k in ranks[start:start + workers] if not sure or same_picture(k, sure)]
+        verified = thread_map(verify, todo, workers) if len(todo) > 1 else [verify(k) for k in todo]
+        for k, v in zip(todo, verified, strict=True):
+            found[k] = v
+            if v.score >= stop_at:
+                sure.append(hashes.get(k))
+    return found
+
+
+def _phash_of(row: Any) -> int | None:
+    """A catalogue row's stored pHash (unsigned), or None."""
+    return from_signed64(row.phash) if row is not None and row.phash is not None else None
+
+
 def query_views(image: Image.Image, block: float = 0.0) -> list[Image.Image]:
     """The query and the extra views stage 1 searches with: its mirror image and a smoothed
     copy, blurred (radius 1/75 of the longer side) or, for a pixelated query (``block``: its
@@ -496,13 +523,11 @@ class _Query:
     phash: int
     block: float  # copy_verify.pixel_block of the image: 0.0 unless it is pixelated
     features: copy_verify.LocalFeatures | None = None
-    mirror: copy_verify.LocalFeatures | None = None
 
     def extract(self) -> None:
-        """Compute the query's local features and its mirror image's (once)."""
+        """Compute the query's local features (once; its mirror image's when first needed)."""
         if self.features is None:
             self.features = copy_verify.extract(self.image, self.block)
-            self.mirror = self.features.mirrored()
 
 
 def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],

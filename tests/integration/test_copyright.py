@@ -189,8 +189,11 @@ def test_a_single_checks_candidates_shared_over_two_threads_verify_as_on_one(cli
     rows = checker.catalog.images.get_many([h.image_id for h, _, _ in candidates])
     one = checker.verify_candidates(query, candidates, rows, workers=1)
     two = checker.verify_candidates(query, candidates, rows, workers=2)
-    assert [v is None for v in one] == [v is None for v in two]
-    assert sum(v is not None for v in two) >= 2  # both threads had candidates
+    # two at a time, the round of a sure copy is verified whole: at most one more candidate
+    verified_one = {k for k, v in enumerate(one) if v is not None}
+    verified_two = {k for k, v in enumerate(two) if v is not None}
+    assert verified_one <= verified_two and len(verified_two - verified_one) <= 1
+    assert len(verified_two) >= 2  # both threads had candidates
     best = max(range(len(one)), key=lambda k: one[k].score if one[k] else -1)
     assert max(range(len(two)), key=lambda k: two[k].score if two[k] else -1) == best
     assert two[best].score == pytest.approx(one[best].score, abs=0.05)

@@ -281,6 +281,41 @@ def test_a_pixelated_match_is_a_copy_when_it_stands_out() -> None:
     assert copy_scores([0.05, 0.0], smoothed=[0.85, 0.0])[0] == copy_scores([0.05], smoothed=[0.85])[0]
 
 
+def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_twice() -> None:
+    """Candidates are verified best-ranked first until one is a copy beyond doubt; after it,
+    only a candidate whose pHash says it is the same picture (another product's photo) is."""
+    from agman_milvus.core.phash import phash
+    from agman_milvus.usecases.copyright import verify_in_order
+
+    original, other = textured(1), textured(2)
+    buf = io.BytesIO()
+    original.save(buf, "JPEG", quality=60)
+    query = cv.extract(Image.open(buf).convert("RGB"))
+    candidates = {0: cv.extract(other), 1: cv.extract(original), 2: cv.extract(textured(3)),
+                  3: cv.extract(original)}
+    hashes = {0: phash(other), 1: phash(original), 2: phash(textured(3)), 3: phash(original)}
+    found = verify_in_order(query, candidates, hashes, stop_at=cv.SURE)
+    assert sorted(found) == [0, 1, 3]  # 2 is left out, 3 shows the same picture as the copy
+    assert found[1].score >= cv.SURE and found[3].score >= cv.SURE and found[0].score < 0.5
+    # two at a time: the round that finds the copy is verified whole
+    assert sorted(verify_in_order(query, candidates, hashes, stop_at=cv.SURE, workers=2)) == [0, 1, 3]
+    first = {0: candidates[1], 1: candidates[0], 2: candidates[2]}
+    assert sorted(verify_in_order(query, first, {0: hashes[1], 1: hashes[0], 2: hashes[2]},
+                                  stop_at=cv.SURE, workers=2)) == [0, 1]
+    unknown = verify_in_order(query, candidates, {**hashes, 3: None}, stop_at=cv.SURE)
+    assert sorted(unknown) == [0, 1]
+    assert len(verify_in_order(query, candidates, hashes, stop_at=1.01)) == 4  # nothing is sure
+
+
+def test_the_mirrored_querys_features_are_extracted_once_when_first_needed() -> None:
+    query = cv.extract(textured(4))
+    assert query._mirror is None
+    cv.verify(query, cv.extract(textured(4)))  # a direct match: the mirror is not needed
+    assert query._mirror is None
+    cv.verify(query, cv.extract(ImageOps.mirror(textured(4))))
+    assert query._mirror is not None and query.mirrored() is query._mirror
+
+
 def test_ratio_matches_are_those_of_opencvs_brute_force_matcher() -> None:
     """The matrix-product ratio test keeps exactly the pairs of OpenCV's BFMatcher (k=2)."""
     import cv2
