@@ -17,7 +17,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _configured = False
 
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -34,7 +34,10 @@ def tcmalloc_path() -> str | None:
 
 
 def tune_glibc_malloc() -> bool:
-    """Keep freed activation buffers in the heap instead of returning them to the OS."""
+    """Keep freed activation buffers in the heap instead of returning them to the OS, in one
+    heap for every thread: a thread's own arena gives them back all the same (the embedded
+    default's screening thread ran the model at 7.8 ms an image against 4.1 in the main
+    thread, 5.5 with one arena; docs/benchmarks.md)."""
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return False
@@ -42,6 +45,7 @@ def tune_glibc_malloc() -> bool:
         libc = ctypes.CDLL(libc_name)
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        ok &= libc.mallopt(_M_ARENA_MAX, 1) == 1
         return bool(ok)
     except (OSError, AttributeError):
         return False

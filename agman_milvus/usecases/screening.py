@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image as PILImage
 
 from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
+from agman_milvus.core.runtime import configure_process
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
@@ -122,7 +123,10 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
 
 
 def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
-    """Run the job in a daemon thread of this process (the embedded default)."""
+    """Run the job in a daemon thread of this process (the embedded default). The process's
+    allocator settings are applied first (:func:`configure_process`), so the thread shares the
+    tuned heap instead of starting its own arena."""
+    configure_process()
 
     def target() -> None:
         try:
