@@ -276,7 +276,7 @@ def test_a_pixelated_match_is_a_copy_when_it_stands_out() -> None:
     look_alikes = copy_scores([0.05, 0.1], smoothed=[0.91, 0.74])  # 2 shoot-mates, no original
     assert PIXELATED_MAX * 0.91 <= look_alikes[0] < 0.75
     assert copy_scores([0.0, 0.0], smoothed=[0.99, 0.95])[0] < 0.75
-    # a keypoint match beside it counts against the smoothed one, and the other way round
+    # a keypoint match beside it counts against the smoothed one
     assert copy_scores([0.8, 0.0], smoothed=[0.0, 0.85])[1] < 0.75
     assert copy_scores([0.05, 0.0], smoothed=[0.85, 0.0])[0] == copy_scores([0.05], smoothed=[0.85])[0]
 
