@@ -21,8 +21,9 @@ A check has two stages:
    inlier ratio, matched-region coverage and residual is the verification's ``score``; the
    match's ``score`` (the copy score) weighs it against the query's best *other* candidate
    (:func:`agman_milvus.core.copy_verify.copy_scores`): when several look-alike catalogue
-   photos align about equally well, none of them is called the original. The candidates'
-   keypoints are cached on disk by image content
+   photos align about equally well, none of them is called the original. Candidates are
+   verified best-ranked first until one is a copy beyond doubt (:func:`verify_in_order`). The
+   candidates' keypoints are cached on disk by image content
    (:class:`agman_milvus.services.local_features.LocalFeatureCache`).
 
 Supporting evidence is kept with every match: the **pHash hamming distance** (tiny for

@@ -33,3 +33,30 @@ def test_chunks_give_the_models_outputs_and_empty_batches_their_shapes() -> None
     assert empty.descriptors.shape == (0, model.descriptor_dim)
     assert embedder.encode([]).embeddings.shape == (0, 2, model.embed_dim)
     assert embedder.embed([], "sleeve").shape == (0, model.embed_dim)
+
+
+def test_batchnorms_are_folded_into_the_convolutions_of_a_copy() -> None:
+    """The Embedder runs a copy with each BatchNorm after a convolution folded into it: the same
+    outputs (with BatchNorm statistics far from the identity), and the caller's model untouched."""
+    schema = AttributeSchema.from_dict({"colour": 4})
+    torch.manual_seed(1)
+    model = build_model("agman", schema=schema, backbone="mobilenet_v2", image_size=64).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    images = [Image.new("RGB", (64, 64), (40 * i, 120, 255 - 30 * i)) for i in range(4)]
+    embedder = Embedder(model, device="cpu")
+    batch = embedder.preprocess(images)
+    with torch.inference_mode():
+        embeddings, descriptors = model.encode(batch)
+    encoded = embedder.encode_tensor(batch)
+    assert np.allclose(encoded.embeddings, embeddings.numpy(), atol=1e-4)
+    assert np.allclose(encoded.descriptors, descriptors.numpy(), atol=1e-4)
+    assert embedder.model is not model
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.model.modules())
+    assert left < norms // 10  # only those that follow no convolution in a Sequential (the head's)
