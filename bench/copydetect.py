@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"keypoint graphs built (Milvus Lite closed and reopened): {t_ref_index:.0f} s")
 
     qfs: dict[int, copy_verify.LocalFeatures] = {}
-    stop_at = max(copy_verify.SURE, CopyThresholds(model_version="-").copy)
+    defaults = CopyThresholds(model_version="-")  # the checker's uncalibrated thresholds
 
     def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
         """Stage 2 of query ``q``, on its candidates as the checker orders them, up to a sure
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         order = [j for j, _ in interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
                                           key=lambda p: p[0])]
         verified = verify_in_order(qfs[q], {k: ref_lf[j] for k, j in enumerate(order)},
-                                   {k: int(ref_h[j]) for k, j in enumerate(order)}, stop_at=stop_at,
+                                   {k: int(ref_h[j]) for k, j in enumerate(order)},
+                                   copy_threshold=defaults.copy,
                                    dense_few_k=args.dense_few_k)
         return [(order[k], v) for k, v in verified.items()]
 
@@ -452,7 +453,6 @@ def main(argv: list[str] | None = None) -> int:
         per_edit[kind]["candidate_recall"] = candidate_recall(kidx)
         per_edit[kind]["queries"] = len(kidx)
         per_edit[kind]["positives"] = int(sum(1 for q in kidx if truth[q]))
-    defaults = CopyThresholds(model_version="-")
     default_t, default_phash = defaults.copy, defaults.phash_copy
     default_near = defaults.near_duplicate
     distances = [{j: hamming(q_h[q], int(ref_h[j])) for j, _ in preds["verified"][q]} for q in range(n)]

@@ -64,7 +64,7 @@ from agman_milvus.core.phash import hamming
 
 __all__ = [
     "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_scores",
-    "draw_evidence", "extract", "features_vector", "margins", "score", "verify", "verify_all",
+    "draw_evidence", "extract", "features_vector", "margins", "same_picture", "score", "verify", "verify_all",
 ]
 
 WORK_SIDE = 448
@@ -298,19 +298,21 @@ def _logistic(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
 
+def same_picture(a: int | None, b: int | None) -> bool:
+    """Whether two catalogue images show one picture (e.g. one photo filed under two products):
+    their pHashes, where both are known, within :data:`SAME_PICTURE_BITS`."""
+    return a is not None and b is not None and hamming(a, b) <= SAME_PICTURE_BITS
+
+
 def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
             others: Sequence[float] | None = None) -> list[float]:
     """Each candidate's score minus the best score among the *other* candidates (``others``:
     the scores to compare with, default ``scores`` themselves), leaving out those that show the
-    same picture (pHashes, where known, within :data:`SAME_PICTURE_BITS`: e.g. one photo filed
-    under two products)."""
-    def same_picture(a: int, b: int) -> bool:
-        if hashes is None or hashes[a] is None or hashes[b] is None:
-            return False
-        return hamming(hashes[a], hashes[b]) <= SAME_PICTURE_BITS
-
+    same picture (:func:`same_picture`; ``hashes``: the candidates' pHashes)."""
+    hashes = [None] * len(scores) if hashes is None else hashes
     others = scores if others is None else others
-    return [s - max((t for k, t in enumerate(others) if k != i and not same_picture(i, k)), default=0.0)
+    return [s - max((t for k, t in enumerate(others) if k != i and not same_picture(hashes[i], hashes[k])),
+                    default=0.0)
             for i, s in enumerate(scores)]
 
 
@@ -332,7 +334,7 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
            for s, margin in zip(scores, margins(scores, hashes), strict=True)]
     if smoothed is not None and any(smoothed):
         best = [max(s, t) for s, t in zip(scores, smoothed, strict=True)]
-        out = [max(c, _margin_model(t, margin, weights) if t > 0 else 0.0, pixelated_floor(c, t))
+        out = [max(pixelated_floor(c, t), _margin_model(t, margin, weights) if t > 0 else 0.0)
                for c, t, margin in zip(out, smoothed, margins(smoothed, hashes, best), strict=True)]
     return out
 

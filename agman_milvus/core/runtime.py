@@ -38,9 +38,9 @@ def tcmalloc_path() -> str | None:
 
 def tune_glibc_malloc() -> bool:
     """Keep freed activation buffers in the heap instead of returning them to the OS, in one
-    heap for every thread: a thread's own arena gives them back all the same (the embedded
-    default's screening thread ran the model at 7.8 ms an image against 4.1 in the main
-    thread, 5.5 with one arena; docs/benchmarks.md)."""
+    arena for every thread made afterwards: in a thread of its own arena the model ran at 7.8 ms
+    an image against 4.1 in the main thread, 5.5 with one arena (the embedded default's
+    screening thread; docs/benchmarks.md)."""
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return False

@@ -12,13 +12,14 @@ took 330-360 ms with BLAS threaded and 190-240 ms on one thread, beside other jo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
 
-__all__ = ["cpu_count", "thread_map"]
+__all__ = ["cpu_count", "thread_map", "thread_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,10 +37,26 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
     workers = min(workers or cpu_count(), len(items))
     if workers <= 1:  # one item (a single copy check) or one core: BLAS' threads only contend
         with threadpool_limits(limits=1, user_api="blas"):
-            return [fn(x) for x in items]
+            return _map_here(fn, items)
+    with thread_pool(workers) as map_items:
+        return map_items(fn, items)
+
+
+@contextmanager
+def thread_pool(workers: int) -> Iterator[Callable[[Callable[[T], R], Iterable[T]], list[R]]]:
+    """A ``map(fn, items)`` (a list, in order) over one pool of ``workers`` threads, kept for
+    several calls, with BLAS held to one thread as in :func:`thread_map`. One worker maps in the
+    calling thread as it is, under whatever BLAS limit its caller holds."""
+    if workers <= 1:
+        yield _map_here
+        return
     with (threadpool_limits(limits=1, user_api="blas"),
           ThreadPoolExecutor(workers, initializer=_one_blas_thread) as pool):
-        return list(pool.map(fn, items))
+        yield lambda fn, items: list(pool.map(fn, items))
+
+
+def _map_here(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    return [fn(x) for x in items]
 
 
 def _one_blas_thread() -> None:

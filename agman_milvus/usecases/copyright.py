@@ -61,7 +61,7 @@ from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.phash import from_signed64, hamming, phash
-from agman_milvus.core.threads import cpu_count, thread_map
+from agman_milvus.core.threads import cpu_count, thread_map, thread_pool
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.local_features import LocalFeatureCache, cache_root
@@ -380,8 +380,8 @@ class CopyChecker(UseCase):
                 log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
 
         hashes = {k: _phash_of(rows.get(candidates[k][0].image_id)) for k in readable}
-        found = verify_in_order(query.features, readable, hashes,
-                                stop_at=max(copy_verify.SURE, self.thresholds.copy), workers=workers)
+        found = verify_in_order(query.features, readable, hashes, copy_threshold=self.thresholds.copy,
+                                workers=workers)
         return [found.get(k) for k in range(len(candidates))]
 
     def verify_scored(
@@ -408,9 +408,8 @@ class CopyChecker(UseCase):
         scores = self.copy_scores(verifications, [rows.get(h.image_id) for h, _, _ in candidates])
         matches = []
         for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
-            row = rows.get(hit.image_id)
-            distance = (hamming(query.phash, from_signed64(row.phash))
-                        if row is not None and row.phash is not None else None)
+            stored_hash = _phash_of(rows.get(hit.image_id))
+            distance = None if stored_hash is None else hamming(query.phash, stored_hash)
             attributes = {}
             for k, name in enumerate(self.vectors.schema.names):
                 vec = stored[name].get(hit.image_id)
@@ -448,34 +447,34 @@ def dense_alignments(
 
 def verify_in_order(
     query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
-    hashes: dict[int, int | None], *, stop_at: float, workers: int = 1, dense_few_k: int = DENSE_FEW_K,
+    hashes: dict[int, int | None], *, copy_threshold: float, workers: int = 1,
+    dense_few_k: int = DENSE_FEW_K,
 ) -> dict[int, copy_verify.Verification]:
     """Stage 2 for one query: its ``candidates`` (features by rank) verified best-ranked first,
-    ``workers`` at a time (the dense alignments of the best-ranked spread over them), until one
-    scores ``stop_at`` or more. Such a candidate is a copy whatever the others score
-    (:data:`copy_verify.SURE`), so after it only those showing the same picture (``hashes``:
-    pHashes by rank, None where unknown; :data:`copy_verify.SAME_PICTURE_BITS`) are verified,
-    to be called copies too. Returns the verifications by rank."""
+    ``workers`` at a time on one pool (the dense alignments of the best-ranked spread over
+    them), until one is a copy beyond doubt: a score of :data:`copy_verify.SURE` and
+    ``copy_threshold`` or more, which the other candidates cannot lower. After it only those
+    showing the same picture (``hashes``: pHashes by rank, None where unknown;
+    :func:`copy_verify.same_picture`) are verified, to be called copies too. Returns the
+    verifications by rank."""
     dense, dense_if_few = dense_alignments(query, candidates, dense_few_k)
+    stop_at = max(copy_verify.SURE, copy_threshold)
 
     def verify(k: int) -> copy_verify.Verification:
         return copy_verify.verify_all(query, [candidates[k]], dense=[dense[k]],
                                       dense_if_few=[dense_if_few[k]])[0]
 
-    def same_picture(k: int, sure: list[int | None]) -> bool:
-        return hashes.get(k) is not None and any(
-            h is not None and hamming(hashes[k], h) <= copy_verify.SAME_PICTURE_BITS for h in sure)
-
     ranks = list(candidates)
     found: dict[int, copy_verify.Verification] = {}
     sure: list[int | None] = []
-    for start in range(0, len(ranks), workers):
-        todo = [k for k in ranks[start:start + workers] if not sure or same_picture(k, sure)]
-        verified = thread_map(verify, todo, workers) if len(todo) > 1 else [verify(k) for k in todo]
-        for k, v in zip(todo, verified, strict=True):
-            found[k] = v
-            if v.score >= stop_at:
-                sure.append(hashes.get(k))
+    with thread_pool(workers) as map_items:
+        for start in range(0, len(ranks), workers):
+            todo = [k for k in ranks[start:start + workers]
+                    if not sure or any(copy_verify.same_picture(hashes.get(k), h) for h in sure)]
+            for k, v in zip(todo, map_items(verify, todo), strict=True):
+                found[k] = v
+                if v.score >= stop_at:
+                    sure.append(hashes.get(k))
     return found
 
 
@@ -792,9 +791,9 @@ def calibrate(
                 scores.append(score)
                 labels.append(is_copy)
                 found += is_copy
-                row = rows.get(hit.image_id)
-                if row is not None and row.phash is not None:
-                    distances.append(hamming(q.phash, from_signed64(row.phash)))
+                stored_hash = _phash_of(rows.get(hit.image_id))
+                if stored_hash is not None:
+                    distances.append(hamming(q.phash, stored_hash))
                     hash_labels.append(is_copy)
                 if is_copy:
                     for k, a in enumerate(checker.vectors.schema.names):

@@ -294,17 +294,17 @@ def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_t
     candidates = {0: cv.extract(other), 1: cv.extract(original), 2: cv.extract(textured(3)),
                   3: cv.extract(original)}
     hashes = {0: phash(other), 1: phash(original), 2: phash(textured(3)), 3: phash(original)}
-    found = verify_in_order(query, candidates, hashes, stop_at=cv.SURE)
+    found = verify_in_order(query, candidates, hashes, copy_threshold=0.75)
     assert sorted(found) == [0, 1, 3]  # 2 is left out, 3 shows the same picture as the copy
     assert found[1].score >= cv.SURE and found[3].score >= cv.SURE and found[0].score < 0.5
     # two at a time: the round that finds the copy is verified whole
-    assert sorted(verify_in_order(query, candidates, hashes, stop_at=cv.SURE, workers=2)) == [0, 1, 3]
+    assert sorted(verify_in_order(query, candidates, hashes, copy_threshold=0.75, workers=2)) == [0, 1, 3]
     first = {0: candidates[1], 1: candidates[0], 2: candidates[2]}
     assert sorted(verify_in_order(query, first, {0: hashes[1], 1: hashes[0], 2: hashes[2]},
-                                  stop_at=cv.SURE, workers=2)) == [0, 1]
-    unknown = verify_in_order(query, candidates, {**hashes, 3: None}, stop_at=cv.SURE)
+                                  copy_threshold=0.75, workers=2)) == [0, 1]
+    unknown = verify_in_order(query, candidates, {**hashes, 3: None}, copy_threshold=0.75)
     assert sorted(unknown) == [0, 1]
-    assert len(verify_in_order(query, candidates, hashes, stop_at=1.01)) == 4  # nothing is sure
+    assert len(verify_in_order(query, candidates, hashes, copy_threshold=1.01)) == 4  # nothing is sure
 
 
 def test_the_mirrored_querys_features_are_extracted_once_when_first_needed() -> None:

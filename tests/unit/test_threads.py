@@ -1,4 +1,4 @@
-"""thread_map: order, errors, threads used, BLAS held to one thread inside."""
+"""thread_map and thread_pool: order, errors, threads used, BLAS held to one thread inside."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np  # noqa: F401 - loads the BLAS whose threads are checked
 import pytest
 from threadpoolctl import threadpool_info
 
-from agman_milvus.core.threads import thread_map
+from agman_milvus.core.threads import thread_map, thread_pool
 
 
 def test_results_keep_the_items_order():
@@ -30,6 +30,22 @@ def test_items_run_on_several_threads():
 def test_one_worker_runs_in_the_calling_thread():
     caller = threading.current_thread().name
     assert thread_map(lambda _: threading.current_thread().name, [0, 1, 2], workers=1) == [caller] * 3
+
+
+def test_a_pool_serves_several_maps_on_the_same_threads():
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(_: int) -> str:
+        barrier.wait()  # each map runs its two items on two threads at once
+        return threading.current_thread().name
+
+    with thread_pool(2) as map_items:
+        first, second = map_items(meet, [0, 1]), map_items(meet, [0, 1])
+    assert len(set(first)) == 2 and set(second) == set(first)  # a new pool would name new threads
+    assert threading.current_thread().name not in first
+    caller = threading.current_thread().name
+    with thread_pool(1) as map_items:
+        assert map_items(lambda _: threading.current_thread().name, [0, 1]) == [caller] * 2
 
 
 def test_the_first_error_is_raised():
