@@ -11,7 +11,9 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    the candidate to the query, or a general affine one when it explains 1.25x the matches (a
    copy stretched to another aspect ratio). A mirrored query is tried as well when the direct
    fit is weak, so flipped copies verify too (and in the dense alignment below, when the mirrored
-   query's frame looks more like the candidate's).
+   query's frame looks more like the candidate's). A query that frames a pasted picture
+   (:mod:`agman_milvus.core.pasted`) has each candidate that aligned somewhat but not beyond
+   doubt verified against that picture alone too, with its own keypoints at the full work size.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -53,13 +55,14 @@ import io
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from agman_milvus.core.pasted import Box
 from agman_milvus.core.phash import hamming
 
 __all__ = [
@@ -166,7 +169,12 @@ class LocalFeatures:
                    float(a["block"]))
 
     work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
+    #: a query's pasted picture (:func:`agman_milvus.core.pasted.pasted_region`), cut out, and
+    #: its top-left corner in the query's original pixels
+    pasted_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    pasted_at: tuple[int, int] = (0, 0)
     _mirror: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
+    _pasted: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
 
     def mirrored(self) -> LocalFeatures:
         """The features of the mirrored image, extracted on the first call (keypoints recomputed:
@@ -178,6 +186,13 @@ class LocalFeatures:
             self._mirror = _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
                                          np.ascontiguousarray(self.chroma[:, ::-1]), self.block)
         return self._mirror
+
+    def pasted(self) -> LocalFeatures | None:
+        """The features of the query's pasted picture (None without one), extracted on the
+        first call: most framed queries have no candidate that needs them."""
+        if self._pasted is None and self.pasted_image is not None:
+            self._pasted = extract(self.pasted_image)
+        return self._pasted
 
 
 def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -198,15 +213,20 @@ def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
     return LocalFeatures(points, descriptors, size, scale, thumb, chroma, block, work)
 
 
-def extract(image: Image.Image, block: float | None = None) -> LocalFeatures:
+def extract(image: Image.Image, block: float | None = None, pasted: Box | None = None) -> LocalFeatures:
     """Local features of ``image`` (any mode); ``block``: its :func:`pixel_block` when the
-    caller has it already."""
+    caller has it already; ``pasted``: a query's pasted picture (its
+    :func:`~agman_milvus.core.pasted.pasted_region`), kept for :meth:`LocalFeatures.pasted`."""
     rgb = image.convert("RGB")
     grey = np.asarray(rgb.convert("L"))
     work, scale = _resize_side(grey, WORK_SIDE)
     small, _ = _resize_side(np.asarray(rgb), CHROMA_SIDE)
     chroma = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:])
-    return _extract_grey(work, image.size, scale, chroma, pixel_block(grey) if block is None else block)
+    features = _extract_grey(work, image.size, scale, chroma, pixel_block(grey) if block is None else block)
+    if pasted is not None:
+        features.pasted_image = rgb.crop(pasted)
+        features.pasted_at = (pasted[0], pasted[1])
+    return features
 
 
 def pixel_block(grey: np.ndarray) -> float:
@@ -273,6 +293,15 @@ class Verification:
     def rank(self) -> float:
         """The score, or the smoothed one as far as it counts (:func:`pixelated_floor`)."""
         return pixelated_floor(self.score, self.smoothed_score)
+
+    def moved(self, dx: float, dy: float) -> Verification:
+        """This verification with its query coordinates moved by ``(dx, dy)`` (one made on a
+        part of the query, put back into the whole query's pixels)."""
+        transform = None if self.transform is None else [
+            [*row[:2], row[2] + d] for row, d in zip(self.transform, (dx, dy), strict=True)]
+        return replace(self, transform=transform,
+                       region=[[x + dx, y + dy] for x, y in self.region],
+                       lines=[[xq + dx, yq + dy, xc, yc] for xq, yq, xc, yc in self.lines])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,7 +395,10 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
                dense_if_few: Sequence[bool] | None = None) -> list[Verification]:
     """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate).
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
-    the candidates it marks."""
+    the candidates it marks. A query with a pasted picture (:meth:`LocalFeatures.pasted`) has
+    each candidate that aligned with it at all (:data:`MIN_INLIERS`) but not beyond doubt
+    (:data:`SURE`) verified against that picture alone too, the better verification kept, in
+    the whole query's pixels."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
@@ -389,6 +421,14 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
                     aligned = flipped
             if aligned.rank > best[i].rank:
                 best[i] = aligned
+    unsure = [i for i, v in enumerate(best) if v.score < SURE and v.inliers >= MIN_INLIERS]
+    if query.pasted_image is not None and unsure:
+        inner = verify_all(query.pasted(), [candidates[i] for i in unsure],
+                           dense=None if dense is None else [dense[i] for i in unsure],
+                           dense_if_few=None if dense_if_few is None else [dense_if_few[i] for i in unsure])
+        for i, v in zip(unsure, inner, strict=True):
+            if v.rank > best[i].rank:
+                best[i] = v.moved(*query.pasted_at)
     return best
 
 

@@ -3,8 +3,9 @@
 A check has two stages:
 
 1. **Candidates**, from two sources taken alternately. (a) One backbone pass over the query,
-   its mirror image and a smoothed copy (:func:`query_views`: flips and pixelation defeat the
-   plain descriptor) gives the query's K attribute vectors and three copy descriptors; each
+   its mirror image, a smoothed copy and, where the query frames a pasted picture, that
+   picture alone (:func:`query_views`: flips, pixelation and pastes defeat the plain
+   descriptor) gives the query's K attribute vectors and three or four copy descriptors; each
    searches ``{prefix}_copy`` and the union, ranked by the normalised descriptor score
    ``cos - NORM_BETA * cos_k`` (``cos_k``: similarity to the query's ``NORM_K``-th
    neighbour, SSCD/ISC-style), gives ``verify_k`` candidates. (b) The query's SIFT keypoints
@@ -14,7 +15,8 @@ A check has two stages:
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a
    ratio test and a RANSAC similarity fit (the mirrored query too; when that fails, a dense
    alignment of the thumbnails for the best-ranked candidates, and for every candidate of a
-   pixelated query, whose blocks defeat SIFT), then a photometric residual after alignment:
+   pixelated query, whose blocks defeat SIFT; and against the pasted picture alone), then a
+   photometric residual after alignment:
    the share of cells that still differ once one global brightness/contrast change is
    allowed. Photos from one shoot (same model and pose, another product) align with dozens
    of inliers; the residual is what tells them from a copy. A logistic score over inliers,
@@ -60,6 +62,7 @@ from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
+from agman_milvus.core.pasted import Box, pasted_region
 from agman_milvus.core.phash import from_signed64, hamming, phash
 from agman_milvus.core.threads import cpu_count, thread_map, thread_pool
 from agman_milvus.services.blobs import BlobStore
@@ -289,22 +292,25 @@ class CopyChecker(UseCase):
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
-        blocks = [copy_verify.pixel_block(np.asarray(im.convert("L"))) for im in images]
-        views = [query_views(im, block) for im, block in zip(images, blocks, strict=True)]
-        encoded = self.embedder.encode([im for _, *extra_views in views for im in extra_views] + images)
-        n_extra = len(views[0]) - 1 if views else 0
+        greys = [np.asarray(im.convert("L")) for im in images]
+        blocks = [copy_verify.pixel_block(grey) for grey in greys]
+        regions = [pasted_region(grey) for grey in greys]
+        views = [query_views(im, block, region)[1:] for im, block, region in zip(images, blocks, regions,
+                                                                                 strict=True)]
+        encoded = self.embedder.encode([im for extra_views in views for im in extra_views] + images)
+        first_view = np.cumsum([0, *map(len, views)])  # each query's extra views' first row
         extra = max(len(e) for e in exclude) if exclude else 0
         limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
         raw = self.vectors.search_copy(encoded.descriptors, limit)
-        base = n_extra * len(images)  # the plain queries' rows come after every extra view
-        queries = [_Query(image, encoded.embeddings[base + n], phash(image), blocks[n])
+        base = int(first_view[-1])  # the plain queries' rows come after every extra view
+        queries = [_Query(image, encoded.embeddings[base + n], phash(image), blocks[n], regions[n])
                    for n, image in enumerate(images)]
         all_voted = self._voted(queries)
         candidates = []
         for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
-            own = [raw[base + n], *raw[n * n_extra:(n + 1) * n_extra]]
+            own = [raw[base + n], *raw[first_view[n]:first_view[n + 1]]]
             for h in (h for hits in own for h in hits):
                 if h.image_id in skip:
                     continue
@@ -483,16 +489,19 @@ def _phash_of(row: Any) -> int | None:
     return from_signed64(row.phash) if row is not None and row.phash is not None else None
 
 
-def query_views(image: Image.Image, block: float = 0.0) -> list[Image.Image]:
+def query_views(image: Image.Image, block: float = 0.0, pasted: Box | None = None) -> list[Image.Image]:
     """The query and the extra views stage 1 searches with: its mirror image and a smoothed
     copy, blurred (radius 1/75 of the longer side) or, for a pixelated query (``block``: its
     :func:`~agman_milvus.core.copy_verify.pixel_block`), its blocks scaled down to one pixel
     each and back up smoothly. A pixelated query's blocks otherwise dominate its descriptor: on
     400 catalogue photos, true original in the top 10 for 43% of pixelated queries plain, 75%
     blurred; on the 53 pixelated queries of bench/copydetect.py whose blocks are detected, 57%
-    blurred, 72% with the blocks scaled away (docs/benchmarks.md)."""
+    blurred, 72% with the blocks scaled away (docs/benchmarks.md). A query that frames a
+    pasted picture (``pasted``: its :func:`~agman_milvus.core.pasted.pasted_region`) adds that
+    picture alone, whose descriptor the surroundings no longer swamp."""
     image = image.convert("RGB")
-    return [image, ImageOps.mirror(image), unpixelate(image, block) if block else blurred(image)]
+    views = [image, ImageOps.mirror(image), unpixelate(image, block) if block else blurred(image)]
+    return views if pasted is None else [*views, image.crop(pasted)]
 
 
 def blurred(image: Image.Image) -> Image.Image:
@@ -522,12 +531,13 @@ class _Query:
     embeddings: np.ndarray  # [K, D]
     phash: int
     block: float  # copy_verify.pixel_block of the image: 0.0 unless it is pixelated
+    pasted: Box | None  # the picture pasted into it (pasted_region), None for most queries
     features: copy_verify.LocalFeatures | None = None
 
     def extract(self) -> None:
         """Compute the query's local features (once; its mirror image's when first needed)."""
         if self.features is None:
-            self.features = copy_verify.extract(self.image, self.block)
+            self.features = copy_verify.extract(self.image, self.block, self.pasted)
 
 
 def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],

@@ -128,6 +128,22 @@ def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -
     assert verified[last].rank == max(v.rank for v in verified if v is not None)
 
 
+def test_a_photo_pasted_into_a_larger_picture_is_found_through_its_frame(client) -> None:
+    """A catalogue photo pasted at a quarter of a larger picture's area: the query frames it,
+    stage 1 searches it alone too and stage 2 verifies it alone; the evidence stays in the
+    whole query's pixels, on the pasted picture."""
+    canvas = Image.fromarray(np.random.default_rng(77).integers(0, 90, (5, 7, 3), dtype=np.uint8)).resize(
+        (520, 400), Image.Resampling.BICUBIC)
+    canvas.paste(photo(13, 260), (220, 90))
+    checker = client._copy_checker()
+    query = checker.score_candidates([canvas], top_k=5).queries[0]
+    assert query.pasted is not None and np.allclose(query.pasted, (220, 90, 480, 350), atol=4), query.pasted
+    check = client.check_copy(canvas)
+    assert check.verdict != DISTINCT and check.best.product_id == "p13", check.to_dict()
+    centre = np.asarray(check.best.verification.region).mean(axis=0)
+    assert np.allclose(centre, (350, 220), atol=15)
+
+
 def test_uncalibrated_check_says_so_and_finds_an_exact_copy(client) -> None:
     check = client.check_copy(jpeg(photo(5), 90))
     assert not check.calibrated and check.verdict == COPY
