@@ -14,8 +14,8 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
 * ``imagenet_gap``: global average pooling of the ImageNet MobileNetV2 trunk's last map;
 * ``descriptor``: the checker's copy descriptor (GeM p=3 + L2 over that map), normalised score
   ``cos - NORM_BETA * cos_NORM_K``;
-* ``candidates``: the checker's descriptor source: descriptors of the query, its mirror image
-  and a blurred copy (``copyright.query_views``), merged;
+* ``candidates``: the checker's descriptor source: descriptors of the query, its mirror image,
+  a blurred copy and a pasted picture it frames (``copyright.query_views``), merged;
 * ``voting``: the checker's local-feature source (:mod:`agman_milvus.core.copy_vote`): the
   references' keypoints in a Milvus Lite collection written and searched by
   :class:`VectorStore`, score = votes;
@@ -32,8 +32,9 @@ per edit kind (a query with several edits counts in each). Verdicts ("copy" when
 with the shipped default threshold, and with t calibrated for 99% precision on half the queries
 and measured on the other half. ``--fit`` refits the verification score's and then the copy
 score's logistic weights on the calibration half (printed; paste into
-``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (query + 2 views
-embedding, query keypoints, voting) and stage 2 (verification) per query, with the
+``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (the query's pixel
+blocks and pasted frame, query + 2 or 3 views embedding, query keypoints, voting) and stage 2
+(verification) per query, with the
 references' keypoints precomputed as ingest stores them, and each batch's queries extracted and
 verified on ``--threads`` threads as the checker does. Voting searches the references'
 keypoints once Milvus Lite has built their index graphs (the store is closed and reopened, as a
@@ -67,6 +68,7 @@ from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
+from agman_milvus.core.pasted import pasted_region
 from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.runtime import prepare_for_inference
 from agman_milvus.core.schema import AttributeSchema
@@ -304,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     for src in sources:
         edited, names = random_edit(src, rng, background=load(root, rng.choice(backdrops)))
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
-    q_blocks = [copy_verify.pixel_block(np.asarray(q.convert("L"))) for q in queries]
     t_data = time.perf_counter() - t0
+    t0 = time.perf_counter()  # what the checker finds in each query before embedding it
+    q_greys = [np.asarray(q.convert("L")) for q in queries]
+    q_blocks = [copy_verify.pixel_block(g) for g in q_greys]
+    q_pasted = [pasted_region(g) for g in q_greys]
+    t_analyse = time.perf_counter() - t0
     n = len(queries)
     log(f"data: {n} queries, {len(refs)} references")
 
@@ -316,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     ref_f = features(model, ref_images)
     t0 = time.perf_counter()
     q_f = features(model, queries)
-    views = [query_views(q, b) for q, b in zip(queries, q_blocks, strict=True)]
+    views = [query_views(q, b, r) for q, b, r in zip(queries, q_blocks, q_pasted, strict=True)]
     extra_f = [features(model, [v[k] for v in views])["descriptor"] for k in (1, 2)]
+    framed = [q for q, v in enumerate(views) if len(v) > 3]  # queries framing a pasted picture
+    if framed:  # their pasted picture's descriptor; the query's own elsewhere (it adds nothing)
+        pasted_f = q_f["descriptor"].copy()
+        pasted_f[framed] = features(model, [views[q][3] for q in framed])["descriptor"]
+        extra_f.append(pasted_f)
     t_stage1_embed = time.perf_counter() - t0
     log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")
 
@@ -391,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, n, args.screen_batch):  # as a screening job: one keypoint search per batch
         batch = range(start, min(start + args.screen_batch, n))
         t0 = time.perf_counter()
-        for q, features_q in zip(batch, thread_map(lambda q: copy_verify.extract(queries[q], q_blocks[q]),
-                                                   batch, args.threads), strict=True):
+        extracted = thread_map(lambda q: copy_verify.extract(queries[q], q_blocks[q], q_pasted[q]),
+                               batch, args.threads)
+        for q, features_q in zip(batch, extracted, strict=True):
             qfs[q] = features_q
         t1 = time.perf_counter()
         found = copy_vote.vote_many([[qfs[q]] for q in batch], store.search_keypoints)
@@ -502,15 +514,18 @@ def main(argv: list[str] | None = None) -> int:
         "results": results, "results_held_out_half": results_held_out,
         "per_edit_recall_at_1": per_edit, "verdicts": verdict,
         "default_verdict_errors": verdict_errors(preds["verified"], checked, truth, edits, default_t),
-        "seconds": {"data": round(t_data, 1), "stage1_embed_query_and_views": round(t_stage1_embed, 1),
+        "seconds": {"data": round(t_data, 1), "query_blocks_and_frame": round(t_analyse, 1),
+                    "stage1_embed_query_and_views": round(t_stage1_embed, 1),
                     "stage1_search": round(t_stage1_search, 1), "reference_keypoints": round(t_ref_kp, 1),
                     "reference_keypoints_into_milvus": round(t_ref_insert, 1),
                     "reference_keypoint_graphs": None if t_ref_index is None else round(t_ref_index, 1),
                     "query_keypoints": round(t_extract, 1), "stage1_voting": round(t_vote, 1),
                     "stage2_verify": round(t_stage2, 1), "voting_per_batch": vote_batch_s},
         "screening_batch": args.screen_batch, "voting_right_after_ingest": args.right_after_ingest,
-        "checks_per_s": round(n / (t_stage1_embed + t_stage1_search + t_extract + t_vote + t_stage2), 2),
-        "ms_per_query": {"descriptor_embed": round(1000 * t_stage1_embed / n, 1),
+        "checks_per_s": round(n / (t_analyse + t_stage1_embed + t_stage1_search + t_extract + t_vote
+                                   + t_stage2), 2),
+        "ms_per_query": {"blocks_and_frame": round(1000 * t_analyse / n, 1),
+                         "descriptor_embed": round(1000 * t_stage1_embed / n, 1),
                          "query_keypoints": round(1000 * t_extract / n, 1),
                          "voting": round(1000 * t_vote / n, 1), "verify": round(1000 * t_stage2 / n, 1)},
         "reference_keypoints_ms_per_image": round(1000 * t_ref_kp / len(refs), 1),
