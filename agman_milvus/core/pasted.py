@@ -82,7 +82,7 @@ def pasted_region(grey: np.ndarray) -> Box | None:
     if best is None:
         return None
     x0, y0, x1, y1 = best[1]
-    # each side where its steps lie, within 2 px of its candidate line
+    # each side where its steps lie, around its candidate line
     left, right = (_step_centre(by_column, x, y0, y1) if 0 < x < w else x for x in (x0, x1))
     top, bottom = (_step_centre(by_row, y, x0, x1) if 0 < y < h else y for y in (y0, y1))
     return (round(left / s), round(top / s), min(w0, round(right / s)), min(h0, round(bottom / s)))
@@ -134,8 +134,9 @@ def _support(cumulative: np.ndarray, lines: list[int], start: int, stop: int) ->
 
 
 def _step_centre(cumulative: np.ndarray, line: int, start: int, stop: int) -> float:
-    """Where the steps from ``start`` to ``stop`` lie within 2 px of ``line``: the lines'
-    positions weighted by their step pixels (a step marks the pixels on either side of it)."""
-    near = np.arange(max(0, line - 2), min(cumulative.shape[1], line + 3))
+    """The boundary between pixels where the steps from ``start`` to ``stop`` lie within 3 px
+    of ``line`` (one step marks 4 pixels, ``line`` among them): the pixels' positions weighted
+    by their steps, whose mean lies half a pixel before the boundary."""
+    near = np.arange(max(0, line - 3), min(cumulative.shape[1], line + 4))
     steps = cumulative[stop, near] - cumulative[start, near]
-    return float((near * steps).sum() / steps.sum()) if steps.sum() > 0 else float(line)
+    return float((near * steps).sum() / steps.sum()) + 0.5 if steps.sum() > 0 else float(line)

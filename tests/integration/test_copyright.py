@@ -129,9 +129,8 @@ def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -
 
 
 def test_a_photo_pasted_into_a_larger_picture_is_found_through_its_frame(client) -> None:
-    """A catalogue photo pasted at a quarter of a larger picture's area: the query frames it,
-    stage 1 searches it alone too and stage 2 verifies it alone; the evidence stays in the
-    whole query's pixels, on the pasted picture."""
+    """A catalogue photo pasted at a third of a larger picture's area: the query frames it and
+    the check finds it, its evidence drawn in the whole query's pixels, on the pasted picture."""
     canvas = Image.fromarray(np.random.default_rng(77).integers(0, 90, (5, 7, 3), dtype=np.uint8)).resize(
         (520, 400), Image.Resampling.BICUBIC)
     canvas.paste(photo(13, 260), (220, 90))

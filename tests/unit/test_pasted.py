@@ -51,6 +51,17 @@ def test_a_picture_pasted_into_a_photo_is_found(box: tuple[int, int, int, int]) 
     assert np.allclose(found, box, atol=4), found
 
 
+@pytest.mark.parametrize("shape", [(300, 300), (450, 600), (4000, 3000)])
+def test_the_frame_is_placed_on_the_boundary_at_any_size(shape: tuple[int, int]) -> None:
+    """The frame is found on a 256 px copy; each side lands on the pixel boundary of the step,
+    not half a work pixel before it (16 px on a 4,000 px photo)."""
+    h, w = shape
+    grey_image = np.zeros(shape, np.uint8)
+    grey_image[h // 4:3 * h // 4, w // 4:3 * w // 4] = 200
+    px = max(h, w) / 256  # one pixel where the frame is found
+    assert np.allclose(pasted_region(grey_image), (w // 4, h // 4, 3 * w // 4, 3 * h // 4), atol=px / 2)
+
+
 def test_a_padded_picture_is_found_and_plain_pictures_frame_nothing() -> None:
     padded = ImageOps.expand(product_on_white(1), 50, fill=(40, 90, 160))
     assert np.allclose(pasted_region(grey(padded)), (50, 50, 350, 350), atol=4)
