@@ -68,7 +68,6 @@ from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
-from agman_milvus.core.pasted import pasted_region
 from agman_milvus.core.phash import hamming, phash
 from agman_milvus.core.runtime import prepare_for_inference
 from agman_milvus.core.schema import AttributeSchema
@@ -83,6 +82,7 @@ from agman_milvus.usecases.copyright import (
     VERIFY_K,
     VOTE_K,
     CopyThresholds,
+    inspect_query,
     interleave,
     micro_average_precision,
     query_views,
@@ -307,10 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         edited, names = random_edit(src, rng, background=load(root, rng.choice(backdrops)))
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
     t_data = time.perf_counter() - t0
-    t0 = time.perf_counter()  # what the checker finds in each query before embedding it
-    q_greys = [np.asarray(q.convert("L")) for q in queries]
-    q_blocks = [copy_verify.pixel_block(g) for g in q_greys]
-    q_pasted = [pasted_region(g) for g in q_greys]
+    t0 = time.perf_counter()
+    q_blocks, q_pasted = zip(*map(inspect_query, queries), strict=True)
     t_analyse = time.perf_counter() - t0
     n = len(queries)
     log(f"data: {n} queries, {len(refs)} references")
@@ -324,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     q_f = features(model, queries)
     views = [query_views(q, b, r) for q, b, r in zip(queries, q_blocks, q_pasted, strict=True)]
     extra_f = [features(model, [v[k] for v in views])["descriptor"] for k in (1, 2)]
-    framed = [q for q, v in enumerate(views) if len(v) > 3]  # queries framing a pasted picture
-    if framed:  # their pasted picture's descriptor; the query's own elsewhere (it adds nothing)
+    framed = [q for q, box in enumerate(q_pasted) if box is not None]  # queries framing a picture
+    if framed:  # its descriptor (the last view); the query's own elsewhere (it adds nothing)
         pasted_f = q_f["descriptor"].copy()
-        pasted_f[framed] = features(model, [views[q][3] for q in framed])["descriptor"]
+        pasted_f[framed] = features(model, [views[q][-1] for q in framed])["descriptor"]
         extra_f.append(pasted_f)
     t_stage1_embed = time.perf_counter() - t0
     log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")

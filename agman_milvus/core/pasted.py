@@ -61,16 +61,16 @@ def pasted_region(grey: np.ndarray) -> Box | None:
     xs = sorted({*_lines(by_column[-1], h), 0, w})
     ys = sorted({*_lines(by_row[-1], w), 0, h})
     inner_xs, inner_ys = [x for x in xs if 0 < x < w], [y for y in ys if 0 < y < h]
-    # each candidate line's support over each span between two candidate lines across it
-    columns = {(y0, y1): _support(by_column, inner_xs, y0, y1) for y0, y1 in combinations(ys, 2)}
-    rows = {(x0, x1): _support(by_row, inner_ys, x0, x1) for x0, x1 in combinations(xs, 2)}
+    # spans between two candidate lines long enough for a side, and each line's support over them
+    x_spans = [(x0, x1) for x0, x1 in combinations(xs, 2) if x1 - x0 >= MIN_SIDE * w]
+    y_spans = [(y0, y1) for y0, y1 in combinations(ys, 2) if y1 - y0 >= MIN_SIDE * h]
+    columns = {(y0, y1): _support(by_column, inner_xs, y0, y1) for y0, y1 in y_spans}
+    rows = {(x0, x1): _support(by_row, inner_ys, x0, x1) for x0, x1 in x_spans}
     best: tuple[tuple[int, float, int], Box] | None = None
-    for x0, x1 in combinations(xs, 2):
-        if x1 - x0 < MIN_SIDE * w:
-            continue
-        for y0, y1 in combinations(ys, 2):
+    for x0, x1 in x_spans:
+        for y0, y1 in y_spans:
             area = (x1 - x0) * (y1 - y0)
-            if y1 - y0 < MIN_SIDE * h or area > MAX_AREA * w * h:
+            if area > MAX_AREA * w * h:
                 continue
             sides = [columns[y0, y1][x] for x in (x0, x1) if 0 < x < w]
             sides += [rows[x0, x1][y] for y in (y0, y1) if 0 < y < h]

@@ -292,9 +292,7 @@ class CopyChecker(UseCase):
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
-        greys = [np.asarray(im.convert("L")) for im in images]
-        blocks = [copy_verify.pixel_block(grey) for grey in greys]
-        regions = [pasted_region(grey) for grey in greys]
+        blocks, regions = zip(*map(inspect_query, images), strict=True) if images else ((), ())
         views = [query_views(im, block, region)[1:] for im, block, region in zip(images, blocks, regions,
                                                                                  strict=True)]
         encoded = self.embedder.encode([im for extra_views in views for im in extra_views] + images)
@@ -487,6 +485,14 @@ def verify_in_order(
 def _phash_of(row: Any) -> int | None:
     """A catalogue row's stored pHash (unsigned), or None."""
     return from_signed64(row.phash) if row is not None and row.phash is not None else None
+
+
+def inspect_query(image: Image.Image) -> tuple[float, Box | None]:
+    """What stage 1 finds in a query before embedding it: its pixel block
+    (:func:`~agman_milvus.core.copy_verify.pixel_block`, 0.0 unless pixelated) and the frame of
+    a picture pasted into it (:func:`~agman_milvus.core.pasted.pasted_region`, None for most)."""
+    grey = np.asarray(image.convert("L"))
+    return copy_verify.pixel_block(grey), pasted_region(grey)
 
 
 def query_views(image: Image.Image, block: float = 0.0, pasted: Box | None = None) -> list[Image.Image]:
