@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         queries.append(edited), truth.append(ref_keys.get(content_key(src), set())), edits.append(names)
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
-    q_blocks, q_pasted = zip(*map(inspect_query, queries), strict=True)
+    looks = [inspect_query(q) for q in queries]
     t_analyse = time.perf_counter() - t0
     n = len(queries)
     log(f"data: {n} queries, {len(refs)} references")
@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_f = features(model, ref_images)
     t0 = time.perf_counter()
     q_f = features(model, queries)
-    views = [query_views(q, b, r) for q, b, r in zip(queries, q_blocks, q_pasted, strict=True)]
+    views = [query_views(q, look) for q, look in zip(queries, looks, strict=True)]
     extra_f = [features(model, [v[k] for v in views])["descriptor"] for k in (1, 2)]
-    framed = [q for q, box in enumerate(q_pasted) if box is not None]  # queries framing a picture
+    framed = [q for q, look in enumerate(looks) if look.pasted is not None]  # queries framing a picture
     if framed:  # its descriptor (the last view); the query's own elsewhere (it adds nothing)
         pasted_f = q_f["descriptor"].copy()
         pasted_f[framed] = features(model, [views[q][-1] for q in framed])["descriptor"]
@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, n, args.screen_batch):  # as a screening job: one keypoint search per batch
         batch = range(start, min(start + args.screen_batch, n))
         t0 = time.perf_counter()
-        extracted = thread_map(lambda q: copy_verify.extract(queries[q], q_blocks[q], q_pasted[q]),
-                               batch, args.threads)
+        extracted = thread_map(lambda q: copy_verify.extract(queries[q], looks[q].block, looks[q].pasted,
+                                                             looks[q].pasted_block), batch, args.threads)
         for q, features_q in zip(batch, extracted, strict=True):
             qfs[q] = features_q
         t1 = time.perf_counter()

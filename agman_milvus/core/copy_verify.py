@@ -99,6 +99,9 @@ MIRROR_FRAME_MARGIN = 0.02
 #: Correlation of tiny grey thumbnails (the query's or its mirror's with the candidate's) under
 #: which :func:`frames_resemble` says a dense alignment from "same frame" cannot succeed.
 FRAME_RESEMBLES = 0.4
+#: The most a pixelated picture's blocks may be stretched along one axis against the other
+#: (:func:`pixel_block`): ``paste`` resizes a picture by 1.3-2.0 per axis, up to 1.54 apart.
+MAX_BLOCK_STRETCH = 1.6
 BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
 #: The factor on a score with a pixelated picture's blocks smoothed away that sets a floor under
 #: the copy score: at the block size, another product of one shoot can look the same (on
@@ -173,6 +176,7 @@ class LocalFeatures:
     #: its top-left corner in the query's original pixels
     pasted_image: Image.Image | None = field(default=None, repr=False, compare=False)
     pasted_at: tuple[int, int] = (0, 0)
+    pasted_block: float = 0.0  # the pasted picture's pixel block: 0.0 unless it is pixelated
     _mirror: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
     _pasted: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -191,7 +195,7 @@ class LocalFeatures:
         """The features of the query's pasted picture (None without one), extracted on the
         first call: most framed queries have no candidate that needs them."""
         if self._pasted is None and self.pasted_image is not None:
-            self._pasted = extract(self.pasted_image)
+            self._pasted = extract(self.pasted_image, self.pasted_block)
         return self._pasted
 
 
@@ -213,10 +217,12 @@ def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
     return LocalFeatures(points, descriptors, size, scale, thumb, chroma, block, work)
 
 
-def extract(image: Image.Image, block: float | None = None, pasted: Box | None = None) -> LocalFeatures:
+def extract(image: Image.Image, block: float | None = None, pasted: Box | None = None,
+            pasted_block: float = 0.0) -> LocalFeatures:
     """Local features of ``image`` (any mode); ``block``: its :func:`pixel_block` when the
     caller has it already; ``pasted``: a query's pasted picture (its
-    :func:`~agman_milvus.core.pasted.pasted_region`), kept for :meth:`LocalFeatures.pasted`."""
+    :func:`~agman_milvus.core.pasted.pasted_region`) and ``pasted_block`` that picture's pixel
+    block, kept for :meth:`LocalFeatures.pasted`."""
     rgb = image.convert("RGB")
     grey = np.asarray(rgb.convert("L"))
     work, scale = _resize_side(grey, WORK_SIDE)
@@ -226,6 +232,7 @@ def extract(image: Image.Image, block: float | None = None, pasted: Box | None =
     if pasted is not None:
         features.pasted_image = rgb.crop(pasted)
         features.pasted_at = (pasted[0], pasted[1])
+        features.pasted_block = pasted_block
     return features
 
 
@@ -234,8 +241,10 @@ def pixel_block(grey: np.ndarray) -> float:
 
     Along each axis, the neighbour differences averaged over the other axis peak where the
     blocks meet: a pixelated picture's peaks are evenly spaced (at least 3 px apart, 70% of the
-    gaps within 15% of the median, the same spacing both ways); a photo's are not. Pixelation
-    followed by a rescale or a pad is found too; followed by JPEG, blur or rotation mostly not.
+    gaps within 15% of the median); a photo's are not. The two spacings may differ by up to
+    :data:`MAX_BLOCK_STRETCH` (a pixelated picture pasted at another aspect ratio), and the
+    block is their geometric mean. Pixelation followed by a rescale, a pad or a paste is found
+    too; followed by JPEG, blur or rotation mostly not.
     """
     if min(grey.shape) < 3:
         return 0.0
@@ -252,7 +261,8 @@ def pixel_block(grey: np.ndarray) -> float:
         if median < 3 or regular.mean() <= 0.7:
             return 0.0
         spacing.append(float(gaps[regular].mean()))
-    return float(np.mean(spacing)) if abs(spacing[0] - spacing[1]) <= 0.2 * spacing[0] else 0.0
+    wide, narrow = max(spacing), min(spacing)
+    return math.sqrt(wide * narrow) if wide <= MAX_BLOCK_STRETCH * narrow else 0.0
 
 
 def _edge_profiles(grey: np.ndarray, stripe: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -398,7 +408,9 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
     the candidates it marks. A query with a pasted picture (:meth:`LocalFeatures.pasted`) has
     each candidate that aligned with it at all (:data:`MIN_INLIERS`) but not beyond doubt
     (:data:`SURE`) verified against that picture alone too, the better verification kept, in
-    the whole query's pixels."""
+    the whole query's pixels. A pixelated pasted picture, whose blocks defeat SIFT in the
+    whole query, is verified against every candidate not beyond doubt, densely where the
+    frames resemble (:func:`frames_resemble`)."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
@@ -421,11 +433,16 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
                     aligned = flipped
             if aligned.rank > best[i].rank:
                 best[i] = aligned
-    unsure = [i for i, v in enumerate(best) if v.score < SURE and v.inliers >= MIN_INLIERS]
+    pixelated = query.pasted_block > 0
+    unsure = [i for i, v in enumerate(best) if v.score < SURE and (pixelated or v.inliers >= MIN_INLIERS)]
     if query.pasted_image is not None and unsure:
-        inner = verify_all(query.pasted(), [candidates[i] for i in unsure],
-                           dense=None if dense is None else [dense[i] for i in unsure],
-                           dense_if_few=None if dense_if_few is None else [dense_if_few[i] for i in unsure])
+        picture = query.pasted()
+        if pixelated:
+            dense = dense_if_few = [frames_resemble(picture, candidates[i]) for i in unsure]
+        else:
+            dense = None if dense is None else [dense[i] for i in unsure]
+            dense_if_few = None if dense_if_few is None else [dense_if_few[i] for i in unsure]
+        inner = verify_all(picture, [candidates[i] for i in unsure], dense=dense, dense_if_few=dense_if_few)
         for i, v in zip(unsure, inner, strict=True):
             if v.rank > best[i].rank:
                 best[i] = v.moved(*query.pasted_at)
@@ -460,17 +477,30 @@ def _tiny(thumb: np.ndarray, side: int = 24) -> np.ndarray:
 
 def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) -> Verification:
     """ECC affine alignment of the thumbnails from "same frame", then the residual check
-    (``mirrored``: ``q`` holds the mirrored query's features)."""
+    (``mirrored``: ``q`` holds the mirrored query's features). A pixelated query is aligned
+    with both thumbnails' blocks smoothed away (:data:`BLOCK_BLUR`; its coarsest blocks held
+    ECC's correlation with the original at 0.81, smoothed 0.91); that correlation goes into
+    the smoothed score, the plain one (at the alignment found) into the score."""
     (qh, qw), (ch, cw) = q.thumb.shape, c.thumb.shape
     warp = np.array([[cw / qw, 0, 0], [0, ch / qh, 0]], np.float32)  # query -> candidate (thumbs)
+    sigma = BLOCK_BLUR * q.block * qw / q.size[0]  # the query's blocks, thumbnail pixels
+    smooth = sigma > 1.2
+    q_img, c_img = q.thumb, c.thumb
+    if smooth:
+        q_img = cv2.GaussianBlur(q.thumb, (0, 0), sigma)
+        c_img = cv2.GaussianBlur(c.thumb, (0, 0), sigma * cw / qw)
     try:
-        cc, warp = _ecc_half_size(q.thumb, c.thumb, warp)
+        cc, warp = _ecc_half_size(q_img, c_img, warp)
         if cc < ECC_HALF_MIN:
             return _NONE
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_FINE_ITERATIONS, 1e-5)
-        cc, warp = cv2.findTransformECC(q.thumb, c.thumb, warp, cv2.MOTION_AFFINE, criteria, None, 5)
+        cc, warp = cv2.findTransformECC(q_img, c_img, warp, cv2.MOTION_AFFINE, criteria, None, 5)
     except cv2.error:
         return _NONE
+    smoothed_cc = cc
+    if smooth:
+        aligned = cv2.warpAffine(c.thumb, warp, (qw, qh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        cc = cv2.computeECC(q.thumb, aligned)
     mt = cv2.invertAffineTransform(warp)  # candidate -> query, thumb pixels
     kq = q.thumb.shape[1] / (q.size[0] * q.scale)
     kc = c.thumb.shape[1] / (c.size[0] * c.scale)
@@ -478,7 +508,7 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
     residual, colour = _residual(q, c, m)
     z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
     blocks = _smoothed_residual(q, c, m)
-    smoothed = 0.0 if blocks is None else _logistic(30.0 * (float(cc) - 0.9) - 10.0 * blocks)
+    smoothed = 0.0 if blocks is None else _logistic(30.0 * (float(smoothed_cc) - 0.9) - 10.0 * blocks)
     work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]

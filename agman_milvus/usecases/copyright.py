@@ -292,16 +292,15 @@ class CopyChecker(UseCase):
         normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
         query)."""
         images = list(images)
-        blocks, regions = zip(*map(inspect_query, images), strict=True) if images else ((), ())
-        views = [query_views(im, block, region)[1:] for im, block, region in zip(images, blocks, regions,
-                                                                                 strict=True)]
+        looks = [inspect_query(im) for im in images]
+        views = [query_views(im, look)[1:] for im, look in zip(images, looks, strict=True)]
         encoded = self.embedder.encode([im for extra_views in views for im in extra_views] + images)
         first_view = np.cumsum([0, *map(len, views)])  # each query's extra views' first row
         extra = max(len(e) for e in exclude) if exclude else 0
         limit = max(top_k, NORM_K) + extra + top_k  # room to drop non-live rows
         raw = self.vectors.search_copy(encoded.descriptors, limit)
         base = int(first_view[-1])  # the plain queries' rows come after every extra view
-        queries = [_Query(image, encoded.embeddings[base + n], phash(image), blocks[n], regions[n])
+        queries = [_Query(image, encoded.embeddings[base + n], phash(image), looks[n])
                    for n, image in enumerate(images)]
         all_voted = self._voted(queries)
         candidates = []
@@ -487,27 +486,45 @@ def _phash_of(row: Any) -> int | None:
     return from_signed64(row.phash) if row is not None and row.phash is not None else None
 
 
-def inspect_query(image: Image.Image) -> tuple[float, Box | None]:
-    """What stage 1 finds in a query before embedding it: its pixel block
-    (:func:`~agman_milvus.core.copy_verify.pixel_block`, 0.0 unless pixelated) and the frame of
-    a picture pasted into it (:func:`~agman_milvus.core.pasted.pasted_region`, None for most)."""
+@dataclass(frozen=True)
+class QueryLook:
+    """What stage 1 finds in a query before embedding it (:func:`inspect_query`)."""
+
+    block: float = 0.0  # its pixel block (copy_verify.pixel_block): 0.0 unless pixelated
+    pasted: Box | None = None  # the frame of a picture pasted into it (pasted_region), None for most
+    pasted_block: float = 0.0  # that picture's own pixel block: 0.0 unless it is pixelated
+
+
+def inspect_query(image: Image.Image) -> QueryLook:
+    """A query's pixel block (:func:`~agman_milvus.core.copy_verify.pixel_block`), the frame
+    of a picture pasted into it (:func:`~agman_milvus.core.pasted.pasted_region`) and that
+    picture's pixel block: a picture pixelated, then pasted into a photo, leaves the photo's
+    own edges off the grid."""
     grey = np.asarray(image.convert("L"))
-    return copy_verify.pixel_block(grey), pasted_region(grey)
+    pasted = pasted_region(grey)
+    pasted_block = 0.0
+    if pasted is not None:
+        left, top, right, bottom = pasted
+        pasted_block = copy_verify.pixel_block(grey[top:bottom, left:right])
+    return QueryLook(copy_verify.pixel_block(grey), pasted, pasted_block)
 
 
-def query_views(image: Image.Image, block: float = 0.0, pasted: Box | None = None) -> list[Image.Image]:
+def query_views(image: Image.Image, look: QueryLook = QueryLook()) -> list[Image.Image]:
     """The query and the extra views stage 1 searches with: its mirror image and a smoothed
-    copy, blurred (radius 1/75 of the longer side) or, for a pixelated query (``block``: its
-    :func:`~agman_milvus.core.copy_verify.pixel_block`), its blocks scaled down to one pixel
-    each and back up smoothly. A pixelated query's blocks otherwise dominate its descriptor: on
-    400 catalogue photos, true original in the top 10 for 43% of pixelated queries plain, 75%
-    blurred; on the 53 pixelated queries of bench/copydetect.py whose blocks are detected, 57%
-    blurred, 72% with the blocks scaled away (docs/benchmarks.md). A query that frames a
-    pasted picture (``pasted``: its :func:`~agman_milvus.core.pasted.pasted_region`) adds that
-    picture alone, whose descriptor the surroundings no longer swamp."""
+    copy, blurred (radius 1/75 of the longer side) or, for a pixelated query (``look.block``),
+    its blocks scaled down to one pixel each and back up smoothly. A pixelated query's blocks
+    otherwise dominate its descriptor: on 400 catalogue photos, true original in the top 10 for
+    43% of pixelated queries plain, 75% blurred; on the 53 pixelated queries of
+    bench/copydetect.py whose blocks are detected, 57% blurred, 72% with the blocks scaled away
+    (docs/benchmarks.md). A query that frames a pasted picture (``look.pasted``) adds that
+    picture alone, whose descriptor the surroundings no longer swamp (its blocks scaled away
+    too when it is pixelated)."""
     image = image.convert("RGB")
-    views = [image, ImageOps.mirror(image), unpixelate(image, block) if block else blurred(image)]
-    return views if pasted is None else [*views, image.crop(pasted)]
+    views = [image, ImageOps.mirror(image), unpixelate(image, look.block) if look.block else blurred(image)]
+    if look.pasted is None:
+        return views
+    picture = image.crop(look.pasted)
+    return [*views, unpixelate(picture, look.pasted_block) if look.pasted_block else picture]
 
 
 def blurred(image: Image.Image) -> Image.Image:
@@ -536,14 +553,14 @@ class _Query:
     image: Image.Image
     embeddings: np.ndarray  # [K, D]
     phash: int
-    block: float  # copy_verify.pixel_block of the image: 0.0 unless it is pixelated
-    pasted: Box | None  # the picture pasted into it (pasted_region), None for most queries
+    look: QueryLook
     features: copy_verify.LocalFeatures | None = None
 
     def extract(self) -> None:
         """Compute the query's local features (once; its mirror image's when first needed)."""
         if self.features is None:
-            self.features = copy_verify.extract(self.image, self.block, self.pasted)
+            look = self.look
+            self.features = copy_verify.extract(self.image, look.block, look.pasted, look.pasted_block)
 
 
 def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],

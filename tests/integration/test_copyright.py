@@ -26,6 +26,7 @@ from agman_milvus.usecases.copyright import (
     DISTINCT,
     EDITS,
     CopyThresholds,
+    QueryLook,
     micro_average_precision,
     query_views,
     random_edit,
@@ -100,7 +101,7 @@ def test_a_pixelated_querys_smoothed_view_scales_its_blocks_away() -> None:
     query = pixelated(source, 10)
     block = pixel_block(np.asarray(query.convert("L")))
     assert block == pytest.approx(10.0, abs=0.5)
-    smoothed, blurred = query_views(query, block)[2], query_views(query)[2]
+    smoothed, blurred = query_views(query, QueryLook(block))[2], query_views(query)[2]
     assert pixel_block(np.asarray(smoothed.convert("L"))) == 0.0
 
     def error(im: Image.Image) -> float:
@@ -116,7 +117,7 @@ def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -
     checker = client._copy_checker()
     scored = checker.score_candidates([pixelated(photo(9), 4)], top_k=5)
     query, candidates = scored.queries[0], scored.candidates[0]
-    assert query.block == pytest.approx(4.0, abs=0.5)
+    assert query.look.block == pytest.approx(4.0, abs=0.5)
     original = next(c for c in candidates if c[2].external_id == "p9")
     others = [c for c in candidates if c is not original]
     last = min(len(candidates), checker.verify_k + checker.vote_k) - 1
@@ -136,7 +137,8 @@ def test_a_photo_pasted_into_a_larger_picture_is_found_through_its_frame(client)
     canvas.paste(photo(13, 260), (220, 90))
     checker = client._copy_checker()
     query = checker.score_candidates([canvas], top_k=5).queries[0]
-    assert query.pasted is not None and np.allclose(query.pasted, (220, 90, 480, 350), atol=4), query.pasted
+    box = query.look.pasted
+    assert box is not None and np.allclose(box, (220, 90, 480, 350), atol=4), query.look
     check = client.check_copy(canvas)
     assert check.verdict != DISTINCT and check.best.product_id == "p13", check.to_dict()
     centre = np.asarray(check.best.verification.region).mean(axis=0)

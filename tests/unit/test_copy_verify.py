@@ -172,6 +172,10 @@ def test_pixel_block_finds_the_blocks_of_a_pixelated_picture_only() -> None:
     assert cv.pixel_block(np.zeros((2, 2), np.uint8)) == 0.0  # too small to tell
     tall = smooth.resize((30, 60), Image.Resampling.BILINEAR).resize((300, 600), Image.Resampling.NEAREST)
     assert cv.pixel_block(np.asarray(tall.convert("L"))) == pytest.approx(10.0, abs=0.5)  # 3 stripes
+    small = smooth.resize((20, 20), Image.Resampling.BILINEAR)
+    stretched = small.resize((200, 280), Image.Resampling.NEAREST)  # 10 x 14 px blocks: pasted so
+    assert cv.pixel_block(np.asarray(stretched.convert("L"))) == pytest.approx(np.sqrt(140), abs=0.5)
+    assert cv.pixel_block(np.asarray(small.resize((200, 400), Image.Resampling.NEAREST).convert("L"))) == 0.0
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (15, 9), (16, 9), (17, 9), (40, 33)])

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from agman_milvus.core import copy_verify as cv
 from agman_milvus.core.pasted import pasted_region
-from agman_milvus.usecases.copyright import query_views
+from agman_milvus.usecases.copyright import QueryLook, inspect_query, query_views
 from tests.unit.test_copy_verify import textured
 
 
@@ -109,6 +109,42 @@ def test_a_query_framing_a_picture_searches_it_alone_too() -> None:
     canvas = photo(31, (300, 300))
     canvas.paste(photo(32, (120, 120)), (100, 90))
     box = pasted_region(grey(canvas))
-    views = query_views(canvas, 0.0, box)
+    views = query_views(canvas, QueryLook(pasted=box))
     assert len(views) == 4 and views[3].size == (box[2] - box[0], box[3] - box[1])
     assert len(query_views(canvas)) == 3
+
+
+def pixelated(image: Image.Image, block: int) -> Image.Image:
+    small = image.resize((image.width // block, image.height // block), Image.Resampling.BILINEAR)
+    return small.resize(image.size, Image.Resampling.NEAREST)
+
+
+def product_on(backdrop: tuple[int, int, int], seed: int) -> Image.Image:
+    """A catalogue-style photo: a textured garment shape on a plain coloured backdrop."""
+    im = Image.new("RGB", (240, 240), backdrop)
+    mask = Image.new("L", im.size, 0)
+    outline = [(80, 40), (160, 40), (200, 110), (175, 210), (65, 210), (40, 110)]
+    ImageDraw.Draw(mask).polygon(outline, fill=255)
+    im.paste(photo(seed, (240, 240), detail_px=30), (0, 0), mask)
+    return im
+
+
+def test_a_pixelated_picture_pasted_at_another_aspect_verifies_through_its_region() -> None:
+    """A product photo pixelated (12 px blocks), then pasted stretched (10 x 14 px blocks) into
+    a photo: the photo around it keeps the whole query off the grid, so the region's blocks are
+    found alone, scaled away in its stage-1 view and smoothed away in its dense alignment."""
+    pink = (220, 170, 220)
+    original = product_on(pink, 41)
+    canvas = ImageEnhance.Brightness(photo(42, (420, 460), detail_px=6)).enhance(0.8)
+    canvas.paste(pixelated(original, 12).resize((200, 280), Image.Resampling.BICUBIC), (110, 90))
+    look = inspect_query(canvas)
+    assert look.block == 0.0 and look.pasted is not None
+    assert np.allclose(look.pasted, (110, 90, 310, 370), atol=4), look
+    assert look.pasted_block == pytest.approx(np.sqrt(10 * 14), rel=0.1)
+    assert cv.pixel_block(grey(query_views(canvas, look)[3])) == 0.0  # its blocks scaled away
+
+    query = cv.extract(canvas, look.block, look.pasted, look.pasted_block)
+    found = cv.verify(query, cv.extract(original))
+    assert found.smoothed_score > 0.8 and found.method == "dense", found
+    assert cv.verify(cv.extract(canvas), cv.extract(original)).rank < 0.3  # the whole query alone
+    assert cv.verify(query, cv.extract(product_on(pink, 43))).rank < 0.3  # another product
