@@ -232,16 +232,19 @@ def rescore(checked, weights) -> list[list[tuple[int, float]]]:
 
 
 def copy_rescore(
-    verified, ref_h: np.ndarray, smoothed: list[dict[int, float]], weights=copy_verify.COPY_WEIGHTS
+    verified, ref_h: np.ndarray, smoothed: list[dict[int, float]], inliers: list[dict[int, int]],
+    weights=copy_verify.COPY_WEIGHTS,
 ) -> list[list[tuple[int, float]]]:
     """Copy scores, best first, from verification scores, as the checker computes them
-    (:func:`copy_verify.copy_scores` over the references' pHashes and the scores with a
-    pixelated picture's blocks smoothed away, ``smoothed[q][reference]``)."""
+    (:func:`copy_verify.copy_scores` over the references' pHashes, the scores with a
+    pixelated picture's blocks smoothed away, ``smoothed[q][reference]``, and the keypoint
+    inliers, ``inliers[q][reference]``)."""
     out = []
     for q, pairs in enumerate(verified):
         refs = [j for j, _ in pairs]
         scores = copy_verify.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights,
-                                         smoothed=[smoothed[q][j] for j in refs])
+                                         smoothed=[smoothed[q][j] for j in refs],
+                                         inliers=[inliers[q][j] for j in refs])
         out.append(sorted(zip(refs, scores, strict=True), key=lambda p: -p[1]))
     return out
 
@@ -418,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     milvus_dir.cleanup()
     verification = rescore(checked, copy_verify.SCORE_WEIGHTS)
     smoothed = [{j: v.smoothed_score for j, v in pairs} for pairs in checked]
+    inliers = [{j: v.inliers for j, v in pairs} for pairs in checked]
     preds["verified_without_margin"] = verification
-    preds["verified"] = copy_rescore(verification, ref_h, smoothed)
+    preds["verified"] = copy_rescore(verification, ref_h, smoothed, inliers)
     descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
                        for q, pairs in enumerate(checked)]
     preds["verified_descriptor_only"] = copy_rescore(
-        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h, smoothed)
+        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h, smoothed, inliers)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
@@ -440,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         x2 = np.array([[1.0, s, m] for _, _, s, m in rows])
         y2 = np.array([j in truth[q] for q, j, _, _ in rows], float)
         fitted_copy = tuple(round(float(w), 3) for w in fit_logistic(x2, y2))
-        preds["verified_fitted"] = copy_rescore(rescore(checked, fitted), ref_h, smoothed, fitted_copy)
+        preds["verified_fitted"] = copy_rescore(rescore(checked, fitted), ref_h, smoothed, inliers,
+                                                fitted_copy)
 
     everything = np.arange(n)
     results = {name: evaluate(p, truth, everything) for name, p in preds.items()}

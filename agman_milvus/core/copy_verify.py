@@ -131,6 +131,9 @@ SURE = 0.95
 #: threshold's precision 0.981-0.993 at recall 0.72-0.74, and the verdict calibrated for 99%
 #: on half the queries kept recall 0.53-0.76 on the other half (0.28-0.78 without them).
 MAX_LIFT = 0.1
+#: Keypoint inliers from which a candidate is weighed against keypoint verifications only
+#: (:func:`copy_scores`).
+DECISIVE_INLIERS = 20
 #: pHash distance under which two catalogue images show one picture (they do not count against
 #: each other in :func:`margins`).
 SAME_PICTURE_BITS = 2
@@ -357,10 +360,17 @@ def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
 
 def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
                 weights: tuple[float, ...] = COPY_WEIGHTS,
-                smoothed: Sequence[float] | None = None) -> list[float]:
+                smoothed: Sequence[float] | None = None,
+                inliers: Sequence[int] | None = None) -> list[float]:
     """Copy scores of one query's candidates from their verification ``scores`` and
     :func:`margins` (``hashes``: the candidates' pHashes, None where unknown). A score of at
     least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`.
+
+    A candidate verified by :data:`DECISIVE_INLIERS` keypoint inliers or more (``inliers``: per
+    candidate, 0 for a dense alignment) is weighed against the other candidates' keypoint
+    verifications only: keypoints that match it that well would match the query's own
+    original as well, so a candidate that aligned only densely (a look-alike's outline) is
+    no rival to it.
 
     Where a pixelated picture was compared (``smoothed``: :attr:`Verification.smoothed_score`),
     the smoothed score goes through the same margin model, weighed against the other
@@ -369,8 +379,13 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
     look-alike beside it. The copy score is the larger of the two, and at least the smoothed
     score times :data:`PIXELATED_MAX` (a near-duplicate for a reviewer when the margin is small).
     """
-    out = [s if s >= SURE else _margin_model(s, margin, weights)
-           for s, margin in zip(scores, margins(scores, hashes), strict=True)]
+    margin = margins(scores, hashes)
+    if inliers is not None and max(inliers, default=0) >= DECISIVE_INLIERS:
+        keypoint_rivals = [s if n > 0 else 0.0 for s, n in zip(scores, inliers, strict=True)]
+        by_keypoints = margins(scores, hashes, keypoint_rivals)
+        margin = [k if n >= DECISIVE_INLIERS else m
+                  for m, k, n in zip(margin, by_keypoints, inliers, strict=True)]
+    out = [s if s >= SURE else _margin_model(s, m, weights) for s, m in zip(scores, margin, strict=True)]
     if smoothed is not None and any(smoothed):
         best = [max(s, t) for s, t in zip(scores, smoothed, strict=True)]
         out = [max(pixelated_floor(c, t), _margin_model(t, margin, weights) if t > 0 else 0.0)

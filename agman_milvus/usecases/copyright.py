@@ -359,7 +359,8 @@ class CopyChecker(UseCase):
         hashes = [_phash_of(rows[i]) for i in verified]
         out = [0.0] * len(verifications)
         scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
-                                         smoothed=[verifications[i].smoothed_score for i in verified])
+                                         smoothed=[verifications[i].smoothed_score for i in verified],
+                                         inliers=[verifications[i].inliers for i in verified])
         for i, score in zip(verified, scored, strict=True):
             out[i] = score
         return out

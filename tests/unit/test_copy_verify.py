@@ -269,6 +269,22 @@ def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     assert 0.6 < copy_scores([0.6, 0.01])[0] <= 0.7
 
 
+def test_a_dense_look_alike_is_no_rival_to_a_decisive_keypoint_match() -> None:
+    """A greyscale copy matched by 33 keypoint inliers, beside another product whose outline
+    alone aligned densely as well (0 inliers: its keypoints matched nothing): the keypoint
+    match is weighed against keypoint evidence only. Below DECISIVE_INLIERS, or against a
+    keypoint rival, the margin counts as before, and the dense one stays weighed against it."""
+    from agman_milvus.core.copy_verify import DECISIVE_INLIERS, copy_scores
+
+    scores = [0.73, 0.71, 0.1]
+    plain = copy_scores(scores)
+    decisive = copy_scores(scores, inliers=[33, 0, 45])
+    assert plain[0] < 0.2 and decisive[0] == pytest.approx(0.83)  # lifted by MAX_LIFT at most
+    assert decisive[1] == plain[1] < 0.2  # the dense one still meets the keypoint match
+    assert copy_scores(scores, inliers=[DECISIVE_INLIERS - 1, 0, 45]) == plain
+    assert copy_scores(scores, inliers=[33, 8, 45]) == plain  # a keypoint rival counts
+
+
 def test_a_pixelated_match_is_a_copy_when_it_stands_out() -> None:
     """The score with a pixelated picture's blocks smoothed away goes through the margin model:
     alone, it makes a copy; beside a look-alike of one shoot, a near-duplicate at most; never
