@@ -14,6 +14,9 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    query's frame looks more like the candidate's). A query that frames a pasted picture
    (:mod:`agman_milvus.core.pasted`) has each candidate that aligned somewhat but not beyond
    doubt verified against that picture alone too, with its own keypoints at the full work size.
+   A fit that leaves cells differing (below) but could still score is refined by ECC from it
+   (:func:`_refined`): on a repeating pattern or a small copy's few keypoints RANSAC can
+   settle a little off.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -39,8 +42,10 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
 5. **Copy score** (:func:`copy_scores`), over all of one query's verified candidates: each
    candidate's score weighed against the best *other* candidate's (:data:`COPY_WEIGHTS`),
    unless the verification alone is beyond doubt (:data:`SURE`); it may lower a score, and
-   raise it by :data:`MAX_LIFT` at most. A pixelated picture's smoothed score goes through the
-   same model against the other candidates' best evidence, never taken as sure on its own.
+   raise it by :data:`MAX_LIFT` at most. A candidate matched by :data:`DECISIVE_INLIERS`
+   keypoint inliers is weighed against the others' keypoint verifications only. A pixelated
+   picture's smoothed score goes through the same model against the other candidates' best
+   evidence, never taken as sure on its own.
    Catalogue photos from one shoot often align with a query almost as well as each other; a
    copy's original stands out. The copy thresholds over this score come from calibration.
 
@@ -131,6 +136,10 @@ SURE = 0.95
 #: threshold's precision 0.981-0.993 at recall 0.72-0.74, and the verdict calibrated for 99%
 #: on half the queries kept recall 0.53-0.76 on the other half (0.28-0.78 without them).
 MAX_LIFT = 0.1
+#: A keypoint fit is refined by ECC (:func:`_refined`) when its residual is above
+#: REFINE_ABOVE and its score, were nothing left differing, would reach REFINE_FROM.
+REFINE_ABOVE = 0.1
+REFINE_FROM = 0.3
 #: Keypoint inliers from which a candidate is weighed against keypoint verifications only
 #: (:func:`copy_scores`).
 DECISIVE_INLIERS = 20
@@ -599,6 +608,13 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
     if n < MIN_INLIERS or not 0.05 < s < 20:
         return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "inliers": n,
                                "inlier_ratio": n / len(pairs), "mirrored": mirrored})
+    residual, colour = _residual(q, c, m)
+    if residual > REFINE_ABOVE and score(n, n / len(pairs), 0.0, 0.0) >= REFINE_FROM:
+        refined = _refined(q, c, m)
+        if refined is not None:
+            better = _residual(q, c, refined)
+            if better[0] < residual:
+                m, (residual, colour) = refined, better
     work_q = (round(q.size[0] * q.scale), round(q.size[1] * q.scale))
     work_c = (round(c.size[0] * c.scale), round(c.size[1] * c.scale))
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float32)
@@ -607,7 +623,6 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
     overlap, _ = cv2.intersectConvexConvex(quad.astype(np.float32), rect)
     hull = cv2.contourArea(cv2.convexHull(dst[inl].astype(np.float32)))
     coverage = float(min(1.0, hull / overlap)) if overlap > 1 else 0.0
-    residual, colour = _residual(q, c, m)
     sc = score(n, n / len(pairs), coverage, residual)
     blocks = _smoothed_residual(q, c, m)
     smoothed = 0.0 if blocks is None else score(n, n / len(pairs), coverage, blocks)
@@ -619,6 +634,22 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
         lines=[[*map(float, _query_original(dst[k:k + 1], q, mirrored)[0]),
                 *map(float, src[k] / c.scale)] for k in np.flatnonzero(inl)[:MAX_LINES]],
     )
+
+
+def _refined(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarray | None:
+    """The keypoint fit ``m`` (candidate -> query, work pixels) refined by ECC on half-size
+    thumbnails (:func:`_ecc_half_size`; a pixel there is a quarter of a residual cell): on a
+    repeating pattern (dots, stripes, checks) RANSAC may settle a period off. None when ECC
+    fails."""
+    kq = q.thumb.shape[1] / (q.size[0] * q.scale)  # thumb pixels per work pixel
+    kc = c.thumb.shape[1] / (c.size[0] * c.scale)
+    warp = cv2.invertAffineTransform(np.hstack([m[:, :2] * (kq / kc), m[:, 2:] * kq]).astype(np.float32))
+    try:
+        _, warp = _ecc_half_size(q.thumb, c.thumb, warp.astype(np.float32))
+    except cv2.error:
+        return None
+    mt = cv2.invertAffineTransform(warp)
+    return np.hstack([mt[:, :2] * (kc / kq), mt[:, 2:] / kq])
 
 
 def _stretched(src: np.ndarray, dst: np.ndarray, m: np.ndarray, inl: np.ndarray,

@@ -46,6 +46,21 @@ def test_an_edited_copy_verifies_with_its_region_and_an_unrelated_image_does_not
     assert mirrored.mirrored and mirrored.score > 0.9
 
 
+def test_a_keypoint_fit_a_little_off_is_refined_by_ecc() -> None:
+    """A fit 4% off in scale and 6 px off in place (as RANSAC can settle on a repeating
+    pattern, or on few keypoints of a small copy) leaves differing cells along every edge;
+    ECC from it finds the true alignment, and the residual drops."""
+    original = textured(3, 240)
+    candidate = cv.extract(original)
+    query = cv.extract(original.resize((120, 120), Image.Resampling.BILINEAR))
+    true = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # candidate -> query, work pixels (both 448 px)
+    off = np.array([[1.04, 0.0, 6.0], [0.0, 1.04, -6.0]])
+    refined = cv._refined(query, candidate, off)
+    assert refined is not None
+    assert np.abs(refined[:, :2] - true[:, :2]).max() < 0.01 and np.abs(refined[:, 2]).max() < 1.0, refined
+    assert cv._residual(query, candidate, refined)[0] < 0.5 * cv._residual(query, candidate, off)[0]
+
+
 def test_a_stretched_copy_verifies_with_an_affine_fit() -> None:
     """A copy squeezed to another aspect ratio and pasted into a larger picture: a similarity
     explains only part of it; the affine fit takes over and the photometric check agrees."""
