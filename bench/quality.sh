@@ -10,7 +10,8 @@
 #   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE, BACKBONE
 #   (default efficientnet_lite0 for product, mobilenet_v2 for paper; the floor and the probe use
 #   the same trunk), TUNE_MID_BLOCKS (product: fine-tune the mid level's last N blocks; default:
-#   the recipe's, 3 on efficientnet_lite0).
+#   the recipe's, 3 on efficientnet_lite0), FOLD_VALID (set: train on the valid images too, keep the
+#   last epoch: `agman train --fold-valid`).
 # product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors; without the mid level's last 3 blocks, which are fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64
@@ -36,7 +37,7 @@ if [ "$RECIPE" = product ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-224}
   COMMON=(--recipe product --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
-          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"}
+          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} ${FOLD_VALID:+--fold-valid}
           --cache-path "$RUN_DIR/feature_cache.safetensors")
 else
   IMAGE_SIZE=${IMAGE_SIZE:-128}

@@ -57,13 +57,24 @@ def catalog_source(
     valid_fraction: float = 0.1,
     query_fraction: float = 0.2,
     image_root: str | Path | None = None,
+    fold_valid: bool = False,
 ) -> DataSource:
-    """A catalog CSV split by the deterministic hash rule of :mod:`agman_milvus.training.catalog_split`."""
+    """A catalog CSV split by the deterministic hash rule of :mod:`agman_milvus.training.catalog_split`.
+
+    ``fold_valid``: the valid images join the training images with every label they have, and
+    the source has no valid split (a run then keeps its last epoch); the test split is the same.
+    """
     catalog = read_catalog(csv_path, attributes, min_count=min_count, root=image_root)
     split = split_catalog(catalog, seed=seed, test_fraction=test_fraction,
                           valid_fraction=valid_fraction, query_fraction=query_fraction)
     table = ImageTable(catalog.root, catalog.paths)
-    return DataSource(catalog.schema, split.train, table, split.valid, table, split.test, table)
+    train, valid = split.train, split.valid
+    if fold_valid:
+        valid_images = {lab.image for lab in valid.queries + valid.candidates}
+        train, valid = train + [lab for lab in catalog.labels if lab.image in valid_images], None
+        logger.info("valid split folded into training: %d images, %d labels more", len(valid_images),
+                    len(train) - len(split.train))
+    return DataSource(catalog.schema, train, table, valid, table, split.test, table)
 
 
 def reference_source(

@@ -132,9 +132,15 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert json.loads((tmp_path / "product" / "config.json").read_text())["tuned_mid_blocks"] == 3
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common,
                                  "--batch-size", "16", "--backbone", "mobilenet_v2", "--random-init",
-                                 "--epochs", "0"])
+                                 "--epochs", "1", "--fold-valid"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "mnv2" / "config.json").read_text())["tuned_mid_blocks"] == 0
+    assert "valid MAP" not in result.output  # the valid images are training images now
+    mnv2 = json.loads((tmp_path / "mnv2" / "config.json").read_text())
+    assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True
+    assert (tmp_path / "mnv2" / "best.safetensors").exists()  # the last epoch
+    refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "ref"), "--refdata", str(tmp_path),
+                                  "--images", str(tmp_path), "--fold-valid"])
+    assert refused.exit_code == 2 and "--fold-valid needs --catalog" in refused.output
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "paper"), *common,
                                  "--recipe", "paper", "--backbone", "mobilenet_v2", "--random-init",
                                  "--triplets-per-epoch", "16",

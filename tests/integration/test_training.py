@@ -42,6 +42,18 @@ def _setup(catalog: Path, out: Path, epochs: int, cached: bool, triplets: int):
     return source, trainer
 
 
+def test_a_catalog_source_folds_its_valid_images_into_training(catalog: Path) -> None:
+    plain = catalog_source(catalog, ["colour", "mark"], min_count=2, test_fraction=0.2, valid_fraction=0.3)
+    folded = catalog_source(catalog, ["colour", "mark"], min_count=2, test_fraction=0.2, valid_fraction=0.3,
+                            fold_valid=True)
+    assert folded.valid is None and folded.test == plain.test
+    valid_images = {lab.image for lab in plain.valid.queries + plain.valid.candidates}
+    added = folded.train[len(plain.train):]
+    assert folded.train[:len(plain.train)] == plain.train
+    assert {lab.image for lab in added} == valid_images
+    assert len(added) > len(valid_images)  # every label of each, not only the one it was judged by
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     threads = torch.get_num_threads()

@@ -12,7 +12,7 @@ _RECIPE = "Recipe"
 
 
 def _source(catalog: Path | None, attributes: str, min_count: int, split_seed: int,
-            refdata: Path | None, images: Path | None, dataset: str | None):
+            refdata: Path | None, images: Path | None, dataset: str | None, fold_valid: bool = False):
     from agman_milvus.training.sources import catalog_source, reference_source
 
     if (catalog is None) == (refdata is None):
@@ -22,7 +22,10 @@ def _source(catalog: Path | None, attributes: str, min_count: int, split_seed: i
         if not names:
             raise typer.BadParameter("--attributes needs at least one column name")
         return catalog_source(catalog, names, min_count=min_count, seed=split_seed,
-                              image_root=images)
+                              image_root=images, fold_valid=fold_valid)
+    if fold_valid:
+        raise typer.BadParameter("--fold-valid needs --catalog (a reference dataset's valid images have "
+                                 "one label each)")
     if images is None:
         raise typer.BadParameter("--refdata needs --images (the dataset's image root)")
     return reference_source(refdata, images, dataset=dataset)
@@ -122,6 +125,9 @@ def register(app: typer.Typer) -> None:
         min_count: int = typer.Option(10, help="Drop catalog values with fewer images",
                                       rich_help_panel=_DATA),
         split_seed: int = typer.Option(0, help="Seed of the catalog split rule", rich_help_panel=_DATA),
+        fold_valid: bool = typer.Option(False, help="Train on the catalog's valid images too (all their "
+                                        "labels); no validation, the last epoch is kept",
+                                        rich_help_panel=_DATA),
         refdata: Path | None = typer.Option(None, help="Reference dataset dir (ASEN layout)",
                                             rich_help_panel=_DATA),
         images: Path | None = typer.Option(None, help="Image root (default: the catalog's folder)",
@@ -194,7 +200,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
         product = recipe == "product"
         _refuse_other_recipes_options(ctx, recipe)
-        source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
+        source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset, fold_valid)
         if not source.train:
             raise typer.BadParameter("the data source has no training labels")
         backbone = backbone or (PRODUCT_BACKBONE if product else "resnet50")
@@ -206,7 +212,7 @@ def register(app: typer.Typer) -> None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(
             {"model": model, "backbone": backbone, "pretrained": pretrained, "image_size": image_size,
-             **config.to_json()}, indent=1))
+             "fold_valid": fold_valid, **config.to_json()}, indent=1))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as progress:
             task = progress.add_task("", total=1, info="")
