@@ -503,8 +503,8 @@ def _tiny(thumb: np.ndarray, side: int = 24) -> np.ndarray:
 def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) -> Verification:
     """ECC affine alignment of the thumbnails from "same frame", then the residual check
     (``mirrored``: ``q`` holds the mirrored query's features). A pixelated query is aligned
-    with both thumbnails' blocks smoothed away (:data:`BLOCK_BLUR`; its coarsest blocks held
-    ECC's correlation with the original at 0.81, smoothed 0.91); that correlation goes into
+    with both thumbnails' blocks smoothed away (:data:`BLOCK_BLUR`; the demo's coarsest pasted
+    blocks held ECC's correlation with the original at 0.81, 0.91 blurred by 3 px); that correlation goes into
     the smoothed score, the plain one (at the alignment found) into the score."""
     (qh, qw), (ch, cw) = q.thumb.shape, c.thumb.shape
     warp = np.array([[cw / qw, 0, 0], [0, ch / qh, 0]], np.float32)  # query -> candidate (thumbs)
