@@ -102,6 +102,7 @@ class Client:
         self.settings = settings
         self._services = services
         self._dispatcher: Dispatcher | None = None
+        self._checker: Any = None  # the CopyChecker, built on the first copy check
 
     # -- plumbing -----------------------------------------------------------------------------
     @property
@@ -124,6 +125,11 @@ class Client:
         return self._dispatcher
 
     def close(self) -> None:
+        """Give back the database and Milvus connections: once the last client of this process
+        closes (and any screening job it started has ended), the embedded Milvus Lite directory
+        is free for other processes (``agman search`` in a terminal). Using the client again
+        reconnects."""
+        self._checker = None
         if self._services is not None:
             self._services.close()
 
@@ -234,7 +240,7 @@ class Client:
         return SearchService.from_services(self.services)
 
     def _copy_checker(self) -> Any:
-        checker = getattr(self, "_checker", None)
+        checker = self._checker
         if checker is None:
             from agman_milvus.usecases.copyright import CopyChecker
 

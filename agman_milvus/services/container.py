@@ -45,6 +45,7 @@ class Services:
         self._vectors: VectorStore | None = None
         self._blobs: BlobStore | None = None
         self._model_registered = False
+        self._holds_milvus = False  # this object counts as a user of the process's Milvus client
 
     def _check_fork(self) -> None:
         """Forget everything built in another process (never reuse it after fork)."""
@@ -55,6 +56,7 @@ class Services:
             self._catalog = None
             self._vectors = None
             self._model_registered = False
+            self._holds_milvus = False
 
     @property
     def embedder(self) -> Embedder:
@@ -110,6 +112,7 @@ class Services:
                 )
                 store.ensure_collections()
                 self._vectors = store
+                self._hold_milvus()
                 self._register_model()
             return self._vectors
 
@@ -126,10 +129,22 @@ class Services:
         from agman_milvus.core.schema import AttributeSchema
         from agman_milvus.services.store.vectors import VectorStore
 
-        return VectorStore.from_settings(
+        store = VectorStore.from_settings(
             self.settings, AttributeSchema.from_json(record.attribute_schema), record.version,
             embed_dim=record.embed_dim, descriptor_dim=record.descriptor_dim,
         )
+        with self._lock:
+            self._hold_milvus()
+        return store
+
+    def _hold_milvus(self) -> None:
+        """Count this object as a user of the process's Milvus client (once), so that
+        :meth:`close` can give an embedded Milvus Lite directory back."""
+        if not self._holds_milvus:
+            from agman_milvus.services.store.vectors import hold_milvus
+
+            hold_milvus(self.settings)
+            self._holds_milvus = True
 
     def _register_model(self) -> None:
         if self._model_registered:
@@ -158,12 +173,20 @@ class Services:
         self._model_registered = True
 
     def close(self) -> None:
-        """Dispose of the database engine (the Milvus client is shared per process)."""
+        """Dispose of the database engine and give the Milvus client back. The client is shared
+        per process: the last user of an embedded Milvus Lite directory closes it, so another
+        process (the next ``agman`` command) can open the directory."""
         with self._lock:
-            if self._catalog is not None and self._pid == os.getpid():
-                self._catalog.dispose()
+            if self._pid == os.getpid():
+                if self._catalog is not None:
+                    self._catalog.dispose()
+                if self._holds_milvus:
+                    from agman_milvus.services.store.vectors import release_milvus
+
+                    release_milvus(self.settings)
             self._catalog = None
             self._vectors = None
+            self._holds_milvus = False
 
 
 _default: dict[int, Services] = {}

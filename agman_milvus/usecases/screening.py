@@ -25,6 +25,7 @@ from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
 from agman_milvus.core.runtime import configure_process
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
+from agman_milvus.services.store.vectors import hold_milvus, release_milvus
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 
@@ -125,14 +126,22 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
 def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
     """Run the job in a daemon thread of this process (the embedded default). The process's
     allocator settings are applied first (:func:`configure_process`), so the thread shares the
-    tuned heap instead of starting its own arena."""
+    tuned heap instead of starting its own arena. The thread counts as a user of the Milvus
+    client until the job ends, so closing the client that started it does not close an
+    embedded Milvus Lite under it."""
     configure_process()
+    settings = checker.settings
+    if settings is not None:
+        hold_milvus(settings)
 
     def target() -> None:
         try:
             run_job(job_id, checker)
         except Exception:  # recorded on the job row by run_job
             log.exception("screening job %d failed", job_id)
+        finally:
+            if settings is not None:
+                release_milvus(settings)
 
     thread = threading.Thread(target=target, name=f"agman-screen-{job_id}", daemon=True)
     thread.start()

@@ -101,10 +101,16 @@ class VectorRow:
 # -- opening ---------------------------------------------------------------------------------
 _clients: dict[tuple[int, str, str, str], MilvusClient] = {}
 _clients_lock = threading.Lock()
+_holders: dict[tuple[int, str, str, str], int] = {}  # users of each client (hold_milvus)
 
 
 def _is_local_path(uri: str) -> bool:
     return "://" not in uri
+
+
+def _client_key(settings: Settings) -> tuple[int, str, str, str]:
+    """The cache key of this process's client for ``settings``' Milvus URI."""
+    return os.getpid(), settings.resolved_milvus_uri, settings.milvus_token, settings.milvus_db_name
 
 
 def open_milvus(settings: Settings) -> MilvusClient:
@@ -115,7 +121,7 @@ def open_milvus(settings: Settings) -> MilvusClient:
     :class:`MilvusLiteLockedError` explaining how to share it.
     """
     uri = settings.resolved_milvus_uri
-    key = (os.getpid(), uri, settings.milvus_token, settings.milvus_db_name)
+    key = _client_key(settings)
     with _clients_lock:
         client = _clients.get(key)
         if client is not None:
@@ -143,6 +149,27 @@ def open_milvus(settings: Settings) -> MilvusClient:
         return client
 
 
+def hold_milvus(settings: Settings) -> None:
+    """Count one more user of this process's client for ``settings``' Milvus URI; each user
+    gives it back with :func:`release_milvus`."""
+    with _clients_lock:
+        key = _client_key(settings)
+        _holders[key] = _holders.get(key, 0) + 1
+
+
+def release_milvus(settings: Settings) -> bool:
+    """One user fewer of this process's client for ``settings``' Milvus URI. The last user of
+    an embedded Milvus Lite directory closes it (:func:`close_milvus`), so that another process
+    (the next ``agman`` command) can open it; a server's client stays open for reuse. True when
+    it closed."""
+    with _clients_lock:
+        key = _client_key(settings)
+        left = _holders.pop(key, 0) - 1
+        if left > 0:
+            _holders[key] = left
+    return left <= 0 and _is_local_path(key[1]) and close_milvus(settings)
+
+
 def close_milvus(settings: Settings) -> bool:
     """Close and forget this process's client for ``settings``' Milvus URI (True if one was open).
 
@@ -150,7 +177,7 @@ def close_milvus(settings: Settings) -> bool:
     later :func:`open_milvus` on the same path starts afresh instead of reusing a dead client.
     """
     uri = settings.resolved_milvus_uri
-    key = (os.getpid(), uri, settings.milvus_token, settings.milvus_db_name)
+    key = _client_key(settings)
     with _clients_lock:
         client = _clients.pop(key, None)
     if client is None:
