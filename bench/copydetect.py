@@ -249,12 +249,14 @@ def copy_rescore(
     return out
 
 
-def copy_score_inputs(verified, ref_h: np.ndarray) -> list[list[tuple[int, float, float]]]:
-    """Per query, (reference, verification score, margin over the best other) for fitting."""
+def copy_score_inputs(verified, ref_h: np.ndarray,
+                      inliers: list[dict[int, int]]) -> list[list[tuple[int, float, float]]]:
+    """Per query, (reference, verification score, margin) for fitting, the margin as the
+    checker weighs it (:func:`copy_verify.copy_margins`, ``inliers[q][reference]``)."""
     out = []
-    for pairs in verified:
-        scores = [s for _, s in pairs]
-        margins = copy_verify.margins(scores, [int(ref_h[j]) for j, _ in pairs])
+    for q, pairs in enumerate(verified):
+        margins = copy_verify.copy_margins([s for _, s in pairs], [int(ref_h[j]) for j, _ in pairs],
+                                           [inliers[q][j] for j, _ in pairs])
         out.append([(j, s, m) for (j, s), m in zip(pairs, margins, strict=True)])
     return out
 
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                       for _, _, v in sift])
         y = np.array([j in truth[q] for q, j, _ in sift], float)
         fitted = tuple(round(float(w), 3) for w in fit_logistic(x, y))
-        inputs = copy_score_inputs(rescore(checked, fitted), ref_h)
+        inputs = copy_score_inputs(rescore(checked, fitted), ref_h, inliers)
         rows = [(q, j, s, m) for q in in_cal for j, s, m in inputs[q]]
         x2 = np.array([[1.0, s, m] for _, _, s, m in rows])
         y2 = np.array([j in truth[q] for q, j, _, _ in rows], float)

@@ -71,7 +71,8 @@ from agman_milvus.core.pasted import Box
 from agman_milvus.core.phash import hamming
 
 __all__ = [
-    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_scores",
+    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_margins",
+    "copy_scores",
     "draw_evidence", "extract", "features_vector", "margins", "same_picture", "score", "verify", "verify_all",
 ]
 
@@ -367,6 +368,20 @@ def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
             for i, s in enumerate(scores)]
 
 
+def copy_margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
+                 inliers: Sequence[int] | None = None) -> list[float]:
+    """The margins :func:`copy_scores` weighs each verification ``scores`` by: :func:`margins`,
+    except that a candidate verified by :data:`DECISIVE_INLIERS` keypoint ``inliers`` or more
+    (per candidate, 0 for a dense alignment) is weighed against keypoint verifications only."""
+    margin = margins(scores, hashes)
+    if inliers is not None and max(inliers, default=0) >= DECISIVE_INLIERS:
+        keypoint_rivals = [s if n > 0 else 0.0 for s, n in zip(scores, inliers, strict=True)]
+        by_keypoints = margins(scores, hashes, keypoint_rivals)
+        margin = [k if n >= DECISIVE_INLIERS else m
+                  for m, k, n in zip(margin, by_keypoints, inliers, strict=True)]
+    return margin
+
+
 def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
                 weights: tuple[float, ...] = COPY_WEIGHTS,
                 smoothed: Sequence[float] | None = None,
@@ -388,12 +403,7 @@ def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = N
     look-alike beside it. The copy score is the larger of the two, and at least the smoothed
     score times :data:`PIXELATED_MAX` (a near-duplicate for a reviewer when the margin is small).
     """
-    margin = margins(scores, hashes)
-    if inliers is not None and max(inliers, default=0) >= DECISIVE_INLIERS:
-        keypoint_rivals = [s if n > 0 else 0.0 for s, n in zip(scores, inliers, strict=True)]
-        by_keypoints = margins(scores, hashes, keypoint_rivals)
-        margin = [k if n >= DECISIVE_INLIERS else m
-                  for m, k, n in zip(margin, by_keypoints, inliers, strict=True)]
+    margin = copy_margins(scores, hashes, inliers)
     out = [s if s >= SURE else _margin_model(s, m, weights) for s, m in zip(scores, margin, strict=True)]
     if smoothed is not None and any(smoothed):
         best = [max(s, t) for s, t in zip(scores, smoothed, strict=True)]
