@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agman_milvus.app.commands.train import BUILT_IN_MODELS
 from agman_milvus.core.model import (
     CheckpointError,
     build_model,
@@ -34,7 +35,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def test_registry_lists_the_three_variants() -> None:
-    assert list_models() == ["agman", "asen_v2", "global"]
+    assert list_models() == ["agman", "asen_v2", "global"] == list(BUILT_IN_MODELS)  # `agman train`'s help
     with pytest.raises(ValueError, match="known models: agman, asen_v2, global"):
         build_model("nope", schema=AttributeSchema.from_dict({"a": 2}))
     with pytest.raises(ValueError, match="known backbones"):

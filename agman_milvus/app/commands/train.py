@@ -9,6 +9,9 @@ import typer
 
 _DATA = "Data"
 _RECIPE = "Recipe"
+#: The models agman_milvus registers itself (named in the help without importing torch; a
+#: test checks them against ``list_models()``).
+BUILT_IN_MODELS = ("agman", "asen_v2", "global")
 
 
 def _source(catalog: Path | None, attributes: str, min_count: int, split_seed: int,
@@ -108,14 +111,11 @@ def _paper_trainer(net, source, options: dict):
 
 
 def register(app: typer.Typer) -> None:
-    from agman_milvus.core.model import list_models
-
-    models = list_models()
-
     @app.command("train")
     def train(
         ctx: typer.Context,
-        model: str = typer.Argument(..., help=f"Model to train: {', '.join(models)}"),
+        model: str = typer.Argument(..., help=f"Model to train: {', '.join(BUILT_IN_MODELS)} (or one "
+                                    "registered with register_model)"),
         output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics.jsonl)"),
         catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)",
                                             rich_help_panel=_DATA),
@@ -190,12 +190,12 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from agman_milvus.core.model import build_model
+        from agman_milvus.core.model import build_model, list_models
         from agman_milvus.training.product import PRODUCT_BACKBONE
         from agman_milvus.training.trainer import Callbacks
 
-        if model not in models:
-            raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(models)}")
+        if model not in list_models():
+            raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(list_models())}")
         if recipe not in ("product", "paper"):
             raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
         product = recipe == "product"
