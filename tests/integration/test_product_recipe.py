@@ -181,3 +181,14 @@ def test_eval_linear_probe_reports_intervals(catalog: Path, tmp_path: Path) -> N
         assert low <= value <= high
     # supervised on the attributes, the probe ranks far better than generic ImageNet similarity
     assert probe["overall_map"] > reports["--imagenet-floor"]["overall_map"] + 10
+    # as `agman train --fold-valid`, the probe can learn from the valid images too
+    out = tmp_path / "folded.json"
+    result = CliRunner().invoke(app, ["eval", "--linear-probe", "mobilenet_v2", *data, "--fold-valid",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    folded = json.loads(out.read_text())
+    assert folded["probe_training_labels"] > probe["probe_training_labels"] > 0
+    assert folded["per_attribute"].keys() == probe["per_attribute"].keys()  # the same test split
+    refused = CliRunner().invoke(app, ["eval", "--linear-probe", "mobilenet_v2", *data[:6], "--split",
+                                       "valid", "--fold-valid"])
+    assert refused.exit_code == 2 and "--fold-valid trains on the valid split" in refused.output

@@ -256,6 +256,9 @@ def register(app: typer.Typer) -> None:
         images: Path | None = typer.Option(None, rich_help_panel=_DATA),
         dataset: str | None = typer.Option(None, rich_help_panel=_DATA),
         split: str = typer.Option("test", help="valid or test"),
+        fold_valid: bool = typer.Option(False, help="With --linear-probe: the probe learns from the "
+                                        "catalog's valid images too, as `agman train --fold-valid` does",
+                                        rich_help_panel=_DATA),
         zappos: Path | None = typer.Option(None, help="CSN Zappos dir: TR accuracy on its triplet lists"),
         zappos_triplets: int = typer.Option(160_000, help="Zappos triplets (CSN: 160k test, 80k val)"),
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the result as JSON"),
@@ -290,7 +293,9 @@ def register(app: typer.Typer) -> None:
             result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets)}
             typer.echo(f"TR accuracy: {accuracy:.2f}% over {len(triplets)} triplets")
         else:
-            source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset)
+            if fold_valid and split == "valid":
+                raise typer.BadParameter("--fold-valid trains on the valid split: evaluate on --split test")
+            source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset, fold_valid)
             if checkpoint is not None:
                 net = load_checkpoint(checkpoint)
                 name = str(checkpoint)
@@ -309,6 +314,8 @@ def register(app: typer.Typer) -> None:
             intervals = result.intervals()
             _map_table(f"{name} — {split} MAP", result, intervals)
             result_json = {"model": name, "split": split, **result.to_json(), "ci95": intervals}
+            if linear_probe is not None:
+                result_json["probe_training_labels"] = len(source.train)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result_json, indent=1))
