@@ -10,8 +10,9 @@
 #   global"; a row whose RUN_DIR/<row>_test.json exists is skipped), EPOCHS, IMAGE_SIZE, BACKBONE
 #   (default efficientnet_lite0 for product, mobilenet_v2 for paper; the floor and the probe use
 #   the same trunk), TUNE_MID_BLOCKS (product: fine-tune the mid level's last N blocks; default:
-#   the recipe's, 3 on efficientnet_lite0), FOLD_VALID (set: train on the valid images too, keep the
-#   last epoch: `agman train --fold-valid`).
+#   the recipe's, 3 on efficientnet_lite0), FOLD_VALID (1, the product default: the models and the
+#   probe learn from the valid images too and each model's last epoch is kept, `--fold-valid`;
+#   0, the paper default: the valid split picks each model's best epoch).
 # product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors; without the mid level's last 3 blocks, which are fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64
@@ -26,6 +27,9 @@ SHARED=${AGMAN_SHARED_DIR:-$(cd .. && pwd)/shared}
 CATALOG=$SHARED/data/fashion-products/manifest.csv
 RECIPE=${RECIPE:-product}
 if [ "$RECIPE" = product ]; then BACKBONE=${BACKBONE:-efficientnet_lite0}; else BACKBONE=${BACKBONE:-mobilenet_v2}; fi
+if [ "$RECIPE" = product ]; then FOLD_VALID=${FOLD_VALID:-1}; else FOLD_VALID=${FOLD_VALID:-0}; fi
+FOLD=()
+[ "$FOLD_VALID" = 1 ] && FOLD=(--fold-valid)
 MODELS=${MODELS:-agman probe floor asen_v2 global}
 AGMAN=${AGMAN:-.venv/bin/agman}
 [ -f "$CATALOG" ] || { echo "no catalog at $CATALOG (set AGMAN_SHARED_DIR)" >&2; exit 1; }
@@ -37,14 +41,14 @@ if [ "$RECIPE" = product ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-224}
   COMMON=(--recipe product --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
-          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} ${FOLD_VALID:+--fold-valid}
+          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} "${FOLD[@]}"
           --cache-path "$RUN_DIR/feature_cache.safetensors")
 else
   IMAGE_SIZE=${IMAGE_SIZE:-128}
   COMMON=(--recipe paper --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-16}" --triplets-per-epoch 1600 --batch-size 16 --lr 1e-4 --step-size 3
           --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads 1
-          --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors")
+          --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors" "${FOLD[@]}")
 fi
 EVAL=("${DATA[@]}" --split test --workers 1 --threads 1)
 
@@ -63,7 +67,7 @@ for row in $MODELS; do
       echo "imagenet_floor train seconds: 0" | tee -a "$RUN_DIR/timing.txt"
       $AGMAN eval --imagenet-floor "$BACKBONE" --image-size "$IMAGE_SIZE" "${EVAL[@]}" -o "$RUN_DIR/floor_test.json" ;;
     probe)  # trained on the train split, then evaluated: its training time is in the eval call
-      timed probe $AGMAN eval --linear-probe "$BACKBONE" --image-size "$IMAGE_SIZE" "${EVAL[@]}" \
+      timed probe $AGMAN eval --linear-probe "$BACKBONE" --image-size "$IMAGE_SIZE" "${EVAL[@]}" "${FOLD[@]}" \
           -o "$RUN_DIR/probe_test.json" ;;
     *)
       timed "$row" $AGMAN train "$row" -o "$RUN_DIR/$row" "${DATA[@]}" "${COMMON[@]}"
