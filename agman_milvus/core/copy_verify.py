@@ -72,8 +72,8 @@ from agman_milvus.core.phash import hamming
 
 __all__ = [
     "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_margins",
-    "copy_scores",
-    "draw_evidence", "extract", "features_vector", "margins", "same_picture", "score", "verify", "verify_all",
+    "copy_scores", "draw_evidence", "extract", "features_vector", "margins", "same_picture", "score",
+    "verify", "verify_all",
 ]
 
 WORK_SIDE = 448
