@@ -1,5 +1,5 @@
 """The CLI starts without the model stack: ``agman --help`` and the commands that need no model
-(database, jobs, a producer that hands work to Celery) do not pay for importing torch."""
+(``agman db ...``) do not pay for importing torch."""
 
 from __future__ import annotations
 
