@@ -63,7 +63,10 @@ def main(run_dir: Path) -> None:
                               for rec in lines if "valid_map" in rec)
             seconds = sum(rec.get(key, 0) for rec in lines
                           for key in ("cache_seconds", "train_seconds", "eval_seconds"))
-            print(f"\n`{key}` valid MAP by epoch: {curve} ({seconds:.0f} s cache+train+valid)")
+            if curve:
+                print(f"\n`{key}` valid MAP by epoch: {curve} ({seconds:.0f} s cache+train+valid)")
+            else:  # --fold-valid: the valid images trained too, the last epoch kept
+                print(f"\n`{key}`: no validation, the valid images trained too ({seconds:.0f} s cache+train)")
 
 
 if __name__ == "__main__":
