@@ -90,42 +90,45 @@ def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployme
         holder.wait()
 
 
-def test_a_closed_client_frees_the_embedded_database(deployment: Deployment, catalogue: Catalogue) -> None:
+def test_a_closed_client_frees_the_embedded_database(deployment: Deployment, catalogue: Catalogue,
+                                                     tmp_path: Path) -> None:
     """A notebook's ``with Client()`` block ends while its process lives on: another client of
     that process keeps the embedded Milvus Lite (and a screening job its own run) until the last
     one closes; then ``agman search`` in a terminal can open the directory."""
     image = str(catalogue.image(journeys.QUERY))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys
-            from agman_milvus import Client
-            keeper = Client()
-            with Client() as first:
-                first.search({image!r}, "colour")
-            assert keeper.search({image!r}, "colour")  # the process's other client still works
-            print("one closed", flush=True)
-            sys.stdin.readline()
-            with Client() as screener:
-                job = screener.screen([{image!r}] * 20)
-            keeper.close()
-            assert job.wait(timeout=300).status == "done", job.error  # it outlived every client
-            print("all closed", flush=True)
-            sys.stdin.readline()
-        """)],
-        env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "holder.log"  # a file, not a pipe nobody reads while the test waits on stdout
+    with log.open("w") as err:  # the child keeps its own copy of the descriptor
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import sys
+                from agman_milvus import Client
+                keeper = Client()
+                with Client() as first:
+                    first.search({image!r}, "colour")
+                assert keeper.search({image!r}, "colour")  # the process's other client still works
+                print("one closed", flush=True)
+                sys.stdin.readline()
+                with Client() as screener:
+                    job = screener.screen([{image!r}] * 20)
+                keeper.close()
+                assert job.wait(timeout=300).status == "done", job.error  # it outlived every client
+                print("all closed", flush=True)
+                sys.stdin.readline()
+            """)],
+            env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=err, text=True)
     try:
         assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline().strip() == "one closed", holder.communicate(timeout=60)[1][-3000:]
+        assert holder.stdout.readline().strip() == "one closed", log.read_text()[-3000:]
         proc = deployment.run("search", image, "-a", "colour", ok=False)
         assert proc.returncode == 2 and "in use by another process" in proc.stderr, proc.stderr
         holder.stdin.write("\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "all closed", holder.communicate(timeout=60)[1][-3000:]
+        assert holder.stdout.readline().strip() == "all closed", log.read_text()[-3000:]
         deployment.run("search", image, "-a", "colour")  # the directory is free: it opens
         holder.stdin.write("\n")
         holder.stdin.flush()
-        assert holder.wait(timeout=60) == 0, holder.communicate(timeout=60)[1][-3000:]
+        assert holder.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
         if holder.poll() is None:
             holder.kill()
