@@ -8,6 +8,11 @@
 3. In a new process: one warm-up ``check_copy`` (model and collections loaded), then a
    screening job over every query (``Client.screen``, the background thread of the embedded
    default) timed from submit to done, its stages timed by wrapping the checker's methods.
+4. With ``--workers 1,2`` (say), the same job again on that many ``agman worker`` processes
+   (queue ``agman.default``, Redis at 127.0.0.1:6379, the data directory's Milvus Lite served
+   by ``agman milvus-serve``), each worker count side by side with the thread: a job's chunks
+   are separate tasks, so the workers share it. Warmed up by a small job first (one chunk per
+   query); the cores kept busy are the workers' CPU time over the job's wall time.
 
 The model is AG-MAN on MobileNetV2 with the ImageNet trunk (the copy descriptor and local
 features do not depend on the attribute heads). Reports checks/s, ms per query by stage, the
@@ -17,6 +22,7 @@ the job's verdicts: per query with an original, whether its best match is that o
 was flagged. Prints JSON.
 
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py --refs 1000 --positives 360 --negatives 240
+    AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1,2   # and on workers
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ import csv
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +53,12 @@ from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import random_edit
 
 
-def screen_job(queries_file: Path) -> dict:
-    """The screening process: one warm-up check, then the timed job over the queries in
-    ``queries_file`` (JSON list of paths), its stages timed by wrapping the checker's methods;
-    returns the job's status, seconds, per-stage seconds and each query's rank-1 match."""
+def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
+    """The screening process: a warm-up, then the timed job over the queries in
+    ``queries_file`` (JSON list of paths); returns the job's status, seconds, CPU seconds,
+    per-stage seconds and each query's rank-1 match. In process (no ``worker_pids``) the
+    stages are timed by wrapping the checker's methods and the CPU time is this process's;
+    on workers, the CPU time is theirs."""
     from agman_milvus import Client
     from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.store.vectors import VectorStore
@@ -67,6 +79,9 @@ def screen_job(queries_file: Path) -> dict:
 
         setattr(owner, name, wrapper)
 
+    def cpu() -> float:
+        return sum(_cpu_seconds(pid) for pid in worker_pids) if worker_pids else time.process_time()
+
     timed(CopyChecker, "score_candidates", "stage1")
     timed(Embedder, "encode", "stage1_embed")
     timed(CopyChecker, "_voted", "stage1_keypoints_and_voting")
@@ -74,15 +89,71 @@ def screen_job(queries_file: Path) -> dict:
     timed(CopyChecker, "verify_scored", "stage2_verify")
     timed(CopyChecker, "_decide", "decide")
     with Client() as client:
-        client.check_copy(queries[0])
+        if worker_pids:  # every worker loads its model on its first chunk
+            client.screen(queries[:2 * len(worker_pids)], chunk_size=1).wait(timeout=600)
+        else:
+            client.check_copy(queries[0])
         spent.clear()
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0 = time.perf_counter(), cpu()
         job = client.screen(queries).wait(timeout=7200)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+        seconds, cpu_seconds = time.perf_counter() - t0, cpu() - cpu0
         best = {m.query_ref: {"verdict": m.verdict, "product_id": (m.evidence or {}).get("product_id")}
                 for m in job.matches() if (m.evidence or {}).get("rank") == 1}
     return {"status": job.status, "seconds": seconds, "cpu_seconds": cpu_seconds, "stages": dict(spent),
             "best": best}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(ready: Any, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:g} s")
+        time.sleep(0.2)
+
+
+@contextmanager
+def worker_stack(env: dict[str, str], workers: int, logs: Path) -> Iterator[tuple[dict[str, str], list[int]]]:
+    """``agman milvus-serve`` over the data directory and ``workers`` ``agman worker``
+    processes on queue ``agman.default`` (Redis at 127.0.0.1:6379, keys under a fresh prefix);
+    yields the environment that reaches them and the workers' PIDs, and stops them by PID."""
+    agman = str(Path(sys.executable).with_name("agman"))
+    port = _free_port()
+    env = {**env, "AGMAN_MILVUS_URI": f"http://127.0.0.1:{port}",
+           "AGMAN_BROKER_URL": "redis://127.0.0.1:6379/0",
+           "AGMAN_BROKER_KEY_PREFIX": f"agman-bench-{uuid.uuid4().hex[:8]}:"}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen([agman, "milvus-serve", "--port", str(port)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, "milvus-serve")
+        for n in range(workers):
+            log = logs / f"worker-{workers}-{n}.log"
+            with open(log, "wb") as fh:
+                procs.append(subprocess.Popen(
+                    [agman, "worker", "-Q", "agman.default", "-n", f"bench{n}@%h", "--no-compile"],
+                    env=env, stdout=fh, stderr=subprocess.STDOUT))
+            _wait(lambda log=log: " ready." in log.read_text(errors="replace"), f"worker {n}")
+        yield env, [p.pid for p in procs[1:]]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negatives", type=int, default=240)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--workers", default="",
+                    help="also run the job on this many agman worker processes, e.g. 1,2")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
+    ap.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.screen_job:
-        print(json.dumps(screen_job(args.screen_job)))
+        pids = [int(p) for p in args.worker_pids.split(",") if p]
+        print(json.dumps(screen_job(args.screen_job, pids)))
         return 0
+    worker_counts = [int(n) for n in args.workers.split(",") if n]
     shared = shared_dir()
     if shared is None:
         print("no shared data (set AGMAN_SHARED_DIR)", file=sys.stderr)
@@ -143,30 +219,50 @@ def main(argv: list[str] | None = None) -> int:
             queries.append(str(path))
             truth[str(path)], edits[str(path)] = ids_by_key.get(content_key(src), set()), names
         (work / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
-        done = subprocess.run([sys.executable, __file__, "--screen-job", str(work / "queries.json")],
-                              env=env, check=True, capture_output=True, text=True)
-        job = json.loads(done.stdout.strip().splitlines()[-1])
 
-    best = job["best"]  # query -> its rank-1 match, when flagged
+        def run_job(job_env: dict[str, str], pids: list[int]) -> dict:
+            done = subprocess.run([sys.executable, __file__, "--screen-job", str(work / "queries.json"),
+                                   "--worker-pids", ",".join(map(str, pids))],
+                                  env=job_env, check=True, capture_output=True, text=True)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        job = run_job(env, [])
+        on_workers = {}
+        for count in worker_counts:
+            with worker_stack(env, count, work) as (stack_env, pids):
+                on_workers[count] = run_job(stack_env, pids)
+
     with_original = [q for q in queries if truth[q]]
     without = [q for q in queries if not truth[q]]
 
-    def is_found(q: str, verdicts: tuple[str, ...]) -> bool:
-        return q in best and best[q]["verdict"] in verdicts and best[q]["product_id"] in truth[q]
+    def verdicts(best: dict[str, dict]) -> dict[str, Any]:
+        """``best``: query -> its rank-1 match, when flagged."""
+        def is_found(q: str, kinds: tuple[str, ...]) -> bool:
+            return q in best and best[q]["verdict"] in kinds and best[q]["product_id"] in truth[q]
 
-    def found(qs: list[str], verdicts: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
-        return round(sum(is_found(q, verdicts) for q in qs) / max(1, len(qs)), 3)
+        def found(qs: list[str], kinds: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
+            return round(sum(is_found(q, kinds) for q in qs) / max(1, len(qs)), 3)
 
-    def flagged(qs: list[str], verdicts: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
-        return round(sum(q in best and best[q]["verdict"] in verdicts for q in qs) / max(1, len(qs)), 3)
+        def flagged(qs: list[str], kinds: tuple[str, ...] = ("copy", "near_duplicate")) -> float:
+            return round(sum(q in best and best[q]["verdict"] in kinds for q in qs) / max(1, len(qs)), 3)
 
-    copies = [q for q in queries if q in best and best[q]["verdict"] == "copy"]
-    per_edit = {}
-    for kind in sorted({k for names in edits.values() for k in names}):
-        qs = [q for q in with_original if kind in edits[q]]
-        per_edit[kind] = {"queries_with_original": len(qs), "copy_recall": found(qs, ("copy",)),
-                          "flagged_recall": found(qs)}
+        copies = [q for q in queries if q in best and best[q]["verdict"] == "copy"]
+        per_edit = {}
+        for kind in sorted({k for names in edits.values() for k in names}):
+            qs = [q for q in with_original if kind in edits[q]]
+            per_edit[kind] = {"queries_with_original": len(qs), "copy_recall": found(qs, ("copy",)),
+                              "flagged_recall": found(qs)}
+        return {
+            "copy_precision": round(sum(is_found(q, ("copy",)) for q in copies) / max(1, len(copies)), 3),
+            "copy_recall": found(with_original, ("copy",)),
+            "flagged_recall": found(with_original),
+            "with_original_wrong_product_flagged": round(flagged(with_original) - found(with_original), 3),
+            "without_original_called_copy": flagged(without, ("copy",)),
+            "without_original_flagged": flagged(without),
+        }, per_edit
+
     n = len(queries)
+    job_verdicts, per_edit = verdicts(job["best"])
     report = {
         "refs": len(refs), "queries": n, "queries_with_original": len(with_original),
         "image_size": args.image_size, "seed": args.seed, "job_status": job["status"],
@@ -175,15 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         "job_seconds": round(job["seconds"], 1),
         "job_cores_busy": round(job["cpu_seconds"] / job["seconds"], 2),
         "ingest_images_per_s": round(len(refs) / ingest_s, 2),
-        "verdicts": {
-            "copy_precision": round(sum(is_found(q, ("copy",)) for q in copies) / max(1, len(copies)), 3),
-            "copy_recall": found(with_original, ("copy",)),
-            "flagged_recall": found(with_original),
-            "with_original_wrong_product_flagged": round(flagged(with_original) - found(with_original), 3),
-            "without_original_called_copy": flagged(without, ("copy",)),
-            "without_original_flagged": flagged(without),
-        },
+        "verdicts": job_verdicts,
         "per_edit": per_edit,
+        "on_workers": {
+            str(count): {"job_status": w["status"], "checks_per_s": round(n / w["seconds"], 2),
+                         "job_seconds": round(w["seconds"], 1),
+                         "workers_cores_busy": round(w["cpu_seconds"] / w["seconds"], 2),
+                         "verdicts": verdicts(w["best"])[0]}
+            for count, w in on_workers.items()},
         "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print_report(report, args.out)

@@ -282,12 +282,15 @@ class Client:
 
         return calibrate(self._copy_checker(), precision=precision, sample=sample, seed=seed)
 
-    def screen(self, images: Any, top_k: int = 5) -> Any:
+    def screen(self, images: Any, top_k: int = 5, chunk_size: int | None = None) -> Any:
         """Start a background screening job over ``images``; returns a ``ScreeningJobHandle``.
 
-        Celery (queue ``agman.default``) when a broker is configured, else a thread here.
+        Celery (queue ``agman.default``) when a broker is configured, one task per chunk of
+        ``chunk_size`` queries (default :data:`~agman_milvus.usecases.screening.CHUNK_SIZE`)
+        so the workers share the job, else a thread here.
         """
         from agman_milvus.usecases.screening import (
+            CHUNK_SIZE,
             ScreeningJobHandle,
             create_job,
             query_references,
@@ -295,13 +298,14 @@ class Client:
         )
 
         refs = query_references(list(images), self.services.blobs)
-        job_id = create_job(self.services.catalog, refs, top_k=top_k)
+        job_id = create_job(self.services.catalog, refs, top_k=top_k, chunk_size=chunk_size or CHUNK_SIZE)
         thread = None
         if self.settings.broker_url:
             from agman_milvus.workers.app import create_app
             from agman_milvus.workers.producer import send_screening_job
 
-            send_screening_job(create_app(self.settings), job_id)
+            chunks = self.services.catalog.screening_jobs.chunks(job_id)
+            send_screening_job(create_app(self.settings), job_id, [c.start for c in chunks])
         else:
             thread = start_thread(job_id, self._copy_checker())
         return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,

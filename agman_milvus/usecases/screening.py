@@ -4,10 +4,13 @@ A job is a ``screening_jobs`` row (status, done/total, the query references in `
 each query found to be a ``copy`` or ``near_duplicate`` of a catalogue image adds a
 ``screening_matches`` row with its score and evidence (the verification's inliers, matched
 region, residual and inlier pairs included, so the report can draw them), and a query that
-cannot be read adds one ``error`` row with the reason. The work runs on a Celery worker (queue
-``agman.default``) when a broker is configured, else in a background thread of this process. It
-advances in batches, each committed with its progress, so a redelivered task resumes where the
-last commit left off and never duplicates a match.
+cannot be read adds one ``error`` row with the reason.
+
+The queries are split into chunks of :data:`CHUNK_SIZE`. With a broker configured each chunk is
+one Celery task (queue ``agman.default``), so every worker consuming that queue takes a share of
+the job (:func:`run_chunk`); without one, a background thread of this process runs the chunks
+in order (:func:`run_job`). A chunk advances in batches, each committed with its progress, so a
+redelivered task resumes where the last commit left off and never duplicates a match.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ from agman_milvus.services.store.vectors import hold_milvus, release_milvus
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 
-__all__ = ["ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_job", "start_thread"]
+__all__ = ["CHUNK_SIZE", "ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_chunk",
+           "run_job", "start_thread"]
 
 log = logging.getLogger(__name__)
 
 ERROR = "error"
 #: Queries a screening job checks together (one model pass, one keypoint search) and commits.
 BATCH_SIZE = 16
+#: Queries per chunk, one Celery task each: a worker's share of a job, small enough that many
+#: workers share a few hundred queries, large enough that a task's overhead does not count.
+CHUNK_SIZE = 64
 
 
 def query_references(images: Sequence[ImageSource], blobs: BlobStore) -> list[str]:
@@ -54,40 +61,67 @@ def query_references(images: Sequence[ImageSource], blobs: BlobStore) -> list[st
     return refs
 
 
-def create_job(catalog: Catalog, refs: Sequence[str], *, top_k: int = 5, **params: Any) -> int:
-    """Record a queued job over ``refs``; returns its id."""
+def create_job(catalog: Catalog, refs: Sequence[str], *, top_k: int = 5, chunk_size: int = CHUNK_SIZE,
+               **params: Any) -> int:
+    """Record a queued job over ``refs`` in chunks of ``chunk_size`` queries; returns its id."""
     if not refs:
         raise ValueError("a screening job needs at least one image")
     return catalog.screening_jobs.create(
-        len(refs), {"queries": list(refs), "top_k": int(top_k), **params})
+        len(refs), {"queries": list(refs), "top_k": int(top_k), **params}, chunk_size=chunk_size)
 
 
 def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = BATCH_SIZE) -> ScreeningJob:
-    """Run (or resume) job ``job_id`` to the end; returns its final row.
+    """Run (or resume) every chunk of job ``job_id`` in this process, in order; returns its
+    final row. A failed job runs again from where its chunks stopped.
 
-    Each batch deletes any matches an interrupted earlier run left for its queries, stores the
-    new ones and advances ``done`` in one transaction. An unexpected error marks the job
-    failed (with the message) and is re-raised.
+    An unexpected error marks the job failed (with the message) and is re-raised.
     """
     jobs = checker.catalog.screening_jobs
+    if jobs.get(job_id).status == JobStatus.done:
+        return jobs.get(job_id)
+    jobs.start(job_id)
+    for chunk in jobs.chunks(job_id):
+        _run_chunk(checker, job_id, chunk.start, batch_size)
+    jobs.finish_if_complete(job_id)
     job = jobs.get(job_id)
-    if job.status == JobStatus.done:
-        return job
+    log.info("screening job %d %s: %d/%d images", job_id, job.status.value, job.done, job.total)
+    return job
+
+
+def run_chunk(job_id: int, start: int, checker: CopyChecker, *, worker: str | None = None,
+              batch_size: int = BATCH_SIZE) -> ScreeningJob:
+    """Run (or resume) the chunk of job ``job_id`` that starts at query ``start`` (one Celery
+    task; ``worker`` names the worker for the chunk's row); returns the job's row. The
+    batch that completes the job's last chunk marks it done, whichever chunk that is.
+
+    An unexpected error marks the job failed (with the message) and is re-raised.
+    """
+    jobs = checker.catalog.screening_jobs
+    jobs.start_chunk(job_id, start, worker)
+    _run_chunk(checker, job_id, start, batch_size)
+    return jobs.get(job_id)
+
+
+def _run_chunk(checker: CopyChecker, job_id: int, start: int, batch_size: int) -> None:
+    """Check the chunk's queries from its committed progress on, a batch per transaction; stop
+    when another run of the chunk has committed a batch first."""
+    jobs = checker.catalog.screening_jobs
+    job, chunk = jobs.get(job_id), jobs.chunk(job_id, start)
     refs: list[str] = list(job.params.get("queries", []))
     top_k = int(job.params.get("top_k", 5))
-    jobs.start(job_id)
     try:
-        for start in range(job.done, len(refs), batch_size):
-            batch = refs[start:start + batch_size]
+        for first in range(chunk.start + chunk.done, chunk.stop, batch_size):
+            batch = refs[first:min(first + batch_size, chunk.stop)]
             rows = _screen_batch(checker, batch, top_k)
-            jobs.record_batch(job_id, batch, rows, done=start + len(batch))
-            log.debug("screening job %d: %d/%d", job_id, start + len(batch), len(refs))
+            if not jobs.record_batch(job_id, chunk.start, rows, done_before=first - chunk.start,
+                                     done_after=first - chunk.start + len(batch)):
+                log.warning("screening job %d: queries %d+ were committed by another run; this one stops",
+                            job_id, first)
+                return
+            log.debug("screening job %d: queries %d-%d done", job_id, first, first + len(batch))
     except Exception as exc:
         jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
         raise
-    jobs.finish(job_id)
-    log.info("screening job %d finished: %d images", job_id, len(refs))
-    return jobs.get(job_id)
 
 
 def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ message, so a message never names a row that does not exist yet. Only task names
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -60,6 +60,8 @@ class CeleryDispatcher:
             logger.debug("enqueued %d images on %s", len(chunk), GPU_QUEUE)
 
 
-def send_screening_job(app: Any, job_id: int) -> None:
-    """Queue screening job ``job_id`` (its queries and progress live in SQL)."""
-    app.send_task(SCREEN_TASK, args=[int(job_id)], queue=DEFAULT_QUEUE)
+def send_screening_job(app: Any, job_id: int, chunk_starts: Sequence[int]) -> None:
+    """Queue screening job ``job_id``, one message per chunk (by its first query), so the
+    workers share it; its queries and progress live in SQL."""
+    for start in chunk_starts:
+        app.send_task(SCREEN_TASK, args=[int(job_id), int(start)], queue=DEFAULT_QUEUE)

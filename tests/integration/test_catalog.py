@@ -208,34 +208,44 @@ def test_switch_model_activates_and_restamps_live_images_together(catalog: Catal
 
 def test_screening_job_lifecycle(catalog: Catalog) -> None:
     jobs = catalog.screening_jobs
-    job_id = jobs.create(3, {"queries": ["a", "b", "c"], "top_k": 2})
+    job_id = jobs.create(5, {"queries": ["a", "b", "c", "d", "e"], "top_k": 2}, chunk_size=2)
     job = jobs.get(job_id)
-    assert (job.status, job.done, job.total, job.params["top_k"]) == (JobStatus.queued, 0, 3, 2)
+    assert (job.status, job.done, job.total, job.params["top_k"]) == (JobStatus.queued, 0, 5, 2)
+    assert [(c.start, c.stop, c.done) for c in jobs.chunks(job_id)] == [(0, 2, 0), (2, 4, 0), (4, 5, 0)]
 
-    jobs.start(job_id)
-    first = [{"query_ref": "a", "matched_image_id": None, "matched_product_id": None,
-              "verdict": "copy", "score": 0.9, "evidence": {"rank": 1}}]
-    jobs.record_batch(job_id, ["a", "b"], first, done=2)
-    again = [{**first[0], "score": 0.8}, {**first[0], "query_ref": "b", "verdict": "error",
-                                           "score": 0.0, "evidence": {"error": "unreadable"}}]
-    jobs.record_batch(job_id, ["a", "b"], again, done=2)  # a redelivered batch replaces its rows
-    assert [(m.query_ref, m.score) for m in jobs.matches(job_id)] == [("a", 0.8), ("b", 0.0)]
-    assert jobs.get(job_id).status == JobStatus.running and jobs.get(job_id).done == 2
+    jobs.start_chunk(job_id, 2, "w1@host")
+    assert jobs.get(job_id).status == JobStatus.running and jobs.chunk(job_id, 2).worker == "w1@host"
+    match = {"query_ref": "c", "matched_image_id": None, "matched_product_id": None,
+             "verdict": "copy", "score": 0.9, "evidence": {"rank": 1}}
+    assert jobs.record_batch(job_id, 2, [match], done_before=0, done_after=2)
+    # a second run of that chunk (a redelivered message) cannot commit the same batch again
+    assert not jobs.record_batch(job_id, 2, [{**match, "score": 0.8}], done_before=0, done_after=2)
+    assert [(m.query_ref, m.score) for m in jobs.matches(job_id)] == [("c", 0.9)]
+    assert jobs.get(job_id).done == 2 and jobs.chunk(job_id, 2).done == 2
 
     jobs.fail(job_id, "RuntimeError: " + "x" * 5000)
     failed = jobs.get(job_id)
     assert failed.status == JobStatus.failed and len(failed.error or "") == 4000
     assert failed.finished_at is not None
-    jobs.start(job_id)
-    assert jobs.get(job_id).error is None
-    jobs.finish(job_id)
-    job, matches = jobs.get_with_matches(job_id)
-    assert job.status == JobStatus.done and [m.query_ref for m in matches] == ["a", "b"]
+    jobs.start_chunk(job_id, 0, "w2@host")  # another chunk starting does not hide the failure
+    assert jobs.get(job_id).status == JobStatus.failed
+    jobs.start(job_id)  # a rerun of the whole job does
+    assert jobs.get(job_id).error is None and jobs.get(job_id).status == JobStatus.running
+
+    assert jobs.record_batch(job_id, 4, [], done_before=0, done_after=1)
+    jobs.finish_if_complete(job_id)
+    assert jobs.get(job_id).status == JobStatus.running  # chunk 0 is still to do
+    assert jobs.record_batch(job_id, 0, [{**match, "query_ref": "a"}], done_before=0, done_after=2)
+    job, matches = jobs.get_with_matches(job_id)  # the last batch marked it done
+    assert (job.status, job.done) == (JobStatus.done, 5) and job.finished_at is not None
+    assert [m.query_ref for m in matches] == ["c", "a"]
 
     with pytest.raises(JobNotFoundError):
         jobs.get(job_id + 1000)
     with pytest.raises(JobNotFoundError):
         jobs.get_with_matches(job_id + 1000)
+    with pytest.raises(JobNotFoundError):
+        jobs.chunk(job_id, 1)
 
 
 def test_open_catalog_embedded_default_migrates_sqlite(tmp_path: Path) -> None:

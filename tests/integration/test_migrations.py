@@ -13,7 +13,7 @@ from agman_milvus.services.store import migrate
 from agman_milvus.services.store.engine import create_catalog_engine
 from agman_milvus.services.store.tables import Base
 
-TABLES = {"products", "images", "models", "screening_jobs", "screening_matches"}
+TABLES = {"products", "images", "models", "screening_chunks", "screening_jobs", "screening_matches"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
@@ -89,3 +89,20 @@ def test_db_cli_upgrade_and_current(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert after.exit_code == 0, after.output
     assert f"current: {migrate.head_revision()}" in after.output
     assert _tables(url) == TABLES
+
+
+def test_jobs_from_before_chunks_resume_where_they_stopped(empty_url: str) -> None:
+    """A job queued or interrupted before the chunks existed gets one chunk over all its
+    queries with the progress it had."""
+    migrate.upgrade(empty_url, "5b7e0c3d9a21")
+    engine = create_catalog_engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO screening_jobs (id, status, total, done, params) "
+                          "VALUES (7, 'running', 40, 16, '{\"queries\": []}')"))
+    engine.dispose()
+    migrate.upgrade(empty_url)
+    engine = create_catalog_engine(empty_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT job_id, start, stop, done FROM screening_chunks")).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(7, 0, 40, 16)]

@@ -120,17 +120,21 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
 
 def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
     from agman_milvus.usecases.copyright import CopyChecker
-    from agman_milvus.usecases.screening import create_job, run_job
+    from agman_milvus.usecases.screening import create_job, run_chunk, run_job
 
-    refs = [str(Path("/nonexistent/a.jpg")), str(Path("/nonexistent/b.jpg"))]
-    job_id = create_job(client.services.catalog, refs, top_k=2)
+    refs = [str(Path(f"/nonexistent/{name}.jpg")) for name in "abc"]
+    job_id = create_job(client.services.catalog, refs, top_k=2, chunk_size=2)
     handle = client.screening_job(job_id)
-    assert handle.status == "queued" and handle.done == 0 and handle.total == 2
+    assert handle.status == "queued" and handle.done == 0 and handle.total == 3
     checker = CopyChecker.from_services(client.services)
-    run_job(job_id, checker)
+    assert run_chunk(job_id, 2, checker, worker="w@host").done == 1  # the last chunk first
+    assert handle.refresh().status == "running"
+    run_job(job_id, checker)  # the rest, in this process
     run_job(job_id, checker)  # a redelivered task: nothing duplicated
+    run_chunk(job_id, 0, checker)
     handle.refresh()
-    assert handle.status == "done" and len(handle.matches()) == 2
+    assert handle.status == "done" and handle.done == 3 and len(handle.matches()) == 3
+    assert sorted(m.query_ref for m in handle.matches()) == refs
     assert {m.verdict for m in handle.matches()} == {"error"}
 
 

@@ -4,7 +4,8 @@
 * ingest events through a worker; the same image twice and the same message delivered twice
   leave one row and one vector;
 * SIGKILL a worker in the middle of a batch; after a restart every image is indexed exactly
-  once (SQL and Milvus agree) and none is lost.
+  once (SQL and Milvus agree) and none is lost;
+* a screening job's chunks shared by two workers, each query checked once.
 """
 
 from __future__ import annotations
@@ -242,3 +243,42 @@ def test_workers_resend_a_killed_batch_and_lost_messages(deployment: Deployment)
         first.kill()
         second.stop()
         services.close()
+
+
+def test_two_workers_share_a_screening_job(deployment: Deployment) -> None:
+    """A job's chunks are separate tasks: both workers take some, every query is checked once,
+    and the batch that completes the last chunk marks the job done."""
+    from agman_milvus.app.client import Client
+
+    first, second = deployment.worker("screen-1"), deployment.worker("screen-2")
+    first.start()
+    second.start()
+    client = Client(deployment.settings)
+    try:
+        originals = [_jpeg(7000 + i, size=96) for i in range(4)]
+        for i, image in enumerate(originals):
+            handle = client.ingest(f"screened-{i}", image, {"colour": "red"}, wait=True, timeout=90)
+            assert handle.status == "indexed"
+        others = [_jpeg(8000 + i, size=96) for i in range(12)]
+        queries = [*originals, *others]
+        job = client.screen(queries, top_k=2, chunk_size=2).wait(timeout=180)
+        assert (job.status, job.done, job.total) == ("done", 16, 16), job.error
+
+        chunks = client.services.catalog.screening_jobs.chunks(job.id)
+        assert [(c.start, c.stop, c.done) for c in chunks] == [(s, s + 2, 2) for s in range(0, 16, 2)]
+        workers = {c.worker for c in chunks}
+        assert len(workers) == 2 and None not in workers, workers  # both took a share
+        for w in (first, second):
+            assert w.log().count("screen[") >= 2 and w.alive()  # received and succeeded lines
+
+        refs = client.services.catalog.screening_jobs.get(job.id).params["queries"]
+        found = {}
+        for m in job.matches():
+            if m.evidence.get("rank") == 1:
+                assert m.query_ref not in found, f"{m.query_ref} checked twice"
+                found[m.query_ref] = m.verdict
+        assert all(found.get(ref) == "copy" for ref in refs[:4]), found  # each original found
+    finally:
+        client.close()
+        first.stop()
+        second.stop()

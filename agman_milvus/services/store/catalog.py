@@ -32,6 +32,7 @@ from agman_milvus.services.store.tables import (
     JobStatus,
     ModelRecord,
     Product,
+    ScreeningChunk,
     ScreeningJob,
     ScreeningMatch,
 )
@@ -39,7 +40,7 @@ from agman_milvus.services.store.tables import (
 __all__ = [
     "LIVE_STATUSES", "PRODUCT_FIELDS", "TRANSIENT_SQL_ERRORS", "Catalog", "CatalogError", "Image",
     "ImageFeatures", "ImageInfo", "ImageStatus", "IndexedSource", "JobNotFoundError", "JobStatus",
-    "ModelRecord", "Product", "ScreeningJob", "ScreeningMatch", "open_catalog",
+    "ModelRecord", "Product", "ScreeningChunk", "ScreeningJob", "ScreeningMatch", "open_catalog",
 ]
 
 

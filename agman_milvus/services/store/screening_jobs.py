@@ -1,19 +1,22 @@
-"""Screening jobs: a ``screening_jobs`` row (status, done/total, params) and its matches.
+"""Screening jobs: a ``screening_jobs`` row (status, done/total, params), its chunks and matches.
 
-Each batch of a job is committed with its progress in one transaction (see
-:meth:`ScreeningJobRepository.record_batch`), so a resumed job never duplicates a match.
+A job's queries are split into chunks (``screening_chunks``), each run by one task, so several
+workers share a job. Each batch of a chunk is committed with the chunk's and the job's progress
+in one transaction, and only by the run that read the chunk's progress it starts from (see
+:meth:`ScreeningJobRepository.record_batch`), so a resumed or doubly delivered chunk never
+duplicates a match. The batch that completes the job marks it done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from agman_milvus.services.store.repository import Repository, utcnow
-from agman_milvus.services.store.tables import JobStatus, ScreeningJob, ScreeningMatch
+from agman_milvus.services.store.tables import JobStatus, ScreeningChunk, ScreeningJob, ScreeningMatch
 
 __all__ = ["JobNotFoundError", "ScreeningJobRepository"]
 
@@ -23,14 +26,18 @@ class JobNotFoundError(LookupError):
 
 
 class ScreeningJobRepository(Repository):
-    """The ``screening_jobs`` and ``screening_matches`` tables."""
+    """The ``screening_jobs``, ``screening_chunks`` and ``screening_matches`` tables."""
 
-    def create(self, total: int, params: Mapping[str, Any]) -> int:
-        """Record a queued job of ``total`` queries; returns its id."""
+    def create(self, total: int, params: Mapping[str, Any], chunk_size: int | None = None) -> int:
+        """Record a queued job of ``total`` queries in chunks of ``chunk_size`` (default: one
+        chunk); returns its id."""
+        size = max(1, total if chunk_size is None else chunk_size)
         with self.sessions.begin() as s:
             job = ScreeningJob(status=JobStatus.queued, total=total, done=0, params=dict(params))
             s.add(job)
             s.flush()
+            s.add_all([ScreeningChunk(job_id=job.id, start=start, stop=min(start + size, total), done=0)
+                       for start in range(0, total, size)])
             return int(job.id)
 
     def blob_ids(self) -> set[str]:
@@ -64,32 +71,73 @@ class ScreeningJobRepository(Repository):
         with self.sessions() as s:
             return _matches(s, job_id)
 
+    def chunks(self, job_id: int) -> list[ScreeningChunk]:
+        """The job's chunks in query order."""
+        with self.sessions() as s:
+            return list(s.scalars(select(ScreeningChunk).where(ScreeningChunk.job_id == job_id)
+                                  .order_by(ScreeningChunk.start)))
+
+    def chunk(self, job_id: int, start: int) -> ScreeningChunk:
+        """The job's chunk starting at query ``start``; :class:`JobNotFoundError` when none."""
+        with self.sessions() as s:
+            chunk = s.get(ScreeningChunk, (job_id, start))
+        if chunk is None:
+            raise JobNotFoundError(f"screening job {job_id} has no chunk starting at query {start}")
+        return chunk
+
     def start(self, job_id: int) -> None:
         """Mark the job running (clearing the error of an earlier failed run)."""
         self._set(job_id, status=JobStatus.running, error=None)
 
-    def record_batch(
-        self, job_id: int, queries: Sequence[str], matches: Iterable[Mapping[str, Any]], done: int
-    ) -> None:
-        """In one transaction: replace the matches of ``queries`` (left by an interrupted run)
-        with ``matches`` (``screening_matches`` column values) and set the job's ``done``."""
+    def start_chunk(self, job_id: int, start: int, worker: str | None) -> None:
+        """Record who runs the chunk, and mark a queued job running (a failed one stays failed:
+        another chunk's error is not cleared by this one starting)."""
         with self.sessions.begin() as s:
-            s.execute(delete(ScreeningMatch).where(
-                ScreeningMatch.job_id == job_id, ScreeningMatch.query_ref.in_(queries)))
+            s.execute(update(ScreeningChunk).where(ScreeningChunk.job_id == job_id,
+                                                   ScreeningChunk.start == start).values(worker=worker))
+            s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id,
+                                                 ScreeningJob.status == JobStatus.queued)
+                      .values(status=JobStatus.running))
+
+    def record_batch(
+        self, job_id: int, start: int, matches: Iterable[Mapping[str, Any]], *, done_before: int,
+        done_after: int,
+    ) -> bool:
+        """In one transaction: advance chunk ``start`` from ``done_before`` to ``done_after``
+        queries, add ``matches`` (``screening_matches`` column values) and the queries to the
+        job's ``done``, and mark the job done when that was its last query. False, with nothing
+        written, when the chunk is no longer at ``done_before`` (another run of it committed
+        this batch first)."""
+        with self.sessions.begin() as s:
+            moved = s.execute(update(ScreeningChunk).where(
+                ScreeningChunk.job_id == job_id, ScreeningChunk.start == start,
+                ScreeningChunk.done == done_before).values(done=done_after))
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                return False
             s.add_all([ScreeningMatch(job_id=job_id, **row) for row in matches])
-            s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id).values(done=done))
+            s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id)
+                      .values(done=ScreeningJob.done + (done_after - done_before)))
+            _finish_if_complete(s, job_id)  # sees this transaction's own count
+            return True
 
     def fail(self, job_id: int, error: str) -> None:
         """Mark the job failed with ``error`` (a human-readable message)."""
         self._set(job_id, status=JobStatus.failed, error=error[:4000], finished_at=utcnow())
 
-    def finish(self, job_id: int) -> None:
-        """Mark the job done."""
-        self._set(job_id, status=JobStatus.done, finished_at=utcnow())
+    def finish_if_complete(self, job_id: int) -> None:
+        """Mark a running job done when every query is (a resumed job with nothing left)."""
+        with self.sessions.begin() as s:
+            _finish_if_complete(s, job_id)
 
     def _set(self, job_id: int, **values: Any) -> None:
         with self.sessions.begin() as s:
             s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id).values(**values))
+
+
+def _finish_if_complete(s: Session, job_id: int) -> None:
+    s.execute(update(ScreeningJob).where(
+        ScreeningJob.id == job_id, ScreeningJob.done >= ScreeningJob.total,
+        ScreeningJob.status == JobStatus.running).values(status=JobStatus.done, finished_at=utcnow()))
 
 
 def _matches(s: Session, job_id: int) -> list[ScreeningMatch]:

@@ -152,6 +152,26 @@ class ScreeningJob(Base):
     matches: Mapped[list[ScreeningMatch]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
+    chunks: Mapped[list[ScreeningChunk]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ScreeningChunk(Base):
+    """A slice ``[start, stop)`` of a job's queries, run by one task; ``done`` counts its
+    queries committed so far, ``worker`` names the last worker that ran it (None: in-process)."""
+
+    __tablename__ = "screening_chunks"
+
+    job_id: Mapped[int] = mapped_column(
+        Id64, ForeignKey("screening_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    start: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    stop: Mapped[int]
+    done: Mapped[int] = mapped_column(default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(255))
+
+    job: Mapped[ScreeningJob] = relationship(back_populates="chunks")
 
 
 class ScreeningMatch(Base):
