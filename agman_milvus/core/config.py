@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     )
     pending_resend_after: int = Field(
         default=120, ge=0,
-        description="Seconds a pending image may wait (unclaimed, or claimed by a worker that went "
-                    "silent) before workers and `agman reconcile` send it again; 0 = never",
+        description="Seconds a pending image or screening chunk may wait (unclaimed, or claimed by a "
+                    "worker that went silent) before workers send it again (`agman reconcile` too, "
+                    "for images); 0 = never",
     )
     max_attempts: int = Field(
         default=3, ge=3, le=100,

@@ -10,7 +10,10 @@ The queries are split into chunks of :data:`CHUNK_SIZE`. With a broker configure
 one Celery task (queue ``agman.default``), so every worker consuming that queue takes a share of
 the job (:func:`run_chunk`); without one, a background thread of this process runs the chunks
 in order (:func:`run_job`). A chunk advances in batches, each committed with its progress, so a
-redelivered task resumes where the last commit left off and never duplicates a match.
+redelivered task resumes where the last commit left off and never duplicates a match. A chunk
+whose worker went silent (killed, out of memory) or whose message was lost does not wait for
+the broker's visibility timeout: the workers' re-send timer finds it (:func:`resend_stale_chunks`)
+and sends it again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,13 @@ from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
 from agman_milvus.core.runtime import configure_process
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
+from agman_milvus.services.store.repository import utcnow
 from agman_milvus.services.store.vectors import hold_milvus, release_milvus
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 
-__all__ = ["CHUNK_SIZE", "ERROR", "ScreeningJobHandle", "create_job", "query_references", "run_chunk",
-           "run_job", "start_thread"]
+__all__ = ["CHUNK_SIZE", "ERROR", "ScreeningJobHandle", "create_job", "query_references",
+           "resend_stale_chunks", "run_chunk", "run_job", "start_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,8 @@ def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = BATCH_SIZE) 
         return jobs.get(job_id)
     jobs.start(job_id)
     for chunk in jobs.chunks(job_id):
-        _run_chunk(checker, job_id, chunk.start, batch_size)
+        if chunk.done < chunk.stop - chunk.start:
+            _run_chunk(checker, job_id, chunk.start, batch_size, worker=None)
     jobs.finish_if_complete(job_id)
     job = jobs.get(job_id)
     log.info("screening job %d %s: %d/%d images", job_id, job.status.value, job.done, job.total)
@@ -96,16 +102,15 @@ def run_chunk(job_id: int, start: int, checker: CopyChecker, *, worker: str | No
 
     An unexpected error marks the job failed (with the message) and is re-raised.
     """
+    _run_chunk(checker, job_id, start, batch_size, worker)
+    return checker.catalog.screening_jobs.get(job_id)
+
+
+def _run_chunk(checker: CopyChecker, job_id: int, start: int, batch_size: int, worker: str | None) -> None:
+    """Claim the chunk and check its queries from its committed progress on, a batch per
+    transaction; stop when another run of the chunk has committed a batch first."""
     jobs = checker.catalog.screening_jobs
     jobs.start_chunk(job_id, start, worker)
-    _run_chunk(checker, job_id, start, batch_size)
-    return jobs.get(job_id)
-
-
-def _run_chunk(checker: CopyChecker, job_id: int, start: int, batch_size: int) -> None:
-    """Check the chunk's queries from its committed progress on, a batch per transaction; stop
-    when another run of the chunk has committed a batch first."""
-    jobs = checker.catalog.screening_jobs
     job, chunk = jobs.get(job_id), jobs.chunk(job_id, start)
     refs: list[str] = list(job.params.get("queries", []))
     top_k = int(job.params.get("top_k", 5))
@@ -122,6 +127,23 @@ def _run_chunk(checker: CopyChecker, job_id: int, start: int, batch_size: int) -
     except Exception as exc:
         jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
         raise
+
+
+def resend_stale_chunks(catalog: Catalog, submit: Callable[[int, int], None], resend_after: float, *,
+                        unclaimed: bool) -> int:
+    """Take the chunks whose run went silent more than ``resend_after`` seconds ago and, with
+    ``unclaimed`` (the caller knows no message is waiting), those sent that long ago and never
+    claimed, and ``submit(job_id, start)`` each; returns how many. ``resend_after`` 0 disables
+    it. A re-send that races a slow run costs time only: one of them stops at its next batch."""
+    if resend_after <= 0:
+        return 0
+    taken = catalog.screening_jobs.stale_chunks(utcnow() - timedelta(seconds=resend_after),
+                                                unclaimed=unclaimed, take=True)
+    for job_id, start in taken:
+        log.warning("re-sending screening job %d's chunk at query %d: no progress for %.0f s",
+                    job_id, start, resend_after)
+        submit(job_id, start)
+    return len(taken)
 
 
 def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dict[str, Any]]:

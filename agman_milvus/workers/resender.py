@@ -1,4 +1,4 @@
-"""Re-sending stale pending images from the workers themselves (no beat process to run).
+"""Re-sending stale work from the workers themselves (no beat process to run).
 
 Every ``agman worker`` runs :class:`ResendStep`, a worker bootstep with a daemon thread that
 every ``pending_resend_after / 4`` seconds (at most 30 s) calls :func:`resend_stale_celery`:
@@ -7,7 +7,9 @@ always re-sent; images never claimed only while the embedding queue is empty (th
 was lost, e.g. a Redis restart without persistence, or a publish that failed). Re-sent messages
 have a higher priority than new work, so they do not wait behind a backlog. Several workers
 may tick at once: the SQL update that takes the stale rows stamps them, so each is sent once.
-``agman reconcile`` and a waiting ``agman ingest`` call the same function.
+``agman reconcile`` and a waiting ``agman ingest`` call the same function. The same tick
+re-sends screening jobs' chunks the same way (:func:`resend_stale_chunks_celery`; never-claimed
+ones only while the ``agman.default`` queue is empty).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any
 from celery import bootsteps
 
 from agman_milvus.core.config import Settings
-from agman_milvus.workers.names import GPU_QUEUE, RESEND_PRIORITY
-from agman_milvus.workers.producer import CeleryDispatcher
+from agman_milvus.workers.names import DEFAULT_QUEUE, GPU_QUEUE, RESEND_PRIORITY
+from agman_milvus.workers.producer import CeleryDispatcher, send_screening_job
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ResendStep", "queue_depth", "resend_interval", "resend_stale_celery"]
+__all__ = ["ResendStep", "queue_depth", "resend_interval", "resend_stale_celery",
+           "resend_stale_chunks_celery"]
 
 
 def queue_depth(app: Any, queue: str = GPU_QUEUE) -> int:
@@ -52,8 +55,17 @@ def resend_stale_celery(app: Any, catalog: Any, settings: Settings,
                         unclaimed=unclaimed, image_ids=image_ids)
 
 
+def resend_stale_chunks_celery(app: Any, catalog: Any, settings: Settings) -> int:
+    """Re-send stale screening chunks as ``screen`` messages; returns how many."""
+    from agman_milvus.usecases.screening import resend_stale_chunks
+
+    unclaimed = queue_depth(app, DEFAULT_QUEUE) == 0
+    return resend_stale_chunks(catalog, lambda job_id, start: send_screening_job(app, job_id, [start]),
+                               settings.pending_resend_after, unclaimed=unclaimed)
+
+
 class ResendStep(bootsteps.StartStopStep):
-    """A worker bootstep: a daemon thread re-sending stale pending images (see the module)."""
+    """A worker bootstep: a daemon thread re-sending stale images and chunks (see the module)."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -81,6 +93,7 @@ class ResendStep(bootsteps.StartStopStep):
             try:
                 catalog = catalog or open_catalog(settings)
                 resend_stale_celery(app, catalog, settings)
+                resend_stale_chunks_celery(app, catalog, settings)
             except Exception:  # noqa: BLE001 - the database or broker may be restarting: next tick
-                logger.warning("looking for stale pending images failed; trying again in %.0f s",
+                logger.warning("looking for stale work failed; trying again in %.0f s",
                                resend_interval(settings), exc_info=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from agman_milvus.services.store.catalog import (
     open_catalog,
 )
 from agman_milvus.services.store.migrate import CatalogNotMigratedError
+from agman_milvus.services.store.repository import utcnow
 from agman_milvus.services.store.tables import Image, Product
 
 
@@ -263,3 +265,24 @@ def test_open_catalog_refuses_unmigrated_configured_database(tmp_path: Path) -> 
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'empty.sqlite'}")
     with pytest.raises(CatalogNotMigratedError, match="agman db upgrade"):
         open_catalog(settings)
+
+
+def test_stale_screening_chunks_are_taken_once(catalog: Catalog) -> None:
+    jobs = catalog.screening_jobs
+    job_id = jobs.create(4, {"queries": list("abcd")}, chunk_size=2)
+    earlier, later = utcnow() - timedelta(seconds=60), utcnow() + timedelta(seconds=60)
+    assert jobs.stale_chunks(earlier, unclaimed=True) == []  # sent just now
+    assert jobs.stale_chunks(later, unclaimed=False) == []  # none claimed
+    assert jobs.stale_chunks(later, unclaimed=True) == [(job_id, 0), (job_id, 2)]  # never claimed
+
+    jobs.start_chunk(job_id, 0, "w1@host")
+    assert jobs.stale_chunks(earlier, unclaimed=False) == []  # its run is alive
+    assert jobs.stale_chunks(later, unclaimed=False, take=True) == [(job_id, 0)]  # gone silent
+    assert jobs.stale_chunks(later, unclaimed=False, take=True) == []  # taken once
+    chunk = jobs.chunk(job_id, 0)
+    assert chunk.claimed_at is None and chunk.sent_at is not None
+
+    assert jobs.record_batch(job_id, 2, [], done_before=0, done_after=2)  # finished: never stale
+    assert jobs.stale_chunks(later, unclaimed=True) == [(job_id, 0)]
+    jobs.fail(job_id, "RuntimeError: boom")  # a failed job's chunks are not re-sent
+    assert jobs.stale_chunks(later, unclaimed=True) == []

@@ -282,3 +282,43 @@ def test_two_workers_share_a_screening_job(deployment: Deployment) -> None:
         client.close()
         first.stop()
         second.stop()
+
+
+def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> None:
+    """Recovery without Redis' visibility timeout (10 minutes here): a worker SIGKILLed in the
+    middle of a chunk goes silent, the other worker's timer re-sends the chunk, which resumes
+    at its last committed batch; no query is checked twice."""
+    from agman_milvus.app.client import Client
+
+    env = {**deployment.env, "AGMAN_PENDING_RESEND_AFTER": "4", "AGMAN_VISIBILITY_TIMEOUT": "600",
+           "AGMAN_TASK_TIME_LIMIT": "300"}
+    first = Worker(env, deployment.tmp / "screen-kill-1.log")
+    second = Worker(env, deployment.tmp / "screen-kill-2.log")
+    client = Client(deployment.settings)
+    try:
+        first.start()
+        original = _jpeg(9000, size=96)
+        indexed = client.ingest("kill-screened", original, {"colour": "red"}, wait=True, timeout=90)
+        assert indexed.status == "indexed"
+        queries = [original, *(_jpeg(9100 + i, size=96) for i in range(63))]
+        job = client.screen(queries, top_k=2, chunk_size=64)  # one chunk, four batches
+        jobs = client.services.catalog.screening_jobs
+        wait_until(lambda: jobs.chunk(job.id, 0).done >= 16, 120, poll=0.05, what="a first batch")
+        first.kill()
+        done_at_kill = jobs.chunk(job.id, 0).done
+        assert done_at_kill < 64, "kill did not land mid-chunk"
+        killed_at = time.monotonic()
+        second.start()
+        job.wait(timeout=120)
+        assert (job.status, job.done, job.total) == ("done", 64, 64), job.error
+        assert time.monotonic() - killed_at < 120 and "re-sending screening job" in second.log()
+        second_name = second.argv[second.argv.index("-n") + 1].split("@")[0]
+        assert (jobs.chunk(job.id, 0).worker or "").startswith(second_name + "@")  # it finished the chunk
+        first_matches = [m for m in job.matches() if m.evidence.get("rank") == 1]
+        refs = [m.query_ref for m in first_matches]
+        assert len(refs) == len(set(refs)), "a query was checked twice"
+        assert any(m.verdict == "copy" for m in first_matches)  # the original was found
+    finally:
+        client.close()
+        first.kill()
+        second.stop()

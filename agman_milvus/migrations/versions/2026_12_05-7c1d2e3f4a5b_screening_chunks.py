@@ -1,7 +1,8 @@
 """screening_chunks: a screening job's queries in slices, one task each (fan-out over workers)
 
 Every existing job gets one chunk over all its queries, with the progress it had, so a job
-queued or interrupted before the upgrade resumes where it stopped.
+queued or interrupted before the upgrade resumes where it stopped (its message counts as sent
+at the upgrade).
 
 Revision ID: 7c1d2e3f4a5b
 Revises: 5b7e0c3d9a21
@@ -27,11 +28,13 @@ def upgrade() -> None:
     sa.Column('stop', sa.Integer(), nullable=False),
     sa.Column('done', sa.Integer(), server_default='0', nullable=False),
     sa.Column('worker', sa.String(length=255), nullable=True),
+    sa.Column('claimed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['screening_jobs.id'], name=op.f('fk_screening_chunks_job_id_screening_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('job_id', 'start', name=op.f('pk_screening_chunks'))
     )
-    op.execute("INSERT INTO screening_chunks (job_id, start, stop, done) "
-               "SELECT id, 0, total, done FROM screening_jobs")
+    op.execute("INSERT INTO screening_chunks (job_id, start, stop, done, sent_at) "
+               "SELECT id, 0, total, done, CURRENT_TIMESTAMP FROM screening_jobs")
 
 
 def downgrade() -> None:

@@ -4,16 +4,20 @@ A job's queries are split into chunks (``screening_chunks``), each run by one ta
 workers share a job. Each batch of a chunk is committed with the chunk's and the job's progress
 in one transaction, and only by the run that read the chunk's progress it starts from (see
 :meth:`ScreeningJobRepository.record_batch`), so a resumed or doubly delivered chunk never
-duplicates a match. The batch that completes the job marks it done.
+duplicates a match. The batch that completes the job marks it done. A chunk whose run went
+silent (its worker killed) or whose message was lost is found by :meth:`stale_chunks` and sent
+again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from agman_milvus.services.store.repository import Repository, utcnow
 from agman_milvus.services.store.tables import JobStatus, ScreeningChunk, ScreeningJob, ScreeningMatch
@@ -36,7 +40,9 @@ class ScreeningJobRepository(Repository):
             job = ScreeningJob(status=JobStatus.queued, total=total, done=0, params=dict(params))
             s.add(job)
             s.flush()
-            s.add_all([ScreeningChunk(job_id=job.id, start=start, stop=min(start + size, total), done=0)
+            now = utcnow()
+            s.add_all([ScreeningChunk(job_id=job.id, start=start, stop=min(start + size, total), done=0,
+                                      sent_at=now)
                        for start in range(0, total, size)])
             return int(job.id)
 
@@ -90,11 +96,12 @@ class ScreeningJobRepository(Repository):
         self._set(job_id, status=JobStatus.running, error=None)
 
     def start_chunk(self, job_id: int, start: int, worker: str | None) -> None:
-        """Record who runs the chunk, and mark a queued job running (a failed one stays failed:
-        another chunk's error is not cleared by this one starting)."""
+        """Claim the chunk for a run (``worker``: who runs it), and mark a queued job running (a
+        failed one stays failed: another chunk's error is not cleared by this one starting)."""
         with self.sessions.begin() as s:
             s.execute(update(ScreeningChunk).where(ScreeningChunk.job_id == job_id,
-                                                   ScreeningChunk.start == start).values(worker=worker))
+                                                   ScreeningChunk.start == start)
+                      .values(worker=worker, claimed_at=utcnow()))
             s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id,
                                                  ScreeningJob.status == JobStatus.queued)
                       .values(status=JobStatus.running))
@@ -104,14 +111,14 @@ class ScreeningJobRepository(Repository):
         done_after: int,
     ) -> bool:
         """In one transaction: advance chunk ``start`` from ``done_before`` to ``done_after``
-        queries, add ``matches`` (``screening_matches`` column values) and the queries to the
-        job's ``done``, and mark the job done when that was its last query. False, with nothing
-        written, when the chunk is no longer at ``done_before`` (another run of it committed
-        this batch first)."""
+        queries (its run's sign of life too), add ``matches`` (``screening_matches`` column
+        values) and the queries to the job's ``done``, and mark the job done when that was its
+        last query. False, with nothing written, when the chunk is no longer at ``done_before``
+        (another run of it committed this batch first)."""
         with self.sessions.begin() as s:
             moved = s.execute(update(ScreeningChunk).where(
                 ScreeningChunk.job_id == job_id, ScreeningChunk.start == start,
-                ScreeningChunk.done == done_before).values(done=done_after))
+                ScreeningChunk.done == done_before).values(done=done_after, claimed_at=utcnow()))
             if moved.rowcount != 1:  # type: ignore[attr-defined]
                 return False
             s.add_all([ScreeningMatch(job_id=job_id, **row) for row in matches])
@@ -119,6 +126,30 @@ class ScreeningJobRepository(Repository):
                       .values(done=ScreeningJob.done + (done_after - done_before)))
             _finish_if_complete(s, job_id)  # sees this transaction's own count
             return True
+
+    def stale_chunks(self, cutoff: datetime, *, unclaimed: bool, take: bool = False) -> list[tuple[int, int]]:
+        """``(job_id, start)`` of the unfinished chunks of queued or running jobs whose run
+        went silent (claimed, no sign of life since ``cutoff``) and, with ``unclaimed``, of
+        those never claimed since their message was sent before ``cutoff`` (it was lost).
+
+        With ``take`` each is stamped as sent now (``claimed_at`` cleared) by an update that
+        only succeeds while it is still stale, so two callers never take the same chunk."""
+        where = _stale_chunk(cutoff, unclaimed)
+        with self.sessions() as s:
+            found = [(int(j), int(st)) for j, st in s.execute(
+                select(ScreeningChunk.job_id, ScreeningChunk.start).where(where)
+                .order_by(ScreeningChunk.job_id, ScreeningChunk.start))]
+        if not take:
+            return found
+        taken = []
+        with self.sessions.begin() as s:
+            for job_id, start in found:
+                stamped = s.execute(update(ScreeningChunk).where(
+                    ScreeningChunk.job_id == job_id, ScreeningChunk.start == start, where)
+                    .values(claimed_at=None, sent_at=utcnow()))
+                if stamped.rowcount == 1:  # type: ignore[attr-defined]
+                    taken.append((job_id, start))
+        return taken
 
     def fail(self, job_id: int, error: str) -> None:
         """Mark the job failed with ``error`` (a human-readable message)."""
@@ -132,6 +163,14 @@ class ScreeningJobRepository(Repository):
     def _set(self, job_id: int, **values: Any) -> None:
         with self.sessions.begin() as s:
             s.execute(update(ScreeningJob).where(ScreeningJob.id == job_id).values(**values))
+
+
+def _stale_chunk(cutoff: datetime, unclaimed: bool) -> ColumnElement[bool]:
+    silent = and_(ScreeningChunk.claimed_at.is_not(None), ScreeningChunk.claimed_at < cutoff)
+    lost = and_(ScreeningChunk.claimed_at.is_(None), ScreeningChunk.sent_at < cutoff)
+    live_jobs = select(ScreeningJob.id).where(ScreeningJob.status.in_([JobStatus.queued, JobStatus.running]))
+    return and_(ScreeningChunk.done < ScreeningChunk.stop - ScreeningChunk.start,
+                ScreeningChunk.job_id.in_(live_jobs), or_(silent, lost) if unclaimed else silent)
 
 
 def _finish_if_complete(s: Session, job_id: int) -> None:

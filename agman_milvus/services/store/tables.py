@@ -159,7 +159,9 @@ class ScreeningJob(Base):
 
 class ScreeningChunk(Base):
     """A slice ``[start, stop)`` of a job's queries, run by one task; ``done`` counts its
-    queries committed so far, ``worker`` names the last worker that ran it (None: in-process)."""
+    queries committed so far, ``worker`` names the last worker that ran it (None: in-process),
+    ``claimed_at`` is that run's last sign of life (its start or its last batch; None while no
+    run has it), ``sent_at`` when its message was last sent (stale-work re-sends)."""
 
     __tablename__ = "screening_chunks"
 
@@ -170,6 +172,8 @@ class ScreeningChunk(Base):
     stop: Mapped[int]
     done: Mapped[int] = mapped_column(default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
 
     job: Mapped[ScreeningJob] = relationship(back_populates="chunks")
 
