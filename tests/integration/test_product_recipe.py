@@ -192,3 +192,5 @@ def test_eval_linear_probe_reports_intervals(catalog: Path, tmp_path: Path) -> N
     refused = CliRunner().invoke(app, ["eval", "--linear-probe", "mobilenet_v2", *data[:6], "--split",
                                        "valid", "--fold-valid"])
     assert refused.exit_code == 2 and "--fold-valid trains on the valid split" in refused.output
+    refused = CliRunner().invoke(app, ["eval", "--imagenet-floor", "mobilenet_v2", *data, "--fold-valid"])
+    assert refused.exit_code == 2 and "--fold-valid is for --linear-probe" in refused.output

@@ -282,6 +282,9 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
+        if fold_valid and linear_probe is None:
+            raise typer.BadParameter("--fold-valid is for --linear-probe (a checkpoint was trained "
+                                     "already: `agman train --fold-valid`)")
         if zappos is not None:
             if checkpoint is None:
                 raise typer.BadParameter("--zappos needs --checkpoint")
