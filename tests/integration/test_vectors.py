@@ -25,7 +25,9 @@ from agman_milvus.services.store.vectors import (
     VectorStoreError,
     close_milvus,
     dedupe_by_product,
+    hold_milvus,
     open_milvus,
+    release_milvus,
     search_distinct_products,
     version_tag,
 )
@@ -393,3 +395,18 @@ def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert other.returncode == 0 and other.stdout.strip().splitlines()[-1] == "[]", other.stderr[-2000:]
     assert open_milvus(settings).list_collections() == []  # and this process opens it afresh
+
+
+def test_only_the_last_holder_closes_an_embedded_lite(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    client = open_milvus(settings)
+    try:
+        assert release_milvus(settings) is False  # nobody held it: nothing to release
+        assert open_milvus(settings) is client
+        hold_milvus(settings)
+        hold_milvus(settings)
+        assert release_milvus(settings) is False and open_milvus(settings) is client
+        assert release_milvus(settings) is True  # the last holder closes it
+        client = open_milvus(settings)  # a new client for the next user
+    finally:
+        close_milvus(settings)

@@ -161,10 +161,13 @@ def release_milvus(settings: Settings) -> bool:
     """One user fewer of this process's client for ``settings``' Milvus URI. The last user of
     an embedded Milvus Lite directory closes it (:func:`close_milvus`), so that another process
     (the next ``agman`` command) can open it; a server's client stays open for reuse. True when
-    it closed."""
+    it closed; a release without a :func:`hold_milvus` changes nothing."""
     with _clients_lock:
         key = _client_key(settings)
-        left = _holders.pop(key, 0) - 1
+        if key not in _holders:
+            log.warning("release_milvus without hold_milvus for %s: nothing to release", key[1])
+            return False
+        left = _holders.pop(key) - 1
         if left > 0:
             _holders[key] = left
     return left <= 0 and _is_local_path(key[1]) and close_milvus(settings)
