@@ -115,6 +115,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _wait(ready: Any, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -127,17 +135,19 @@ def _wait(ready: Any, what: str, timeout: float = 120.0) -> None:
 def worker_stack(env: dict[str, str], workers: int, logs: Path) -> Iterator[tuple[dict[str, str], list[int]]]:
     """``agman milvus-serve`` over the data directory and ``workers`` ``agman worker``
     processes on queue ``agman.default`` (Redis at 127.0.0.1:6379, keys under a fresh prefix);
-    yields the environment that reaches them and the workers' PIDs, and stops them by PID."""
+    yields the environment that reaches them and the workers' PIDs; stops them by PID and
+    deletes the Redis keys they made."""
+    import redis
+
     agman = str(Path(sys.executable).with_name("agman"))
-    port = _free_port()
-    env = {**env, "AGMAN_MILVUS_URI": f"http://127.0.0.1:{port}",
-           "AGMAN_BROKER_URL": "redis://127.0.0.1:6379/0",
-           "AGMAN_BROKER_KEY_PREFIX": f"agman-bench-{uuid.uuid4().hex[:8]}:"}
+    port, broker, prefix = _free_port(), "redis://127.0.0.1:6379/0", f"agman-bench-{uuid.uuid4().hex[:8]}:"
+    env = {**env, "AGMAN_MILVUS_URI": f"http://127.0.0.1:{port}", "AGMAN_BROKER_URL": broker,
+           "AGMAN_BROKER_KEY_PREFIX": prefix}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen([agman, "milvus-serve", "--port", str(port)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, "milvus-serve")
+        _wait(lambda: _port_open(port), "milvus-serve")
         for n in range(workers):
             log = logs / f"worker-{workers}-{n}.log"
             with open(log, "wb") as fh:
@@ -154,6 +164,9 @@ def worker_stack(env: dict[str, str], workers: int, logs: Path) -> Iterator[tupl
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        keys = redis.Redis.from_url(broker)
+        for key in keys.scan_iter(match=f"{prefix}*"):
+            keys.delete(key)
 
 
 def main(argv: list[str] | None = None) -> int:
