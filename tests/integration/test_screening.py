@@ -137,6 +137,10 @@ def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
     assert sorted(m.query_ref for m in handle.matches()) == refs
     assert {m.verdict for m in handle.matches()} == {"error"}
 
+    twice = create_job(client.services.catalog, [refs[0], refs[0]], top_k=2)
+    run_job(twice, checker, batch_size=1)  # one image listed twice, in two batches: both kept
+    assert [m.query_ref for m in client.screening_job(twice).matches()] == [refs[0]] * 2
+
 
 def test_cli_inputs_from_directory_and_manifests(tmp_path: Path) -> None:
     import typer
