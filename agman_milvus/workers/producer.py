@@ -60,8 +60,10 @@ class CeleryDispatcher:
             logger.debug("enqueued %d images on %s", len(chunk), GPU_QUEUE)
 
 
-def send_screening_job(app: Any, job_id: int, chunk_starts: Sequence[int]) -> None:
+def send_screening_job(app: Any, job_id: int, chunk_starts: Sequence[int],
+                       priority: int = NORMAL_PRIORITY) -> None:
     """Queue screening job ``job_id``, one message per chunk (by its first query), so the
-    workers share it; its queries and progress live in SQL."""
+    workers share it; its queries and progress live in SQL. Re-sends use
+    :data:`~agman_milvus.workers.names.RESEND_PRIORITY`, served before the chunks waiting."""
     for start in chunk_starts:
-        app.send_task(SCREEN_TASK, args=[int(job_id), int(start)], queue=DEFAULT_QUEUE)
+        app.send_task(SCREEN_TASK, args=[int(job_id), int(start)], queue=DEFAULT_QUEUE, priority=priority)

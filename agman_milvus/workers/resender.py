@@ -8,8 +8,9 @@ was lost, e.g. a Redis restart without persistence, or a publish that failed). R
 have a higher priority than new work, so they do not wait behind a backlog. Several workers
 may tick at once: the SQL update that takes the stale rows stamps them, so each is sent once.
 ``agman reconcile`` and a waiting ``agman ingest`` call the same function. The same tick
-re-sends screening jobs' chunks the same way (:func:`resend_stale_chunks_celery`; never-claimed
-ones only while the ``agman.default`` queue is empty).
+re-sends screening jobs' chunks the same way, also ahead of the chunks waiting
+(:func:`resend_stale_chunks_celery`; never-claimed ones only while the ``agman.default`` queue
+is empty).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def resend_stale_chunks_celery(app: Any, catalog: Any, settings: Settings) -> in
     from agman_milvus.usecases.screening import resend_stale_chunks
 
     unclaimed = queue_depth(app, DEFAULT_QUEUE) == 0
-    return resend_stale_chunks(catalog, lambda job_id, start: send_screening_job(app, job_id, [start]),
-                               settings.pending_resend_after, unclaimed=unclaimed)
+    return resend_stale_chunks(
+        catalog, lambda job_id, start: send_screening_job(app, job_id, [start], priority=RESEND_PRIORITY),
+        settings.pending_resend_after, unclaimed=unclaimed)
 
 
 class ResendStep(bootsteps.StartStopStep):
