@@ -92,7 +92,8 @@ def screen(d: Deployment, cat: Catalogue, tmp: Path) -> None:
     for product in (QUERY, OTHER):
         (folder / cat.products[product]["file"]).write_bytes(cat.image(product).read_bytes())
     reports = [tmp / f"screening.{suffix}" for suffix in ("json", "html", "csv")]
-    d.run("screen", str(folder), *[arg for r in reports for arg in ("-o", str(r))], "--timeout", "300")
+    d.run("screen", str(folder), *[arg for r in reports for arg in ("-o", str(r))], "--timeout", "300",
+          "--chunk-size", "1")  # two chunks: on workers, two tasks
     report = json.loads(reports[0].read_text())
     assert report["status"] == "done" and report["done"] == report["total"] == 2, report
     best: dict[str, dict] = {}

@@ -98,6 +98,9 @@ def register(app: typer.Typer) -> None:
                                           help="Write the report (.csv, .json or .html); repeatable"),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends"),
         timeout: float = typer.Option(3600, "--timeout"),
+        chunk_size: int | None = typer.Option(None, "--chunk-size", min=1,
+                                              help="Images per worker task (default 64): the workers "
+                                              "share the job in chunks"),
     ) -> None:
         """Screen many images for copies of catalogue images, in the background."""
         from agman_milvus.app.client import Client
@@ -107,7 +110,7 @@ def register(app: typer.Typer) -> None:
         if not refs:
             raise ConfigurationError(f"no images found in {source}")
         with Client() as client:
-            job = client.screen(refs, top_k=top_k)
+            job = client.screen(refs, top_k=top_k, chunk_size=chunk_size)
             typer.echo(f"screening job {job.id}: {job.total} images")
             if not wait:
                 return
