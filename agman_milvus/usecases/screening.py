@@ -82,12 +82,13 @@ def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = BATCH_SIZE) 
     An unexpected error marks the job failed (with the message) and is re-raised.
     """
     jobs = checker.catalog.screening_jobs
-    if jobs.get(job_id).status == JobStatus.done:
-        return jobs.get(job_id)
+    job = jobs.get(job_id)
+    if job.status == JobStatus.done:
+        return job
     jobs.start(job_id)
     for chunk in jobs.chunks(job_id):
         if chunk.done < chunk.stop - chunk.start:
-            _run_chunk(checker, job_id, chunk.start, batch_size, worker=None)
+            _run_chunk(checker, job, chunk.start, batch_size, worker=None)
     jobs.finish_if_complete(job_id)
     job = jobs.get(job_id)
     log.info("screening job %d %s: %d/%d images", job_id, job.status.value, job.done, job.total)
@@ -102,16 +103,19 @@ def run_chunk(job_id: int, start: int, checker: CopyChecker, *, worker: str | No
 
     An unexpected error marks the job failed (with the message) and is re-raised.
     """
-    _run_chunk(checker, job_id, start, batch_size, worker)
-    return checker.catalog.screening_jobs.get(job_id)
-
-
-def _run_chunk(checker: CopyChecker, job_id: int, start: int, batch_size: int, worker: str | None) -> None:
-    """Claim the chunk and check its queries from its committed progress on, a batch per
-    transaction; stop when another run of the chunk has committed a batch first."""
     jobs = checker.catalog.screening_jobs
+    _run_chunk(checker, jobs.get(job_id), start, batch_size, worker)
+    return jobs.get(job_id)
+
+
+def _run_chunk(checker: CopyChecker, job: ScreeningJob, start: int, batch_size: int,
+               worker: str | None) -> None:
+    """Claim the chunk of ``job`` (its row, queries included, read once by the caller) and
+    check its queries from its committed progress on, a batch per transaction; stop when
+    another run of the chunk has committed a batch first."""
+    jobs, job_id = checker.catalog.screening_jobs, job.id
     jobs.start_chunk(job_id, start, worker)
-    job, chunk = jobs.get(job_id), jobs.chunk(job_id, start)
+    chunk = jobs.chunk(job_id, start)
     refs: list[str] = list(job.params.get("queries", []))
     top_k = int(job.params.get("top_k", 5))
     try:
