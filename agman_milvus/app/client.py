@@ -311,6 +311,31 @@ class Client:
         return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,
                                   loader=self._copy_checker().load_image)
 
+    def resume_screening(self, job_id: int) -> Any:
+        """Go on with screening job ``job_id`` from where it stopped; returns its handle.
+
+        Without a broker the job runs in a thread here, as :meth:`screen` started it: for a job
+        whose process ended before it was done (Ctrl-C, a crash) or that failed. With one, a
+        failed job's unfinished chunks are sent to the workers again; a queued or running job
+        is theirs already (their re-send timer covers a chunk whose worker went silent). A
+        done job is left as it is. ``JobNotFoundError`` when there is no such job.
+        """
+        from agman_milvus.usecases.screening import ScreeningJobHandle, restart_failed, resume_in_thread
+
+        self.services.catalog.screening_jobs.get(job_id)  # JobNotFoundError before the model loads
+        thread = None
+        if self.settings.broker_url:
+            from agman_milvus.workers.app import create_app
+            from agman_milvus.workers.producer import send_screening_job
+
+            starts = restart_failed(self.services.catalog, job_id)
+            if starts:
+                send_screening_job(create_app(self.settings), job_id, starts)
+        else:
+            thread = resume_in_thread(job_id, self._copy_checker())
+        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,
+                                  loader=self._copy_checker().load_image)
+
     def screening_job(self, job_id: int) -> Any:
         """A handle on an existing screening job."""
         from agman_milvus.usecases.screening import ScreeningJobHandle

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.model import AttributeEmbeddingModel, load_checkpoint, model_version
 from agman_milvus.core.runtime import prepare_for_inference, resolve_device
 from agman_milvus.core.schema import AttributeSchema
@@ -33,7 +34,7 @@ def compile_encode(model: AttributeEmbeddingModel, device: torch.device) -> Call
     return torch.compile(model.encode, dynamic=False)
 
 
-class NoModelConfiguredError(RuntimeError):
+class NoModelConfiguredError(AgmanError, RuntimeError):
     """No checkpoint was configured for the embedder."""
 
 

@@ -38,7 +38,8 @@ from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 
 __all__ = ["CHUNK_SIZE", "ERROR", "ScreeningJobHandle", "create_job", "query_references",
-           "resend_stale_chunks", "run_chunk", "run_job", "start_thread"]
+           "resend_stale_chunks", "restart_failed", "resume_in_thread", "run_chunk", "run_job",
+           "start_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,38 @@ def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
             if settings is not None:
                 release_milvus(settings)
 
-    thread = threading.Thread(target=target, name=f"agman-screen-{job_id}", daemon=True)
+    thread = threading.Thread(target=target, name=_thread_name(job_id), daemon=True)
     thread.start()
     return thread
+
+
+def resume_in_thread(job_id: int, checker: CopyChecker) -> threading.Thread | None:
+    """Go on with job ``job_id`` in a thread of this process (:func:`start_thread`) from where
+    its chunks stopped: the embedded default's job whose process ended (Ctrl-C, a crash, a
+    closed terminal), or a failed one. None when the job is done or a thread of this process
+    runs it already."""
+    job = checker.catalog.screening_jobs.get(job_id)
+    running_here = any(t.name == _thread_name(job_id) and t.is_alive() for t in threading.enumerate())
+    if job.status == JobStatus.done or running_here:
+        return None
+    checker.catalog.screening_jobs.start(job_id)  # before the thread: a waiter must not see "failed"
+    return start_thread(job_id, checker)
+
+
+def restart_failed(catalog: Catalog, job_id: int) -> list[int]:
+    """For workers: mark a failed job ``job_id`` running again and return the first queries
+    of its unfinished chunks, to be sent again. Empty for any other job: a queued or running
+    job's chunks are with the workers already (their re-send timer covers a silent one), a
+    done one has none left."""
+    jobs = catalog.screening_jobs
+    if jobs.get(job_id).status != JobStatus.failed:
+        return []
+    jobs.start(job_id)
+    return [c.start for c in jobs.chunks(job_id) if c.done < c.stop - c.start]
+
+
+def _thread_name(job_id: int) -> str:
+    return f"agman-screen-{job_id}"
 
 
 class ScreeningJobHandle:
@@ -255,8 +285,10 @@ class ScreeningJobHandle:
         deadline = time.monotonic() + timeout
         while not self.refresh().finished:
             if time.monotonic() >= deadline:
+                where = ("it runs in this process" if self._thread is not None
+                         else "are workers consuming the agman.default queue?")
                 raise TimeoutError(f"screening job {self.id} is at {self.done}/{self.total} after "
-                                   f"{timeout:g} s; are workers consuming the agman.default queue?")
+                                   f"{timeout:g} s; {where}")
             time.sleep(poll)
         return self
 

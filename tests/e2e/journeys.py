@@ -7,10 +7,15 @@ because it changes the active model version).
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
-from tests.e2e.conftest import Catalogue, Deployment
+from tests.e2e.conftest import AGMAN, Catalogue, Deployment
 
 QUERY = "sku-dress-green-1"
 OTHER = "sku-shoe-yellow-2"
@@ -104,6 +109,45 @@ def screen(d: Deployment, cat: Catalogue, tmp: Path) -> None:
     assert QUERY in reports[1].read_text() and QUERY in reports[2].read_text()
 
 
+def screen_resumed(d: Deployment, cat: Catalogue, tmp: Path) -> None:
+    """On the embedded default: ``agman screen`` killed in the middle of its job, then ``agman
+    screen --job N`` in a new process goes on from the last committed query and reports every
+    query once; ``--no-wait`` is refused (the job would die with the command)."""
+    folder = tmp / "uploads"
+    folder.mkdir()
+    for product in cat.products:
+        (folder / cat.products[product]["file"]).write_bytes(cat.image(product).read_bytes())
+    refused = d.run("screen", str(folder), "--no-wait", ok=False)
+    assert refused.returncode == 2 and "--no-wait needs workers" in refused.stderr, refused.stderr
+    first = subprocess.Popen([str(AGMAN), "screen", str(folder), "--chunk-size", "1"], cwd=d.cwd,
+                             env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        line = first.stdout.readline() if first.stdout else ""
+        started = re.match(r"screening job (\d+): (\d+) images", line)
+        assert started, (line, first.stderr.read() if first.poll() is not None and first.stderr else "")
+        job_id, total = int(started[1]), int(started[2])
+        database = Path(d.env["AGMAN_DATA_DIR"]) / "catalog.sqlite"
+        deadline, done = time.monotonic() + 300, 0
+        while done == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+                done = db.execute("SELECT done FROM screening_jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # its whole session
+        first.wait()
+    assert first.returncode == -signal.SIGKILL and 0 < done < total, (first.returncode, done, total)
+    report = tmp / "resumed.json"
+    out = d.run("screen", "--job", str(job_id), "-o", str(report), "--timeout", "300").stdout
+    assert re.search(rf"screening job {job_id}: (running|done), \d+/{total} images", out), out
+    result = json.loads(report.read_text())
+    assert result["status"] == "done" and result["done"] == result["total"] == total, result
+    pairs = [(m["query"], m["product_id"]) for m in result["matches"]]
+    assert len(pairs) == len(set(pairs)), "a query's match recorded twice"
+    assert len({query for query, _ in pairs}) == total  # every upload is a catalogue photo
+
+
 def calibrate(d: Deployment) -> None:
     """``agman calibrate`` on the user's own catalogue stores calibrated thresholds."""
     result = d.json("calibrate", "--sample", "24")
@@ -147,6 +191,7 @@ def one_line_errors(d: Deployment, cat: Catalogue) -> None:
         ("search", str(cat.image(QUERY)), "-a", "colour", "-f", "material=silk"),
         ("search", "/nonexistent/query.jpg", "-a", "colour"),
         ("check-copy", "/nonexistent/query.jpg"),
+        ("screen", "--job", "999999"),
     ]
     for args in cases:
         proc = d.run(*args, ok=False)

@@ -45,6 +45,10 @@ def test_screen(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) ->
     journeys.screen(deployment, catalogue, tmp_path)
 
 
+def test_screen_resumed_after_a_kill(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
+    journeys.screen_resumed(deployment, catalogue, tmp_path)
+
+
 def test_calibrate(deployment: Deployment) -> None:
     journeys.calibrate(deployment)
 

@@ -142,6 +142,32 @@ def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
     assert [m.query_ref for m in client.screening_job(twice).matches()] == [refs[0]] * 2
 
 
+def test_a_stopped_or_failed_job_goes_on_where_it_stopped(client) -> None:
+    from agman_milvus.services.store.catalog import JobStatus
+    from agman_milvus.usecases.copyright import CopyChecker
+    from agman_milvus.usecases.screening import create_job, restart_failed, resume_in_thread, run_chunk
+
+    catalog = client.services.catalog
+    checker = CopyChecker.from_services(client.services)
+    refs = [str(Path(f"/nonexistent/{name}.jpg")) for name in "abcd"]
+    job_id = create_job(catalog, refs, top_k=2, chunk_size=2)
+    run_chunk(job_id, 0, checker)  # the first chunk, then its process "ends"
+    catalog.screening_jobs.fail(job_id, "OSError: no space left on device")
+    handle = client.resume_screening(job_id).wait(timeout=120)
+    assert (handle.status, handle.error, handle.done) == ("done", None, 4)
+    assert sorted(m.query_ref for m in handle.matches()) == refs  # each query once
+    assert resume_in_thread(job_id, checker) is None  # done: nothing left to run
+
+    # for workers: only a failed job's unfinished chunks are sent again
+    other = create_job(catalog, refs, top_k=2, chunk_size=2)
+    assert restart_failed(catalog, other) == []  # queued: its messages are with the workers
+    run_chunk(other, 2, checker)
+    catalog.screening_jobs.fail(other, "RuntimeError: boom")
+    assert restart_failed(catalog, other) == [0]
+    row = catalog.screening_jobs.get(other)
+    assert (row.status, row.error) == (JobStatus.running, None)
+
+
 def test_cli_inputs_from_directory_and_manifests(tmp_path: Path) -> None:
     import typer
 

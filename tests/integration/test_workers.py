@@ -322,3 +322,25 @@ def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> N
         client.close()
         first.kill()
         second.stop()
+
+
+def test_a_failed_screening_job_is_sent_to_the_workers_again(deployment: Deployment) -> None:
+    """``Client.resume_screening`` with a broker: a failed job's unfinished chunks go to the
+    workers again and the job ends done, its error cleared."""
+    from agman_milvus.app.client import Client
+    from agman_milvus.usecases.screening import create_job, query_references
+
+    worker = deployment.worker("screen-resume")
+    client = Client(deployment.settings)
+    try:
+        catalog = client.services.catalog
+        refs = query_references([_jpeg(9500 + i, size=96) for i in range(4)], client.services.blobs)
+        job_id = create_job(catalog, refs, top_k=2, chunk_size=2)  # never sent: only resumed
+        catalog.screening_jobs.fail(job_id, "RuntimeError: the first run failed")
+        worker.start()
+        job = client.resume_screening(job_id).wait(timeout=180)
+        assert (job.status, job.done, job.error) == ("done", 4, None)
+        assert [c.done for c in catalog.screening_jobs.chunks(job_id)] == [2, 2]
+    finally:
+        client.close()
+        worker.stop()

@@ -92,29 +92,51 @@ def register(app: typer.Typer) -> None:
 
     @app.command("screen")
     def screen_command(
-        source: Path = typer.Argument(..., help="A directory of images or a manifest (CSV/text)"),
+        source: Path | None = typer.Argument(None, help="A directory of images or a manifest (CSV/text)"),
         top_k: int = typer.Option(5, "--top-k", "-k", min=1),
         report: list[Path] = typer.Option([], "--report", "-o",
                                           help="Write the report (.csv, .json or .html); repeatable"),
-        wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends"),
+        wait: bool = typer.Option(True, "--wait/--no-wait",
+                                  help="Follow the job until it ends (--no-wait needs workers)"),
         timeout: float = typer.Option(3600, "--timeout"),
         chunk_size: int | None = typer.Option(None, "--chunk-size", min=1,
                                               help="Images per worker task (default 64): the workers "
                                               "share the job in chunks"),
+        job_id: int | None = typer.Option(None, "--job", min=1,
+                                          help="Follow job N instead of starting one, going on from "
+                                          "where it stopped (its process ended, or it failed)"),
     ) -> None:
         """Screen many images for copies of catalogue images, in the background."""
         from agman_milvus.app.client import Client
         from agman_milvus.core.errors import ConfigurationError
 
-        refs = screening_inputs(source)
-        if not refs:
+        if (source is None) == (job_id is None):
+            raise typer.BadParameter("give either SOURCE (a new job) or --job N (an existing one)")
+        refs = screening_inputs(source) if source is not None else []
+        if source is not None and not refs:
             raise ConfigurationError(f"no images found in {source}")
         with Client() as client:
-            job = client.screen(refs, top_k=top_k, chunk_size=chunk_size)
-            typer.echo(f"screening job {job.id}: {job.total} images")
+            if not wait and not client.settings.broker_url:
+                raise ConfigurationError(
+                    "--no-wait needs workers (AGMAN_BROKER_URL): without them the job runs inside "
+                    "this command and would stop when it returns")
+            if job_id is None:
+                job = client.screen(refs, top_k=top_k, chunk_size=chunk_size)
+                typer.echo(f"screening job {job.id}: {job.total} images")
+            else:
+                job = client.resume_screening(job_id)
+                typer.echo(f"screening job {job.id}: {job.status}, {job.done}/{job.total} images")
             if not wait:
                 return
-            job.wait(timeout=timeout)
+            try:
+                job.wait(timeout=timeout)
+            except KeyboardInterrupt:
+                job.refresh()
+                where = ("goes on on the workers" if client.settings.broker_url
+                         else "stopped with this command")
+                typer.echo(f"job {job.id} {where} at {job.done}/{job.total}; "
+                           f"`agman screen --job {job.id}` follows it from there", err=True)
+                raise typer.Exit(130) from None
             typer.echo(f"job {job.id} {job.status}: {job.done}/{job.total}"
                        + (f" ({job.error})" if job.error else ""))
             for path in report:

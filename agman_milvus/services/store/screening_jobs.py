@@ -19,13 +19,14 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.store.repository import Repository, utcnow
 from agman_milvus.services.store.tables import JobStatus, ScreeningChunk, ScreeningJob, ScreeningMatch
 
 __all__ = ["JobNotFoundError", "ScreeningJobRepository"]
 
 
-class JobNotFoundError(LookupError):
+class JobNotFoundError(AgmanError, LookupError):
     """No screening job with that id."""
 
 
