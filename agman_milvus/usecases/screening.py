@@ -13,7 +13,8 @@ in order (:func:`run_job`). A chunk advances in batches, each committed with its
 redelivered task resumes where the last commit left off and never duplicates a match. A chunk
 whose worker went silent (killed, out of memory) or whose message was lost does not wait for
 the broker's visibility timeout: the workers' re-send timer finds it (:func:`resend_stale_chunks`)
-and sends it again.
+and sends it again. A job whose thread died with its process, or that failed, goes on from its
+committed progress when asked (:func:`resume_in_thread`, :func:`restart_failed`).
 """
 
 from __future__ import annotations
