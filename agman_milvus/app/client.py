@@ -336,6 +336,11 @@ class Client:
         return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,
                                   loader=self._copy_checker().load_image)
 
+    def screening_jobs(self, limit: int = 20) -> list[Any]:
+        """The ``limit`` newest screening jobs (``JobSummary``: id, status, done/total, times,
+        error), newest first."""
+        return self.services.catalog.screening_jobs.recent(limit)
+
     def screening_job(self, job_id: int) -> Any:
         """A handle on an existing screening job."""
         from agman_milvus.usecases.screening import ScreeningJobHandle

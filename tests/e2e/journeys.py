@@ -146,6 +146,8 @@ def screen_resumed(d: Deployment, cat: Catalogue, tmp: Path) -> None:
     pairs = [(m["query"], m["product_id"]) for m in result["matches"]]
     assert len(pairs) == len(set(pairs)), "a query's match recorded twice"
     assert len({query for query, _ in pairs}) == total  # every upload is a catalogue photo
+    listed = [json.loads(line) for line in d.run("screen", "--list").stdout.splitlines()]
+    assert listed[0]["id"] == job_id and listed[0]["status"] == "done", listed
 
 
 def calibrate(d: Deployment) -> None:

@@ -166,6 +166,10 @@ def test_a_stopped_or_failed_job_goes_on_where_it_stopped(client) -> None:
     assert restart_failed(catalog, other) == [0]
     row = catalog.screening_jobs.get(other)
     assert (row.status, row.error) == (JobStatus.running, None)
+    newest = client.screening_jobs(limit=2)  # newest first, without their queries
+    assert [(j.id, j.status, j.done, j.total) for j in newest] == [(other, "running", 2, 4),
+                                                                   (job_id, "done", 4, 4)]
+    assert newest[1].to_dict()["finished_at"] and newest[0].to_dict()["finished_at"] is None
 
 
 def test_cli_inputs_from_directory_and_manifests(tmp_path: Path) -> None:

@@ -105,13 +105,19 @@ def register(app: typer.Typer) -> None:
         job_id: int | None = typer.Option(None, "--job", min=1,
                                           help="Follow job N instead of starting one, going on from "
                                           "where it stopped (its process ended, or it failed)"),
+        list_jobs: bool = typer.Option(False, "--list", help="List the 20 newest jobs (JSON lines)"),
     ) -> None:
         """Screen many images for copies of catalogue images, in the background."""
         from agman_milvus.app.client import Client
         from agman_milvus.core.errors import ConfigurationError
 
-        if (source is None) == (job_id is None):
-            raise typer.BadParameter("give either SOURCE (a new job) or --job N (an existing one)")
+        if (source is not None) + (job_id is not None) + list_jobs != 1:
+            raise typer.BadParameter("give one of SOURCE (a new job), --job N (an existing one) or --list")
+        if list_jobs:
+            with Client() as client:
+                for summary in client.screening_jobs():
+                    typer.echo(json.dumps(summary.to_dict()))
+            return
         refs = screening_inputs(source) if source is not None else []
         if source is not None and not refs:
             raise ConfigurationError(f"no images found in {source}")

@@ -12,6 +12,7 @@ again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,11 +24,28 @@ from agman_milvus.core.errors import AgmanError
 from agman_milvus.services.store.repository import Repository, utcnow
 from agman_milvus.services.store.tables import JobStatus, ScreeningChunk, ScreeningJob, ScreeningMatch
 
-__all__ = ["JobNotFoundError", "ScreeningJobRepository"]
+__all__ = ["JobNotFoundError", "JobSummary", "ScreeningJobRepository"]
 
 
 class JobNotFoundError(AgmanError, LookupError):
     """No screening job with that id."""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A screening job's state, without its queries."""
+
+    id: int
+    status: str
+    done: int
+    total: int
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "created_at": self.created_at.isoformat(),
+                "finished_at": self.finished_at.isoformat() if self.finished_at else None}
 
 
 class ScreeningJobRepository(Repository):
@@ -65,6 +83,16 @@ class ScreeningJobRepository(Repository):
             raise JobNotFoundError(f"no screening job {job_id}")
         return job
 
+    def recent(self, limit: int = 20) -> list[JobSummary]:
+        """The ``limit`` newest jobs, newest first, without their queries (a job's ``params``
+        may hold thousands)."""
+        columns = (ScreeningJob.id, ScreeningJob.status, ScreeningJob.done, ScreeningJob.total,
+                   ScreeningJob.created_at, ScreeningJob.finished_at, ScreeningJob.error)
+        with self.sessions() as s:
+            rows = s.execute(select(*columns).order_by(ScreeningJob.id.desc()).limit(limit)).all()
+        return [JobSummary(int(r.id), r.status.value, r.done, r.total, r.created_at, r.finished_at, r.error)
+                for r in rows]
+
     def get_with_matches(self, job_id: int) -> tuple[ScreeningJob, list[ScreeningMatch]]:
         """The job's row and its matches in insertion order, read in one session."""
         with self.sessions() as s:
@@ -93,8 +121,8 @@ class ScreeningJobRepository(Repository):
         return chunk
 
     def start(self, job_id: int) -> None:
-        """Mark the job running (clearing the error of an earlier failed run)."""
-        self._set(job_id, status=JobStatus.running, error=None)
+        """Mark the job running (clearing the error and end time of an earlier failed run)."""
+        self._set(job_id, status=JobStatus.running, error=None, finished_at=None)
 
     def start_chunk(self, job_id: int, start: int, worker: str | None) -> None:
         """Claim the chunk for a run (``worker``: who runs it), and mark a queued job running (a
