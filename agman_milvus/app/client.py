@@ -239,6 +239,13 @@ class Client:
 
         return SearchService.from_services(self.services)
 
+    def _load_image(self, source: ImageSource) -> Any:
+        """A query or catalogue image as the copy checker reads it (allowed roots, blob store),
+        without loading the model: a report's pictures need no checker."""
+        from agman_milvus.usecases.base import load_query_image
+
+        return load_query_image(source, settings=self.services.settings, blobs=self.services.blobs)
+
     def _copy_checker(self) -> Any:
         checker = self._checker
         if checker is None:
@@ -274,7 +281,7 @@ class Client:
         from agman_milvus.usecases.reports import copy_check_report, write_html
 
         return write_html(copy_check_report(str(image), check), Path(path),
-                          self._copy_checker().load_image, title=f"Copy check: {image}")
+                          self._load_image, title=f"Copy check: {image}")
 
     def calibrate_copy(self, precision: float = 0.99, sample: int = 300, seed: int = 0) -> Any:
         """Recalibrate the copy thresholds on edited copies of this catalogue's images."""
@@ -308,8 +315,7 @@ class Client:
             send_screening_job(create_app(self.settings), job_id, [c.start for c in chunks])
         else:
             thread = start_thread(job_id, self._copy_checker())
-        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,
-                                  loader=self._copy_checker().load_image)
+        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self._load_image)
 
     def resume_screening(self, job_id: int) -> Any:
         """Go on with screening job ``job_id`` from where it stopped; returns its handle.
@@ -322,19 +328,18 @@ class Client:
         """
         from agman_milvus.usecases.screening import ScreeningJobHandle, restart_failed, resume_in_thread
 
-        self.services.catalog.screening_jobs.get(job_id)  # JobNotFoundError before the model loads
+        job = self.services.catalog.screening_jobs.get(job_id)  # JobNotFoundError before the model loads
         thread = None
         if self.settings.broker_url:
             from agman_milvus.workers.app import create_app
             from agman_milvus.workers.producer import send_screening_job
 
-            starts = restart_failed(self.services.catalog, job_id)
+            starts = restart_failed(self.services.catalog, job)
             if starts:
                 send_screening_job(create_app(self.settings), job_id, starts)
         else:
-            thread = resume_in_thread(job_id, self._copy_checker())
-        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread,
-                                  loader=self._copy_checker().load_image)
+            thread = resume_in_thread(job, self._copy_checker())
+        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self._load_image)
 
     def screening_jobs(self, limit: int = 20) -> list[Any]:
         """The ``limit`` newest screening jobs (``JobSummary``: id, status, done/total, times,
@@ -345,8 +350,7 @@ class Client:
         """A handle on an existing screening job."""
         from agman_milvus.usecases.screening import ScreeningJobHandle
 
-        return ScreeningJobHandle(self.services.catalog, job_id,
-                                  loader=self._copy_checker().load_image)
+        return ScreeningJobHandle(self.services.catalog, job_id, loader=self._load_image)
 
 
 def _event(n: int, item: Any) -> tuple[Any, Any, Mapping[str, Any] | None]:

@@ -210,29 +210,27 @@ def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
     return thread
 
 
-def resume_in_thread(job_id: int, checker: CopyChecker) -> threading.Thread | None:
-    """Go on with job ``job_id`` in a thread of this process (:func:`start_thread`) from where
-    its chunks stopped: the embedded default's job whose process ended (Ctrl-C, a crash, a
-    closed terminal), or a failed one. None when the job is done or a thread of this process
+def resume_in_thread(job: ScreeningJob, checker: CopyChecker) -> threading.Thread | None:
+    """Go on with ``job`` (its row) in a thread of this process (:func:`start_thread`) from
+    where its chunks stopped: the embedded default's job whose process ended (Ctrl-C, a crash,
+    a closed terminal), or a failed one. None when the job is done or a thread of this process
     runs it already."""
-    job = checker.catalog.screening_jobs.get(job_id)
-    running_here = any(t.name == _thread_name(job_id) and t.is_alive() for t in threading.enumerate())
+    running_here = any(t.name == _thread_name(job.id) and t.is_alive() for t in threading.enumerate())
     if job.status == JobStatus.done or running_here:
         return None
-    checker.catalog.screening_jobs.start(job_id)  # before the thread: a waiter must not see "failed"
-    return start_thread(job_id, checker)
+    checker.catalog.screening_jobs.start(job.id)  # before the thread: a waiter must not see "failed"
+    return start_thread(job.id, checker)
 
 
-def restart_failed(catalog: Catalog, job_id: int) -> list[int]:
-    """For workers: mark a failed job ``job_id`` running again and return the first queries
-    of its unfinished chunks, to be sent again. Empty for any other job: a queued or running
-    job's chunks are with the workers already (their re-send timer covers a silent one), a
-    done one has none left."""
-    jobs = catalog.screening_jobs
-    if jobs.get(job_id).status != JobStatus.failed:
+def restart_failed(catalog: Catalog, job: ScreeningJob) -> list[int]:
+    """For workers: mark ``job`` (its row) running again when it failed and return the first
+    queries of its unfinished chunks, to be sent again. Empty for any other job: a queued or
+    running job's chunks are with the workers already (their re-send timer covers a silent
+    one), a done one has none left."""
+    if job.status != JobStatus.failed:
         return []
-    jobs.start(job_id)
-    return [c.start for c in jobs.chunks(job_id) if c.done < c.stop - c.start]
+    catalog.screening_jobs.start(job.id)
+    return [c.start for c in catalog.screening_jobs.chunks(job.id) if c.done < c.stop - c.start]
 
 
 def _thread_name(job_id: int) -> str:

@@ -156,14 +156,14 @@ def test_a_stopped_or_failed_job_goes_on_where_it_stopped(client) -> None:
     handle = client.resume_screening(job_id).wait(timeout=120)
     assert (handle.status, handle.error, handle.done) == ("done", None, 4)
     assert sorted(m.query_ref for m in handle.matches()) == refs  # each query once
-    assert resume_in_thread(job_id, checker) is None  # done: nothing left to run
+    assert resume_in_thread(catalog.screening_jobs.get(job_id), checker) is None  # done: nothing to run
 
     # for workers: only a failed job's unfinished chunks are sent again
     other = create_job(catalog, refs, top_k=2, chunk_size=2)
-    assert restart_failed(catalog, other) == []  # queued: its messages are with the workers
+    assert restart_failed(catalog, catalog.screening_jobs.get(other)) == []  # queued: with the workers
     run_chunk(other, 2, checker)
     catalog.screening_jobs.fail(other, "RuntimeError: boom")
-    assert restart_failed(catalog, other) == [0]
+    assert restart_failed(catalog, catalog.screening_jobs.get(other)) == [0]
     row = catalog.screening_jobs.get(other)
     assert (row.status, row.error) == (JobStatus.running, None)
     newest = client.screening_jobs(limit=2)  # newest first, without their queries

@@ -341,6 +341,7 @@ def test_a_failed_screening_job_is_sent_to_the_workers_again(deployment: Deploym
         job = client.resume_screening(job_id).wait(timeout=180)
         assert (job.status, job.done, job.error) == ("done", 4, None)
         assert [c.done for c in catalog.screening_jobs.chunks(job_id)] == [2, 2]
+        assert client.services._embedder is None  # following a job on workers loads no model here
     finally:
         client.close()
         worker.stop()

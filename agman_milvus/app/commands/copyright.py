@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(json.dumps(summary.to_dict()))
             return
         refs = screening_inputs(source) if source is not None else []
-        if source is not None and not refs:
+        if job_id is None and not refs:
             raise ConfigurationError(f"no images found in {source}")
         with Client() as client:
             if not wait and not client.settings.broker_url:
