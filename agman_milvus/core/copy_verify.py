@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -154,6 +155,11 @@ DECISIVE_INLIERS = 20
 #: each other in :func:`margins`).
 SAME_PICTURE_BITS = 2
 
+#: The header of :meth:`LocalFeatures.to_bytes`: magic (format and version), keypoints, original
+#: width and height, scale, pixel block, grey thumbnail's height and width, colour thumbnail's.
+_STORED = struct.Struct("<8sIIIddIIII")
+_STORED_MAGIC = b"AGLOCF01"
+
 _local = threading.local()
 
 
@@ -176,15 +182,37 @@ class LocalFeatures:
     chroma: np.ndarray  # [h, w, 2] uint8 Cr, Cb (YCrCb), longer side CHROMA_SIDE
     block: float = 0.0  # side of a pixelated picture's blocks (original pixels), 0: not pixelated
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"points": self.points, "descriptors": self.descriptors,
-                "meta": np.array([*self.size, self.scale], np.float64), "thumb": self.thumb,
-                "chroma": self.chroma, "block": np.array(self.block, np.float64)}
+    def to_bytes(self) -> bytes:
+        """The stored form (:meth:`from_bytes`): a fixed header (:data:`_STORED`), then the
+        points, descriptors, grey and colour thumbnails as raw little-endian arrays."""
+        header = _STORED.pack(_STORED_MAGIC, len(self.points), *self.size, self.scale, self.block,
+                              *self.thumb.shape, *self.chroma.shape[:2])
+        return b"".join([header, self.points.astype("<f4").tobytes(), self.descriptors.tobytes(),
+                         self.thumb.tobytes(), self.chroma.tobytes()])
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray) -> LocalFeatures:
+        """Features from :meth:`to_bytes` (ValueError when ``data`` is not such a record, or
+        is cut short). A ``bytearray`` gives writable arrays over its memory, without copies."""
+        if len(data) < _STORED.size or data[:len(_STORED_MAGIC)] != _STORED_MAGIC:
+            raise ValueError("not a local-features record of this version")
+        _, n, w, h, scale, block, th, tw, ch, cw = _STORED.unpack_from(data)
+        parts = {"points": (np.dtype("<f4"), (n, 2)), "descriptors": (np.dtype(np.uint8), (n, 128)),
+                 "thumb": (np.dtype(np.uint8), (th, tw)), "chroma": (np.dtype(np.uint8), (ch, cw, 2))}
+        if len(data) != _STORED.size + sum(t.itemsize * math.prod(s) for t, s in parts.values()):
+            raise ValueError("local-features record of the wrong length")
+        arrays, offset = {}, _STORED.size
+        for name, (dtype, shape) in parts.items():
+            count = math.prod(shape)
+            arrays[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+            offset += dtype.itemsize * count
+        return cls(arrays["points"], arrays["descriptors"], (w, h), scale, arrays["thumb"], arrays["chroma"],
+                   block)
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> LocalFeatures:
-        """Features from :meth:`to_arrays`' arrays (KeyError when one is missing, e.g. a file
-        written before the colour thumbnail or the block size existed)."""
+        """Features from the arrays of the earlier stored form, an ``.npz`` file (KeyError when
+        one is missing: a file written before the colour thumbnail or the block size existed)."""
         w, h, s = a["meta"].tolist()
         return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
                    (int(w), int(h)), float(s), a["thumb"].astype(np.uint8), a["chroma"].astype(np.uint8),

@@ -2,11 +2,14 @@
 
 Copy verification needs the candidates' keypoints; extracting them costs ~60 ms an image, more
 than matching. They are computed once per image content (keyed by the image's SHA-256, so a
-re-ingested or re-indexed image reuses them), stored as ``<root>/<sha[:2]>/<sha>.npz``
-(~115 KB for a 224 px catalogue photo, 25 KB of it the colour thumbnail; files of an older
-format, without it or without the pixelation block size, are recomputed) and kept in a small
-in-memory LRU (memory only when ``root`` is None). Writes go through a temporary file and a
-rename: a reader sees a whole file or none.
+re-ingested or re-indexed image reuses them), stored as ``<root>/<sha[:2]>/<sha>.features``
+(:meth:`LocalFeatures.to_bytes`, ~124 KB for a 224 px catalogue photo, 25 KB of it the colour
+thumbnail) and kept in a small in-memory LRU (memory only when ``root`` is None). A copy check
+reads up to 20 of them: a record is read in one call, 0.06 ms, where the ``.npz`` files of
+earlier versions took 1 ms (a zip archive of six arrays, parsed in Python while holding the
+GIL). Such a file is converted on first read; one older still (without the colour thumbnail or
+the pixelation block size) is recomputed. Writes go through a temporary file and a rename: a
+reader sees a whole file or none.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class LocalFeatureCache:
         self._lock = threading.Lock()
 
     def path(self, key: str) -> Path | None:
-        return self.root / key[:2] / f"{key}.npz" if self.root is not None else None
+        return self.root / key[:2] / f"{key}.features" if self.root is not None else None
 
     def get(self, key: str, load: Callable[[], Image.Image]) -> LocalFeatures:
         """The features stored under ``key``, else extracted from ``load()`` and stored."""
@@ -66,14 +69,32 @@ class LocalFeatureCache:
 
     def _read(self, key: str) -> LocalFeatures | None:
         path = self.path(key)
-        if path is None or not path.is_file():
+        if path is None:
             return None
         try:
-            with np.load(path) as data:
-                return LocalFeatures.from_arrays(dict(data))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("unreadable or older-format local features %s (%s); recomputing", path, exc)
+            return LocalFeatures.from_bytes(bytearray(path.read_bytes()))
+        except FileNotFoundError:
+            return self._convert_npz(key, path.with_suffix(".npz"))
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable local features %s (%s); recomputing", path, exc)
             return None
+
+    def _convert_npz(self, key: str, npz: Path) -> LocalFeatures | None:
+        """The features of an earlier version's ``.npz`` file, rewritten in this format (the
+        image may no longer be readable to recompute them); None when there is none, or it is
+        unreadable or older still (and then removed: the recomputed features replace it)."""
+        if not npz.is_file():
+            return None
+        try:
+            with np.load(npz) as data:
+                feats = LocalFeatures.from_arrays(dict(data))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("unreadable or older-format local features %s (%s); recomputing", npz, exc)
+            feats = None
+        if feats is not None:
+            self._write(key, feats)
+        npz.unlink(missing_ok=True)
+        return feats
 
     def _write(self, key: str, feats: LocalFeatures) -> None:
         path = self.path(key)
@@ -83,7 +104,7 @@ class LocalFeatureCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **feats.to_arrays())
+                fh.write(feats.to_bytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -146,19 +146,63 @@ def test_keypoint_cache_computes_once_and_reads_back(tmp_path: Path) -> None:
     assert np.array_equal(first.descriptors, again.descriptors) and again.size == first.size
     assert np.array_equal(first.chroma, again.chroma)
     assert cv.verify(cv.extract(textured(6)), again).score > 0.9
+    path = cache.path("ab" * 32)
+    path.write_bytes(path.read_bytes()[:-100])  # a damaged file is recomputed and replaced
+    assert np.array_equal(LocalFeatureCache(tmp_path).get("ab" * 32, load).descriptors, first.descriptors)
+    assert len(calls) == 2 and len(path.read_bytes()) == len(first.to_bytes())
 
 
 def test_keypoint_cache_recomputes_a_file_of_the_older_format(tmp_path: Path) -> None:
     """Files written before the colour thumbnail existed are recomputed, not used without it."""
     cache = LocalFeatureCache(tmp_path)
-    older = {k: v for k, v in cv.extract(textured(7)).to_arrays().items() if k != "chroma"}
-    cache.path("cd" * 32).parent.mkdir(parents=True)
-    np.savez(cache.path("cd" * 32), **older)
+    older = {k: v for k, v in _npz_arrays(cv.extract(textured(7))).items() if k != "chroma"}
+    npz = cache.path("cd" * 32).with_suffix(".npz")
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, **older)
     calls = []
     feats = cache.get("cd" * 32, lambda: calls.append(1) or textured(7))
     assert calls == [1] and feats.chroma.shape[2] == 2
-    with np.load(cache.path("cd" * 32)) as rewritten:
-        assert "chroma" in rewritten
+    assert cache.path("cd" * 32).is_file() and not npz.exists()
+
+
+def test_keypoint_cache_converts_the_npz_files_of_earlier_versions(tmp_path: Path) -> None:
+    """An ``.npz`` file of the previous format is read once (its image may be gone) and
+    rewritten in the current one, which reads back the same features."""
+    cache = LocalFeatureCache(tmp_path)
+    original = cv.extract(textured(8), block=3.0)
+    npz = cache.path("ef" * 32).with_suffix(".npz")
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, **_npz_arrays(original))
+    unreadable = []
+    feats = cache.get("ef" * 32, lambda: unreadable.append(1))
+    again = LocalFeatureCache(tmp_path).get("ef" * 32, lambda: unreadable.append(1))
+    assert unreadable == [] and not npz.exists() and cache.path("ef" * 32).is_file()
+    for got in (feats, again):
+        for name in ("points", "descriptors", "thumb", "chroma"):
+            assert np.array_equal(getattr(got, name), getattr(original, name))
+        assert (got.size, got.scale, got.block) == (original.size, original.scale, 3.0)
+
+
+def test_stored_features_read_back_exactly_and_refuse_damaged_records() -> None:
+    feats = cv.extract(textured(9), block=2.5)
+    data = feats.to_bytes()
+    back = cv.LocalFeatures.from_bytes(bytearray(data))
+    for name in ("points", "descriptors", "thumb", "chroma"):
+        assert np.array_equal(getattr(back, name), getattr(feats, name))
+        assert getattr(back, name).dtype == getattr(feats, name).dtype
+    assert (back.size, back.scale, back.block) == (feats.size, feats.scale, 2.5)
+    back.thumb[0, 0] ^= 1  # arrays over a bytearray are writable
+    empty = cv.LocalFeatures.from_bytes(cv.extract(Image.new("RGB", (64, 64), "white")).to_bytes())
+    assert empty.points.shape == (0, 2) and empty.descriptors.shape == (0, 128)
+    for damaged in (data[:-1], data + b"x", b"AGLOCF00" + data[8:], data[:20]):
+        with pytest.raises(ValueError):
+            cv.LocalFeatures.from_bytes(damaged)
+
+
+def _npz_arrays(f: cv.LocalFeatures) -> dict[str, np.ndarray]:
+    """The arrays the previous version stored in its ``.npz`` files."""
+    return {"points": f.points, "descriptors": f.descriptors, "thumb": f.thumb, "chroma": f.chroma,
+            "meta": np.array([*f.size, f.scale], np.float64), "block": np.array(f.block, np.float64)}
 
 
 @pytest.mark.realdata
