@@ -228,6 +228,7 @@ class LocalFeatures:
     _pasted: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
     _compared: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
                                                             compare=False)
+    _tiny: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def mirrored(self) -> LocalFeatures:
         """The features of the mirrored image, extracted on the first call (keypoints recomputed:
@@ -248,6 +249,13 @@ class LocalFeatures:
             self._compared = (cv2.GaussianBlur(self.thumb, (0, 0), GREY_BLUR).astype(np.float32),
                               cv2.GaussianBlur(self.chroma, (0, 0), CHROMA_BLUR).astype(np.float32) - 128.0)
         return self._compared
+
+    def tiny(self) -> np.ndarray:
+        """The grey thumbnail at 24 x 24 px, zero-mean, unit norm (:func:`_tiny`), computed on the
+        first call: the frame comparisons (:func:`frames_resemble`) take it for every candidate."""
+        if self._tiny is None:
+            self._tiny = _tiny(self.thumb)
+        return self._tiny
 
     def pasted(self) -> LocalFeatures | None:
         """The features of the query's pasted picture (None without one), extracted on the
@@ -506,7 +514,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
         wanted = dense is not None and dense[i] and best[i].score < 0.5
         if best[i].score < MIRROR_BELOW and (few or wanted):
             aligned = _verify_dense(query, candidate)
-            if aligned.score < 0.5 and _frame_looks_mirrored(query.thumb, candidate.thumb):
+            if aligned.score < 0.5 and _frame_looks_mirrored(query, candidate):
                 flipped = _verify_dense(query.mirrored(), candidate, mirrored=True)
                 if flipped.rank > aligned.rank:
                     aligned = flipped
@@ -534,17 +542,16 @@ def frames_resemble(query: LocalFeatures, candidate: LocalFeatures) -> bool:
     (:data:`FRAME_RESEMBLES`) for a dense alignment to be worth its cost. On the pixelated
     queries of bench/copydetect.py every original that the dense alignment found passed
     (lowest 0.44), a third of the other candidates did not."""
-    c = _tiny(candidate.thumb)
-    q = _tiny(query.thumb)
+    c, q = candidate.tiny(), query.tiny()
     return max(float((q * c).sum()), float((q[:, ::-1] * c).sum())) >= FRAME_RESEMBLES
 
 
-def _frame_looks_mirrored(q_thumb: np.ndarray, c_thumb: np.ndarray) -> bool:
+def _frame_looks_mirrored(query: LocalFeatures, candidate: LocalFeatures) -> bool:
     """True when the mirrored query's frame resembles the candidate's more than the query's
     does, by :data:`MIRROR_FRAME_MARGIN` (correlation of tiny grey thumbnails): the dense
     alignment, which starts from "same frame", is then worth trying on the mirrored query."""
-    c = _tiny(c_thumb)
-    direct, flipped = float((_tiny(q_thumb) * c).sum()), float((_tiny(q_thumb[:, ::-1]) * c).sum())
+    c, q = candidate.tiny(), query.tiny()
+    direct, flipped = float((q * c).sum()), float((q[:, ::-1] * c).sum())
     return flipped > direct + MIRROR_FRAME_MARGIN
 
 
@@ -649,21 +656,20 @@ def _ratio_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray]) -> list
 def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]],
                 mirrored: bool) -> Verification:
     if len(pairs) < MIN_INLIERS:
-        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
+        return replace(_NONE, matches=len(pairs), mirrored=mirrored)
     qi, ci = np.array(pairs).T
     src, dst = c.points[ci], q.points[qi]
     m, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
                                           maxIters=2000, confidence=0.995)
     if m is None or mask is None:
-        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "mirrored": mirrored})
+        return replace(_NONE, matches=len(pairs), mirrored=mirrored)
     inl = mask.ravel().astype(bool)
     n = int(inl.sum())
     if n >= MIN_INLIERS and AFFINE_GAIN * n <= len(pairs):  # else no fit could gain enough
         m, inl, n = _stretched(src, dst, m, inl, n)
     s = math.sqrt(abs(np.linalg.det(m[:, :2])))
     if n < MIN_INLIERS or not 0.05 < s < 20:
-        return Verification(**{**_NONE.to_dict(), "matches": len(pairs), "inliers": n,
-                               "inlier_ratio": n / len(pairs), "mirrored": mirrored})
+        return replace(_NONE, matches=len(pairs), inliers=n, inlier_ratio=n / len(pairs), mirrored=mirrored)
     residual, colour = _residual(q, c, m)
     if residual > REFINE_ABOVE and score(n, n / len(pairs), 0.0, 0.0) >= REFINE_FROM:
         refined = _refined(q, c, m)

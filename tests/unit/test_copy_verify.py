@@ -296,8 +296,9 @@ def test_a_mirrored_frame_is_told_from_the_same_frame() -> None:
     ramp = np.tile(np.linspace(0, 255, 120, dtype=np.float32), (90, 1))
     texture = np.asarray(textured(4, 120).convert("L").resize((120, 90)), np.float32)
     picture = (0.7 * ramp + 0.3 * texture).astype(np.uint8)
-    assert cv._frame_looks_mirrored(picture[:, ::-1], picture)
-    assert not cv._frame_looks_mirrored(picture, picture)
+    features = cv.extract(Image.fromarray(picture))
+    assert cv._frame_looks_mirrored(cv.extract(Image.fromarray(picture[:, ::-1].copy())), features)
+    assert not cv._frame_looks_mirrored(cv.extract(Image.fromarray(picture)), features)
 
 
 def test_frames_resemble_in_either_orientation_and_not_across_pictures() -> None:
