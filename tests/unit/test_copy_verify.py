@@ -387,13 +387,38 @@ def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_t
     assert len(verify_in_order(query, candidates, hashes, copy_threshold=1.01)) == 4  # nothing is sure
 
 
-def test_the_mirrored_querys_features_are_extracted_once_when_first_needed() -> None:
+def test_a_mirrored_query_is_fitted_with_its_own_keypoints_mirrored_first() -> None:
+    """The mirror image's SIFT pass runs only for a candidate that the query's keypoints,
+    mirrored, fit better than directly, but not beyond doubt; once a query."""
+    original = cv.extract(textured(4))
     query = cv.extract(textured(4))
-    assert query._mirror is None
-    cv.verify(query, cv.extract(textured(4)))  # a direct match: the mirror is not needed
-    assert query._mirror is None
-    cv.verify(query, cv.extract(ImageOps.mirror(textured(4))))
-    assert query._mirror is not None and query.mirrored() is query._mirror
+    cv.verify(query, original)  # a direct match: nothing mirrored
+    assert query._flipped is None and query._mirror is None
+    flipped_copy = cv.extract(ImageOps.mirror(textured(4)))
+    v = cv.verify(flipped_copy, original)
+    assert v.mirrored and v.score > cv.SURE and flipped_copy._mirror is None
+    unrelated = cv.extract(ImageOps.mirror(textured(5)))
+    assert cv.verify(unrelated, original).score < 0.1 and unrelated._mirror is None
+    inverted = cv.extract(ImageOps.mirror(ImageOps.invert(textured(4))))  # a few inliers, no copy
+    assert cv.verify(inverted, original).score < cv.MIRROR_AGAIN and inverted._mirror is None
+    blurred = cv.extract(ImageOps.mirror(textured(4).filter(ImageFilter.GaussianBlur(4))))
+    assert 0.3 < cv.verify(blurred, original).score < cv.SURE
+    assert blurred._mirror is not None and blurred.mirrored() is blurred._mirror
+
+
+def test_flipped_keypoints_are_those_of_the_mirror_image() -> None:
+    """Where SIFT on the mirror image finds a keypoint at a flipped one's place, their
+    descriptors agree (the bins' permutation is that of a horizontal flip)."""
+    query = cv.extract(textured(6))
+    flipped, mirror = query.flipped(), query.mirrored()
+    dist = ((flipped.points[:, None, :] - mirror.points[None, :, :]) ** 2).sum(-1)
+    nearest = dist.argmin(axis=1)
+    same = dist[np.arange(len(dist)), nearest] < 0.01
+    assert same.mean() > 0.4
+    a = flipped.descriptors[same].astype(np.float32)
+    b = mirror.descriptors[nearest[same]].astype(np.float32)
+    assert np.median(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)) < 0.1
+    assert np.array_equal(flipped.thumb, query.thumb[:, ::-1])
 
 
 def test_ratio_matches_are_those_of_opencvs_brute_force_matcher() -> None:
