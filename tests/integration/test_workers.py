@@ -286,8 +286,8 @@ def test_two_workers_share_a_screening_job(deployment: Deployment) -> None:
 
 def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> None:
     """Recovery without Redis' visibility timeout (10 minutes here): a worker SIGKILLed in the
-    middle of a chunk goes silent, the other worker's timer re-sends the chunk, which resumes
-    at its last committed batch; no query is checked twice."""
+    middle of a chunk goes silent, a worker's timer re-sends the chunk, which the other worker
+    resumes at its last committed batch; no query is checked twice."""
     from agman_milvus.app.client import Client
 
     env = {**deployment.env, "AGMAN_PENDING_RESEND_AFTER": "4", "AGMAN_VISIBILITY_TIMEOUT": "600",
@@ -311,7 +311,10 @@ def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> N
         second.start()
         job.wait(timeout=120)
         assert (job.status, job.done, job.total) == ("done", 64, 64), job.error
-        assert time.monotonic() - killed_at < 120 and "re-sending screening job" in second.log()
+        assert time.monotonic() - killed_at < 120
+        # the second worker's timer re-sends the silent chunk; on a loaded machine the first
+        # one's can already have, when a batch took longer than the 4 s (its run then stops)
+        assert "re-sending screening job" in first.log() + second.log()
         second_name = second.argv[second.argv.index("-n") + 1].split("@")[0]
         assert (jobs.chunk(job.id, 0).worker or "").startswith(second_name + "@")  # it finished the chunk
         first_matches = [m for m in job.matches() if m.evidence.get("rank") == 1]
