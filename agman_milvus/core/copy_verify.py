@@ -97,8 +97,8 @@ MAX_STRETCH = 2.0  # the most one axis may be scaled against the other in an aff
 MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
 #: A fit of the query's keypoints mirrored (:meth:`LocalFeatures.flipped`) from which, when it
 #: beats the direct fit, it is fitted again with the mirror image's own SIFT keypoints. On 240
-#: edited catalogue photos against 20 candidates each, that pass ran for 14 queries instead of
-#: all, and every original whose mirrored fit mattered (score over the direct fit's) was among them.
+#: edited catalogue photos against 20 candidates each, that pass ran for 14 of them, among them
+#: both originals whose second-pass fit beat their direct and flipped fits (docs/benchmarks.md).
 MIRROR_AGAIN = 0.05
 MAX_LINES = 40  # inlier pairs kept for drawing
 ECC_HALF_ITERATIONS = 100  # dense alignment: iterations on half-size thumbnails, then
