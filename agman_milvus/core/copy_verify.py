@@ -245,7 +245,7 @@ class LocalFeatures:
     _pasted: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
     _compared: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
                                                             compare=False)
-    _tiny: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _tiny_thumb: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def mirrored(self) -> LocalFeatures:
         """The features of the mirrored image, extracted on the first call. SIFT on the mirror
@@ -264,7 +264,8 @@ class LocalFeatures:
         keypoints mirrored (x -> work width - 0.5 - x, where SIFT's own on the mirror image
         fall), each descriptor's rows of cells reversed and its orientation bins negated, as a
         horizontal flip turns them in the keypoint's frame (median 0-7% from SIFT's own
-        descriptor at the same point on catalogue photos), the thumbnails flipped."""
+        descriptor at the same point on catalogue photos), the thumbnails flipped; no work
+        image (fits and dense alignments do not read it)."""
         if self.work is None:
             raise ValueError("flipped() needs features from extract(), not from stored arrays")
         if self._flipped is None:
@@ -273,7 +274,7 @@ class LocalFeatures:
             self._flipped = LocalFeatures(
                 points, np.ascontiguousarray(self.descriptors[:, _FLIPPED_BINS]), self.size, self.scale,
                 np.ascontiguousarray(self.thumb[:, ::-1]), np.ascontiguousarray(self.chroma[:, ::-1]),
-                self.block, np.ascontiguousarray(self.work[:, ::-1]))
+                self.block)
         return self._flipped
 
     def compared(self) -> tuple[np.ndarray, np.ndarray]:
@@ -288,9 +289,9 @@ class LocalFeatures:
     def tiny(self) -> np.ndarray:
         """The grey thumbnail at 24 x 24 px, zero-mean, unit norm (:func:`_tiny`), computed on the
         first call: the frame comparisons (:func:`frames_resemble`) take it for every candidate."""
-        if self._tiny is None:
-            self._tiny = _tiny(self.thumb)
-        return self._tiny
+        if self._tiny_thumb is None:
+            self._tiny_thumb = _tiny(self.thumb)
+        return self._tiny_thumb
 
     def pasted(self) -> LocalFeatures | None:
         """The features of the query's pasted picture (None without one), extracted on the
@@ -517,7 +518,7 @@ _NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage
 
 def verify(query: LocalFeatures, candidate: LocalFeatures, *, dense: bool = False) -> Verification:
     """Verify ``candidate`` against ``query`` (and the mirrored query when the direct fit is
-    weak: :meth:`LocalFeatures.mirrored`, extracted once a query). The dense alignment is tried
+    weak: :func:`_mirrored_fits`). The dense alignment is tried
     when the fit fails and either image has few keypoints, or always with ``dense``."""
     return verify_all(query, [candidate], dense=[dense])[0]
 
