@@ -11,8 +11,10 @@
 4. With ``--workers 1,2`` (say), the same job again on that many ``agman worker`` processes
    (queue ``agman.default``, Redis at 127.0.0.1:6379, the data directory's Milvus Lite served
    by ``agman milvus-serve``), each worker count side by side with the thread: a job's chunks
-   are separate tasks, so the workers share it. Warmed up by a small job first (one chunk per
-   query); the cores kept busy are the workers' CPU time over the job's wall time.
+   are separate tasks, so the workers share it. With ``--prefork 2`` (say), also on one
+   ``agman worker -P prefork -c 2``, whose processes get a share of the cores each
+   (``AGMAN_THREADS``). Warmed up by a small job first (one chunk per query); the cores kept
+   busy are the workers' CPU time (their pool processes' included) over the job's wall time.
 
 The model is AG-MAN on MobileNetV2 with the ImageNet trunk (the copy descriptor and local
 features do not depend on the attribute heads). Reports checks/s, ms per query by stage, the
@@ -23,6 +25,7 @@ was flagged. Prints JSON.
 
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py --refs 1000 --positives 360 --negatives 240
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1,2   # and on workers
+    AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1 --prefork 2
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
     timed(CopyChecker, "verify_scored", "stage2_verify")
     timed(CopyChecker, "_decide", "decide")
     with Client() as client:
-        if worker_pids:  # every worker loads its model on its first chunk
-            client.screen(queries[:2 * len(worker_pids)], chunk_size=1).wait(timeout=600)
+        if worker_pids:  # every worker process (a prefork pool's each) loads its model on its first chunk
+            processes = sum(max(1, len(_children(pid))) for pid in worker_pids)
+            client.screen(queries[:2 * processes], chunk_size=1).wait(timeout=600)
         else:
             client.check_copy(queries[0])
         spent.clear()
@@ -104,9 +108,17 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    """User + system CPU seconds of process ``pid`` (all its threads) and of its running child
+    processes (a prefork worker's pool), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_seconds(c) for c in _children(pid))
+
+
+def _children(pid: int) -> set[int]:
+    """The running child processes of ``pid``, from /proc."""
+    return {int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()}
 
 
 def _free_port() -> int:
@@ -132,11 +144,12 @@ def _wait(ready: Any, what: str, timeout: float = 120.0) -> None:
 
 
 @contextmanager
-def worker_stack(env: dict[str, str], workers: int, logs: Path) -> Iterator[tuple[dict[str, str], list[int]]]:
+def worker_stack(env: dict[str, str], workers: int, logs: Path,
+                 prefork: int = 0) -> Iterator[tuple[dict[str, str], list[int]]]:
     """``agman milvus-serve`` over the data directory and ``workers`` ``agman worker``
-    processes on queue ``agman.default`` (Redis at 127.0.0.1:6379, keys under a fresh prefix);
-    yields the environment that reaches them and the workers' PIDs; stops them by PID and
-    deletes the Redis keys they made."""
+    processes on queue ``agman.default`` (Redis at 127.0.0.1:6379, keys under a fresh prefix),
+    each with ``-P prefork -c prefork`` when ``prefork`` is given; yields the environment that
+    reaches them and the workers' PIDs; stops them by PID and deletes the Redis keys they made."""
     import redis
 
     agman = str(Path(sys.executable).with_name("agman"))
@@ -149,10 +162,11 @@ def worker_stack(env: dict[str, str], workers: int, logs: Path) -> Iterator[tupl
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _port_open(port), "milvus-serve")
         for n in range(workers):
-            log = logs / f"worker-{workers}-{n}.log"
+            log = logs / f"worker-{workers}-{prefork}-{n}.log"
+            pool = ["-P", "prefork", "-c", str(prefork)] if prefork else []
             with open(log, "wb") as fh:
                 procs.append(subprocess.Popen(
-                    [agman, "worker", "-Q", "agman.default", "-n", f"bench{n}@%h", "--no-compile"],
+                    [agman, "worker", "-Q", "agman.default", "-n", f"bench{n}@%h", "--no-compile", *pool],
                     env=env, stdout=fh, stderr=subprocess.STDOUT))
             _wait(lambda log=log: " ready." in log.read_text(errors="replace"), f"worker {n}")
         yield env, [p.pid for p in procs[1:]]
@@ -178,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--workers", default="",
                     help="also run the job on this many agman worker processes, e.g. 1,2")
+    ap.add_argument("--prefork", default="",
+                    help="also run the job on one agman worker -P prefork -c N for each N, e.g. 2")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
     ap.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
@@ -186,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         pids = [int(p) for p in args.worker_pids.split(",") if p]
         print(json.dumps(screen_job(args.screen_job, pids)))
         return 0
-    worker_counts = [int(n) for n in args.workers.split(",") if n]
+    #: (label, worker processes, prefork pool size or 0)
+    stacks = [(str(int(n)), int(n), 0) for n in args.workers.split(",") if n]
+    stacks += [(f"prefork {int(n)}", 1, int(n)) for n in args.prefork.split(",") if n]
     shared = shared_dir()
     if shared is None:
         print("no shared data (set AGMAN_SHARED_DIR)", file=sys.stderr)
@@ -241,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 
         job = run_job(env, [])
         on_workers = {}
-        for count in worker_counts:
-            with worker_stack(env, count, work) as (stack_env, pids):
-                on_workers[count] = run_job(stack_env, pids)
+        for label, count, prefork in stacks:
+            with worker_stack(env, count, work, prefork) as (stack_env, pids):
+                on_workers[label] = run_job(stack_env, pids)
 
     with_original = [q for q in queries if truth[q]]
     without = [q for q in queries if not truth[q]]
@@ -287,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "verdicts": job_verdicts,
         "per_edit": per_edit,
         "on_workers": {
-            str(count): {"job_status": w["status"], "checks_per_s": round(n / w["seconds"], 2),
-                         "job_seconds": round(w["seconds"], 1),
-                         "workers_cores_busy": round(w["cpu_seconds"] / w["seconds"], 2),
-                         "verdicts": verdicts(w["best"])[0]}
-            for count, w in on_workers.items()},
+            label: {"job_status": w["status"], "checks_per_s": round(n / w["seconds"], 2),
+                    "job_seconds": round(w["seconds"], 1),
+                    "workers_cores_busy": round(w["cpu_seconds"] / w["seconds"], 2),
+                    "verdicts": verdicts(w["best"])[0]}
+            for label, w in on_workers.items()},
         "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print_report(report, args.out)

@@ -15,8 +15,11 @@ import ctypes.util
 import logging
 import os
 
+import cv2
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from agman_milvus.core.threads import cpu_count, set_limit
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,20 @@ def configure_process() -> None:
     _configured = True
     if not tcmalloc_loaded():
         logger.debug("glibc malloc tuned for inference: %s", tune_glibc_malloc())
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(cpu_count())
+
+
+def limit_threads(threads: int) -> None:
+    """Hold this process's CPU work to ``threads`` threads: PyTorch's and OpenCV's own pools and
+    the thread pools of :mod:`agman_milvus.core.threads`. Several processes on one machine
+    (``agman worker -c N``) then share its cores instead of each running one thread a core: on
+    2 cores ``-P prefork -c 2`` ran a screening job at a median 8.6 checks/s against 6.7 for one
+    worker on both cores, where two workers on both cores each were slower than one
+    (docs/benchmarks.md)."""
+    set_limit(threads)
+    torch.set_num_threads(cpu_count())
+    cv2.setNumThreads(cpu_count())
+    logger.info("CPU work of process %d held to %d thread(s)", os.getpid(), cpu_count())
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -19,15 +19,27 @@ from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
 
-__all__ = ["cpu_count", "thread_map", "thread_pool"]
+__all__ = ["cpu_count", "set_limit", "thread_map", "thread_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+_limit: int | None = None
+
+
+def set_limit(threads: int | None) -> None:
+    """Hold :func:`cpu_count` to ``threads`` (None: no limit). Applied to PyTorch and OpenCV
+    too by :func:`agman_milvus.core.runtime.limit_threads`, which is what callers use."""
+    global _limit
+    _limit = threads
+
+
 def cpu_count() -> int:
-    """Cores this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)))
+    """Threads this process gives CPU work: the cores it may run on, or fewer when limited
+    (:func:`set_limit`)."""
+    cores = max(1, len(os.sched_getaffinity(0)))
+    return cores if _limit is None else max(1, min(cores, _limit))
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:

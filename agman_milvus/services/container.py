@@ -32,7 +32,8 @@ class Services:
     """Lazily built Embedder, Catalog, VectorStore and BlobStore for one :class:`Settings`.
 
     ``embedder`` may be given (an already built :class:`Embedder`, e.g. around an in-memory
-    model); otherwise it is loaded from ``settings.resolved_checkpoint``.
+    model); otherwise it is loaded from ``settings.resolved_checkpoint``. ``settings.threads``,
+    when set, limits the whole process's CPU threads (:func:`~agman_milvus.core.runtime.limit_threads`).
     """
 
     def __init__(self, settings: Settings | None = None, *, embedder: Embedder | None = None) -> None:
@@ -46,6 +47,10 @@ class Services:
         self._blobs: BlobStore | None = None
         self._model_registered = False
         self._holds_milvus = False  # this object counts as a user of the process's Milvus client
+        if self.settings.threads is not None:
+            from agman_milvus.core.runtime import limit_threads
+
+            limit_threads(self.settings.threads)
 
     def _check_fork(self) -> None:
         """Forget everything built in another process (never reuse it after fork)."""

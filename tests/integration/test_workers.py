@@ -5,13 +5,15 @@
   leave one row and one vector;
 * SIGKILL a worker in the middle of a batch; after a restart every image is indexed exactly
   once (SQL and Milvus agree) and none is lost;
-* a screening job's chunks shared by two workers, each query checked once.
+* a screening job's chunks shared by two workers, each query checked once, and by the two
+  processes of a prefork worker, each on its share of the cores.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -282,6 +284,31 @@ def test_two_workers_share_a_screening_job(deployment: Deployment) -> None:
         client.close()
         first.stop()
         second.stop()
+
+
+def test_a_prefork_workers_processes_share_a_job_on_a_share_of_the_cores(deployment: Deployment) -> None:
+    """``agman worker -P prefork -c 2``: the two pool processes take the job's chunks, each
+    holding its CPU work to its share of the cores (``AGMAN_THREADS``, set by the command), so
+    they do not run two threads a core between them."""
+    from agman_milvus.app.client import Client
+
+    cores = len(os.sched_getaffinity(0))
+    worker = deployment.worker("prefork", pool="prefork", concurrency=2, queues="agman.default")
+    worker.start()
+    client = Client(deployment.settings)
+    try:
+        queries = [_jpeg(9000 + i, size=96) for i in range(8)]
+        job = client.screen(queries, top_k=2, chunk_size=1).wait(timeout=180)
+        assert (job.status, job.done, job.total) == ("done", 8, 8), job.error
+        log = worker.log()
+        share = max(1, cores // 2)
+        assert f"prefork pool of 2, {share} CPU thread(s) each (AGMAN_THREADS)" in log
+        held = re.findall(r"CPU work of process (\d+) held to (\d+) thread", log)
+        assert len({pid for pid, _ in held}) == 2, log[-3000:]  # both pool processes worked
+        assert all(int(threads) == share for _, threads in held), held
+    finally:
+        client.close()
+        worker.stop()
 
 
 def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> None:

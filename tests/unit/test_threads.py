@@ -1,7 +1,9 @@
-"""thread_map and thread_pool: order, errors, threads used, BLAS held to one thread inside."""
+"""thread_map and thread_pool: order, errors, threads used, BLAS held to one thread inside; the
+process-wide thread limit and how `agman worker` shares the cores among its processes."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import faiss  # noqa: F401 - loads an OpenBLAS threaded by OpenMP (one count per thread)
@@ -76,3 +78,47 @@ def test_a_single_item_runs_with_blas_on_one_thread_too():
     before = blas_threads(0)
     assert all(n == 1 for n in thread_map(blas_threads, [0], workers=4)[0])
     assert blas_threads(0) == before
+
+
+def test_a_limit_holds_cpu_count_and_the_default_pool_to_it():
+    from agman_milvus.core.threads import cpu_count, set_limit
+
+    cores = cpu_count()
+    try:
+        set_limit(1)
+        assert cpu_count() == 1
+        caller = threading.current_thread().name
+        assert thread_map(lambda _: threading.current_thread().name, [0, 1, 2]) == [caller] * 3
+        set_limit(cores + 8)
+        assert cpu_count() == cores  # never more than the cores the process may run on
+    finally:
+        set_limit(None)
+    assert cpu_count() == cores
+
+
+def test_limit_threads_applies_to_pytorch_and_opencv_too():
+    import cv2
+    import torch
+
+    from agman_milvus.core.runtime import limit_threads
+    from agman_milvus.core.threads import set_limit
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        limit_threads(1)
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+    finally:
+        set_limit(None)
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+
+
+def test_worker_processes_share_the_cores():
+    from agman_milvus.app.commands.worker import threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process("prefork", 2, {}) == max(1, cores // 2)
+    assert threads_per_process("threads", 4 * cores, {}) == 1  # never under one thread
+    assert threads_per_process("solo", 2, {}) is None  # one process takes every core
+    assert threads_per_process("prefork", 1, {}) is None
+    assert threads_per_process("prefork", 2, {"AGMAN_THREADS": "3"}) is None  # the user's setting stays

@@ -1,7 +1,9 @@
 """``agman worker``: start a Celery worker with the right options for embedding.
 
 The GPU queue wants one process per GPU with the ``solo`` pool (no fork after CUDA, one
-model per GPU); CPU workers use ``solo`` too by default (PyTorch already uses every core). The
+model per GPU); CPU workers use ``solo`` too by default (PyTorch already uses every core). With
+``-c N`` (``prefork`` or ``threads``) each process or thread gets cores / N CPU threads
+(``AGMAN_THREADS``), so they share the cores instead of each taking all of them. The
 worker process gets tcmalloc preloaded when it is installed (CPU inference is 1.5-4x faster).
 """
 
@@ -36,6 +38,15 @@ def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
     if lib and "tcmalloc" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     return env
+
+
+def threads_per_process(pool: str, concurrency: int, env: dict[str, str]) -> int | None:
+    """The CPU threads each of a pool's ``concurrency`` processes (or threads) should use: the
+    cores this process may run on, shared out, unless ``AGMAN_THREADS`` is set already; None
+    when the worker runs one task at a time (``solo``, or ``-c 1``): it takes every core."""
+    if pool == "solo" or concurrency <= 1 or env.get("AGMAN_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // concurrency)
 
 
 def celery_argv(queues: list[str], pool: str, concurrency: int, name: str, loglevel: str) -> list[str]:
@@ -101,6 +112,11 @@ def register(app: typer.Typer) -> None:
                        "prefer --pool solo (one worker per GPU)", err=True)
         env = worker_env()
         env["AGMAN_COMPILE"] = "1" if compile_model else "0"
+        threads = threads_per_process(pool, concurrency, env)
+        if threads is not None:
+            env["AGMAN_THREADS"] = str(threads)
+            typer.echo(f"{pool} pool of {concurrency}, {threads} CPU thread(s) each (AGMAN_THREADS)",
+                       err=True)
         gpus = visible_gpus() if "agman.gpu" in queues and pool == "solo" else []
         if len(gpus) > 1 and not name:
             argv_for = {g: celery_argv(queues, pool, concurrency, f"gpu{g}@%h", loglevel) for g in gpus}
