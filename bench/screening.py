@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_edit": per_edit,
         "on_workers": {
             label: {"job_status": w["status"], "checks_per_s": round(n / w["seconds"], 2),
+                    "checks_per_s_vs_thread": round(job["seconds"] / w["seconds"], 2),
                     "job_seconds": round(w["seconds"], 1),
                     "workers_cores_busy": round(w["cpu_seconds"] / w["seconds"], 2),
                     "verdicts": verdicts(w["best"])[0]}
