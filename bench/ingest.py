@@ -8,12 +8,14 @@ On real product images (``../shared/data/fashion-products``, or ``AGMAN_SHARED_D
   decode, embed, write to Milvus Lite and SQL), from the first file read to the last image
   indexed;
 * ``celery``: the same through Redis and one ``agman worker`` (solo pool) writing to a shared
-  ``milvus-lite server``, measured until SQL says every image is indexed.
+  ``milvus-lite server``, measured until SQL says every image is indexed; with ``--prefork N``
+  also ``celery_prefork_N``: one ``agman worker -P prefork -c N`` (cores / N threads a process).
 
 The model is measured before and after the end-to-end runs (median), with the model loaded
 and warmed up in every mode. Per-stage timings of the embedded run show where time goes.
 
     .venv/bin/python bench/ingest.py [--images 256] [--backbones resnet50,mobilenet_v2] [--no-celery]
+    .venv/bin/python bench/ingest.py --backbones mobilenet_v2 --prefork 2   # and a prefork worker
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def run_embedded(items, settings) -> dict:
             "stages": dispatcher.report.to_dict()["timings"]}
 
 
-def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path) -> dict:
+def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path, prefork: int = 0) -> dict:
     from agman_milvus.core.config import Settings
     from agman_milvus.services.container import Services
     from agman_milvus.usecases.bulk_ingest import bulk_ingest
@@ -77,19 +79,21 @@ def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path) -> dic
     from tests.support.celery_harness import REDIS_URL, Worker, delete_redis_keys, milvus_lite_server
 
     prefix = f"agman-bench-{uuid.uuid4().hex[:8]}:"
-    with milvus_lite_server(tmp / "celery-milvus.db") as uri:
-        values = {"data_dir": str(tmp / "celery-data"), "milvus_uri": uri, "broker_url": REDIS_URL,
+    with milvus_lite_server(tmp / f"celery-{prefork}-milvus.db") as uri:
+        values = {"data_dir": str(tmp / f"celery-{prefork}-data"), "milvus_uri": uri, "broker_url": REDIS_URL,
                   "broker_key_prefix": prefix, "checkpoint": str(checkpoint), **settings_kwargs}
         settings = Settings(**values)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGMAN_")}
         env.update({f"AGMAN_{k.upper()}": str(v) for k, v in values.items()})
         services = Services(settings)
         _ = services.vectors  # collections created before the clock starts
-        worker = Worker(env, tmp / "worker.log").start(timeout=180)
+        pool = {"pool": "prefork", "concurrency": prefork} if prefork else {}
+        worker = Worker(env, tmp / f"worker-{prefork}.log", **pool).start(timeout=180)
         try:
             app = create_app(settings)
-            bulk_ingest(items[:2], services, CeleryDispatcher(app), timeout=300)  # warm the worker
-            rest = items[2:]
+            warm = 2 * max(1, prefork)  # a task each, so that every pool process loads its model
+            bulk_ingest(items[:warm], services, CeleryDispatcher(app), chunk_size=1, timeout=300)
+            rest = items[warm:]
             summary = bulk_ingest(rest, services, CeleryDispatcher(app), chunk_size=64, timeout=1800)
             assert summary.indexed == len(rest), summary.to_dict()
             return {"images_per_second": round(len(rest) / summary.seconds, 2),
@@ -106,6 +110,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--no-celery", action="store_true")
+    parser.add_argument("--prefork", type=int, default=0,
+                        help="also ingest through one agman worker -P prefork -c N")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-batch stage timings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -154,10 +160,14 @@ def main() -> None:
             if not args.no_celery and redis_available():
                 run["celery"] = run_celery(items, common, tmp, checkpoint)
                 model_speeds.append(pure_model(embedder, tensors, args.batch_size))
+                if args.prefork:
+                    run[f"celery_prefork_{args.prefork}"] = run_celery(items, common, tmp, checkpoint,
+                                                                       args.prefork)
+                    model_speeds.append(pure_model(embedder, tensors, args.batch_size))
             model_ips = statistics.median(model_speeds)
             run["model"] = {"images_per_second": round(model_ips, 2),
                             "rounds": [round(s, 2) for s in model_speeds]}
-            for mode in ("embedded", "celery"):
+            for mode in ("embedded", "celery", f"celery_prefork_{args.prefork}"):
                 if mode in run:
                     run[mode]["ratio_to_model"] = round(run[mode]["images_per_second"] / model_ips, 3)
             results["runs"][backbone] = run  # type: ignore[index]
