@@ -91,7 +91,7 @@ def run_celery(items, settings_kwargs: dict, tmp: Path, checkpoint: Path, prefor
         worker = Worker(env, tmp / f"worker-{prefork}.log", **pool).start(timeout=180)
         try:
             app = create_app(settings)
-            warm = 2 * max(1, prefork)  # a task each, so that every pool process loads its model
+            warm = 2 * max(1, prefork)  # an image a task: idle pool processes take them, loading the model
             bulk_ingest(items[:warm], services, CeleryDispatcher(app), chunk_size=1, timeout=300)
             rest = items[warm:]
             summary = bulk_ingest(rest, services, CeleryDispatcher(app), chunk_size=64, timeout=1800)
