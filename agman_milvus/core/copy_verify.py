@@ -252,11 +252,10 @@ class LocalFeatures:
         image keeps partly other keypoints than :meth:`flipped` has (on catalogue photos 7-46%
         of them sit where no mirrored keypoint does), so a promising mirrored fit is made again
         with these (:func:`verify_all`)."""
-        if self.work is None:
-            raise ValueError("mirrored() needs features from extract(), not from stored arrays")
         if self._mirror is None:
+            chroma = self.flipped().chroma  # flipped() refuses features without a work image
             self._mirror = _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
-                                         np.ascontiguousarray(self.chroma[:, ::-1]), self.block)
+                                         chroma, self.block)
         return self._mirror
 
     def flipped(self) -> LocalFeatures:
@@ -267,7 +266,7 @@ class LocalFeatures:
         descriptor at the same point on catalogue photos), the thumbnails flipped; no work
         image (fits and dense alignments do not read it)."""
         if self.work is None:
-            raise ValueError("flipped() needs features from extract(), not from stored arrays")
+            raise ValueError("the mirror image's features need features from extract(), not stored ones")
         if self._flipped is None:
             points = self.points.copy()
             points[:, 0] = self.work.shape[1] - 0.5 - points[:, 0]
