@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1,
         description="Threads one process gives its CPU work (PyTorch, OpenCV, a screening batch's "
-        "checks); unset = every core it may run on. `agman worker -c N` sets it to cores / N for "
-        "its processes, so they share the cores instead of each taking all of them",
+        "checks); unset = every core it may run on. `agman worker -P prefork -c N` sets it to "
+        "cores / N for its processes, so they share the cores instead of each taking all of them",
     )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
     decode_workers: int = Field(default=2, ge=0, le=64,

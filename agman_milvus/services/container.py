@@ -33,7 +33,8 @@ class Services:
 
     ``embedder`` may be given (an already built :class:`Embedder`, e.g. around an in-memory
     model); otherwise it is loaded from ``settings.resolved_checkpoint``. ``settings.threads``,
-    when set, limits the whole process's CPU threads (:func:`~agman_milvus.core.runtime.limit_threads`).
+    when set, limits the whole process's CPU threads once the embedder is first needed
+    (:func:`~agman_milvus.core.runtime.limit_threads`).
     """
 
     def __init__(self, settings: Settings | None = None, *, embedder: Embedder | None = None) -> None:
@@ -47,10 +48,6 @@ class Services:
         self._blobs: BlobStore | None = None
         self._model_registered = False
         self._holds_milvus = False  # this object counts as a user of the process's Milvus client
-        if self.settings.threads is not None:
-            from agman_milvus.core.runtime import limit_threads
-
-            limit_threads(self.settings.threads)
 
     def _check_fork(self) -> None:
         """Forget everything built in another process (never reuse it after fork)."""
@@ -72,6 +69,10 @@ class Services:
                 from agman_milvus.services.embedding import Embedder
 
                 s = self.settings
+                if s.threads is not None:  # the process's CPU work (model, copy checks) starts here
+                    from agman_milvus.core.runtime import limit_threads
+
+                    limit_threads(s.threads)
                 self._embedder = Embedder(
                     checkpoint=s.resolved_checkpoint, device=s.device, batch_size=s.batch_size,
                     compile=s.compile,

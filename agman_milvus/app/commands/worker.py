@@ -44,9 +44,11 @@ def threads_per_process(pool: str, concurrency: int, env: dict[str, str]) -> int
     """The CPU threads each of a pool's ``concurrency`` processes (or threads) should use: the
     cores this process may run on, shared out, unless ``AGMAN_THREADS`` is set already; None
     when the worker runs one task at a time (``solo``, or ``-c 1``): it takes every core."""
+    from agman_milvus.core.threads import cpu_count
+
     if pool == "solo" or concurrency <= 1 or env.get("AGMAN_THREADS"):
         return None
-    return max(1, len(os.sched_getaffinity(0)) // concurrency)
+    return max(1, cpu_count() // concurrency)
 
 
 def celery_argv(queues: list[str], pool: str, concurrency: int, name: str, loglevel: str) -> list[str]:
