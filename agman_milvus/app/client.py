@@ -294,14 +294,15 @@ class Client:
 
         Celery (queue ``agman.default``) when a broker is configured, one task per chunk of
         ``chunk_size`` queries (default :data:`~agman_milvus.usecases.screening.CHUNK_SIZE`)
-        so the workers share the job, else a thread here.
+        so the workers share the job, else a thread here that shares the chunks among child
+        processes, one a core (``AGMAN_SCREEN_PROCESSES``).
         """
+        from agman_milvus.usecases.local_screening import start_thread
         from agman_milvus.usecases.screening import (
             CHUNK_SIZE,
             ScreeningJobHandle,
             create_job,
             query_references,
-            start_thread,
         )
 
         refs = query_references(list(images), self.services.blobs)
@@ -326,7 +327,8 @@ class Client:
         is theirs already (their re-send timer covers a chunk whose worker went silent). A
         done job is left as it is. ``JobNotFoundError`` when there is no such job.
         """
-        from agman_milvus.usecases.screening import ScreeningJobHandle, restart_failed, resume_in_thread
+        from agman_milvus.usecases.local_screening import resume_in_thread
+        from agman_milvus.usecases.screening import ScreeningJobHandle, restart_failed
 
         job = self.services.catalog.screening_jobs.get(job_id)  # JobNotFoundError before the model loads
         thread = None

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         "checks); unset = every core it may run on. `agman worker -P prefork -c N` sets it to "
         "cores / N for its processes, so they share the cores instead of each taking all of them",
     )
+    screen_processes: int | None = Field(
+        default=None, ge=1, le=256,
+        description="Child processes a screening job without workers (no broker) shares its chunks "
+        "among; unset = one a core (see `threads`), 1 = the job runs in a thread of the caller",
+    )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
     decode_workers: int = Field(default=2, ge=0, le=64,
                                 description="Threads decoding images ahead of the model")

@@ -64,7 +64,7 @@ class Embedder:
                 "to build the demo model)"
             )
         self._model = model
-        self._checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._checkpoint = Path(checkpoint) if checkpoint is not None and model is None else None
         self._device_name = device
         self.batch_size = batch_size
         self.compile = compile
@@ -85,6 +85,11 @@ class Embedder:
                 self._device = device
                 logger.info("model %s loaded on %s", self._model.version, device)
         return self._model  # type: ignore[return-value]
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The file the model loads from; None for a model given in memory."""
+        return self._checkpoint
 
     @property
     def model(self) -> AttributeEmbeddingModel:

@@ -8,13 +8,15 @@ cannot be read adds one ``error`` row with the reason.
 
 The queries are split into chunks of :data:`CHUNK_SIZE`. With a broker configured each chunk is
 one Celery task (queue ``agman.default``), so every worker consuming that queue takes a share of
-the job (:func:`run_chunk`); without one, a background thread of this process runs the chunks
-in order (:func:`run_job`). A chunk advances in batches, each committed with its progress, so a
+the job (:func:`run_chunk`); without one, a background thread of this process shares them
+among child processes, one a core (:mod:`agman_milvus.usecases.local_screening`), or runs them
+in order itself (:func:`run_job`). A chunk advances in batches, each committed with its progress, so a
 redelivered task resumes where the last commit left off and never duplicates a match. A chunk
 whose worker went silent (killed, out of memory) or whose message was lost does not wait for
 the broker's visibility timeout: the workers' re-send timer finds it (:func:`resend_stale_chunks`)
 and sends it again. A job whose thread died with its process, or that failed, goes on from its
-committed progress when asked (:func:`resume_in_thread`, :func:`restart_failed`).
+committed progress when asked (:func:`~agman_milvus.usecases.local_screening.resume_in_thread`,
+:func:`restart_failed`).
 """
 
 from __future__ import annotations
@@ -30,17 +32,14 @@ from typing import Any
 from PIL import Image as PILImage
 
 from agman_milvus.core.images import ImageError, ImageSource, read_image_bytes
-from agman_milvus.core.runtime import configure_process
 from agman_milvus.services.blobs import BlobStore, is_blob_uri
 from agman_milvus.services.store.catalog import Catalog, JobStatus, ScreeningJob, ScreeningMatch
 from agman_milvus.services.store.repository import utcnow
-from agman_milvus.services.store.vectors import hold_milvus, release_milvus
 from agman_milvus.usecases.copyright import DISTINCT, CopyChecker
 from agman_milvus.usecases.reports import ScreeningReport, export_report, load_screening_report
 
 __all__ = ["CHUNK_SIZE", "ERROR", "ScreeningJobHandle", "create_job", "query_references",
-           "resend_stale_chunks", "restart_failed", "resume_in_thread", "run_chunk", "run_job",
-           "start_thread"]
+           "resend_stale_chunks", "restart_failed", "run_chunk", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +97,21 @@ def run_job(job_id: int, checker: CopyChecker, *, batch_size: int = BATCH_SIZE) 
 
 
 def run_chunk(job_id: int, start: int, checker: CopyChecker, *, worker: str | None = None,
-              batch_size: int = BATCH_SIZE) -> ScreeningJob:
+              batch_size: int = BATCH_SIZE, fail_job: bool = True) -> ScreeningJob:
     """Run (or resume) the chunk of job ``job_id`` that starts at query ``start`` (one Celery
     task; ``worker`` names the worker for the chunk's row); returns the job's row. The
     batch that completes the job's last chunk marks it done, whichever chunk that is.
 
-    An unexpected error marks the job failed (with the message) and is re-raised.
+    An unexpected error marks the job failed (with the message; not with ``fail_job`` False,
+    where the caller does) and is re-raised.
     """
     jobs = checker.catalog.screening_jobs
-    _run_chunk(checker, jobs.get(job_id), start, batch_size, worker)
+    _run_chunk(checker, jobs.get(job_id), start, batch_size, worker, fail_job=fail_job)
     return jobs.get(job_id)
 
 
 def _run_chunk(checker: CopyChecker, job: ScreeningJob, start: int, batch_size: int,
-               worker: str | None) -> None:
+               worker: str | None, *, fail_job: bool = True) -> None:
     """Claim the chunk of ``job`` (its row, queries included, read once by the caller) and
     check its queries from its committed progress on, a batch per transaction; stop when
     another run of the chunk has committed a batch first."""
@@ -131,7 +131,8 @@ def _run_chunk(checker: CopyChecker, job: ScreeningJob, start: int, batch_size: 
                 return
             log.debug("screening job %d: queries %d-%d done", job_id, first, first + len(batch))
     except Exception as exc:
-        jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
+        if fail_job:
+            jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -185,43 +186,6 @@ def _screen_batch(checker: CopyChecker, refs: list[str], top_k: int) -> list[dic
     return rows
 
 
-def start_thread(job_id: int, checker: CopyChecker) -> threading.Thread:
-    """Run the job in a daemon thread of this process (the embedded default). The process's
-    allocator settings are applied first (:func:`configure_process`), so the thread shares the
-    tuned heap instead of starting its own arena. The thread counts as a user of the Milvus
-    client until the job ends, so closing the client that started it does not close an
-    embedded Milvus Lite under it."""
-    configure_process()
-    settings = checker.settings
-    if settings is not None:
-        hold_milvus(settings)
-
-    def target() -> None:
-        try:
-            run_job(job_id, checker)
-        except Exception:  # recorded on the job row by run_job
-            log.exception("screening job %d failed", job_id)
-        finally:
-            if settings is not None:
-                release_milvus(settings)
-
-    thread = threading.Thread(target=target, name=_thread_name(job_id), daemon=True)
-    thread.start()
-    return thread
-
-
-def resume_in_thread(job: ScreeningJob, checker: CopyChecker) -> threading.Thread | None:
-    """Go on with ``job`` (its row) in a thread of this process (:func:`start_thread`) from
-    where its chunks stopped: the embedded default's job whose process ended (Ctrl-C, a crash,
-    a closed terminal), or a failed one. None when the job is done or a thread of this process
-    runs it already."""
-    running_here = any(t.name == _thread_name(job.id) and t.is_alive() for t in threading.enumerate())
-    if job.status == JobStatus.done or running_here:
-        return None
-    checker.catalog.screening_jobs.start(job.id)  # before the thread: a waiter must not see "failed"
-    return start_thread(job.id, checker)
-
-
 def restart_failed(catalog: Catalog, job: ScreeningJob) -> list[int]:
     """For workers: mark ``job`` (its row) running again when it failed and return the first
     queries of its unfinished chunks, to be sent again. Empty for any other job: a queued or
@@ -231,10 +195,6 @@ def restart_failed(catalog: Catalog, job: ScreeningJob) -> list[int]:
         return []
     catalog.screening_jobs.start(job.id)
     return [c.start for c in catalog.screening_jobs.chunks(job.id) if c.done < c.stop - c.start]
-
-
-def _thread_name(job_id: int) -> str:
-    return f"agman-screen-{job_id}"
 
 
 class ScreeningJobHandle:

@@ -145,7 +145,8 @@ def test_screening_job_handle_can_be_reopened_and_is_resumable(client) -> None:
 def test_a_stopped_or_failed_job_goes_on_where_it_stopped(client) -> None:
     from agman_milvus.services.store.catalog import JobStatus
     from agman_milvus.usecases.copyright import CopyChecker
-    from agman_milvus.usecases.screening import create_job, restart_failed, resume_in_thread, run_chunk
+    from agman_milvus.usecases.local_screening import resume_in_thread
+    from agman_milvus.usecases.screening import create_job, restart_failed, run_chunk
 
     catalog = client.services.catalog
     checker = CopyChecker.from_services(client.services)

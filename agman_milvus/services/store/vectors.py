@@ -207,6 +207,20 @@ def _release_lite_server(uri: str) -> None:
     server_manager_instance.release_server(uri)
 
 
+def lite_server_uri(settings: Settings) -> str | None:
+    """The ``http://127.0.0.1:<port>`` on which this process serves the embedded Milvus Lite of
+    ``settings`` (pymilvus' in-process Lite is a gRPC server), for other local processes to
+    search it; None when ``settings`` name a Milvus server or this process has not opened it."""
+    uri = settings.resolved_milvus_uri
+    with _clients_lock:
+        opened = _client_key(settings) in _clients
+    if not (_is_local_path(uri) and opened):
+        return None
+    from milvus_lite.server_manager import server_manager_instance
+
+    return server_manager_instance.start_and_get_uri(uri)  # the running server's address
+
+
 def _lite_dir_locked(path: Path) -> bool:
     """True when another process holds Milvus Lite's exclusive lock on ``path``."""
     import fcntl
