@@ -7,7 +7,10 @@
    PNG files.
 3. In a new process: one warm-up ``check_copy`` (model and collections loaded), then a
    screening job over every query (``Client.screen``, the background thread of the embedded
-   default) timed from submit to done, its stages timed by wrapping the checker's methods.
+   default, held to that thread with ``AGMAN_SCREEN_PROCESSES=1``) timed from submit to done,
+   its stages timed by wrapping the checker's methods. With ``--local 2`` (say), the same job
+   again as the embedded default runs it on that many cores: its chunks shared among that many
+   child processes of the job's thread (``AGMAN_SCREEN_PROCESSES``), their CPU time counted.
 4. With ``--workers 1,2`` (say), the same job again on that many ``agman worker`` processes
    (queue ``agman.default``, Redis at 127.0.0.1:6379, the data directory's Milvus Lite served
    by ``agman milvus-serve``), each worker count side by side with the thread: a job's chunks
@@ -26,6 +29,7 @@ was flagged. Prints JSON.
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py --refs 1000 --positives 360 --negatives 240
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1,2   # and on workers
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1 --prefork 2
+    AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --local 2   # the default on 2 cores
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import csv
 import json
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -60,8 +65,9 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
     """The screening process: a warm-up, then the timed job over the queries in
     ``queries_file`` (JSON list of paths); returns the job's status, seconds, CPU seconds,
     per-stage seconds and each query's rank-1 match. In process (no ``worker_pids``) the
-    stages are timed by wrapping the checker's methods and the CPU time is this process's;
-    on workers, the CPU time is theirs."""
+    stages are timed by wrapping the checker's methods (of this process: not of the job's
+    child processes) and the CPU time is this process's and its children's; on workers, the
+    CPU time is theirs."""
     from agman_milvus import Client
     from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.store.vectors import VectorStore
@@ -83,7 +89,11 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
         setattr(owner, name, wrapper)
 
     def cpu() -> float:
-        return sum(_cpu_seconds(pid) for pid in worker_pids) if worker_pids else time.process_time()
+        if worker_pids:
+            return sum(_cpu_seconds(pid) for pid in worker_pids)
+        ended = resource.getrusage(resource.RUSAGE_CHILDREN)  # the job's child processes, reaped
+        running = sum(_cpu_seconds(c) for c in _children(os.getpid()))  # and those still exiting
+        return time.process_time() + ended.ru_utime + ended.ru_stime + running
 
     timed(CopyChecker, "score_candidates", "stage1")
     timed(Embedder, "encode", "stage1_embed")
@@ -194,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the job on this many agman worker processes, e.g. 1,2")
     ap.add_argument("--prefork", default="",
                     help="also run the job on one agman worker -P prefork -c N for each N, e.g. 2")
+    ap.add_argument("--local", default="",
+                    help="also run the job without workers on N child processes for each N, e.g. 2")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
     ap.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     #: (label, worker processes, prefork pool size or 0)
     stacks = [(str(int(n)), int(n), 0) for n in args.workers.split(",") if n]
     stacks += [(f"prefork {int(n)}", 1, int(n)) for n in args.prefork.split(",") if n]
+    local = [int(n) for n in args.local.split(",") if n]
     shared = shared_dir()
     if shared is None:
         print("no shared data (set AGMAN_SHARED_DIR)", file=sys.stderr)
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                                   env=job_env, check=True, capture_output=True, text=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        job = run_job(env, [])
+        job = run_job({**env, "AGMAN_SCREEN_PROCESSES": "1"}, [])
+        on_local = {str(n): run_job({**env, "AGMAN_SCREEN_PROCESSES": str(n)}, []) for n in local}
         on_workers = {}
         for label, count, prefork in stacks:
             with worker_stack(env, count, work, prefork) as (stack_env, pids):
@@ -294,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(queries)
     job_verdicts, per_edit = verdicts(job["best"])
+
+    def beside_thread(run: dict) -> dict[str, Any]:
+        """A run of the job elsewhere (child processes, workers) beside the thread's."""
+        return {"job_status": run["status"], "checks_per_s": round(n / run["seconds"], 2),
+                "checks_per_s_vs_thread": round(job["seconds"] / run["seconds"], 2),
+                "job_seconds": round(run["seconds"], 1),
+                "cores_busy": round(run["cpu_seconds"] / run["seconds"], 2),
+                "verdicts": verdicts(run["best"])[0]}
+
     report = {
         "refs": len(refs), "queries": n, "queries_with_original": len(with_original),
         "image_size": args.image_size, "seed": args.seed, "job_status": job["status"],
@@ -304,13 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_images_per_s": round(len(refs) / ingest_s, 2),
         "verdicts": job_verdicts,
         "per_edit": per_edit,
-        "on_workers": {
-            label: {"job_status": w["status"], "checks_per_s": round(n / w["seconds"], 2),
-                    "checks_per_s_vs_thread": round(job["seconds"] / w["seconds"], 2),
-                    "job_seconds": round(w["seconds"], 1),
-                    "workers_cores_busy": round(w["cpu_seconds"] / w["seconds"], 2),
-                    "verdicts": verdicts(w["best"])[0]}
-            for label, w in on_workers.items()},
+        "local_processes": {label: beside_thread(w) for label, w in on_local.items()},
+        "on_workers": {label: beside_thread(w) for label, w in on_workers.items()},
         "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print_report(report, args.out)
