@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     screen_processes: int | None = Field(
         default=None, ge=1, le=256,
         description="Child processes a screening job without workers (no broker) shares its chunks "
-        "among; unset = one a core (see `threads`), 1 = the job runs in a thread of the caller",
+        "among; unset = one a core (see `threads`), at most 8 and one per 2 GB of available memory; "
+        "1 = the job runs in a thread of the caller",
     )
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per embedding batch")
     decode_workers: int = Field(default=2, ge=0, le=64,
