@@ -35,12 +35,11 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy.engine import make_url
-
 from agman_milvus.core.config import Settings
 from agman_milvus.core.runtime import configure_process
 from agman_milvus.core.threads import cpu_count
 from agman_milvus.services.store.catalog import JobStatus, ScreeningJob
+from agman_milvus.services.store.engine import in_memory
 from agman_milvus.services.store.vectors import hold_milvus, lite_server_uri, release_milvus
 from agman_milvus.usecases.copyright import CopyChecker, CopyThresholds
 from agman_milvus.usecases.screening import run_chunk, run_job
@@ -149,8 +148,7 @@ def child_settings(settings: Settings, processes: int, checkpoint: Path) -> Sett
     on) and holding its CPU work to a share of the cores. None when children cannot share this
     process's stores (an in-memory SQLite database, or an embedded Milvus Lite this process has
     not opened)."""
-    database = make_url(settings.resolved_database_url)
-    if database.get_backend_name() == "sqlite" and database.database in (None, "", ":memory:"):
+    if in_memory(settings.resolved_database_url):
         return None
     uri = settings.milvus_uri or lite_server_uri(settings)
     if uri is None:

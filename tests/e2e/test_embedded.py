@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def deployment(catalogue: Catalogue, workdir: Path) -> Deployment:
-    return Deployment("embedded", base_env(workdir / "data", catalogue.checkpoint), cwd=workdir,
-                      asynchronous=False)
+    env = base_env(workdir / "data", catalogue.checkpoint, AGMAN_SCREEN_PROCESSES="2")  # 2 on any machine
+    return Deployment("embedded", env, cwd=workdir, asynchronous=False)
 
 
 def test_database_and_models(deployment: Deployment) -> None:
@@ -43,6 +44,11 @@ def test_python_api(deployment: Deployment, catalogue: Catalogue) -> None:
 
 def test_screen(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
     journeys.screen(deployment, catalogue, tmp_path)
+    database = Path(deployment.env["AGMAN_DATA_DIR"]) / "catalog.sqlite"
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        workers = [w for (w,) in db.execute(
+            "SELECT worker FROM screening_chunks WHERE job_id = (SELECT max(id) FROM screening_jobs)")]
+    assert len(workers) == 2 and all(w.startswith("local-") for w in workers), workers  # child processes
 
 
 def test_screen_resumed_after_a_kill(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:

@@ -8,7 +8,14 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-__all__ = ["create_catalog_engine"]
+__all__ = ["create_catalog_engine", "in_memory"]
+
+
+def in_memory(url: str) -> bool:
+    """True for a database that lives in one process's memory (SQLite ``:memory:``), which no
+    other process can share."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def create_catalog_engine(url: str, **kwargs: Any) -> Engine:
