@@ -9,16 +9,16 @@ imported), each holding its CPU work to cores / processes threads (``Settings.th
 searching the caller's Milvus Lite over the local port it already serves on, as workers search
 ``agman milvus-serve``; the caller's process is left with Lite's searches. Each child takes one
 chunk at a time, so they share the job as workers do, and commits each batch to SQL itself.
+On 2 cores a 600-query job ran at 1.16-1.42x the thread's checks/s (docs/benchmarks.md).
 ``AGMAN_SCREEN_PROCESSES=1`` (or a job of one chunk) keeps the job in the thread.
 
 The conversation is JSON lines on the child's stdin and stdout: the job (settings, model
 version, thresholds) first, answered ``{"ready": true}`` or ``{"error": ...}``; then a chunk's
 first query, answered ``{"done": start}`` or ``{"error": ...}``; end of input ends the child.
 A child that cannot start (another model version, a failed import) leaves its chunks to the
-others, or to the thread. A
-chunk whose child died is given to another child once, from its committed progress. A child
-whose parent died stops within a second; the job stays ``running`` and goes on from its
-committed progress when resumed (:func:`resume_in_thread`).
+others, or to the thread. A chunk whose child died is given to another child once, from its
+committed progress. A child whose parent died stops within a second; the job stays ``running``
+and goes on from its committed progress when resumed (:func:`resume_in_thread`).
 """
 
 from __future__ import annotations
