@@ -15,10 +15,11 @@ On 2 cores a 600-query job ran at 1.16-1.42x the thread's checks/s (docs/benchma
 The conversation is JSON lines on the child's stdin and stdout: the job (settings, model
 version, thresholds) first, answered ``{"ready": true}`` or ``{"error": ...}``; then a chunk's
 first query, answered ``{"done": start}`` or ``{"error": ...}``; end of input ends the child.
-A child that cannot start (another model version, a failed import) leaves its chunks to the
-others, or to the thread. A chunk whose child died is given to another child once, from its
-committed progress. A child whose parent died stops within a second; the job stays ``running``
-and goes on from its committed progress when resumed (:func:`resume_in_thread`).
+A child that cannot start (another model version, a failed import, no answer within
+:data:`START_TIMEOUT`) leaves its chunks to the others, or to the thread. A chunk whose child
+died is given to another child once, from its committed progress. A child whose parent died
+stops within a second; the job stays ``running`` and goes on from its committed progress when
+resumed (:func:`resume_in_thread`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -54,6 +56,9 @@ MAX_CHUNK_DEATHS = 2
 #: Children a job starts at most unless told (``AGMAN_SCREEN_PROCESSES``): they all search the
 #: caller's Milvus Lite, whose Python answers one search at a time (measured on 2 cores only).
 DEFAULT_MAX_PROCESSES = 8
+#: Seconds a child may take to start (imports, model, stores; a few seconds on an idle machine)
+#: before it is stopped and its share left to the others or to the thread.
+START_TIMEOUT = 300.0
 #: Memory a child takes: 1.4-1.6 GB resident in the 600-query job of bench/screening.py (PyTorch
 #: and OpenCV imported, 0.8 GB, the model, a batch's images and local features), with headroom.
 CHILD_MEMORY = 2 * 2**30
@@ -269,7 +274,12 @@ class _Child:
 
     def wait_ready(self) -> bool:
         """True once the child has loaded the model and reached the stores; False (logged)
-        when it cannot run the job."""
+        when it cannot run the job or did not start within :data:`START_TIMEOUT`."""
+        assert self._proc.stdout is not None
+        if not select.select([self._proc.stdout], [], [], START_TIMEOUT)[0]:  # nothing read yet
+            log.warning("screening process %d did not start within %.0f s; stopped", self.pid, START_TIMEOUT)
+            self._proc.kill()
+            return False
         try:
             answer = self._answer()
         except _ChildDied as exc:

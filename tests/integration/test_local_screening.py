@@ -128,6 +128,18 @@ def test_a_killed_child_s_chunk_goes_on_in_another(client, caplog) -> None:  # n
     assert [best.get(r) for r in refs] == [("copy", f"original-{n % 4}") for n in range(96)]
 
 
+def test_children_that_do_not_start_in_time_leave_the_job_to_the_thread(client, caplog, monkeypatch) -> None:  # noqa: ANN001
+    from agman_milvus.usecases import local_screening
+
+    monkeypatch.setattr(local_screening, "START_TIMEOUT", 0.01)  # no child imports PyTorch that fast
+    with caplog.at_level(logging.WARNING, logger="agman_milvus.usecases.local_screening"):
+        job = client.screen(_copies(4), top_k=2, chunk_size=2).wait(timeout=120)
+    assert job.status == "done" and _local_pids(client, job.id) == set(), job.error
+    assert caplog.text.count("did not start within 0 s; stopped") == 2
+    refs = client.services.catalog.screening_jobs.get(job.id).params["queries"]
+    assert [_best(job).get(r) for r in refs] == [("copy", f"original-{n}") for n in range(4)]
+
+
 def test_a_model_given_in_memory_keeps_the_job_in_the_thread(client) -> None:  # noqa: ANN001
     from agman_milvus.app.client import Client
     from agman_milvus.core.model import load_checkpoint
