@@ -15,8 +15,8 @@ On 2 cores a 600-query job ran at 1.16-1.42x the thread's checks/s (docs/benchma
 The conversation is JSON lines on the child's stdin and stdout: the job (settings, model
 version, thresholds) first, answered ``{"ready": true}`` or ``{"error": ...}``; then a chunk's
 first query, answered ``{"done": start}`` or ``{"error": ...}``; end of input ends the child.
-A child that cannot start (another model version, a failed import, no answer within
-:data:`START_TIMEOUT`) leaves its chunks to the others, or to the thread. A chunk whose child
+A child that cannot start (no process, another model version, a failed import, no answer
+within :data:`START_TIMEOUT`) leaves its chunks to the others, or to the thread. A chunk whose child
 died is given to another child once, from its committed progress. A child whose parent died
 stops within a second; the job stays ``running`` and goes on from its committed progress when
 resumed (:func:`resume_in_thread`).
@@ -159,8 +159,7 @@ def child_settings(settings: Settings, processes: int, checkpoint: Path) -> Sett
     if uri is None:
         return None
     threads = max(1, cpu_count() // processes)
-    return settings.model_copy(update={"milvus_uri": uri, "checkpoint": checkpoint, "threads": threads,
-                                       "screen_processes": 1})
+    return settings.model_copy(update={"milvus_uri": uri, "checkpoint": checkpoint, "threads": threads})
 
 
 def run_chunks_in_processes(job_id: int, checker: CopyChecker, starts: list[int], processes: int) -> None:
@@ -178,7 +177,15 @@ def run_chunks_in_processes(job_id: int, checker: CopyChecker, starts: list[int]
     job = {"settings": shared.model_dump(mode="json"), "job_id": job_id,
            "model_version": checker.embedder.version, "thresholds": checker.thresholds.to_dict(),
            "verify_k": checker.verify_k, "vote_k": checker.vote_k}
-    children = [_Child.start(job) for _ in range(min(processes, len(starts)))]
+    children: list[_Child] = []
+    for _ in range(min(processes, len(starts))):
+        try:
+            children.append(_Child.start(job))
+        except OSError as exc:  # no interpreter to run, no process left: the thread takes the rest
+            log.warning("screening job %d: a child process could not start (%s)", job_id, exc)
+            break
+    if not children:
+        return
     dispatch = _Dispatch(starts)
     log.info("screening job %d: %d chunks on %d local processes of %d thread(s)", job_id, len(starts),
              len(children), shared.threads)

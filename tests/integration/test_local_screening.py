@@ -140,6 +140,16 @@ def test_children_that_do_not_start_in_time_leave_the_job_to_the_thread(client, 
     assert [_best(job).get(r) for r in refs] == [("copy", f"original-{n}") for n in range(4)]
 
 
+def test_children_that_cannot_be_started_leave_the_job_to_the_thread(client, caplog, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # the interpreter is gone
+    with caplog.at_level(logging.WARNING, logger="agman_milvus.usecases.local_screening"):
+        job = client.screen(_copies(4), top_k=2, chunk_size=2).wait(timeout=120)
+    assert job.status == "done" and _local_pids(client, job.id) == set(), job.error
+    assert "a child process could not start" in caplog.text
+    refs = client.services.catalog.screening_jobs.get(job.id).params["queries"]
+    assert [_best(job).get(r) for r in refs] == [("copy", f"original-{n}") for n in range(4)]
+
+
 def test_a_model_given_in_memory_keeps_the_job_in_the_thread(client) -> None:  # noqa: ANN001
     from agman_milvus.app.client import Client
     from agman_milvus.core.model import load_checkpoint
@@ -225,5 +235,4 @@ def test_how_many_children_and_when_none(tmp_path: Path) -> None:
     assert child_settings(Settings(data_dir=tmp_path), 2, checkpoint) is None
     server = child_settings(Settings(data_dir=tmp_path, milvus_uri="http://127.0.0.1:19530"), 2, checkpoint)
     assert server is not None and server.milvus_uri == "http://127.0.0.1:19530"
-    assert (server.checkpoint, server.threads, server.screen_processes) == (
-        checkpoint, max(1, cpu_count() // 2), 1)
+    assert (server.checkpoint, server.threads) == (checkpoint, max(1, cpu_count() // 2))
