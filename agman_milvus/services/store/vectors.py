@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
@@ -102,10 +103,22 @@ class VectorRow:
 _clients: dict[tuple[int, str, str, str], MilvusClient] = {}
 _clients_lock = threading.Lock()
 _holders: dict[tuple[int, str, str, str], int] = {}  # users of each client (hold_milvus)
+#: gRPC options of a client of a Milvus on this machine. pymilvus pings its server every 10 s,
+#: with or without a call in flight; Milvus Lite's gRPC server (this process's, or ``agman
+#: milvus-serve``) answers a client idle for about 90 s by closing the connection (GOAWAY
+#: "too_many_pings", an error line on the client's stderr). A loopback connection cannot drop
+#: silently, so its clients do not ping.
+_LOOPBACK_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 def _is_local_path(uri: str) -> bool:
     return "://" not in uri
+
+
+def _is_loopback(uri: str) -> bool:
+    """True for Milvus Lite in a directory and for a server URI on this machine's loopback."""
+    return _is_local_path(uri) or urlsplit(uri).hostname in _LOOPBACK_HOSTS
 
 
 def _client_key(settings: Settings) -> tuple[int, str, str, str]:
@@ -131,6 +144,8 @@ def open_milvus(settings: Settings) -> MilvusClient:
             kwargs["token"] = settings.milvus_token
         if settings.milvus_db_name:
             kwargs["db_name"] = settings.milvus_db_name
+        if _is_loopback(uri):
+            kwargs["grpc_options"] = dict(_LOOPBACK_GRPC_OPTIONS)
         if _is_local_path(uri):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             quiet_lite_lock_errors()
