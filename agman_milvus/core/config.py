@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     broker_key_prefix: str = Field(
         default="", description="Prefix of every Redis key Celery uses (isolates deployments)"
     )
+
+    @field_validator("data_dir", "checkpoint")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """``~`` expanded and the path made absolute once: a process that changes directory later,
+        or hands the path to another process (workers, a screening job's children), means the
+        same place (``AGMAN_DATA_DIR=~/agman`` was a folder named ``~``)."""
+        return None if path is None else path.expanduser().absolute()
 
     @property
     def embedded(self) -> bool:
