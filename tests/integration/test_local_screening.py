@@ -104,15 +104,15 @@ def test_child_processes_share_the_job_and_agree_with_the_thread(client, caplog)
 
 
 def test_a_killed_child_s_chunk_goes_on_in_another(client, caplog) -> None:  # noqa: ANN001
-    queries = _copies(96)
-    job = client.screen(queries, top_k=2, chunk_size=32)  # three chunks, two batches of 16 each
+    queries = _copies(192)
+    job = client.screen(queries, top_k=2, chunk_size=128)  # two chunks, the first two batches of 64
     jobs = client.services.catalog.screening_jobs
 
     found: list[tuple[int, int]] = []
 
     def a_child_mid_chunk() -> bool:
         found[:] = [(int(c.worker.removeprefix("local-")), c.start) for c in jobs.chunks(job.id)
-                    if (c.worker or "").startswith("local-") and 0 < c.done < 32]
+                    if (c.worker or "").startswith("local-") and 0 < c.done < 128]
         return bool(found)
 
     wait_until(a_child_mid_chunk, 180, poll=0.02, what="a child in the middle of a chunk")
@@ -121,11 +121,11 @@ def test_a_killed_child_s_chunk_goes_on_in_another(client, caplog) -> None:  # n
         os.kill(pid, signal.SIGKILL)
         job.wait(timeout=240)
     assert f"screening process {pid} died (signal 9); its chunk at query {start} goes on" in caplog.text
-    assert (job.status, job.done, job.total) == ("done", 96, 96), job.error
+    assert (job.status, job.done, job.total) == ("done", 192, 192), job.error
     assert jobs.chunk(job.id, start).worker != f"local-{pid}"  # another process finished it
     best = _best(job)
     refs = jobs.get(job.id).params["queries"]
-    assert [best.get(r) for r in refs] == [("copy", f"original-{n % 4}") for n in range(96)]
+    assert [best.get(r) for r in refs] == [("copy", f"original-{n % 4}") for n in range(192)]
 
 
 def test_children_that_do_not_start_in_time_leave_the_job_to_the_thread(client, caplog, monkeypatch) -> None:  # noqa: ANN001

@@ -190,3 +190,30 @@ def test_cli_inputs_from_directory_and_manifests(tmp_path: Path) -> None:
     assert parse_filters(["brand=Nike", "colour=Red,Blue"]) == {"brand": "Nike", "colour": ["Red", "Blue"]}
     with pytest.raises(typer.BadParameter):
         parse_filters(["brand"])
+
+
+def test_a_batch_of_large_photos_is_checked_in_groups_with_the_same_results(
+        client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agman_milvus.usecases import screening
+    from agman_milvus.usecases.copyright import CopyChecker
+
+    refs = []
+    for i in range(5):
+        refs.append(str(tmp_path / f"q{i}.png"))
+        jpeg(photo(i), quality=85).save(refs[-1])
+    refs.insert(2, str(tmp_path / "missing.png"))
+    checker = CopyChecker.from_services(client.services)
+    groups: list[int] = []
+    check_many = checker.check_many
+
+    def counted(images: list, top_k: int) -> list:
+        groups.append(len(images))
+        return check_many(images, top_k)
+
+    monkeypatch.setattr(checker, "check_many", counted)
+    together = screening._screen_batch(checker, refs, top_k=2)
+    monkeypatch.setattr(screening, "GROUP_PIXELS", 2 * 64 * 64)  # two of these 64 px photos
+    apart = screening._screen_batch(checker, refs, top_k=2)
+    assert groups == [5, 2, 2, 1]
+    assert apart == together and {r["verdict"] for r in together} >= {"copy", "error"}
+    assert sorted({r["query_ref"] for r in together}) == sorted(refs)  # each query has its rows

@@ -327,17 +327,17 @@ def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> N
         original = _jpeg(9000, size=96)
         indexed = client.ingest("kill-screened", original, {"colour": "red"}, wait=True, timeout=90)
         assert indexed.status == "indexed"
-        queries = [original, *(_jpeg(9100 + i, size=96) for i in range(63))]
-        job = client.screen(queries, top_k=2, chunk_size=64)  # one chunk, four batches
+        queries = [original, *(_jpeg(9100 + i, size=96) for i in range(127))]
+        job = client.screen(queries, top_k=2, chunk_size=128)  # one chunk, two batches
         jobs = client.services.catalog.screening_jobs
-        wait_until(lambda: jobs.chunk(job.id, 0).done >= 16, 120, poll=0.05, what="a first batch")
+        wait_until(lambda: jobs.chunk(job.id, 0).done >= 64, 120, poll=0.05, what="a first batch")
         first.kill()
         done_at_kill = jobs.chunk(job.id, 0).done
-        assert done_at_kill < 64, "kill did not land mid-chunk"
+        assert done_at_kill < 128, "kill did not land mid-chunk"
         killed_at = time.monotonic()
         second.start()
         job.wait(timeout=120)
-        assert (job.status, job.done, job.total) == ("done", 64, 64), job.error
+        assert (job.status, job.done, job.total) == ("done", 128, 128), job.error
         assert time.monotonic() - killed_at < 120
         # the second worker's timer re-sends the silent chunk; on a loaded machine the first
         # one's can already have, when a batch took longer than the 4 s (its run then stops)
