@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["category", "brand", "gender", "colour"],
         description="Product metadata keys stored in Milvus for filtering",
     )
-    task_time_limit: int = Field(default=1800, ge=10, description="Seconds a worker task may run")
+    task_time_limit: int = Field(default=1800, ge=10,
+                                 description="Seconds a worker task, or a screening chunk in a child "
+                                 "process of the job without workers, may run")
     visibility_timeout: int | None = Field(
         default=None, ge=1,
         description="Seconds before Redis redelivers an unacknowledged task; default task_time_limit + 300",

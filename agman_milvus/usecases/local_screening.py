@@ -186,7 +186,7 @@ def run_chunks_in_processes(job_id: int, checker: CopyChecker, starts: list[int]
             break
     if not children:
         return
-    dispatch = _Dispatch(starts)
+    dispatch = _Dispatch(starts, settings.task_time_limit)
     log.info("screening job %d: %d chunks on %d local processes of %d thread(s)", job_id, len(starts),
              len(children), shared.threads)
     threads = [threading.Thread(target=dispatch.drive, args=(child,), name=f"{_thread_name(job_id)}-{n}",
@@ -203,8 +203,9 @@ def run_chunks_in_processes(job_id: int, checker: CopyChecker, starts: list[int]
 class _Dispatch:
     """The chunks still to run, handed to each child's thread one at a time."""
 
-    def __init__(self, starts: list[int]) -> None:
+    def __init__(self, starts: list[int], time_limit: float) -> None:
         self._pending = list(starts)
+        self._time_limit = time_limit  # seconds a chunk may run in a child
         self._deaths: Counter[int] = Counter()
         self._lock = threading.Lock()
         self.error: str | None = None
@@ -220,7 +221,7 @@ class _Dispatch:
                 return
             while (start := self._take()) is not None:
                 try:
-                    child.run(start)
+                    child.run(start, self._time_limit)
                 except _ChildDied as exc:
                     with self._lock:
                         self._deaths[start] += 1
@@ -297,9 +298,16 @@ class _Child:
         log.warning("screening process %d cannot run the job: %s", self.pid, answer.get("error"))
         return False
 
-    def run(self, start: int) -> None:
-        """Run the chunk at ``start``; raises :class:`ChunkFailedError` or :class:`_ChildDied`."""
+    def run(self, start: int, time_limit: float) -> None:
+        """Run the chunk at ``start``; raises :class:`ChunkFailedError` or :class:`_ChildDied`,
+        also when the child has not answered within ``time_limit`` seconds (it is killed: a
+        chunk that hangs, as a worker's task past its time limit)."""
         self._send({"start": start})
+        assert self._proc.stdout is not None
+        if not select.select([self._proc.stdout], [], [], time_limit)[0]:
+            self._proc.kill()
+            self._proc.wait()
+            raise _ChildDied(f"killed after {time_limit:.0f} s without an answer, task_time_limit")
         answer = self._answer()
         if "error" in answer:
             raise ChunkFailedError(answer["error"])

@@ -4,6 +4,7 @@ loaded from its file by every process):
 
 * the children take the job's chunks and give the verdicts the thread gives;
 * a child killed in the middle of a chunk: another resumes the chunk, no query is checked twice;
+* a child that stops answering is killed after ``task_time_limit`` and its chunk goes on too;
 * a model given in memory keeps the job in the thread (children could not load it);
 * the caller's process dies: its children stop, the job stays running and resumes.
 """
@@ -126,6 +127,29 @@ def test_a_killed_child_s_chunk_goes_on_in_another(client, caplog) -> None:  # n
     best = _best(job)
     refs = jobs.get(job.id).params["queries"]
     assert [best.get(r) for r in refs] == [("copy", f"original-{n % 4}") for n in range(192)]
+
+
+def test_a_child_that_stops_answering_is_killed_and_its_chunk_goes_on(client, caplog, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(client.services.settings, "task_time_limit", 10)  # seconds a chunk may run
+    job = client.screen(_copies(64), top_k=2, chunk_size=16)  # four chunks of one batch each
+    jobs = client.services.catalog.screening_jobs
+    at_work: list[int] = []
+
+    def a_child_at_work() -> bool:
+        at_work[:] = [int(c.worker.removeprefix("local-")) for c in jobs.chunks(job.id)
+                      if (c.worker or "").startswith("local-") and c.done == 0]
+        return bool(at_work)
+
+    wait_until(a_child_at_work, 180, poll=0.02, what="a child at work on a chunk")
+    pid = at_work[0]
+    with caplog.at_level(logging.WARNING, logger="agman_milvus.usecases.local_screening"):
+        os.kill(pid, signal.SIGSTOP)  # hangs, as a call that never returns would
+        job.wait(timeout=240)
+    killed = f"screening process {pid} died (killed after 10 s without an answer, task_time_limit)"
+    assert killed in caplog.text
+    assert (job.status, job.done, job.total) == ("done", 64, 64), job.error
+    refs = jobs.get(job.id).params["queries"]
+    assert [_best(job).get(r) for r in refs] == [("copy", f"original-{n % 4}") for n in range(64)]
 
 
 def test_children_that_do_not_start_in_time_leave_the_job_to_the_thread(client, caplog, monkeypatch) -> None:  # noqa: ANN001
