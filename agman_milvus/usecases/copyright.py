@@ -281,7 +281,8 @@ class CopyChecker(UseCase):
         scored = self.score_candidates(pil, max(top_k, self.verify_k))
         verified = self.verify_scored(scored)
         ids = sorted({h.image_id for cands in scored.candidates for h, _, _ in cands})
-        stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
+        level = self.vectors.search_consistency
+        stored = {a: self.vectors.get_vectors(a, ids, level) for a in self.vectors.schema.names}
         return [self._decide(q, cands, rows, verifications, top_k, stored)
                 for q, cands, (rows, verifications) in zip(scored.queries, scored.candidates, verified,
                                                            strict=True)]
@@ -305,12 +306,17 @@ class CopyChecker(UseCase):
         queries = [_Query(image, encoded.embeddings[base + n], phash(image), looks[n])
                    for n, image in enumerate(images)]
         all_voted = self._voted(queries)
+        own = [[raw[base + n], *raw[first_view[n]:first_view[n + 1]]] for n in range(len(queries))]
+        found = [{h.image_id for hits in hits_of_views for h in hits} for hits_of_views in own]
+        unfound = {i for votes, ids in zip(all_voted, found, strict=True) for i in votes if i not in ids}
+        # descriptors of the voted images the descriptor search did not find, for every query at once
+        level = self.vectors.search_consistency
+        voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound, level)
         candidates = []
         for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
-            own = [raw[base + n], *raw[first_view[n]:first_view[n + 1]]]
-            for h in (h for hits in own for h in hits):
+            for h in (h for hits in own[n] for h in hits):
                 if h.image_id in skip:
                     continue
                 if h.image_id not in merged or h.score > merged[h.image_id].score:
@@ -321,7 +327,7 @@ class CopyChecker(UseCase):
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
             voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
-            by_vote = self._vote_hits(voted, merged, encoded.descriptors[base + n], infos)
+            by_vote = _vote_hits(voted, merged, voted_descriptors, encoded.descriptors[base + n], infos)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
                                for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
@@ -337,19 +343,6 @@ class CopyChecker(UseCase):
         return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
                 for votes in found]
 
-    def _vote_hits(self, voted: list[int], known: dict[int, Hit], descriptor: np.ndarray,
-                   infos: dict[int, Any]) -> list[Hit]:
-        """Hits for voted images, with their descriptor similarity to the query."""
-        missing = [i for i in voted if i not in known]
-        stored = self.vectors.get_vectors(COPY_COLLECTION, missing) if missing else {}
-        out = []
-        for image_id in voted:
-            if image_id in known:
-                out.append(known[image_id])
-            elif image_id in stored:
-                out.append(Hit(image_id, infos[image_id].product_id,
-                               float(np.dot(descriptor, stored[image_id]))))
-        return out
 
     @staticmethod
     def copy_scores(
@@ -564,6 +557,19 @@ class _Query:
         if self.features is None:
             look = self.look
             self.features = copy_verify.extract(self.image, look.block, look.pasted, look.pasted_block)
+
+
+def _vote_hits(voted: list[int], known: dict[int, Hit], stored: dict[int, np.ndarray],
+               descriptor: np.ndarray, infos: dict[int, Any]) -> list[Hit]:
+    """Hits for voted images: the descriptor search's (``known``), else one with the stored
+    descriptor's similarity to the query's."""
+    out = []
+    for image_id in voted:
+        if image_id in known:
+            out.append(known[image_id])
+        elif image_id in stored:
+            out.append(Hit(image_id, infos[image_id].product_id, float(np.dot(descriptor, stored[image_id]))))
+    return out
 
 
 def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],
@@ -832,8 +838,9 @@ def calibrate(
                     distances.append(hamming(q.phash, stored_hash))
                     hash_labels.append(is_copy)
                 if is_copy:
+                    level = checker.vectors.search_consistency
                     for k, a in enumerate(checker.vectors.schema.names):
-                        vec = checker.vectors.get_vectors(a, [hit.image_id]).get(hit.image_id)
+                        vec = checker.vectors.get_vectors(a, [hit.image_id], level).get(hit.image_id)
                         if vec is not None:
                             attr_sims[a].append(float(np.dot(q.embeddings[k], vec)))
     positives = len(picks)

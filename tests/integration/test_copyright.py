@@ -216,3 +216,24 @@ def test_a_single_checks_candidates_shared_over_two_threads_verify_as_on_one(cli
     assert two[best].score == pytest.approx(one[best].score, abs=0.05)
     check = client.check_copy(edited)  # a single check takes this path (two threads here)
     assert check.best.product_id == "p7" and check.best.image_id == candidates[best][0].image_id
+
+
+def test_a_batch_reads_stored_vectors_in_few_calls_at_the_search_level(client, monkeypatch) -> None:
+    """A batch of checks reads its candidates' stored vectors in one Milvus call a collection, at
+    the store's search consistency: "Strong" waits for writes to reach a server's query nodes
+    (up to about 200 ms a call; a call a query halved a screening job's speed on a server)."""
+    checker = client._copy_checker()
+    calls: list[tuple[str, int, str]] = []
+    get_vectors = checker.vectors.get_vectors
+
+    def counted(attribute, image_ids, consistency="Strong"):  # noqa: ANN001, ANN202
+        ids = list(image_ids)
+        calls.append((str(attribute), len(ids), consistency))
+        return get_vectors(attribute, ids, consistency)
+
+    monkeypatch.setattr(checker.vectors, "get_vectors", counted)
+    checks = checker.check_many([jpeg(photo(i), 70) for i in range(6)], top_k=3)
+    assert [c.best.product_id for c in checks if c.best is not None] == [f"p{i}" for i in range(6)]
+    attributes = checker.vectors.schema.names
+    assert len(calls) <= 1 + len(attributes), calls  # the voted images' descriptors, then each attribute
+    assert {level for _, _, level in calls} == {checker.vectors.search_consistency} != {"Strong"}

@@ -740,14 +740,18 @@ class VectorStore:
             return [dedupe_by_product(hits, top_k) for hits in run(queries, top_k, True)]
         return search_distinct_products(lambda batch, limit: run(batch, limit, False), queries, top_k)
 
-    def get_vectors(self, attribute: int | str, image_ids: Iterable[int]) -> dict[int, np.ndarray]:
-        """Stored vectors of ``image_ids`` in ``attribute``'s collection (missing ids absent)."""
+    def get_vectors(self, attribute: int | str, image_ids: Iterable[int],
+                    consistency: str = "Strong") -> dict[int, np.ndarray]:
+        """Stored vectors of ``image_ids`` in ``attribute``'s collection (missing ids absent).
+        "Strong" sees every write made before the call; on a Milvus server it waits for them to
+        reach the query nodes (up to about 200 ms a call), so readers of settled catalogue
+        vectors (copy checks) pass :attr:`search_consistency`."""
         ids = [int(i) for i in image_ids]
         if not ids:
             return {}
         name = self.collection(self._label(attribute))
         rows = self._on_loaded(name, lambda: self.client.get(
-            name, ids=ids, output_fields=["image_id", VECTOR_FIELD], consistency_level="Strong",
+            name, ids=ids, output_fields=["image_id", VECTOR_FIELD], consistency_level=consistency,
         ))
         return {int(r["image_id"]): np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
 
