@@ -11,7 +11,6 @@ loaded from its file by every process):
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -21,26 +20,18 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support import noise_jpeg
 from tests.support.celery_harness import tiny_checkpoint, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _jpeg(seed: int, quality: int = 85) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _copies(count: int, originals: int = 4) -> list[bytes]:
     """``count`` different files, each a re-encoded copy of one of the originals: every query
     has one match, so the matches show that each was checked once."""
-    return [_jpeg(7000 + n % originals, quality=95 - n // originals) for n in range(count)]
+    return [noise_jpeg(7000 + n % originals, 96, quality=95 - n // originals) for n in range(count)]
 
 
 def _settings(data_dir: Path, checkpoint: Path, processes: int):  # noqa: ANN202 - Settings
@@ -57,7 +48,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     tmp = tmp_path_factory.mktemp("local-screening")
     c = Client(_settings(tmp / "data", tiny_checkpoint(tmp / "tiny.safetensors"), processes=2))
     for i in range(4):
-        assert c.ingest(f"original-{i}", _jpeg(7000 + i), {"colour": "red"}).status == "indexed"
+        assert c.ingest(f"original-{i}", noise_jpeg(7000 + i, 96), {"colour": "red"}).status == "indexed"
     yield c
     c.close()
 
@@ -80,7 +71,7 @@ def _local_pids(client, job_id: int) -> set[int]:  # noqa: ANN001 - Client
 def test_child_processes_share_the_job_and_agree_with_the_thread(client, caplog) -> None:  # noqa: ANN001
     from agman_milvus.app.client import Client
 
-    queries = [_jpeg(7000 + i) for i in range(4)] + [_jpeg(8000 + i) for i in range(12)]
+    queries = [noise_jpeg(7000 + i, 96) for i in range(4)] + [noise_jpeg(8000 + i, 96) for i in range(12)]
     with caplog.at_level(logging.INFO, logger="agman_milvus.usecases.local_screening"):
         job = client.screen(queries, top_k=2, chunk_size=2).wait(timeout=240)
     assert (job.status, job.done, job.total) == ("done", 16, 16), job.error

@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support import noise_jpeg
 from tests.support.celery_harness import tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,18 +41,11 @@ def services(tmp_path: Path, checkpoint: Path) -> Iterator[object]:
     services.close()
 
 
-def _jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _register(services, n: int, seed: int = 0) -> list[int]:
     from agman_milvus.usecases.ingest import register_image
 
-    return [register_image(services, f"p{seed + i}", _jpeg(seed + i), {"colour": "red"}).image_id
-            for i in range(n)]
+    return [register_image(services, f"p{seed + i}", noise_jpeg(seed + i, 48, 40, quality=90),
+                           {"colour": "red"}).image_id for i in range(n)]
 
 
 def _pending_attempts(catalog, image_ids: list[int]) -> dict[int, int]:

@@ -7,14 +7,13 @@ made meanwhile are caught up; a re-run resumes; ``--drop-old`` drops A; reconcil
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support import noise_jpeg
 from tests.support.celery_harness import tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
@@ -33,17 +32,10 @@ def _settings(data_dir: Path, checkpoint: Path):  # noqa: ANN202 - Settings
                     broker_url=None, milvus_uri=None, database_url=None)
 
 
-def _jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def _ingest(services, product: str, seed: int, **metadata: str) -> int:  # noqa: ANN001
     from agman_milvus.usecases.ingest import index_images, register_image
 
-    reg = register_image(services, product, _jpeg(seed), metadata or None)
+    reg = register_image(services, product, noise_jpeg(seed, 48, 40, quality=75), metadata or None)
     index_images([reg.image_id], services)
     return reg.image_id
 
@@ -66,7 +58,7 @@ def _reconcile(services, store):  # noqa: ANN001, ANN202
 
 def _assert_found(search, image_id: int, seed: int) -> None:  # noqa: ANN001 - SearchService
     """The query's own image comes back with cosine ~1 (random models may tie others close)."""
-    hits = search.search(_jpeg(seed), "colour", top_k=5)
+    hits = search.search(noise_jpeg(seed, 48, 40, quality=75), "colour", top_k=5)
     scores = {h.image_id: h.score for h in hits}
     assert scores.get(image_id, 0.0) == pytest.approx(1.0, abs=1e-3)
 

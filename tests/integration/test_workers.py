@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
@@ -20,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support import noise_jpeg
 from tests.support.celery_harness import (
     REDIS_URL,
     Worker,
@@ -81,13 +79,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             delete_redis_keys(key_prefix)
 
 
-def _jpeg(seed: int, size: int = 48) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
 def _counts(services) -> dict[str, int]:
     store = services.vectors
     return {label: store.count(label) for label in [*store.schema.names, "copy"]}
@@ -103,10 +94,10 @@ def test_worker_ingest_duplicates_and_redelivered_messages(deployment: Deploymen
     worker = deployment.worker("w1").start()
     client = Client(deployment.settings)
     try:
-        handles = [client.ingest(f"shirt-{i}", _jpeg(i), {"colour": "red"}, wait=True, timeout=90)
+        handles = [client.ingest(f"shirt-{i}", noise_jpeg(i), {"colour": "red"}, wait=True, timeout=90)
                    for i in range(3)]
         assert [h.status for h in handles] == ["indexed"] * 3, handles
-        again = client.ingest("shirt-0", _jpeg(0), {"colour": "red"}, wait=True, timeout=90)
+        again = client.ingest("shirt-0", noise_jpeg(0), {"colour": "red"}, wait=True, timeout=90)
         assert again.image_id == handles[0].image_id and again.duplicate and again.status == "indexed"
 
         # The same message delivered twice (e.g. a redelivery after a lost ack), rows pending.
@@ -138,7 +129,7 @@ def test_sigkill_mid_batch_loses_nothing(deployment: Deployment) -> None:
     services = Services(deployment.settings)
     catalog = services.catalog
     n = 48
-    ids = [register_image(services, f"dress-{i}", _jpeg(1000 + i), {"colour": "blue"}).image_id
+    ids = [register_image(services, f"dress-{i}", noise_jpeg(1000 + i), {"colour": "blue"}).image_id
            for i in range(n)]
     assert len(set(ids)) == n
 
@@ -180,7 +171,7 @@ def test_ingest_many_sends_batches_of_32(deployment: Deployment) -> None:
     worker = deployment.worker("many").start()
     client = Client(deployment.settings)
     try:
-        items = [(f"event-{i}", _jpeg(5000 + i), {"colour": "green"}) for i in range(70)]
+        items = [(f"event-{i}", noise_jpeg(5000 + i), {"colour": "green"}) for i in range(70)]
         items.append(("event-bad", b"GIF89a but nothing else"))
         handles = client.ingest_many(items)
         assert [h.status for h in handles[:70]] == ["pending"] * 70
@@ -214,7 +205,7 @@ def test_workers_resend_a_killed_batch_and_lost_messages(deployment: Deployment)
     env = {**deployment.env, "AGMAN_PENDING_RESEND_AFTER": "4", "AGMAN_VISIBILITY_TIMEOUT": "600"}
     services = Services(deployment.settings)
     catalog = services.catalog
-    killed = [register_image(services, f"coat-{i}", _jpeg(3000 + i), {"colour": "red"}).image_id
+    killed = [register_image(services, f"coat-{i}", noise_jpeg(3000 + i), {"colour": "red"}).image_id
               for i in range(32)]
 
     def indexed(ids: list[int]) -> int:
@@ -228,7 +219,7 @@ def test_workers_resend_a_killed_batch_and_lost_messages(deployment: Deployment)
         wait_until(lambda: indexed(killed) >= 4, 90, poll=0.05, what="the batch to start")
         first.kill()
         assert indexed(killed) < len(killed), "kill did not land mid-batch"
-        lost = [register_image(services, f"hat-{i}", _jpeg(4000 + i), {"colour": "blue"}).image_id
+        lost = [register_image(services, f"hat-{i}", noise_jpeg(4000 + i), {"colour": "blue"}).image_id
                 for i in range(8)]  # registered, never sent
         killed_at = time.monotonic()
         second.start()
@@ -257,11 +248,11 @@ def test_two_workers_share_a_screening_job(deployment: Deployment) -> None:
     second.start()
     client = Client(deployment.settings)
     try:
-        originals = [_jpeg(7000 + i, size=96) for i in range(4)]
+        originals = [noise_jpeg(7000 + i, 96) for i in range(4)]
         for i, image in enumerate(originals):
             handle = client.ingest(f"screened-{i}", image, {"colour": "red"}, wait=True, timeout=90)
             assert handle.status == "indexed"
-        others = [_jpeg(8000 + i, size=96) for i in range(12)]
+        others = [noise_jpeg(8000 + i, 96) for i in range(12)]
         queries = [*originals, *others]
         job = client.screen(queries, top_k=2, chunk_size=2).wait(timeout=180)
         assert (job.status, job.done, job.total) == ("done", 16, 16), job.error
@@ -297,7 +288,7 @@ def test_a_prefork_workers_processes_share_a_job_on_a_share_of_the_cores(deploym
     worker.start()
     client = Client(deployment.settings)
     try:
-        queries = [_jpeg(9000 + i, size=96) for i in range(8)]
+        queries = [noise_jpeg(9000 + i, 96) for i in range(8)]
         job = client.screen(queries, top_k=2, chunk_size=1).wait(timeout=180)
         assert (job.status, job.done, job.total) == ("done", 8, 8), job.error
         log = worker.log()
@@ -324,10 +315,10 @@ def test_a_killed_workers_screening_chunk_is_resent(deployment: Deployment) -> N
     client = Client(deployment.settings)
     try:
         first.start()
-        original = _jpeg(9000, size=96)
+        original = noise_jpeg(9000, 96)
         indexed = client.ingest("kill-screened", original, {"colour": "red"}, wait=True, timeout=90)
         assert indexed.status == "indexed"
-        queries = [original, *(_jpeg(9100 + i, size=96) for i in range(127))]
+        queries = [original, *(noise_jpeg(9100 + i, 96) for i in range(127))]
         job = client.screen(queries, top_k=2, chunk_size=128)  # one chunk, two batches
         jobs = client.services.catalog.screening_jobs
         wait_until(lambda: jobs.chunk(job.id, 0).done >= 64, 120, poll=0.05, what="a first batch")
@@ -364,7 +355,7 @@ def test_a_failed_screening_job_is_sent_to_the_workers_again(deployment: Deploym
     client = Client(deployment.settings)
     try:
         catalog = client.services.catalog
-        refs = query_references([_jpeg(9500 + i, size=96) for i in range(4)], client.services.blobs)
+        refs = query_references([noise_jpeg(9500 + i, 96) for i in range(4)], client.services.blobs)
         job_id = create_job(catalog, refs, top_k=2, chunk_size=2)  # never sent: only resumed
         catalog.screening_jobs.fail(job_id, "RuntimeError: the first run failed")
         worker.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from pathlib import Path
@@ -47,3 +48,16 @@ def require_shared(*parts: str) -> Path:
     if path is None or not path.exists():
         pytest.skip(f"needs shared/{'/'.join(parts)}: not on this machine")
     return path
+
+
+def noise_jpeg(seed: int, width: int = 48, height: int | None = None, quality: int = 85) -> bytes:
+    """A JPEG of random pixels, ``width`` x ``height`` (square by default): one image a seed,
+    resembling no other."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    pixels = rng.integers(0, 256, (height or width, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
