@@ -343,7 +343,6 @@ class CopyChecker(UseCase):
         return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
                 for votes in found]
 
-
     @staticmethod
     def copy_scores(
         verifications: Sequence[copy_verify.Verification | None], rows: Sequence[Any],
