@@ -122,7 +122,7 @@ def test_a_killed_child_s_chunk_goes_on_in_another(client, caplog) -> None:  # n
 
 def test_a_child_that_stops_answering_is_killed_and_its_chunk_goes_on(client, caplog, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(client.services.settings, "task_time_limit", 10)  # seconds a chunk may run
-    job = client.screen(_copies(64), top_k=2, chunk_size=16)  # four chunks of one batch each
+    job = client.screen(_copies(64), top_k=2, chunk_size=8)  # eight chunks of one batch each
     jobs = client.services.catalog.screening_jobs
     at_work: list[int] = []
 
