@@ -11,7 +11,11 @@
    its stages timed by wrapping the checker's methods. With ``--local 2`` (say), the same job
    again as the embedded default runs it on that many cores: its chunks shared among that many
    child processes of the job's thread (``AGMAN_SCREEN_PROCESSES``), their CPU time counted.
-4. With ``--workers 1,2`` (say), the same job again on that many ``agman worker`` processes
+4. With ``--milvus-server URI``, the references ingested again into that Milvus server (a
+   fresh collection prefix, dropped at the end; the catalog in SQLite) and the job run against
+   it: in the thread and on each ``--local`` count of children, each beside the thread on
+   Milvus Lite.
+5. With ``--workers 1,2`` (say), the same job again on that many ``agman worker`` processes
    (queue ``agman.default``, Redis at 127.0.0.1:6379, the data directory's Milvus Lite served
    by ``agman milvus-serve``), each worker count side by side with the thread: a job's chunks
    are separate tasks, so the workers share it. With ``--prefork 2`` (say), also on one
@@ -30,6 +34,8 @@ was flagged. Prints JSON.
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1,2   # and on workers
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --workers 1 --prefork 2
     AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --local 2   # the default on 2 cores
+    AGMAN_SHARED_DIR=../shared .venv/bin/python bench/screening.py ... --local 2 \
+        --milvus-server http://127.0.0.1:19530   # and against a Milvus server
 """
 
 from __future__ import annotations
@@ -193,6 +199,20 @@ def worker_stack(env: dict[str, str], workers: int, logs: Path,
             keys.delete(key)
 
 
+def _drop_prefixed(uri: str, prefix: str) -> None:
+    """Drop the aliases and collections a run left under ``prefix`` in the Milvus at ``uri``."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    for alias in client.list_aliases().get("aliases", []):
+        if alias.startswith(prefix + "_"):
+            client.drop_alias(alias)
+    for name in client.list_collections():
+        if name.startswith(prefix + "_"):
+            client.drop_collection(name)
+    client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--refs", type=int, default=1000)
@@ -206,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the job on one agman worker -P prefork -c N for each N, e.g. 2")
     ap.add_argument("--local", default="",
                     help="also run the job without workers on N child processes for each N, e.g. 2")
+    ap.add_argument("--milvus-server", default="",
+                    help="also ingest the references into this Milvus server (collections under a fresh "
+                         "prefix, dropped at the end) and run the job against it, in the thread and on "
+                         "each --local count, e.g. http://127.0.0.1:19530")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
     ap.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
@@ -276,6 +300,19 @@ def main(argv: list[str] | None = None) -> int:
         for label, count, prefork in stacks:
             with worker_stack(env, count, work, prefork) as (stack_env, pids):
                 on_workers[label] = run_job(stack_env, pids)
+        on_server = {}
+        if args.milvus_server:
+            prefix = f"bench{uuid.uuid4().hex[:10]}"
+            server_env = {**env, "AGMAN_DATA_DIR": str(work / "server-data"),
+                          "AGMAN_MILVUS_URI": args.milvus_server, "AGMAN_COLLECTION_PREFIX": prefix}
+            try:
+                subprocess.run([str(Path(sys.executable).with_name("agman")), "ingest", str(manifest)],
+                               env=server_env, check=True, stdout=subprocess.DEVNULL)
+                on_server["thread"] = run_job({**server_env, "AGMAN_SCREEN_PROCESSES": "1"}, [])
+                for n in local:
+                    on_server[f"local {n}"] = run_job({**server_env, "AGMAN_SCREEN_PROCESSES": str(n)}, [])
+            finally:
+                _drop_prefixed(args.milvus_server, prefix)
 
     with_original = [q for q in queries if truth[q]]
     without = [q for q in queries if not truth[q]]
@@ -329,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_edit": per_edit,
         "local_processes": {label: beside_thread(w) for label, w in on_local.items()},
         "on_workers": {label: beside_thread(w) for label, w in on_workers.items()},
+        "milvus_server": {label: beside_thread(w) for label, w in on_server.items()},
         "command": "python bench/screening.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print_report(report, args.out)
