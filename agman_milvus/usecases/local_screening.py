@@ -9,7 +9,8 @@ imported), each holding its CPU work to cores / processes threads (``Settings.th
 searching the caller's Milvus Lite over the local port it already serves on, as workers search
 ``agman milvus-serve``; the caller's process is left with Lite's searches. Each child takes one
 chunk at a time, so they share the job as workers do, and commits each batch to SQL itself.
-On 2 cores a 600-query job ran at 1.16-1.42x the thread's checks/s (docs/benchmarks.md).
+On 2 cores a 600-query job ran at 1.16-1.42x the thread's checks/s with batches of 16 queries,
+1.13x with batches of 64 (docs/benchmarks.md).
 ``AGMAN_SCREEN_PROCESSES=1`` (or a job of one chunk) keeps the job in the thread.
 
 The conversation is JSON lines on the child's stdin and stdout: the job (settings, model
@@ -17,7 +18,8 @@ version, thresholds) first, answered ``{"ready": true}`` or ``{"error": ...}``; 
 first query, answered ``{"done": start}`` or ``{"error": ...}``; end of input ends the child.
 A child that cannot start (no process, another model version, a failed import, no answer
 within :data:`START_TIMEOUT`) leaves its chunks to the others, or to the thread. A chunk whose child
-died is given to another child once, from its committed progress. A child whose parent died
+died, or did not answer within ``task_time_limit`` (it is killed), is given to another child once,
+from its committed progress. A child whose parent died
 stops within a second; the job stays ``running`` and goes on from its committed progress when
 resumed (:func:`resume_in_thread`).
 """
@@ -268,8 +270,14 @@ class _Child:
         except OSError as exc:  # the child is gone; its answer (none) says so
             log.debug("screening process %d: %s", self.pid, exc)
 
-    def _answer(self) -> dict[str, Any]:
+    def _answer(self, timeout: float) -> dict[str, Any]:
+        """The child's next message; :class:`_ChildDied` when it ended, or said nothing within
+        ``timeout`` seconds (it is killed then)."""
         assert self._proc.stdout is not None
+        if not select.select([self._proc.stdout], [], [], timeout)[0]:
+            self._proc.kill()
+            self._proc.wait()
+            raise _ChildDied(f"no answer within {timeout:.0f} s; killed")
         line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait()
@@ -283,13 +291,8 @@ class _Child:
     def wait_ready(self) -> bool:
         """True once the child has loaded the model and reached the stores; False (logged)
         when it cannot run the job or did not start within :data:`START_TIMEOUT`."""
-        assert self._proc.stdout is not None
-        if not select.select([self._proc.stdout], [], [], START_TIMEOUT)[0]:  # nothing read yet
-            log.warning("screening process %d did not start within %.0f s; stopped", self.pid, START_TIMEOUT)
-            self._proc.kill()
-            return False
         try:
-            answer = self._answer()
+            answer = self._answer(START_TIMEOUT)
         except _ChildDied as exc:
             log.warning("screening process %d did not start (%s)", self.pid, exc)
             return False
@@ -303,12 +306,7 @@ class _Child:
         also when the child has not answered within ``time_limit`` seconds (it is killed: a
         chunk that hangs, as a worker's task past its time limit)."""
         self._send({"start": start})
-        assert self._proc.stdout is not None
-        if not select.select([self._proc.stdout], [], [], time_limit)[0]:
-            self._proc.kill()
-            self._proc.wait()
-            raise _ChildDied(f"killed after {time_limit:.0f} s without an answer, task_time_limit")
-        answer = self._answer()
+        answer = self._answer(time_limit)
         if "error" in answer:
             raise ChunkFailedError(answer["error"])
 
