@@ -820,6 +820,7 @@ def calibrate(
                 held.append(picks[i][1] if held_out else None)
                 backdrops.append(picks[k][0])
         scored = checker.score_candidates(queries, checker.verify_k, exclude)
+        copies: list[tuple[np.ndarray, int]] = []  # each original found: its query's embeddings, its id
         for q, cands, (rows, verified), target, held_product, backdrop in zip(
                 scored.queries, scored.candidates, checker.verify_scored(scored), targets, held, backdrops,
                 strict=True):
@@ -837,11 +838,11 @@ def calibrate(
                     distances.append(hamming(q.phash, stored_hash))
                     hash_labels.append(is_copy)
                 if is_copy:
-                    level = checker.vectors.search_consistency
-                    for k, a in enumerate(checker.vectors.schema.names):
-                        vec = checker.vectors.get_vectors(a, [hit.image_id], level).get(hit.image_id)
-                        if vec is not None:
-                            attr_sims[a].append(float(np.dot(q.embeddings[k], vec)))
+                    copies.append((q.embeddings, hit.image_id))
+        originals = [image_id for _, image_id in copies]
+        for k, a in enumerate(checker.vectors.schema.names):
+            stored = checker.vectors.get_vectors(a, originals, checker.vectors.search_consistency)
+            attr_sims[a] += [float(np.dot(e[k], stored[i])) for e, i in copies if i in stored]
     positives = len(picks)
     copy_t, copy_recall, copy_prec = threshold_for_precision(scores, labels, positives, precision)
     near_t, near_recall, _ = threshold_for_precision(scores, labels, positives, near_precision)
