@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.writeheader()
             writer.writerows({"file": str(root / r["file"]), "id": r["id"]} for r in refs)
 
+        agman = str(Path(sys.executable).with_name("agman"))
         t0 = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("agman")), "ingest", str(manifest)],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([agman, "ingest", str(manifest)], env=env, check=True, stdout=subprocess.DEVNULL)
         ingest_s = time.perf_counter() - t0
 
         ids_by_key: dict[str, set[str]] = {}
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             server_env = {**env, "AGMAN_DATA_DIR": str(work / "server-data"),
                           "AGMAN_MILVUS_URI": args.milvus_server, "AGMAN_COLLECTION_PREFIX": prefix}
             try:
-                subprocess.run([str(Path(sys.executable).with_name("agman")), "ingest", str(manifest)],
-                               env=server_env, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run([agman, "ingest", str(manifest)], env=server_env, check=True,
+                               stdout=subprocess.DEVNULL)
                 on_server["thread"] = run_job({**server_env, "AGMAN_SCREEN_PROCESSES": "1"}, [])
                 for n in local:
                     on_server[f"local {n}"] = run_job({**server_env, "AGMAN_SCREEN_PROCESSES": str(n)}, [])
