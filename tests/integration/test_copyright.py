@@ -221,7 +221,7 @@ def test_a_single_checks_candidates_shared_over_two_threads_verify_as_on_one(cli
 def test_a_batch_reads_stored_vectors_in_few_calls_at_the_search_level(client, monkeypatch) -> None:
     """A batch of checks reads its candidates' stored vectors in one Milvus call a collection, at
     the store's search consistency: "Strong" waits for writes to reach a server's query nodes
-    (up to about 200 ms a call; a call a query halved a screening job's speed on a server)."""
+    (a call a query halved a screening job's speed on a server)."""
     checker = client._copy_checker()
     calls: list[tuple[str, int, str]] = []
     get_vectors = checker.vectors.get_vectors

@@ -744,8 +744,8 @@ class VectorStore:
                     consistency: str = "Strong") -> dict[int, np.ndarray]:
         """Stored vectors of ``image_ids`` in ``attribute``'s collection (missing ids absent).
         "Strong" sees every write made before the call; on a Milvus server it waits for them to
-        reach the query nodes (up to about 200 ms a call), so readers of settled catalogue
-        vectors (copy checks) pass :attr:`search_consistency`."""
+        reach the query nodes (Milvus' time tick, every 200 ms by default), so readers of settled
+        catalogue vectors (copy checks) pass :attr:`search_consistency`."""
         ids = [int(i) for i in image_ids]
         if not ids:
             return {}
