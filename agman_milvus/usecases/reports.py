@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from agman_milvus.core.copy_verify import evidence_png
+from agman_milvus.core.copy_verify import evidence_jpeg
 from agman_milvus.services.store.catalog import Catalog
 from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 
@@ -185,7 +185,7 @@ class _MatchView:
     query_thumbnail: str | None
     match_thumbnail: str | None
     scores: list[tuple[str, str]]
-    evidence: str | None = None  # data:image/png URI of the evidence picture
+    evidence: str | None = None  # data:image/jpeg URI of the evidence picture
 
 
 def _residual_text(v: dict[str, Any]) -> str:
@@ -225,7 +225,7 @@ def _no_evidence(row: ReportRow) -> None:
 
 
 class EvidenceRenderer:
-    """The evidence picture of a verified match as a ``data:image/png`` URI (None when the
+    """The evidence picture of a verified match as a ``data:image/jpeg`` URI (None when the
     match was not verified or an image cannot be read)."""
 
     def __init__(self, load: ImageLoader) -> None:
@@ -236,11 +236,11 @@ class EvidenceRenderer:
         if not v or not v.get("region") or not row.match_source:
             return None
         try:
-            png = evidence_png(self._load(row.query), self._load(row.match_source), v)
+            picture = evidence_jpeg(self._load(row.query), self._load(row.match_source), v)
         except Exception as exc:  # noqa: BLE001 - a report must render when an image is gone
             log.warning("no evidence picture for %s vs %s: %s", row.query, row.match_source, exc)
             return None
-        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        return "data:image/jpeg;base64," + base64.b64encode(picture).decode("ascii")
 
 
 def report_html(report: ScreeningReport, loader: ImageLoader | None = None, title: str | None = None) -> str:

@@ -68,7 +68,7 @@ def check_copy(d: Deployment, cat: Catalogue) -> None:
     assert check["matches"][0]["product_id"] == OTHER
     assert check["matches"][0]["verification"]["residual"] < 0.1, check["matches"][0]
     html = page.read_text()  # query and match side by side, the matched region and inliers drawn
-    assert OTHER in html and "data:image/png;base64," in html
+    assert OTHER in html and re.search(r'<img src="data:image/jpeg;base64,[^"]+" alt="query \(left\)', html)
 
 
 def python_api(d: Deployment, cat: Catalogue) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def test_calibrated_checks_copy_vs_distinct(client, tmp_path: Path) -> None:
     # the page `agman check-copy --html` writes: the evidence picture of the verified copy
     edited.save(tmp_path / "edited.png")
     page = client.write_copy_check_html(tmp_path / "edited.png", check, tmp_path / "check.html").read_text()
-    assert page.count("data:image/png;base64,") == 1 and "p11" in page
+    evidence = re.findall(r'<img src="data:image/jpeg;base64,[^"]+" alt="query \(left\)', page)
+    assert len(evidence) == 1 and "p11" in page
 
     # an unrelated picture
     unrelated = Image.fromarray(np.random.default_rng(999).integers(0, 256, (64, 64, 3), np.uint8))

@@ -100,7 +100,9 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
 
     # HTML: one row per match, query and match thumbnails side by side, scores, attributes
     page = _Structure()
-    page.feed(job.export(tmp_path / "r.html").read_text())
+    html = job.export(tmp_path / "r.html").read_text()
+    page.feed(html)
+    assert f"images screened; {len(copies)} copy and" in html
     assert page.title == f"Screening report, job {job.id}"
     assert len(page.rows) == len(report.rows)
     copy_rows = [r for r in page.rows if "copy" in r["class"].split()]
@@ -109,7 +111,7 @@ def test_screening_job_reports_the_right_pairs(client, tmp_path: Path) -> None:
         assert set(row["cells"]) == {"query", "catalogue", "verdict", "scores", "evidence", "attributes"}
         thumbs, evidence = row["images"][:2], row["images"][2:]
         assert all(s.startswith("data:image/jpeg;base64,") for s in thumbs)
-        assert len(evidence) == 1 and evidence[0].startswith("data:image/png;base64,")
+        assert len(evidence) == 1 and evidence[0].startswith("data:image/jpeg;base64,")
         assert "descriptor" in row["cells"]["scores"] and "pHash distance" in row["cells"]["scores"]
         assert "residual" in row["cells"]["scores"]
         assert "colour" in row["cells"]["attributes"] and "shape" in row["cells"]["attributes"]

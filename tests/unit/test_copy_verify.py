@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +129,22 @@ def test_evidence_picture_shows_both_images(tmp_path: Path) -> None:
     v = cv.verify(cv.extract(query), cv.extract(original))
     pic = cv.draw_evidence(query, original, v.to_dict(), height=128)
     assert pic.height == 128 and pic.width == 128 + 8 + 128
-    png = cv.evidence_png(query, original, v)
-    assert Image.open(io.BytesIO(png)).format == "PNG"
+    picture = cv.evidence_jpeg(query, original, v)
+    assert Image.open(io.BytesIO(picture)).format == "JPEG"
+
+
+def test_evidence_outline_stays_on_the_query_side() -> None:
+    """An original cut off by the query's right edge maps to an outline reaching past it: the
+    outline is drawn on the query's side only, the candidate's side as it is without one."""
+    original = textured(5)
+    query = Image.new("RGB", (160, 240), (255, 255, 255))
+    query.paste(original, (20, 20))  # the original's right 60 px cut off
+    v = cv.verify(cv.extract(query), cv.extract(original))
+    assert max(x for x, _ in v.region) > query.width + 20
+    drawn = np.asarray(cv.draw_evidence(query, original, v, height=240))
+    bare = np.asarray(cv.draw_evidence(query, original, replace(v, region=[]), height=240))
+    assert (drawn[:, :160] != bare[:, :160]).any()
+    assert (drawn[:, 160:] == bare[:, 160:]).all()
 
 
 def test_keypoint_cache_computes_once_and_reads_back(tmp_path: Path) -> None:
