@@ -281,8 +281,7 @@ class CopyChecker(UseCase):
         scored = self.score_candidates(pil, max(top_k, self.verify_k))
         verified = self.verify_scored(scored)
         ids = sorted({h.image_id for cands in scored.candidates for h, _, _ in cands})
-        level = self.vectors.search_consistency
-        stored = {a: self.vectors.get_vectors(a, ids, level) for a in self.vectors.schema.names}
+        stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
         return [self._decide(q, cands, rows, verifications, top_k, stored)
                 for q, cands, (rows, verifications) in zip(scored.queries, scored.candidates, verified,
                                                            strict=True)]
@@ -310,8 +309,7 @@ class CopyChecker(UseCase):
         found = [{h.image_id for hits in hits_of_views for h in hits} for hits_of_views in own]
         unfound = {i for votes, ids in zip(all_voted, found, strict=True) for i in votes if i not in ids}
         # descriptors of the voted images the descriptor search did not find, for every query at once
-        level = self.vectors.search_consistency
-        voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound, level)
+        voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound)
         candidates = []
         for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
@@ -841,7 +839,7 @@ def calibrate(
                     copies.append((q.embeddings, hit.image_id))
         originals = [image_id for _, image_id in copies]
         for k, a in enumerate(checker.vectors.schema.names):
-            stored = checker.vectors.get_vectors(a, originals, checker.vectors.search_consistency)
+            stored = checker.vectors.get_vectors(a, originals)
             attr_sims[a] += [float(np.dot(e[k], stored[i])) for e, i in copies if i in stored]
     positives = len(picks)
     copy_t, copy_recall, copy_prec = threshold_for_precision(scores, labels, positives, precision)

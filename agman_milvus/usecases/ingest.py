@@ -249,7 +249,7 @@ def refresh_metadata(image_ids: Sequence[int], services: Services) -> int:
         return 0
     info = services.catalog.images.info(ids)
     labels = [*store.schema.names, COPY]
-    stored = {label: store.get_vectors(label, ids) for label in labels}
+    stored = {label: store.get_vectors(label, ids, "Strong") for label in labels}  # fresh writes
     rows = []
     for image_id in ids:
         meta = info.get(image_id)

@@ -136,6 +136,9 @@ class SearchService(UseCase):
             raise ProductNotFoundError(f"no product with id {product_id!r}")
         image_ids = self.catalog.images.indexed_ids(product.id)
         stored = self.vectors.get_vectors(attr, image_ids)
+        missing = [i for i in image_ids if i not in stored]
+        if missing:  # indexed a moment ago, not yet seen at the search level
+            stored |= self.vectors.get_vectors(attr, missing, "Strong")
         if not stored:
             raise ProductNotFoundError(
                 f"product {product_id!r} has no indexed image yet (ingest it, or wait for indexing)"

@@ -228,9 +228,9 @@ def test_a_batch_reads_stored_vectors_in_few_calls_at_the_search_level(client, m
     calls: list[tuple[str, int, str]] = []
     get_vectors = checker.vectors.get_vectors
 
-    def counted(attribute, image_ids, consistency="Strong"):  # noqa: ANN001, ANN202
+    def counted(attribute, image_ids, consistency=None):  # noqa: ANN001, ANN202
         ids = list(image_ids)
-        calls.append((str(attribute), len(ids), consistency))
+        calls.append((str(attribute), len(ids), consistency or checker.vectors.search_consistency))
         return get_vectors(attribute, ids, consistency)
 
     monkeypatch.setattr(checker.vectors, "get_vectors", counted)

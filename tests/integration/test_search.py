@@ -192,6 +192,40 @@ def test_search_similar_excludes_the_product_itself(client) -> None:
         client.search_similar("no-such-sku", "shape")
 
 
+def test_interactive_searches_read_stored_vectors_at_the_search_level(client, monkeypatch) -> None:
+    """More-like-this and fused search read stored vectors as their searches do, not "Strong"
+    (on a Milvus server a Strong read waits for a time tick: 331 ms against 19 ms a
+    more-like-this). An image indexed a moment ago that such a read does not see yet (a server's
+    query nodes behind its writes, played here by hiding every vector from non-Strong reads) is
+    read again at "Strong", so more-like-this finds it all the same."""
+    vectors = client.services.vectors
+    get_vectors = vectors.get_vectors
+    levels: list[str] = []
+
+    def recorded(attribute, image_ids, consistency=None):  # noqa: ANN001, ANN202
+        levels.append(consistency or vectors.search_consistency)
+        return get_vectors(attribute, image_ids, consistency)
+
+    monkeypatch.setattr(vectors, "get_vectors", recorded)
+    similar = client.search_similar("sku-blue-square-0", "shape", top_k=5)
+    from agman_milvus.usecases.search import SearchService
+
+    service = SearchService.from_services(client.services)  # candidates=2: some vectors read back
+    service.search_multi(draw("red", "square", seed=2024), {"colour": 2.0, "shape": 1.0}, top_k=5,
+                         candidates=2)
+    assert levels and "Strong" not in levels and vectors.search_consistency != "Strong"
+
+    def lagging(attribute, image_ids, consistency=None):  # noqa: ANN001, ANN202
+        levels.append(consistency or vectors.search_consistency)
+        return get_vectors(attribute, image_ids, consistency) if consistency == "Strong" else {}
+
+    levels.clear()
+    monkeypatch.setattr(vectors, "get_vectors", lagging)
+    again = client.search_similar("sku-blue-square-0", "shape", top_k=5)
+    assert [h.product_id for h in again] == [h.product_id for h in similar]
+    assert levels == [vectors.search_consistency, "Strong"]
+
+
 def _brute_force(client, query: Image.Image, weights: dict[str, float], top_k: int,
                  filters: dict | None = None) -> list[tuple[str, float]]:
     """numpy over every live image's stored vectors: max over images of sum_a w_a cos_a."""
