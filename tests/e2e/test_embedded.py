@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_reindex(deployment: Deployment, catalogue: Catalogue) -> None:
 
 def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployment, catalogue: Catalogue,
                                                              tmp_path: Path) -> None:
-    """No model, a database nobody serves, a Milvus Lite directory another process holds."""
+    """No model, a database nobody serves, a Milvus Lite directory held by a process that does
+    not say where it serves it (plain pymilvus)."""
     image = str(catalogue.image(journeys.QUERY))
     cases = {
         "no model": {"AGMAN_CHECKPOINT": "", "AGMAN_DATA_DIR": str(tmp_path / "empty")},
@@ -86,15 +88,63 @@ def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployme
             what,
             proc.stderr,
         )
+    lite = Path(deployment.env["AGMAN_DATA_DIR"]) / "milvus.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom agman_milvus import Client\n"
-         "Client().services.vectors\nprint('ready', flush=True)\ntime.sleep(120)"],
+        [sys.executable, "-c", "import time\nfrom pymilvus import MilvusClient\n"
+         f"MilvusClient({str(lite)!r})\nprint('ready', flush=True)\ntime.sleep(120)"],
         env=deployment.env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         proc = deployment.run("search", image, "-a", "colour", ok=False)
         assert proc.returncode == 2 and "in use by another process" in proc.stderr, proc.stderr
         assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_terminal_works_while_a_process_holds_the_catalogue(
+        deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
+    """`agman search`, `agman check-copy` and a screening job run in new processes while another
+    agman process (an ingest, a notebook's Client) holds the embedded Milvus Lite: they work over
+    the port that process published. Once it closes, the next command opens the directory."""
+    image = str(catalogue.image(journeys.QUERY))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys
+            from agman_milvus import Client
+            client = Client()
+            client.services.vectors  # opens the embedded Milvus Lite
+            print("ready", flush=True)
+            sys.stdin.readline()
+            client.close()
+            print("closed", flush=True)
+            sys.stdin.readline()
+        """)],
+        env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "ready"
+        proc = deployment.run("-v", "search", image, "-a", "colour", "--json")
+        assert f"open in process {holder.pid}" in " ".join(proc.stderr.split()), proc.stderr[-2000:]
+        assert json.loads(proc.stdout)[0]["product_id"] == journeys.QUERY
+        check = deployment.json("check-copy", image, "--json")
+        assert check["verdict"] == "copy" and check["matches"][0]["product_id"] == journeys.QUERY
+        folder = tmp_path / "uploads"  # four chunks of one: the job's child processes join too
+        folder.mkdir()
+        for product in list(catalogue.products)[:4]:
+            (folder / catalogue.products[product]["file"]).write_bytes(catalogue.image(product).read_bytes())
+        report = tmp_path / "screen.json"
+        deployment.run("screen", str(folder), "--chunk-size", "1", "-o", str(report), "--timeout", "300")
+        screened = json.loads(report.read_text())
+        assert screened["status"] == "done" and screened["done"] == 4, screened
+        assert {m["product_id"] for m in screened["matches"] if m["verdict"] == "copy"} >= set(
+            list(catalogue.products)[:4])
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        proc = deployment.run("-v", "search", image, "-a", "colour")
+        assert "open in process" not in proc.stderr  # the directory is free: opened, not joined
     finally:
         holder.kill()
         holder.wait()
@@ -130,12 +180,13 @@ def test_a_closed_client_frees_the_embedded_database(deployment: Deployment, cat
     try:
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline().strip() == "one closed", log.read_text()[-3000:]
-        proc = deployment.run("search", image, "-a", "colour", ok=False)
-        assert proc.returncode == 2 and "in use by another process" in proc.stderr, proc.stderr
+        proc = deployment.run("-v", "search", image, "-a", "colour")  # over the keeper's port
+        assert f"open in process {holder.pid}" in " ".join(proc.stderr.split()), proc.stderr[-2000:]
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "all closed", log.read_text()[-3000:]
-        deployment.run("search", image, "-a", "colour")  # the directory is free: it opens
+        proc = deployment.run("-v", "search", image, "-a", "colour")  # the directory is free: it opens
+        assert "open in process" not in proc.stderr
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,16 @@ def test_ingest_on_workers(deployment: Deployment, catalogue: Catalogue) -> None
 
 def test_search(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
     journeys.search(deployment, catalogue, tmp_path)
+
+
+def test_a_command_without_the_uri_finds_the_served_directory(deployment: Deployment,
+                                                              catalogue: Catalogue) -> None:
+    """`agman milvus-serve` publishes its port beside the directory: a command with the same
+    data dir and no AGMAN_MILVUS_URI works over it instead of failing on the directory's lock."""
+    proc = deployment.run("-v", "search", str(catalogue.image(journeys.QUERY)), "-a", "colour", "--json",
+                          env={"AGMAN_MILVUS_URI": "", "AGMAN_BROKER_URL": ""})
+    assert "open in process" in " ".join(proc.stderr.split()), proc.stderr[-2000:]
+    assert json.loads(proc.stdout)[0]["product_id"] == journeys.QUERY
 
 
 def test_check_copy(deployment: Deployment, catalogue: Catalogue) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ from pymilvus import MilvusClient
 
 from agman_milvus.core.config import Settings
 from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store import lite_sharing
 from agman_milvus.services.store.filters import FilterError, build_filter, quote_string
 from agman_milvus.services.store.milvus_compat import HNSW_BUILD, probe
 from agman_milvus.services.store.vectors import (
@@ -26,6 +29,7 @@ from agman_milvus.services.store.vectors import (
     close_milvus,
     dedupe_by_product,
     hold_milvus,
+    lite_server_uri,
     open_milvus,
     release_milvus,
     search_distinct_products,
@@ -381,6 +385,12 @@ def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
         with pytest.raises(MilvusLiteLockedError, match="agman milvus-serve.*AGMAN_MILVUS_URI"):
             open_milvus(settings)
         assert time.monotonic() - start < 30
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()  # a record left by a process that is gone is not followed
+        lite_sharing.publish(tmp_path / "milvus.db", "http://127.0.0.1:9", pid=ended.pid)
+        with pytest.raises(MilvusLiteLockedError):
+            open_milvus(settings)
+        lite_sharing.serving_file(tmp_path / "milvus.db").unlink()
     finally:
         holder.communicate("", timeout=60)
     client = open_milvus(settings)  # the holder exited: now it opens, once per process
@@ -395,6 +405,51 @@ def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert other.returncode == 0 and other.stdout.strip().splitlines()[-1] == "[]", other.stderr[-2000:]
     assert open_milvus(settings).list_collections() == []  # and this process opens it afresh
+
+
+def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path) -> None:
+    """A process that opens an embedded Milvus Lite publishes the port it serves it on; another
+    process works over that port (and names it to its own children). When the holder closes it,
+    the other process's next call opens the directory itself, and it publishes its own port."""
+    settings = Settings(data_dir=tmp_path)
+    record = lite_sharing.serving_file(tmp_path / "milvus.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from agman_milvus.core.config import Settings
+            from agman_milvus.services.store.vectors import close_milvus, open_milvus
+            settings = Settings(data_dir={str(tmp_path)!r})
+            open_milvus(settings).create_collection("shared", dimension=4)
+            print("ready", flush=True)
+            sys.stdin.readline()
+            close_milvus(settings)
+            print("closed", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "ready"
+        published = json.loads(record.read_text())
+        assert published["pid"] == holder.pid
+        client = open_milvus(settings)
+        assert client.list_collections() == ["shared"]
+        client.insert("shared", [{"id": 7, "vector": [1.0, 0.0, 0.0, 0.0]}])
+        assert lite_server_uri(settings) == published["uri"]  # what this process's children search
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        assert not record.exists()  # withdrawn as the holder closed it (its process lives on)
+        assert client.list_collections() == ["shared"]  # opened here now, by the same client
+        assert json.loads(record.read_text())["pid"] == os.getpid()  # and this process publishes
+        assert lite_server_uri(settings) == json.loads(record.read_text())["uri"] != published["uri"]
+        client.load_collection("shared")
+        rows = client.query("shared", filter="id >= 0", output_fields=["id"], consistency_level="Strong")
+        assert [r["id"] for r in rows] == [7]
+        assert close_milvus(settings) and not record.exists()
+    finally:
+        holder.communicate("\n", timeout=60)
 
 
 def test_only_the_last_holder_closes_an_embedded_lite(tmp_path: Path) -> None:

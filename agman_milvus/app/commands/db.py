@@ -64,14 +64,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the data dir's Milvus Lite to several processes (gRPC on 127.0.0.1).
 
-        Then set AGMAN_MILVUS_URI=http://127.0.0.1:<port> in every process.
+        Processes with the same data dir find it by themselves; others (another data dir, a
+        container) set AGMAN_MILVUS_URI=http://127.0.0.1:<port>.
         """
         from agman_milvus.core.config import get_settings
+        from agman_milvus.services.store import lite_sharing
 
         data = get_settings().data_dir / "milvus.db"
         data.parent.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
                 "--host", "127.0.0.1", "--port", str(port)]
-        typer.echo(f"serving {data} at http://127.0.0.1:{port} (Ctrl+C to stop)", err=True)
+        if lite_sharing.locked(data):
+            from agman_milvus.services.store import MilvusLiteLockedError
+
+            served = lite_sharing.served_uri(data)
+            where = f": process {served[1]} serves it at {served[0]}" if served else ""
+            raise MilvusLiteLockedError(f"{data} is open in another process{where}")
+        uri = f"http://127.0.0.1:{port}"
+        lite_sharing.publish(data, uri)  # the server keeps this process's id (exec)
+        typer.echo(f"serving {data} at {uri} (Ctrl+C to stop)", err=True)
         sys.stdout.flush()
         os.execv(sys.executable, argv)

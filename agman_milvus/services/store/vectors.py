@@ -33,6 +33,7 @@ from pymilvus.client.types import LoadState
 from agman_milvus.core.config import Settings
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.services.store import lite_sharing
 from agman_milvus.services.store.filters import FilterValue, build_filter
 from agman_milvus.services.store.milvus_compat import Deployment, probe, quiet_lite_lock_errors
 
@@ -130,38 +131,78 @@ def open_milvus(settings: Settings) -> MilvusClient:
     """The process-wide client for ``settings``' Milvus URI (created lazily, once per process).
 
     The cache key includes the process id, so a client made before ``fork`` is never reused
-    in the child. An embedded Milvus Lite directory held by another process raises
-    :class:`MilvusLiteLockedError` explaining how to share it.
+    in the child. This process publishes the port on which it serves an embedded Milvus Lite
+    directory it opens; a directory held by another process is joined over the port that
+    process published (a :class:`~agman_milvus.services.store.lite_sharing.JoinedLite` stands in
+    for the client, and follows the directory when that process lets it go), and one held by a process
+    that published none raises :class:`MilvusLiteLockedError` explaining how to share it.
     """
-    uri = settings.resolved_milvus_uri
     key = _client_key(settings)
     with _clients_lock:
         client = _clients.get(key)
-        if client is not None:
-            return client
-        kwargs: dict[str, Any] = {}
-        if settings.milvus_token:
-            kwargs["token"] = settings.milvus_token
-        if settings.milvus_db_name:
-            kwargs["db_name"] = settings.milvus_db_name
-        if _is_loopback(uri):
-            kwargs["grpc_options"] = dict(_LOOPBACK_GRPC_OPTIONS)
-        if _is_local_path(uri):
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            quiet_lite_lock_errors()
-        try:
-            client = MilvusClient(uri=uri, **kwargs)
-        except Exception as exc:
-            if _is_local_path(uri) and _lite_dir_locked(Path(uri)):
-                raise MilvusLiteLockedError(
-                    f"the embedded Milvus Lite database {uri} is in use by another process "
-                    "(Milvus Lite allows one process per directory). For several processes, run "
-                    "`agman milvus-serve` once and set AGMAN_MILVUS_URI=http://127.0.0.1:19540 "
-                    "for every process"
-                ) from exc
-            raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
-        _clients[key] = client
+        if client is None:
+            client, served, pid = _connect(settings)
+            if served is not None:
+                client = lite_sharing.JoinedLite(Path(settings.resolved_milvus_uri), (client, served, pid),
+                                                 lambda: _connect(settings))
+            _clients[key] = client
         return client
+
+
+def _connect(settings: Settings) -> lite_sharing.Connection:
+    """A new client of ``settings``' Milvus (:func:`open_milvus`), with the URI and process id
+    of the process whose embedded Milvus Lite it joined (None, None otherwise)."""
+    uri = settings.resolved_milvus_uri
+    kwargs: dict[str, Any] = {}
+    if settings.milvus_token:
+        kwargs["token"] = settings.milvus_token
+    if settings.milvus_db_name:
+        kwargs["db_name"] = settings.milvus_db_name
+    if _is_loopback(uri):
+        kwargs["grpc_options"] = dict(_LOOPBACK_GRPC_OPTIONS)
+    if _is_local_path(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        quiet_lite_lock_errors()
+    try:
+        client = MilvusClient(uri=uri, **kwargs)
+    except Exception as exc:
+        if not (_is_local_path(uri) and lite_sharing.locked(Path(uri))):
+            raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+        return _join_lite(Path(uri), kwargs, exc)
+    if _is_local_path(uri):
+        _publish_lite(uri)
+    return client, None, None
+
+
+def _publish_lite(uri: str) -> None:
+    """Publish the port on which this process serves the Milvus Lite directory ``uri``."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    served = server_manager_instance.start_and_get_uri(uri)  # the running server's address
+    if served is not None:
+        lite_sharing.publish(Path(uri), served)
+
+
+def _join_lite(directory: Path, kwargs: dict[str, Any], cause: Exception) -> lite_sharing.Connection:
+    """A client of the process holding ``directory`` over the port it published, that port's URI
+    and the process id; :class:`MilvusLiteLockedError` when it published none or does not answer."""
+    found = lite_sharing.served_uri(directory)
+    if found is not None:
+        served, pid = found
+        try:
+            client = MilvusClient(uri=served, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - said below, with the lock's explanation
+            log.warning("process %d published %s for %s, which did not answer: %s",
+                        pid, served, directory, exc)
+        else:
+            log.info("Milvus Lite %s is open in process %d: working over its port %s", directory, pid, served)
+            return client, served, pid
+    raise MilvusLiteLockedError(
+        f"the embedded Milvus Lite database {directory} is in use by another process "
+        "(Milvus Lite allows one process per directory). For several processes, run "
+        "`agman milvus-serve` once and set AGMAN_MILVUS_URI=http://127.0.0.1:19540 "
+        "for every process"
+    ) from cause
 
 
 def hold_milvus(settings: Settings) -> None:
@@ -204,8 +245,14 @@ def close_milvus(settings: Settings) -> bool:
         client.close()
     except Exception as exc:  # noqa: BLE001 - closing is best effort; the entry is gone either way
         log.warning("closing the Milvus client for %s failed: %s", uri, exc)
-    _release_lite_server(uri)
+    if _joined_uri(client) is None:  # this process serves the directory: stop, free the lock
+        _release_lite_server(uri)
     return True
+
+
+def _joined_uri(client: Any) -> str | None:
+    """The port of another process's embedded Milvus Lite that ``client`` works over, or None."""
+    return client.served if isinstance(client, lite_sharing.JoinedLite) else None
 
 
 def _release_lite_server(uri: str) -> None:
@@ -219,37 +266,26 @@ def _release_lite_server(uri: str) -> None:
         from milvus_lite.server_manager import server_manager_instance
     except ImportError:  # no Milvus Lite installed: nothing embedded to stop
         return
+    lite_sharing.withdraw(Path(uri))
     server_manager_instance.release_server(uri)
 
 
 def lite_server_uri(settings: Settings) -> str | None:
-    """The ``http://127.0.0.1:<port>`` on which this process serves the embedded Milvus Lite of
-    ``settings`` (pymilvus' in-process Lite is a gRPC server), for other local processes to
-    search it; None when ``settings`` name a Milvus server or this process has not opened it."""
+    """The ``http://127.0.0.1:<port>`` on which the embedded Milvus Lite of ``settings`` is
+    served (pymilvus' in-process Lite is a gRPC server: this process's, or that of the process
+    it joined), for other local processes to search it; None when ``settings`` name a Milvus
+    server or this process has not opened it."""
     uri = settings.resolved_milvus_uri
     with _clients_lock:
-        opened = _client_key(settings) in _clients
-    if not (_is_local_path(uri) and opened):
+        client = _clients.get(_client_key(settings))
+    joined = _joined_uri(client)
+    if joined is not None:
+        return joined
+    if not (_is_local_path(uri) and client is not None):
         return None
     from milvus_lite.server_manager import server_manager_instance
 
     return server_manager_instance.start_and_get_uri(uri)  # the running server's address
-
-
-def _lite_dir_locked(path: Path) -> bool:
-    """True when another process holds Milvus Lite's exclusive lock on ``path``."""
-    import fcntl
-
-    lock = path / "LOCK"
-    if not lock.exists():
-        return False
-    with open(lock, "a+b") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    return False
 
 
 def version_tag(version: str) -> str:
@@ -306,6 +342,7 @@ class VectorStore:
         self._deployment: Deployment | None = None
         self._tag = version_tag(model_version)
         self._loaded: set[str] = set()
+        self._generation = 0  # the connection that loaded them (lite_sharing.JoinedLite)
 
     @classmethod
     def from_settings(
@@ -500,8 +537,13 @@ class VectorStore:
         self._loaded.add(name)
 
     def _on_loaded(self, name: str, operation: Callable[[], T]) -> T:
-        """Run ``operation`` on collection ``name``, loaded first (once per process); a
+        """Run ``operation`` on collection ``name``, loaded first (once per connection); a
         "not loaded" answer (e.g. after a server restart) loads it again and retries once."""
+        if isinstance(self.client, lite_sharing.JoinedLite):
+            generation = self.client.generation()
+            if generation != self._generation:  # connected again: nothing loaded there yet
+                self._loaded.clear()
+                self._generation = generation
         if name not in self._loaded:
             self._load(name)
         try:

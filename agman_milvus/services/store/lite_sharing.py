@@ -1,0 +1,174 @@
+"""Sharing an embedded Milvus Lite directory between the processes of one machine.
+
+Milvus Lite lets one process open its directory (an exclusive lock), and that process serves
+it over gRPC on a port of 127.0.0.1: pymilvus' in-process Lite does, and so does ``agman
+milvus-serve``. The holder publishes that address beside the directory
+(``milvus.db.serving.json``: the URI and its process id); a process that finds the directory
+locked reads it and works over that port instead of failing, so ``agman search`` runs in a
+second terminal while ``agman ingest`` holds the catalogue (:class:`JoinedLite`: when that
+process lets the directory go, the next call follows it). The file is only trusted for a loopback
+address of a live process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["JoinedLite", "locked", "publish", "served_uri", "serving_file", "withdraw"]
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".serving.json"
+
+
+def locked(directory: Path) -> bool:
+    """True when another process holds Milvus Lite's exclusive lock on ``directory``."""
+    import fcntl
+
+    lock = directory / "LOCK"
+    if not lock.exists():
+        return False
+    with open(lock, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def serving_file(directory: Path) -> Path:
+    """Where the holder of the Milvus Lite ``directory`` publishes its address."""
+    return directory.with_name(directory.name + SUFFIX)
+
+
+def publish(directory: Path, uri: str, pid: int | None = None) -> None:
+    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri``."""
+    pid = os.getpid() if pid is None else pid
+    target = serving_file(directory)
+    partial = target.with_name(f"{target.name}.{pid}.tmp")
+    partial.write_text(json.dumps({"uri": uri, "pid": pid}), encoding="utf-8")
+    os.replace(partial, target)  # a reader sees the old record or the new one, never half
+
+
+def withdraw(directory: Path) -> None:
+    """Remove this process's record for ``directory`` (another process's is left alone)."""
+    target = serving_file(directory)
+    record = _read(target)
+    if record is not None and record[1] == os.getpid():
+        target.unlink(missing_ok=True)
+
+
+def served_uri(directory: Path) -> tuple[str, int] | None:
+    """The loopback URI and process id serving ``directory``, or None when no live process has
+    published one."""
+    record = _read(serving_file(directory))
+    if record is None:
+        return None
+    uri, pid = record
+    if pid == os.getpid() or not _alive(pid):
+        return None
+    return uri, pid
+
+
+def _read(path: Path) -> tuple[str, int] | None:
+    """A well-formed record (``http://127.0.0.1:<port>`` and a process id), or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        uri, pid = str(data["uri"]), int(data["pid"])
+        parts = urlsplit(uri)
+        if parts.scheme != "http" or parts.hostname != "127.0.0.1" or not parts.port:
+            raise ValueError(f"not a loopback address: {uri!r}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+    return uri, pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+#: What :class:`JoinedLite` connects to: a client, and the URI and process id of the process it
+#: joined (None, None when this process opened the directory itself).
+Connection = tuple[Any, str | None, int | None]
+
+
+class JoinedLite:
+    """A Milvus client of an embedded Milvus Lite directory that another process serves, over
+    the port that process published. It forwards every call to that client. Once that process
+    no longer serves the directory (it ended, or closed it: its record is gone), the next call
+    is made on a new connection (``connect``: this process opening the directory, or the port of
+    whichever process holds it now), so a notebook that joined an ingest's catalogue goes on
+    working when the ingest ends. The record is read before each call (a small file), and again
+    when a call fails."""
+
+    def __init__(self, directory: Path, connection: Connection, connect: Callable[[], Connection]) -> None:
+        self._directory = directory
+        self._client, self.served, self._pid = connection
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def generation(self) -> int:
+        """How many times it has connected again (each time to a Milvus Lite with no collection
+        loaded yet), connecting again first if the serving process has let the directory go."""
+        self._follow_if_gone()
+        return self._generation
+
+    def _gone(self) -> bool:
+        """Whether the process it joined no longer serves the directory (it ended, or closed it
+        and withdrew its record)."""
+        return self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
+
+    def _follow_if_gone(self) -> None:
+        if self._gone():
+            self._follow(self._client)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._follow_if_gone()  # it ended between calls
+            client = self._client
+            try:
+                return getattr(client, name)(*args, **kwargs)
+            except Exception:
+                if not self._gone():
+                    raise
+                self._follow(client)  # it let the directory go during the call
+            return getattr(self._client, name)(*args, **kwargs)
+
+        return call
+
+    def _follow(self, failed: Any) -> None:
+        """Connect again after the process that served the directory ended (once, however many
+        threads saw ``failed`` fail)."""
+        with self._lock:
+            if self._client is not failed:
+                return
+            log.info("process %s no longer serves the embedded Milvus Lite %s at %s: connecting again",
+                     self._pid, self._directory, self.served)
+            try:
+                failed.close()
+            except Exception as exc:  # noqa: BLE001 - the old channel is gone either way
+                log.debug("closing the old connection: %s", exc)
+            self._client, self.served, self._pid = self._connect()
+            self._generation += 1

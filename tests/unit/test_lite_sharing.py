@@ -1,0 +1,57 @@
+"""The record by which a process that holds an embedded Milvus Lite says where it serves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agman_milvus.services.store import lite_sharing
+
+
+@pytest.fixture()
+def live_pid() -> int:
+    """A live process other than this one (this test's parent)."""
+    return os.getppid()
+
+
+def test_a_live_holders_record_is_followed_and_withdrawn_by_it_alone(tmp_path: Path, live_pid: int) -> None:
+    directory = tmp_path / "milvus.db"
+    assert lite_sharing.served_uri(directory) is None
+    lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
+    assert lite_sharing.served_uri(directory) == ("http://127.0.0.1:41000", live_pid)
+    lite_sharing.withdraw(directory)  # not this process's record: it stays
+    assert lite_sharing.serving_file(directory).exists()
+    lite_sharing.publish(directory, "http://127.0.0.1:41001")
+    assert lite_sharing.served_uri(directory) is None  # this process's own record is not a holder
+    lite_sharing.withdraw(directory)
+    assert not lite_sharing.serving_file(directory).exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("record", [
+    {"uri": "http://10.0.0.5:19530"},  # not this machine's loopback
+    {"uri": "https://127.0.0.1:19530"},
+    {"uri": "http://127.0.0.1"},  # no port
+    {"uri": "http://127.0.0.1:port"},
+    {"pid": "not a number"},
+    "not a record",
+])
+def test_a_record_that_is_not_a_loopback_address_of_a_process_is_ignored(
+        tmp_path: Path, live_pid: int, record: object) -> None:
+    directory = tmp_path / "milvus.db"
+    text = json.dumps({"uri": "http://127.0.0.1:41000", "pid": live_pid, **record}) if isinstance(
+        record, dict) else record
+    lite_sharing.serving_file(directory).write_text(text, encoding="utf-8")
+    assert lite_sharing.served_uri(directory) is None
+
+
+def test_a_record_of_a_process_that_ended_is_ignored(tmp_path: Path) -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    lite_sharing.publish(tmp_path / "milvus.db", "http://127.0.0.1:41000", pid=ended.pid)
+    assert lite_sharing.served_uri(tmp_path / "milvus.db") is None
