@@ -409,8 +409,9 @@ def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
 
 def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path) -> None:
     """A process that opens an embedded Milvus Lite publishes the port it serves it on; another
-    process works over that port (and names it to its own children). When the holder closes it,
-    the other process's next call opens the directory itself, and it publishes its own port."""
+    process works over that port (and names it to its own children). When the holder closes it
+    (its process lives on), the other process's next call waits for the lock and opens the
+    directory itself, and that process publishes its own port."""
     settings = Settings(data_dir=tmp_path)
     record = lite_sharing.serving_file(tmp_path / "milvus.db")
     holder = subprocess.Popen(
@@ -422,8 +423,8 @@ def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path
             open_milvus(settings).create_collection("shared", dimension=4)
             print("ready", flush=True)
             sys.stdin.readline()
+            print("closing", flush=True)
             close_milvus(settings)
-            print("closed", flush=True)
             sys.stdin.readline()
         """)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -439,8 +440,10 @@ def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path
         assert lite_server_uri(settings) == published["uri"]  # what this process's children search
         holder.stdin.write("\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "closed"
-        assert not record.exists()  # withdrawn as the holder closed it (its process lives on)
+        assert holder.stdout.readline().strip() == "closing"
+        deadline = time.monotonic() + 30
+        while record.exists() and time.monotonic() < deadline:  # withdrawn first, then the lock freed
+            time.sleep(0.01)
         assert client.list_collections() == ["shared"]  # opened here now, by the same client
         assert json.loads(record.read_text())["pid"] == os.getpid()  # and this process publishes
         assert lite_server_uri(settings) == json.loads(record.read_text())["uri"] != published["uri"]

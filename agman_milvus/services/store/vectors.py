@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ _holders: dict[tuple[int, str, str, str], int] = {}  # users of each client (hol
 #: silently, so its clients do not ping.
 _LOOPBACK_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+#: Seconds a client that joined another process's Milvus Lite waits, once that process let the
+#: directory go, for the lock to be freed (its server stops within about 2 s).
+RECONNECT_TIMEOUT = 30.0
 
 
 def _is_local_path(uri: str) -> bool:
@@ -144,7 +148,7 @@ def open_milvus(settings: Settings) -> MilvusClient:
             client, served, pid = _connect(settings)
             if served is not None:
                 client = lite_sharing.JoinedLite(Path(settings.resolved_milvus_uri), (client, served, pid),
-                                                 lambda: _connect(settings))
+                                                 lambda: _reconnect(settings))
             _clients[key] = client
         return client
 
@@ -172,6 +176,20 @@ def _connect(settings: Settings) -> lite_sharing.Connection:
     if _is_local_path(uri):
         _publish_lite(uri)
     return client, None, None
+
+
+def _reconnect(settings: Settings) -> lite_sharing.Connection:
+    """:func:`_connect` again after the process this one joined let the directory go: it
+    withdraws its record before it stops serving and frees the lock (a couple of seconds), so
+    a directory still locked with no record is waited for, up to :data:`RECONNECT_TIMEOUT`."""
+    deadline = time.monotonic() + RECONNECT_TIMEOUT
+    while True:
+        try:
+            return _connect(settings)
+        except MilvusLiteLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _publish_lite(uri: str) -> None:
