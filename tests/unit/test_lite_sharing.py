@@ -55,3 +55,27 @@ def test_a_record_of_a_process_that_ended_is_ignored(tmp_path: Path) -> None:
     ended.wait()
     lite_sharing.publish(tmp_path / "milvus.db", "http://127.0.0.1:41000", pid=ended.pid)
     assert lite_sharing.served_uri(tmp_path / "milvus.db") is None
+
+
+def test_pymilvus_reports_are_dropped_once_the_joined_process_let_the_directory_go(
+        tmp_path: Path, live_pid: int) -> None:
+    """The call that failed is made again on a new connection: pymilvus' traceback of it is not
+    shown, while the joined process serves the directory its reports are."""
+    import logging
+
+    directory = tmp_path / "milvus.db"
+    lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
+    joined = lite_sharing.JoinedLite(directory, (object(), "http://127.0.0.1:41000", live_pid),
+                                     connect=lambda: (object(), None, None))
+    logger = logging.getLogger("pymilvus.decorators")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
+                               "RPC error: [insert_rows], WAL already closed", (), None)
+    assert logger.filter(record)
+    lite_sharing.withdraw(directory)  # not this process's record: still there
+    lite_sharing.serving_file(directory).unlink()  # the joined process closed the directory
+    assert not logger.filter(record)
+    joined.generation()  # the next call connects again: this process holds it now
+    assert logger.filter(record)
+    failed = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
+                               "Fail connecting to server on 127.0.0.1:41000", (), None)
+    assert not logger.filter(failed)  # a report naming the port it left, from another thread

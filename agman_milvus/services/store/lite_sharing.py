@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: pymilvus' loggers that report a failed call (with its traceback) before it is raised.
+PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.connection_manager")
+#: ``127.0.0.1:<port>`` of each process a :class:`JoinedLite` worked over and then left.
+_left: set[str] = set()
+_joined: weakref.WeakSet[JoinedLite] = weakref.WeakSet()
+
+
+class _LeftPortFilter(logging.Filter):
+    """Drops pymilvus' report of a call that failed because the process a :class:`JoinedLite`
+    worked over let the directory go (while it does, or naming its port after): the call is
+    made again on the new connection, so its traceback would only alarm (a second ingest's
+    terminal showed eight)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _joined and not _left:
+            return True
+        if any(joined._gone() for joined in list(_joined)):
+            return False
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(address in text for address in _left)
+
+
+def _quiet_left_ports() -> None:
+    """Install :class:`_LeftPortFilter` on pymilvus' loggers (idempotent)."""
+    for name in PYMILVUS_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LeftPortFilter) for f in logger.filters):
+            logger.addFilter(_LeftPortFilter())
+
+
 #: What :class:`JoinedLite` connects to: a client, and the URI and process id of the process it
 #: joined (None, None when this process opened the directory itself).
 Connection = tuple[Any, str | None, int | None]
@@ -124,6 +155,8 @@ class JoinedLite:
         self._connect = connect
         self._lock = threading.Lock()
         self._generation = 0
+        _joined.add(self)
+        _quiet_left_ports()
 
     def generation(self) -> int:
         """How many times it has connected again (each time to a Milvus Lite with no collection
@@ -133,8 +166,11 @@ class JoinedLite:
 
     def _gone(self) -> bool:
         """Whether the process it joined no longer serves the directory (it ended, or closed it
-        and withdrew its record)."""
-        return self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
+        and withdrew its record); if so, its port's failures are not reported any more."""
+        gone = self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
+        if gone and self.served:
+            _left.add(self.served.removeprefix("http://"))
+        return gone
 
     def _follow_if_gone(self) -> None:
         if self._gone():
