@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+# bench/ is on sys.path when this runs as a script
+from copydetect import print_report, shared_dir
 from PIL import Image
 
 from agman_milvus.core import copy_verify
 from agman_milvus.usecases.reports import ReportRow, ScreeningReport, report_html
-
-
-def shared_dir() -> Path | None:
-    configured = os.environ.get("AGMAN_SHARED_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared"
-    return path if path.is_dir() else None
 
 
 def load(path: str) -> Image.Image:
@@ -44,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = shared_dir()
     if root is None or not (root / "data/fashion-products/manifest.csv").is_file():
-        print(json.dumps({"skipped": "needs ../shared/data/fashion-products (or AGMAN_SHARED_DIR)"}))
+        print_report({"skipped": "needs ../shared/data/fashion-products (or AGMAN_SHARED_DIR)"}, None)
         return 0
     root = root / "data/fashion-products"
     photos = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[: args.rows]
@@ -69,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rows": len(rows), "rounds": args.rounds, "seconds_median": round(median, 3),
               "seconds": [round(s, 3) for s in seconds], "ms_per_row": round(1000 * median / len(rows), 1),
               "page_mb": round(size / 1e6, 2), "kb_per_row": round(size / 1e3 / len(rows), 1)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    print_report(result, args.out)
     return 0
 
 
