@@ -166,11 +166,8 @@ class JoinedLite:
 
     def _gone(self) -> bool:
         """Whether the process it joined no longer serves the directory (it ended, or closed it
-        and withdrew its record); if so, its port's failures are not reported any more."""
-        gone = self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
-        if gone and self.served:
-            _left.add(self.served.removeprefix("http://"))
-        return gone
+        and withdrew its record)."""
+        return self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
 
     def _follow_if_gone(self) -> None:
         if self._gone():
@@ -195,13 +192,15 @@ class JoinedLite:
         return call
 
     def _follow(self, failed: Any) -> None:
-        """Connect again after the process that served the directory ended (once, however many
-        threads saw ``failed`` fail)."""
+        """Connect again after the process that served the directory let it go (once, however
+        many threads saw ``failed`` fail)."""
         with self._lock:
             if self._client is not failed:
                 return
             log.info("process %s no longer serves the embedded Milvus Lite %s at %s: connecting again",
                      self._pid, self._directory, self.served)
+            if self.served:  # later reports naming its port are of calls made again
+                _left.add(self.served.removeprefix("http://"))
             try:
                 failed.close()
             except Exception as exc:  # noqa: BLE001 - the old channel is gone either way
