@@ -150,18 +150,19 @@ def _available_memory() -> int | None:
 
 
 def child_settings(settings: Settings, processes: int, checkpoint: Path) -> Settings | None:
-    """The settings a child process runs with: the caller's, with the model in ``checkpoint``,
-    reaching its Milvus (an embedded Milvus Lite through the local port this process serves it
-    on) and holding its CPU work to a share of the cores. None when children cannot share this
-    process's stores (an in-memory SQLite database, or an embedded Milvus Lite this process has
-    not opened)."""
+    """The settings a child process runs with: the caller's, with the model in ``checkpoint``
+    and its CPU work held to a share of the cores. A child reaches an embedded Milvus Lite as
+    any second process does, over the port its holder publishes (this process, or the one it
+    joined), and follows the directory when that process lets it go, so the job goes on when an
+    ingest it shared the catalogue with ends. None when children cannot share this process's
+    stores (an in-memory SQLite database, or an embedded Milvus Lite this process has not
+    opened)."""
     if in_memory(settings.resolved_database_url):
         return None
-    uri = settings.milvus_uri or lite_server_uri(settings)
-    if uri is None:
+    if settings.embedded and lite_server_uri(settings) is None:
         return None
     threads = max(1, cpu_count() // processes)
-    return settings.model_copy(update={"milvus_uri": uri, "checkpoint": checkpoint, "threads": threads})
+    return settings.model_copy(update={"checkpoint": checkpoint, "threads": threads})
 
 
 def run_chunks_in_processes(job_id: int, checker: CopyChecker, starts: list[int], processes: int) -> None:

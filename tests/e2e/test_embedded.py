@@ -7,12 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import journeys
-from tests.e2e.conftest import Catalogue, Deployment, base_env
+from tests.e2e.conftest import AGMAN, Catalogue, Deployment, base_env
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -148,6 +149,80 @@ def test_a_second_terminal_works_while_a_process_holds_the_catalogue(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_screening_job_goes_on_when_the_process_it_joined_lets_the_catalogue_go(
+        deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
+    """`agman screen` in a second terminal, its children included, works over the port of the
+    process holding the catalogue (an ingest, a notebook's Client); when that process closes
+    it mid-job, they follow the directory and the job finishes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys
+            from agman_milvus import Client
+            client = Client()
+            client.services.vectors  # opens the embedded Milvus Lite
+            print("ready", flush=True)
+            sys.stdin.readline()
+            client.close()
+            print("closed", flush=True)
+        """)],
+        env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    for n in range(40):  # forty chunks of one, so the holder closes while most are still to run
+        image = catalogue.image(list(catalogue.products)[n % len(catalogue.products)])
+        (folder / f"{n:02d}-{image.name}").write_bytes(image.read_bytes())
+    report, output = tmp_path / "screen.json", tmp_path / "screen.log"
+    database = Path(deployment.env["AGMAN_DATA_DIR"]) / "catalog.sqlite"
+    screen = None
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "ready"
+        earlier_job = _newest_job(database)[0]
+        with open(output, "w") as log:
+            screen = subprocess.Popen(
+                [str(AGMAN), "screen", str(folder), "--chunk-size", "1", "-o", str(report),
+                 "--timeout", "300"],
+                env=deployment.env, cwd=deployment.cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _wait_for_a_chunk_done_by_a_child(database, earlier_job, screen)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        assert _newest_job(database)[2] < 40, "the job ended before the holder closed: nothing was tested"
+        assert screen.wait(timeout=600) == 0, output.read_text()[-3000:]
+        screened = json.loads(report.read_text())
+        assert screened["status"] == "done" and screened["done"] == 40, screened
+        assert "Traceback" not in output.read_text(), output.read_text()[-3000:]
+    finally:
+        for proc in (holder, screen):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _newest_job(database: Path) -> tuple[int, int, int]:
+    """The newest screening job's id, its chunks finished by a child process, its queries done."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        row = db.execute(
+            "SELECT j.id, (SELECT count(*) FROM screening_chunks c WHERE c.job_id = j.id AND "
+            "c.done = c.stop - c.start AND c.worker LIKE 'local-%'), j.done FROM screening_jobs j "
+            "ORDER BY j.id DESC LIMIT 1").fetchone()
+    return (int(row[0]), int(row[1]), int(row[2])) if row is not None else (0, 0, 0)
+
+
+def _wait_for_a_chunk_done_by_a_child(database: Path, after_job: int, screen: subprocess.Popen[str]) -> None:
+    """Wait until a child has finished a chunk of a job newer than ``after_job``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and screen.poll() is None:
+        try:
+            job, by_children, _ = _newest_job(database)
+            if job > after_job and by_children > 0:
+                return
+        except sqlite3.OperationalError:  # the database is being created or migrated
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no child finished a chunk (screen exit status {screen.poll()})")
 
 
 def test_a_closed_client_frees_the_embedded_database(deployment: Deployment, catalogue: Catalogue,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,20 @@ def test_a_record_of_a_process_that_ended_is_ignored(tmp_path: Path) -> None:
     ended.wait()
     lite_sharing.publish(tmp_path / "milvus.db", "http://127.0.0.1:41000", pid=ended.pid)
     assert lite_sharing.served_uri(tmp_path / "milvus.db") is None
+
+
+def test_a_process_withdraws_its_record_when_it_exits(tmp_path: Path) -> None:
+    """A holder that ends without closing (a screening child, a notebook's kernel) withdraws
+    its record before Milvus Lite stops serving, so the processes working over its port follow
+    the directory instead of failing on a port that stopped answering."""
+    directory = tmp_path / "milvus.db"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from pathlib import Path
+        from agman_milvus.services.store import lite_sharing
+        lite_sharing.publish(Path({str(directory)!r}), "http://127.0.0.1:41000")
+        assert lite_sharing.serving_file(Path({str(directory)!r})).exists()
+    """)], check=True)
+    assert not lite_sharing.serving_file(directory).exists()
 
 
 def test_pymilvus_reports_are_dropped_once_the_joined_process_let_the_directory_go(

@@ -12,6 +12,7 @@ address of a live process.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ __all__ = ["JoinedLite", "locked", "publish", "served_uri", "serving_file", "wit
 log = logging.getLogger(__name__)
 
 SUFFIX = ".serving.json"
+#: ``(process id, directory)`` of the records this process withdraws when it exits.
+_withdrawn_at_exit: set[tuple[int, Path]] = set()
 
 
 def locked(directory: Path) -> bool:
@@ -51,12 +54,18 @@ def serving_file(directory: Path) -> Path:
 
 
 def publish(directory: Path, uri: str, pid: int | None = None) -> None:
-    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri``."""
+    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri``. This
+    process's own record is withdrawn when it exits, before Milvus Lite stops its server (exit
+    handlers run last-registered first), so a process working over the port sees the directory
+    let go rather than a port that stopped answering."""
     pid = os.getpid() if pid is None else pid
     target = serving_file(directory)
     partial = target.with_name(f"{target.name}.{pid}.tmp")
     partial.write_text(json.dumps({"uri": uri, "pid": pid}), encoding="utf-8")
     os.replace(partial, target)  # a reader sees the old record or the new one, never half
+    if pid == os.getpid() and (pid, directory) not in _withdrawn_at_exit:
+        _withdrawn_at_exit.add((pid, directory))
+        atexit.register(withdraw, directory)
 
 
 def withdraw(directory: Path) -> None:
