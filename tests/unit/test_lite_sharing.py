@@ -94,3 +94,38 @@ def test_pymilvus_reports_are_dropped_once_the_joined_process_let_the_directory_
     failed = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
                                "Fail connecting to server on 127.0.0.1:41000", (), None)
     assert not logger.filter(failed)  # a report naming the port it left, from another thread
+
+
+def test_a_call_made_again_on_the_new_connection_is_not_reported_twice(
+        tmp_path: Path, live_pid: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The holder lets the directory go during a call: the call is made again on the new
+    connection, where pymilvus' report of its failure (a collection not loaded there yet) is
+    dropped and the error reaches the caller, which loads it and retries."""
+    import logging
+
+    directory = tmp_path / "milvus.db"
+    logger = logging.getLogger("pymilvus.decorators")
+
+    class Left:
+        def search(self) -> None:
+            lite_sharing.serving_file(directory).unlink()  # the holder lets the directory go
+            raise ConnectionError("Fail connecting to server on 127.0.0.1:41000")
+
+        def close(self) -> None:
+            pass
+
+    class New(Left):
+        def search(self) -> None:
+            logger.error("RPC error: [search], collection is in state 'released'")
+            raise RuntimeError("collection is in state 'released'")
+
+    lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
+    joined = lite_sharing.JoinedLite(directory, (Left(), "http://127.0.0.1:41000", live_pid),
+                                     connect=lambda: (New(), None, None))
+    with caplog.at_level(logging.ERROR, logger="pymilvus"), pytest.raises(RuntimeError, match="released"):
+        joined.search()
+    assert joined.generation() == 1 and not caplog.records
+    with caplog.at_level(logging.ERROR, logger="pymilvus"), pytest.raises(RuntimeError):
+        joined.search()  # a call of its own on the new connection is reported as ever
+    assert [r.getMessage() for r in caplog.records] == [
+        "RPC error: [search], collection is in state 'released'"]

@@ -119,15 +119,20 @@ PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.connection_manager")
 #: ``127.0.0.1:<port>`` of each process a :class:`JoinedLite` worked over and then left.
 _left: set[str] = set()
 _joined: weakref.WeakSet[JoinedLite] = weakref.WeakSet()
+#: ``active`` while this thread makes a call again on a new connection (in :class:`JoinedLite`).
+_again = threading.local()
 
 
 class _LeftPortFilter(logging.Filter):
     """Drops pymilvus' report of a call that failed because the process a :class:`JoinedLite`
     worked over let the directory go (while it does, or naming its port after): the call is
     made again on the new connection, so its traceback would only alarm (a second ingest's
-    terminal showed eight)."""
+    terminal showed eight). Reports of that second call are dropped too: its error reaches the
+    caller, who handles it (a collection not loaded yet on the new connection is loaded)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_again, "active", False):
+            return False
         if not _joined and not _left:
             return True
         if any(joined._gone() for joined in list(_joined)):
@@ -196,7 +201,11 @@ class JoinedLite:
                 if not self._gone():
                     raise
                 self._follow(client)  # it let the directory go during the call
-            return getattr(self._client, name)(*args, **kwargs)
+            _again.active = True
+            try:
+                return getattr(self._client, name)(*args, **kwargs)
+            finally:
+                _again.active = False
 
         return call
 

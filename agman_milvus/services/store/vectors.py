@@ -559,12 +559,10 @@ class VectorStore:
 
     def _on_loaded(self, name: str, operation: Callable[[], T]) -> T:
         """Run ``operation`` on collection ``name``, loaded first (once per connection); a
-        "not loaded" answer (e.g. after a server restart) loads it again and retries once."""
-        if isinstance(self.client, lite_sharing.JoinedLite):
-            generation = self.client.generation()
-            if generation != self._generation:  # connected again: nothing loaded there yet
-                self._loaded.clear()
-                self._generation = generation
+        "not loaded" answer (e.g. after a server restart, or on the new connection of a
+        :class:`~agman_milvus.services.store.lite_sharing.JoinedLite` that followed the directory
+        during the call) loads it again and retries once."""
+        self._forget_loaded_if_reconnected()
         if name not in self._loaded:
             self._load(name)
         try:
@@ -572,10 +570,25 @@ class VectorStore:
         except MilvusException as exc:
             if not _NOT_LOADED.search(str(exc)):
                 raise
-            log.warning("collection %s was released (%s); loading it and retrying", name, exc)
+            if self._forget_loaded_if_reconnected():
+                log.info("collection %s is not loaded on the new connection; loading it and retrying", name)
+            else:
+                log.warning("collection %s was released (%s); loading it and retrying", name, exc)
             self._loaded.discard(name)
             self._load(name)
             return operation()
+
+    def _forget_loaded_if_reconnected(self) -> bool:
+        """Forget which collections were loaded if the client connected again since (a joined
+        Milvus Lite followed its directory: nothing is loaded there yet); True if it had."""
+        if not isinstance(self.client, lite_sharing.JoinedLite):
+            return False
+        generation = self.client.generation()
+        if generation == self._generation:
+            return False
+        self._loaded.clear()
+        self._generation = generation
+        return True
 
     # -- writes --------------------------------------------------------------------------------
     def _vector(self, value: Sequence[float] | np.ndarray, dim: int, what: str) -> list[float]:
