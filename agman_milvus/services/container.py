@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agman_milvus.core.config import Settings, get_settings
@@ -230,14 +231,21 @@ class DeploymentError(ConfigurationError):
 def check_shared_deployment(settings: Settings) -> None:
     """With a broker, workers and producers are separate processes: they need a shared Milvus.
 
-    Milvus Lite (the embedded default) holds an exclusive lock on its directory, so a broker
-    without ``AGMAN_MILVUS_URI`` cannot work; fail fast and say how to fix it.
+    Milvus Lite (the embedded default) lets one process open its directory; the others work
+    over the port it publishes (``agman milvus-serve``, or any process holding it). A broker
+    without ``AGMAN_MILVUS_URI`` therefore needs a process that serves the data dir's Milvus
+    Lite already; without one, fail fast and say how to fix it.
     """
-    if settings.broker_url and settings.embedded:
+    if not (settings.broker_url and settings.embedded):
+        return
+    from agman_milvus.services.store import lite_sharing
+
+    directory = Path(settings.resolved_milvus_uri)
+    if lite_sharing.served_uri(directory) is None:
         raise DeploymentError(
-            "AGMAN_BROKER_URL is set but AGMAN_MILVUS_URI is not: the embedded Milvus Lite "
-            f"database ({settings.resolved_milvus_uri}) can be opened by one process only, so "
-            "Celery workers cannot share it. Start a shared Milvus with `agman milvus-serve` and "
-            "set AGMAN_MILVUS_URI=http://127.0.0.1:19540 for every process (or point it at a "
-            "Milvus server), or unset AGMAN_BROKER_URL to ingest in-process."
+            "AGMAN_BROKER_URL is set but AGMAN_MILVUS_URI is not, and no process serves the "
+            f"embedded Milvus Lite database ({directory}): it can be opened by one process only, "
+            "so Celery workers cannot share it. Start `agman milvus-serve` with the same data dir "
+            "first (processes with that data dir find it), or point AGMAN_MILVUS_URI at a Milvus "
+            "server, or unset AGMAN_BROKER_URL to ingest in-process."
         )

@@ -164,12 +164,12 @@ class Deployment:
             pytest.fail(f"python -c failed on {self.name} ({proc.returncode})\n{proc.stderr[-4000:]}")
         return proc.stdout
 
-    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, name: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         """``agman ARGS`` in the background (a server or a worker); stopped at teardown."""
         assert self.logs is not None
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen([str(AGMAN), *args], cwd=self.cwd, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([str(AGMAN), *args], cwd=self.cwd, env={**self.env, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.background.append(proc)
         return proc
 

@@ -1,5 +1,6 @@
 """One machine, several processes: ``agman milvus-serve`` shares the embedded data directory,
-``agman worker`` processes embed and screen from Redis, and every step is its own process."""
+``agman worker`` processes embed and screen from Redis, and every step is its own process. The
+commands name the server's port (AGMAN_MILVUS_URI); the worker finds it by the data dir."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def deployment(catalogue: Catalogue, workdir: Path) -> Iterator[Deployment]:
         server = deployment.start("milvus-serve", "--port", str(port), name="milvus-serve")
         wait_for_port(port, server, timeout=60)
         deployment.start("worker", "-Q", "agman.gpu,agman.default", "--no-compile",
-                         "-n", f"e2e-{uuid.uuid4().hex[:6]}@%h", name="worker")
+                         "-n", f"e2e-{uuid.uuid4().hex[:6]}@%h", name="worker", env={"AGMAN_MILVUS_URI": ""})
         wait_for_worker(deployment)
         yield deployment
     finally:
@@ -50,9 +51,10 @@ def test_search(deployment: Deployment, catalogue: Catalogue, tmp_path: Path) ->
 def test_a_command_without_the_uri_finds_the_served_directory(deployment: Deployment,
                                                               catalogue: Catalogue) -> None:
     """`agman milvus-serve` publishes its port beside the directory: a command with the same
-    data dir and no AGMAN_MILVUS_URI works over it instead of failing on the directory's lock."""
+    data dir and no AGMAN_MILVUS_URI works over it instead of failing on the directory's lock
+    (the broker set too: it is served, so workers could share it)."""
     proc = deployment.run("-v", "search", str(catalogue.image(journeys.QUERY)), "-a", "colour", "--json",
-                          env={"AGMAN_MILVUS_URI": "", "AGMAN_BROKER_URL": ""})
+                          env={"AGMAN_MILVUS_URI": ""})
     assert "open in process" in " ".join(proc.stderr.split()), proc.stderr[-2000:]
     assert json.loads(proc.stdout)[0]["product_id"] == journeys.QUERY
 

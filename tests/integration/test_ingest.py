@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,6 +233,18 @@ def test_broker_without_shared_milvus_fails_fast(tmp_path: Path) -> None:
 
     with pytest.raises(DeploymentError, match="agman milvus-serve"):
         Client(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", milvus_uri=None)
+
+
+def test_broker_with_a_served_data_dir_needs_no_milvus_uri(tmp_path: Path) -> None:
+    """A process serving the data dir's Milvus Lite (`agman milvus-serve`) is found by workers
+    and producers with the same data dir: the broker needs no AGMAN_MILVUS_URI then."""
+    from agman_milvus.core.config import Settings
+    from agman_milvus.services.container import check_shared_deployment
+    from agman_milvus.services.store import lite_sharing
+
+    settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", milvus_uri=None)
+    lite_sharing.publish(Path(settings.resolved_milvus_uri), "http://127.0.0.1:19540", pid=os.getppid())
+    check_shared_deployment(settings)
 
 
 def test_agman_ingest_manifest_resumes(tmp_path: Path, checkpoint: Path, monkeypatch) -> None:

@@ -222,9 +222,9 @@ def _join_lite(directory: Path, kwargs: dict[str, Any], cause: Exception) -> lit
             return client, served, pid
     raise MilvusLiteLockedError(
         f"the embedded Milvus Lite database {directory} is in use by another process "
-        "(Milvus Lite allows one process per directory). For several processes, run "
-        "`agman milvus-serve` once and set AGMAN_MILVUS_URI=http://127.0.0.1:19540 "
-        "for every process"
+        "that does not say where it serves it (Milvus Lite allows one process per directory). "
+        "For several processes, let `agman milvus-serve` hold it: processes with this data dir "
+        "find it (or set AGMAN_MILVUS_URI=http://127.0.0.1:19540)"
     ) from cause
 
 
