@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from PIL import Image
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 ImageLoader = Callable[[str], Image.Image]
 THUMB = 160
 QUERY_THUMB = 224
+#: Matches on one page of the HTML screening report (about 45 KB each with its pictures); a longer
+#: report is written as linked pages, so a job with thousands of flagged rows opens in a browser.
+ROWS_PER_PAGE = 100
 CSV_FIELDS = ["query", "verdict", "score", "product_id", "image_id", "title",
               "descriptor_similarity", "phash_distance", "attributes_agreeing",
               "attributes_total", "attributes", "match_source", "candidate_score",
@@ -243,20 +247,34 @@ class EvidenceRenderer:
         return "data:image/jpeg;base64," + base64.b64encode(picture).decode("ascii")
 
 
-def report_html(report: ScreeningReport, loader: ImageLoader | None = None, title: str | None = None) -> str:
-    """The screening report as one HTML page: query and match side by side, scores, the
-    evidence picture and the per-attribute agreement."""
+def report_html(report: ScreeningReport, loader: ImageLoader | None = None, title: str | None = None, *,
+                rows: Sequence[ReportRow] | None = None, pages: Sequence[str] = (), page: int = 0) -> str:
+    """The screening report as an HTML page: the job's summary, then for each of ``rows`` (default
+    all the report's) query and match side by side, scores, the evidence picture and the
+    per-attribute agreement. ``pages`` names the files of all the report's pages (linked from
+    this one, page number ``page`` counted from 0) when it has more than one."""
     if loader:  # thumbnails and evidence pictures read the same images: decode each once
         loader = functools.lru_cache(maxsize=64)(loader)
     thumbs = ThumbnailLoader(loader) if loader else _no_thumbnail
     evidence = EvidenceRenderer(loader) if loader else _no_evidence
+    shown = report.rows if rows is None else rows
     return render_page("screening_report.html", title=title or f"Screening report, job {report.job_id}",
-                       report=report, matches=[_match_view(r, thumbs, evidence) for r in report.rows])
+                       report=report, matches=[_match_view(r, thumbs, evidence) for r in shown],
+                       pages=[quote(name) for name in pages], page=page)
 
 
 def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None = None,
-               title: str | None = None) -> Path:
-    path.write_text(report_html(report, loader, title), encoding="utf-8")
+               title: str | None = None, rows_per_page: int = ROWS_PER_PAGE) -> Path:
+    """Write the HTML report to ``path``, its matches ``rows_per_page`` a page: past one page,
+    ``path`` is the first and ``{stem}-2{suffix}``, ``{stem}-3{suffix}``, ... beside it the
+    others, each linked from every page. Returns ``path``."""
+    chunks = [report.rows[start:start + rows_per_page] for start in range(0, len(report.rows), rows_per_page)]
+    names = [path.name] + [f"{path.stem}-{number}{path.suffix}" for number in range(2, len(chunks) + 1)]
+    for page, rows in enumerate(chunks or [[]]):
+        html = report_html(report, loader, title, rows=rows, pages=names, page=page)
+        path.with_name(names[page]).write_text(html, encoding="utf-8")
+    if len(names) > 1:
+        log.info("wrote the screening report of job %d as %d pages: %s, ...", report.job_id, len(names), path)
     return path
 
 

@@ -1,5 +1,5 @@
-"""The HTML reports from the Jinja2 templates: escaping, inlined thumbnails, missing images, and
-a template value the caller forgot (an error, not an empty string)."""
+"""The HTML reports from the Jinja2 templates: escaping, inlined thumbnails, missing images, pages
+of a long report, and a template value the caller forgot (an error, not an empty string)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ class _Text(HTMLParser):
         self.text: list[str] = []
         self.tags: list[str] = []
         self.images: list[str] = []
+        self.links: list[str] = []
         self.feed(page)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
         if tag == "img":
             self.images.append(dict(attrs)["src"] or "")
+        if tag == "a":
+            self.links.append(dict(attrs).get("href") or "")
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
@@ -117,3 +120,28 @@ def test_search_page_escapes_ids_and_metadata_and_notes_missing_images(photos: l
 def test_a_value_the_template_needs_but_was_not_given_is_an_error() -> None:
     with pytest.raises(UndefinedError, match="attribute"):
         render_page("search_results.html", title="t", query_thumbnail=None, hits=[])
+
+
+def test_a_long_report_is_written_in_linked_pages(tmp_path: Path) -> None:
+    """A job with thousands of flagged rows stays readable: pages of ``rows_per_page`` matches,
+    each with the whole job's summary and links to the others."""
+    from agman_milvus.usecases.reports import write_html
+
+    rows = [ReportRow(query=f"upload-{n:03d}.jpg", verdict="copy" if n % 2 else "near_duplicate", score=0.9,
+                      product_id=f"p{n}", image_id=n) for n in range(250)]
+    report = ScreeningReport(job_id=7, status="done", done=250, total=250, created_at=None, finished_at=None,
+                             error=None, rows=rows)
+    first = write_html(report, tmp_path / "report.html", rows_per_page=100)
+    assert first == tmp_path / "report.html"
+    pages = ["report.html", "report-2.html", "report-3.html"]
+    assert sorted(p.name for p in tmp_path.glob("report*")) == sorted(pages)
+    for number, name in enumerate(pages, start=1):
+        parsed = _Text((tmp_path / name).read_text(encoding="utf-8"))
+        text = " ".join(" ".join(parsed.text).split())
+        assert "125 copy and 125 near-duplicate matches" in text and f"Page {number} of 3" in text
+        shown = [t for t in parsed.text if t.startswith("upload-")]
+        assert shown == [f"upload-{n:03d}.jpg" for n in range(100 * (number - 1), min(250, 100 * number))]
+        assert parsed.links == [page for page in pages if page != name] * 2  # above and below the table
+    write_html(dataclasses.replace(report, rows=rows[:10]), tmp_path / "short.html", rows_per_page=100)
+    assert not _Text((tmp_path / "short.html").read_text(encoding="utf-8")).links
+    assert [p.name for p in tmp_path.glob("short*")] == ["short.html"]
