@@ -21,6 +21,7 @@ from agman_milvus.services.store.filters import FilterError, build_filter, quote
 from agman_milvus.services.store.milvus_compat import HNSW_BUILD, probe
 from agman_milvus.services.store.vectors import (
     COPY,
+    KEYPOINT_HNSW_BUILD,
     Hit,
     MilvusLiteLockedError,
     VectorRow,
@@ -105,8 +106,9 @@ def test_deployment_probe_and_index_params(milvus_client: MilvusClient, collecti
     index = milvus_client.describe_index(store.collection(0), "vector")
     assert index["index_type"] == "HNSW" and index["metric_type"] == "COSINE"
     # Lite drops flat build params silently; the compat layer must make them stick
-    assert {k: int(v) for k, v in index.items() if k in HNSW_BUILD} == HNSW_BUILD or \
-        {k: int(v) for k, v in index.get("params", {}).items()} == HNSW_BUILD
+    assert _hnsw_build(index) == HNSW_BUILD
+    keypoints = milvus_client.describe_index(store.keypoint_collection, "vector")
+    assert _hnsw_build(keypoints) == KEYPOINT_HNSW_BUILD  # walked briefly for voting: a cheaper graph
     if deployment.lite:
         assert deployment.grouping_search and not deployment.binary_vectors
     else:
@@ -116,6 +118,12 @@ def test_deployment_probe_and_index_params(milvus_client: MilvusClient, collecti
     if deployment.lite:  # writes are flushed, so the HNSW index covers them (no slow path)
         index = milvus_client.describe_index(store.collection(0), "vector")
         assert index["indexed_rows"] == 3 and index["pending_index_rows"] == 0
+
+
+def _hnsw_build(index: dict) -> dict[str, int]:
+    """M and efConstruction of a described index: flat on a server, under "params" on Lite."""
+    flat = {k: int(v) for k, v in index.items() if k in HNSW_BUILD}
+    return flat or {k: int(v) for k, v in index.get("params", {}).items() if k in HNSW_BUILD}
 
 
 def test_lite_quirk_no_binary_vectors(milvus_client: MilvusClient, collection_prefix: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,12 @@ class Deployment:
         """Lite rejects BINARY_VECTOR fields, so 64-bit perceptual hashes are kept in SQL."""
         return not self.lite
 
-    def index_params(self, client: MilvusClient, field: str, metric: str = "COSINE") -> Any:
-        """HNSW index params for ``field`` in the form this deployment honours."""
+    def index_params(self, client: MilvusClient, field: str, metric: str = "COSINE",
+                     hnsw: Mapping[str, int] = HNSW_BUILD) -> Any:
+        """HNSW index params (``hnsw``: M and efConstruction) for ``field`` in the form this
+        deployment honours."""
         params = client.prepare_index_params()
-        build: dict[str, Any] = {"params": dict(HNSW_BUILD)} if self.lite else dict(HNSW_BUILD)
+        build: dict[str, Any] = {"params": dict(hnsw)} if self.lite else dict(hnsw)
         params.add_index(field_name=field, index_type="HNSW", metric_type=metric, params=build)
         return params
 
