@@ -34,8 +34,10 @@ class _AgmanGroup(TyperGroup):
             raise typer.Exit(2) from None
 
 
+# Markdown help: a docstring's wrapped first paragraph reads as one sentence in the command list
+# (Rich markup mode keeps its line breaks there); no help text uses <tags> or Rich markup.
 app = typer.Typer(cls=_AgmanGroup, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Attribute-specific fashion image retrieval on Milvus.")
+                  rich_markup_mode="markdown", help="Attribute-specific fashion image retrieval on Milvus.")
 
 
 @app.callback()

@@ -13,3 +13,14 @@ def test_the_cli_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_command_list_reads_each_description_as_one_sentence() -> None:
+    """A docstring's wrapped first paragraph is one flowing description in ``agman --help``,
+    not broken where the source line ended."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "agman_milvus.app.cli", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "240"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train the demo model (cached), ingest, search, check copies; writes" in proc.stdout, proc.stdout

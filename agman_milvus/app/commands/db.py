@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         """Serve the data dir's Milvus Lite to several processes (gRPC on 127.0.0.1).
 
         Processes with the same data dir find it by themselves; others (another data dir, a
-        container) set AGMAN_MILVUS_URI=http://127.0.0.1:<port>.
+        container) set AGMAN_MILVUS_URI=http://127.0.0.1:PORT.
         """
         from agman_milvus.core.config import get_settings
         from agman_milvus.services.store import lite_sharing

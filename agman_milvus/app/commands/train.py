@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help=f"Model to train: {', '.join(BUILT_IN_MODELS)} (or one "
                                     "registered with register_model)"),
         output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics.jsonl)"),
-        catalog: Path | None = typer.Option(None, help="Catalog CSV (file,id,<attribute columns>)",
+        catalog: Path | None = typer.Option(None, help="Catalog CSV (file, id, one column per attribute)",
                                             rich_help_panel=_DATA),
         attributes: str = typer.Option("articleType,baseColour,gender,usage,season,subCategory",
                                        help="Catalog attribute columns, comma separated",
