@@ -20,7 +20,7 @@ def test_the_command_list_reads_each_description_as_one_sentence() -> None:
     not broken where the source line ended."""
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "agman_milvus.app.cli", "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "240"})
+    proc = subprocess.run([sys.executable, "-m", "agman_milvus.app.cli", "--help"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "240"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train the demo model (cached), ingest, search, check copies; writes" in proc.stdout, proc.stdout
