@@ -463,6 +463,47 @@ def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path
         holder.communicate("\n", timeout=60)
 
 
+def test_a_client_of_a_stopped_milvus_serve_waits_for_a_server_and_never_opens_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that joined `agman milvus-serve` (a worker found it by the data dir) does not
+    take the directory over when the server stops, which would keep the restarted server out:
+    its calls fail with a one-line reason until a server serves it again, then join that one."""
+    from agman_milvus.services.store import vectors
+    from tests.support import listening
+    from tests.support.celery_harness import free_port
+
+    def serve() -> subprocess.Popen[bytes]:
+        port = free_port()
+        command = [sys.executable, "-m", "agman_milvus.app.cli", "milvus-serve", "--port", str(port)]
+        server = subprocess.Popen(command, env={**os.environ, "AGMAN_DATA_DIR": str(tmp_path)})
+        deadline = time.monotonic() + 60
+        while not listening(f"http://127.0.0.1:{port}", port):
+            assert server.poll() is None and time.monotonic() < deadline, "milvus-serve did not start"
+            time.sleep(0.2)
+        return server
+
+    monkeypatch.setattr(vectors, "RECONNECT_TIMEOUT", 3.0)
+    settings = Settings(data_dir=tmp_path)
+    record = lite_sharing.serving_file(tmp_path / "milvus.db")
+    server = serve()
+    try:
+        assert json.loads(record.read_text())["server"] is True
+        client = open_milvus(settings)
+        client.create_collection("shared", dimension=4)
+        server.send_signal(2)  # Ctrl+C
+        server.wait(timeout=60)
+        with pytest.raises(VectorStoreError, match="start `agman milvus-serve` again"):
+            client.list_collections()
+        assert not lite_sharing.locked(tmp_path / "milvus.db")  # this process did not open it
+        server = serve()  # started again: the next call joins it
+        assert client.list_collections() == ["shared"]
+        assert lite_server_uri(settings) == json.loads(record.read_text())["uri"]
+    finally:
+        close_milvus(settings)
+        server.send_signal(2)
+        server.wait(timeout=60)
+
+
 def test_only_the_last_holder_closes_an_embedded_lite(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     client = open_milvus(settings)

@@ -24,7 +24,7 @@ def test_a_live_holders_record_is_followed_and_withdrawn_by_it_alone(tmp_path: P
     directory = tmp_path / "milvus.db"
     assert lite_sharing.served_uri(directory) is None
     lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
-    assert lite_sharing.served_uri(directory) == ("http://127.0.0.1:41000", live_pid)
+    assert lite_sharing.served_uri(directory) == ("http://127.0.0.1:41000", live_pid, False)  # not a server
     lite_sharing.withdraw(directory)  # not this process's record: it stays
     assert lite_sharing.serving_file(directory).exists()
     lite_sharing.publish(directory, "http://127.0.0.1:41001")
@@ -80,8 +80,8 @@ def test_pymilvus_reports_are_dropped_once_the_joined_process_let_the_directory_
 
     directory = tmp_path / "milvus.db"
     lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
-    joined = lite_sharing.JoinedLite(directory, (object(), "http://127.0.0.1:41000", live_pid),
-                                     connect=lambda: (object(), None, None))
+    serving = lite_sharing.Serving("http://127.0.0.1:41000", live_pid)
+    joined = lite_sharing.JoinedLite(directory, (object(), serving), connect=lambda left: (object(), None))
     logger = logging.getLogger("pymilvus.decorators")
     record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1,
                                "RPC error: [insert_rows], WAL already closed", (), None)
@@ -120,8 +120,8 @@ def test_a_call_made_again_on_the_new_connection_is_not_reported_twice(
             raise RuntimeError("collection is in state 'released'")
 
     lite_sharing.publish(directory, "http://127.0.0.1:41000", pid=live_pid)
-    joined = lite_sharing.JoinedLite(directory, (Left(), "http://127.0.0.1:41000", live_pid),
-                                     connect=lambda: (New(), None, None))
+    serving = lite_sharing.Serving("http://127.0.0.1:41000", live_pid)
+    joined = lite_sharing.JoinedLite(directory, (Left(), serving), connect=lambda left: (New(), None))
     with caplog.at_level(logging.ERROR, logger="pymilvus"), pytest.raises(RuntimeError, match="released"):
         joined.search()
     assert joined.generation() == 1 and not caplog.records

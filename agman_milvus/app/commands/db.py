@@ -77,11 +77,11 @@ def register(app: typer.Typer) -> None:
         if lite_sharing.locked(data):
             from agman_milvus.services.store import MilvusLiteLockedError
 
-            served = lite_sharing.served_uri(data)
-            where = f": process {served[1]} serves it at {served[0]}" if served else ""
+            serving = lite_sharing.served_uri(data)
+            where = f": process {serving.pid} serves it at {serving.uri}" if serving else ""
             raise MilvusLiteLockedError(f"{data} is open in another process{where}")
         uri = f"http://127.0.0.1:{port}"
-        lite_sharing.publish(data, uri)  # the server keeps this process's id (exec)
+        lite_sharing.publish(data, uri, server=True)  # the server keeps this process's id (exec)
         typer.echo(f"serving {data} at {uri} (Ctrl+C to stop)", err=True)
         sys.stdout.flush()
         os.execv(sys.executable, argv)

@@ -7,7 +7,9 @@ milvus-serve``. The holder publishes that address beside the directory
 locked reads it and works over that port instead of failing, so ``agman search`` runs in a
 second terminal while ``agman ingest`` holds the catalogue (:class:`JoinedLite`: when that
 process lets the directory go, the next call follows it). The file is only trusted for a loopback
-address of a live process.
+address of a live process. A process that joined a dedicated server (``agman milvus-serve``)
+never opens the directory itself when that server stops: it waits for a server to serve it again
+(a worker that took the directory over would keep the restarted server out).
 """
 
 from __future__ import annotations
@@ -20,14 +22,25 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-__all__ = ["JoinedLite", "locked", "publish", "served_uri", "serving_file", "withdraw"]
+__all__ = ["JoinedLite", "Serving", "locked", "publish", "served_uri", "serving_file", "withdraw"]
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".serving.json"
+
+
+class Serving(NamedTuple):
+    """Who serves a Milvus Lite directory: the loopback URI, the process id, and whether that
+    process is a dedicated server (``agman milvus-serve``) rather than an agman process that
+    opened the directory for its own work."""
+
+    uri: str
+    pid: int
+    server: bool = False
+
 #: ``(process id, directory)`` of the records this process withdraws when it exits.
 _withdrawn_at_exit: set[tuple[int, Path]] = set()
 
@@ -53,15 +66,16 @@ def serving_file(directory: Path) -> Path:
     return directory.with_name(directory.name + SUFFIX)
 
 
-def publish(directory: Path, uri: str, pid: int | None = None) -> None:
-    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri``. This
+def publish(directory: Path, uri: str, pid: int | None = None, server: bool = False) -> None:
+    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri`` (as a
+    dedicated server: ``server``). This
     process's own record is withdrawn when it exits, before Milvus Lite stops its server (exit
     handlers run last-registered first), so a process working over the port sees the directory
     let go rather than a port that stopped answering."""
     pid = os.getpid() if pid is None else pid
     target = serving_file(directory)
     partial = target.with_name(f"{target.name}.{pid}.tmp")
-    partial.write_text(json.dumps({"uri": uri, "pid": pid}), encoding="utf-8")
+    partial.write_text(json.dumps({"uri": uri, "pid": pid, "server": server}), encoding="utf-8")
     os.replace(partial, target)  # a reader sees the old record or the new one, never half
     if pid == os.getpid() and (pid, directory) not in _withdrawn_at_exit:
         _withdrawn_at_exit.add((pid, directory))
@@ -72,27 +86,23 @@ def withdraw(directory: Path) -> None:
     """Remove this process's record for ``directory`` (another process's is left alone)."""
     target = serving_file(directory)
     record = _read(target)
-    if record is not None and record[1] == os.getpid():
+    if record is not None and record.pid == os.getpid():
         target.unlink(missing_ok=True)
 
 
-def served_uri(directory: Path) -> tuple[str, int] | None:
-    """The loopback URI and process id serving ``directory``, or None when no live process has
-    published one."""
+def served_uri(directory: Path) -> Serving | None:
+    """Who serves ``directory`` (another live process), or None when none has published it."""
     record = _read(serving_file(directory))
-    if record is None:
+    if record is None or record.pid == os.getpid() or not _alive(record.pid):
         return None
-    uri, pid = record
-    if pid == os.getpid() or not _alive(pid):
-        return None
-    return uri, pid
+    return record
 
 
-def _read(path: Path) -> tuple[str, int] | None:
+def _read(path: Path) -> Serving | None:
     """A well-formed record (``http://127.0.0.1:<port>`` and a process id), or None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        uri, pid = str(data["uri"]), int(data["pid"])
+        uri, pid, server = str(data["uri"]), int(data["pid"]), bool(data.get("server", False))
         parts = urlsplit(uri)
         if parts.scheme != "http" or parts.hostname != "127.0.0.1" or not parts.port:
             raise ValueError(f"not a loopback address: {uri!r}")
@@ -101,7 +111,7 @@ def _read(path: Path) -> tuple[str, int] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring %s: %s", path, exc)
         return None
-    return uri, pid
+    return Serving(uri, pid, server)
 
 
 def _alive(pid: int) -> bool:
@@ -149,23 +159,25 @@ def _quiet_left_ports() -> None:
             logger.addFilter(_LeftPortFilter())
 
 
-#: What :class:`JoinedLite` connects to: a client, and the URI and process id of the process it
-#: joined (None, None when this process opened the directory itself).
-Connection = tuple[Any, str | None, int | None]
+#: What :class:`JoinedLite` connects to: a client, and who serves the directory it joined (None
+#: when this process opened the directory itself).
+Connection = tuple[Any, Serving | None]
 
 
 class JoinedLite:
     """A Milvus client of an embedded Milvus Lite directory that another process serves, over
     the port that process published. It forwards every call to that client. Once that process
     no longer serves the directory (it ended, or closed it: its record is gone), the next call
-    is made on a new connection (``connect``: this process opening the directory, or the port of
-    whichever process holds it now), so a notebook that joined an ingest's catalogue goes on
-    working when the ingest ends. The record is read before each call (a small file), and again
-    when a call fails."""
+    is made on a new connection (``connect``, given who served it before: this process opening
+    the directory, or the port of whichever process holds it now; after a dedicated server, only
+    the port of one that serves it again), so a notebook that joined an ingest's catalogue goes
+    on working when the ingest ends. The record is read before each call (a small file), and
+    again when a call fails."""
 
-    def __init__(self, directory: Path, connection: Connection, connect: Callable[[], Connection]) -> None:
+    def __init__(self, directory: Path, connection: Connection,
+                 connect: Callable[[Serving | None], Connection]) -> None:
         self._directory = directory
-        self._client, self.served, self._pid = connection
+        self._client, self.serving = connection
         self._connect = connect
         self._lock = threading.Lock()
         self._generation = 0
@@ -178,10 +190,15 @@ class JoinedLite:
         self._follow_if_gone()
         return self._generation
 
+    @property
+    def served(self) -> str | None:
+        """The URI it works over (None once this process opened the directory itself)."""
+        return self.serving.uri if self.serving is not None else None
+
     def _gone(self) -> bool:
         """Whether the process it joined no longer serves the directory (it ended, or closed it
         and withdrew its record)."""
-        return self._pid is not None and served_uri(self._directory) != (self.served, self._pid)
+        return self.serving is not None and served_uri(self._directory) != self.serving
 
     def _follow_if_gone(self) -> None:
         if self._gone():
@@ -215,13 +232,14 @@ class JoinedLite:
         with self._lock:
             if self._client is not failed:
                 return
-            log.info("process %s no longer serves the embedded Milvus Lite %s at %s: connecting again",
-                     self._pid, self._directory, self.served)
-            if self.served:  # later reports naming its port are of calls made again
-                _left.add(self.served.removeprefix("http://"))
+            left = self.serving
+            if left is not None:  # later reports naming its port are of calls made again
+                log.info("process %d no longer serves the embedded Milvus Lite %s at %s: connecting again",
+                         left.pid, self._directory, left.uri)
+                _left.add(left.uri.removeprefix("http://"))
             try:
                 failed.close()
             except Exception as exc:  # noqa: BLE001 - the old channel is gone either way
                 log.debug("closing the old connection: %s", exc)
-            self._client, self.served, self._pid = self._connect()
+            self._client, self.serving = self._connect(left)
             self._generation += 1

@@ -151,25 +151,31 @@ def open_milvus(settings: Settings) -> MilvusClient:
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client, served, pid = _connect(settings)
-            if served is not None:
-                client = lite_sharing.JoinedLite(Path(settings.resolved_milvus_uri), (client, served, pid),
-                                                 lambda: _reconnect(settings))
+            client, serving = _connect(settings)
+            if serving is not None:
+                client = lite_sharing.JoinedLite(Path(settings.resolved_milvus_uri), (client, serving),
+                                                 lambda left: _reconnect(settings, left))
             _clients[key] = client
         return client
 
 
-def _connect(settings: Settings) -> lite_sharing.Connection:
-    """A new client of ``settings``' Milvus (:func:`open_milvus`), with the URI and process id
-    of the process whose embedded Milvus Lite it joined (None, None otherwise)."""
-    uri = settings.resolved_milvus_uri
+def _client_options(settings: Settings) -> dict[str, Any]:
+    """``MilvusClient`` keyword arguments for ``settings``' Milvus (besides its URI)."""
     kwargs: dict[str, Any] = {}
     if settings.milvus_token:
         kwargs["token"] = settings.milvus_token
     if settings.milvus_db_name:
         kwargs["db_name"] = settings.milvus_db_name
-    if _is_loopback(uri):
+    if _is_loopback(settings.resolved_milvus_uri):
         kwargs["grpc_options"] = dict(_LOOPBACK_GRPC_OPTIONS)
+    return kwargs
+
+
+def _connect(settings: Settings) -> lite_sharing.Connection:
+    """A new client of ``settings``' Milvus (:func:`open_milvus`), and who serves the embedded
+    Milvus Lite it joined (None otherwise)."""
+    uri = settings.resolved_milvus_uri
+    kwargs = _client_options(settings)
     if _is_local_path(uri):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         quiet_lite_lock_errors()
@@ -181,13 +187,17 @@ def _connect(settings: Settings) -> lite_sharing.Connection:
         return _join_lite(Path(uri), kwargs, exc)
     if _is_local_path(uri):
         _publish_lite(uri)
-    return client, None, None
+    return client, None
 
 
-def _reconnect(settings: Settings) -> lite_sharing.Connection:
-    """:func:`_connect` again after the process this one joined let the directory go: it
-    withdraws its record before it stops serving and frees the lock (a couple of seconds), so
-    a directory still locked with no record is waited for, up to :data:`RECONNECT_TIMEOUT`."""
+def _reconnect(settings: Settings, left: lite_sharing.Serving | None) -> lite_sharing.Connection:
+    """:func:`_connect` again after the process this one joined (``left``) let the directory
+    go: it withdraws its record before it stops serving and frees the lock (a couple of
+    seconds), so a directory still locked with no record is waited for, up to
+    :data:`RECONNECT_TIMEOUT`. After a dedicated server, only a process that serves the
+    directory again is joined (:func:`_rejoin`)."""
+    if left is not None and left.server:
+        return _rejoin(settings, left)
     deadline = time.monotonic() + RECONNECT_TIMEOUT
     while True:
         try:
@@ -196,6 +206,26 @@ def _reconnect(settings: Settings) -> lite_sharing.Connection:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _rejoin(settings: Settings, left: lite_sharing.Serving) -> lite_sharing.Connection:
+    """Join whichever process serves the Lite directory again after the dedicated server
+    ``left`` stopped (``agman milvus-serve`` restarted), waiting up to
+    :data:`RECONNECT_TIMEOUT`; this process never opens the directory itself, which would keep
+    the restarted server out."""
+    directory = Path(settings.resolved_milvus_uri)
+    deadline = time.monotonic() + RECONNECT_TIMEOUT
+    while time.monotonic() <= deadline:
+        if lite_sharing.served_uri(directory) is not None:
+            try:
+                return _join_lite(directory, _client_options(settings), None)
+            except MilvusLiteLockedError:  # published, not answering yet
+                pass
+        time.sleep(0.2)
+    raise VectorStoreError(
+        f"the Milvus Lite server of {directory} (`agman milvus-serve`, process {left.pid}) stopped "
+        f"and nothing served the directory again within {RECONNECT_TIMEOUT:.0f} s: start "
+        "`agman milvus-serve` again")
 
 
 def _publish_lite(uri: str) -> None:
@@ -212,20 +242,20 @@ def _own_lite_uri(uri: str) -> str | None:
     return server_manager_instance.start_and_get_uri(uri)  # the running server's address
 
 
-def _join_lite(directory: Path, kwargs: dict[str, Any], cause: Exception) -> lite_sharing.Connection:
-    """A client of the process holding ``directory`` over the port it published, that port's URI
-    and the process id; :class:`MilvusLiteLockedError` when it published none or does not answer."""
-    found = lite_sharing.served_uri(directory)
-    if found is not None:
-        served, pid = found
+def _join_lite(directory: Path, kwargs: dict[str, Any], cause: Exception | None) -> lite_sharing.Connection:
+    """A client of the process holding ``directory`` over the port it published, and who that
+    is; :class:`MilvusLiteLockedError` when it published none or does not answer."""
+    serving = lite_sharing.served_uri(directory)
+    if serving is not None:
         try:
-            client = MilvusClient(uri=served, **kwargs)
+            client = MilvusClient(uri=serving.uri, **kwargs)
         except Exception as exc:  # noqa: BLE001 - said below, with the lock's explanation
             log.warning("process %d published %s for %s, which did not answer: %s",
-                        pid, served, directory, exc)
+                        serving.pid, serving.uri, directory, exc)
         else:
-            log.info("Milvus Lite %s is open in process %d: working over its port %s", directory, pid, served)
-            return client, served, pid
+            log.info("Milvus Lite %s is open in process %d: working over its port %s",
+                     directory, serving.pid, serving.uri)
+            return client, serving
     raise MilvusLiteLockedError(
         f"the embedded Milvus Lite database {directory} is in use by another process "
         "that does not say where it serves it (Milvus Lite allows one process per directory). "
