@@ -30,6 +30,8 @@ __all__ = ["JoinedLite", "Serving", "locked", "publish", "served_uri", "serving_
 log = logging.getLogger(__name__)
 
 SUFFIX = ".serving.json"
+#: ``(process id, directory)`` of the records this process withdraws when it exits.
+_withdrawn_at_exit: set[tuple[int, Path]] = set()
 
 
 class Serving(NamedTuple):
@@ -40,9 +42,6 @@ class Serving(NamedTuple):
     uri: str
     pid: int
     server: bool = False
-
-#: ``(process id, directory)`` of the records this process withdraws when it exits.
-_withdrawn_at_exit: set[tuple[int, Path]] = set()
 
 
 def locked(directory: Path) -> bool:
@@ -67,11 +66,10 @@ def serving_file(directory: Path) -> Path:
 
 
 def publish(directory: Path, uri: str, pid: int | None = None, server: bool = False) -> None:
-    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri`` (as a
-    dedicated server: ``server``). This
-    process's own record is withdrawn when it exits, before Milvus Lite stops its server (exit
-    handlers run last-registered first), so a process working over the port sees the directory
-    let go rather than a port that stopped answering."""
+    """Record that process ``pid`` (default this one) serves ``directory`` at ``uri``, as a
+    dedicated server when ``server``. This process's own record is withdrawn when it exits,
+    before Milvus Lite stops its server (exit handlers run last-registered first), so a process
+    working over the port sees the directory let go rather than a port that stopped answering."""
     pid = os.getpid() if pid is None else pid
     target = serving_file(directory)
     partial = target.with_name(f"{target.name}.{pid}.tmp")
