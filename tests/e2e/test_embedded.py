@@ -104,13 +104,10 @@ def test_unreachable_or_locked_services_are_one_line_errors(deployment: Deployme
         holder.wait()
 
 
-def test_a_second_terminal_works_while_a_process_holds_the_catalogue(
-        deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
-    """`agman search`, `agman check-copy` and a screening job run in new processes while another
-    agman process (an ingest, a notebook's Client) holds the embedded Milvus Lite: they work over
-    the port that process published. Once it closes, the next command opens the directory."""
-    image = str(catalogue.image(journeys.QUERY))
-    holder = subprocess.Popen(
+def _client_holding_the_catalogue(deployment: Deployment) -> subprocess.Popen[str]:
+    """A process whose ``Client`` holds the embedded Milvus Lite: it prints "ready", closes the
+    client at the next line on its input and prints "closed", then waits for one more line."""
+    return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys
             from agman_milvus import Client
@@ -123,6 +120,15 @@ def test_a_second_terminal_works_while_a_process_holds_the_catalogue(
             sys.stdin.readline()
         """)],
         env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_second_terminal_works_while_a_process_holds_the_catalogue(
+        deployment: Deployment, catalogue: Catalogue, tmp_path: Path) -> None:
+    """`agman search`, `agman check-copy` and a screening job run in new processes while another
+    agman process (an ingest, a notebook's Client) holds the embedded Milvus Lite: they work over
+    the port that process published. Once it closes, the next command opens the directory."""
+    image = str(catalogue.image(journeys.QUERY))
+    holder = _client_holding_the_catalogue(deployment)
     try:
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline().strip() == "ready"
@@ -156,18 +162,7 @@ def test_a_screening_job_goes_on_when_the_process_it_joined_lets_the_catalogue_g
     """`agman screen` in a second terminal, its children included, works over the port of the
     process holding the catalogue (an ingest, a notebook's Client); when that process closes
     it mid-job, they follow the directory and the job finishes."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent("""
-            import sys
-            from agman_milvus import Client
-            client = Client()
-            client.services.vectors  # opens the embedded Milvus Lite
-            print("ready", flush=True)
-            sys.stdin.readline()
-            client.close()
-            print("closed", flush=True)
-        """)],
-        env=deployment.env, cwd=deployment.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _client_holding_the_catalogue(deployment)
     folder = tmp_path / "uploads"
     folder.mkdir()
     for n in range(40):  # forty chunks of one, so the holder closes while most are still to run
