@@ -30,8 +30,9 @@ __all__ = ["JoinedLite", "Serving", "locked", "publish", "served_uri", "serving_
 log = logging.getLogger(__name__)
 
 SUFFIX = ".serving.json"
-#: ``(process id, directory)`` of the records this process withdraws when it exits.
-_withdrawn_at_exit: set[tuple[int, Path]] = set()
+#: The directories whose record this process withdraws when it exits (a forked child inherits
+#: the exit handlers; :func:`withdraw` removes only the exiting process's own record).
+_withdrawn_at_exit: set[Path] = set()
 
 
 class Serving(NamedTuple):
@@ -75,8 +76,8 @@ def publish(directory: Path, uri: str, pid: int | None = None, server: bool = Fa
     partial = target.with_name(f"{target.name}.{pid}.tmp")
     partial.write_text(json.dumps({"uri": uri, "pid": pid, "server": server}), encoding="utf-8")
     os.replace(partial, target)  # a reader sees the old record or the new one, never half
-    if pid == os.getpid() and (pid, directory) not in _withdrawn_at_exit:
-        _withdrawn_at_exit.add((pid, directory))
+    if pid == os.getpid() and directory not in _withdrawn_at_exit:
+        _withdrawn_at_exit.add(directory)
         atexit.register(withdraw, directory)
 
 

@@ -194,38 +194,26 @@ def _reconnect(settings: Settings, left: lite_sharing.Serving | None) -> lite_sh
     """:func:`_connect` again after the process this one joined (``left``) let the directory
     go: it withdraws its record before it stops serving and frees the lock (a couple of
     seconds), so a directory still locked with no record is waited for, up to
-    :data:`RECONNECT_TIMEOUT`. After a dedicated server, only a process that serves the
-    directory again is joined (:func:`_rejoin`)."""
-    if left is not None and left.server:
-        return _rejoin(settings, left)
+    :data:`RECONNECT_TIMEOUT`. After a dedicated server (``agman milvus-serve`` restarted), only
+    a process that serves the directory again is joined: this process never opens it, which
+    would keep the restarted server out."""
+    directory = Path(settings.resolved_milvus_uri)
+    server = left if left is not None and left.server else None
+    options = _client_options(settings)
     deadline = time.monotonic() + RECONNECT_TIMEOUT
     while True:
         try:
-            return _connect(settings)
-        except MilvusLiteLockedError:
-            if time.monotonic() > deadline:
+            return _connect(settings) if server is None else _join_lite(directory, options, None)
+        except MilvusLiteLockedError as exc:  # still locked, or nothing (answering) published yet
+            if time.monotonic() <= deadline:
+                time.sleep(0.2)
+                continue
+            if server is None:
                 raise
-            time.sleep(0.2)
-
-
-def _rejoin(settings: Settings, left: lite_sharing.Serving) -> lite_sharing.Connection:
-    """Join whichever process serves the Lite directory again after the dedicated server
-    ``left`` stopped (``agman milvus-serve`` restarted), waiting up to
-    :data:`RECONNECT_TIMEOUT`; this process never opens the directory itself, which would keep
-    the restarted server out."""
-    directory = Path(settings.resolved_milvus_uri)
-    deadline = time.monotonic() + RECONNECT_TIMEOUT
-    while time.monotonic() <= deadline:
-        if lite_sharing.served_uri(directory) is not None:
-            try:
-                return _join_lite(directory, _client_options(settings), None)
-            except MilvusLiteLockedError:  # published, not answering yet
-                pass
-        time.sleep(0.2)
-    raise VectorStoreError(
-        f"the Milvus Lite server of {directory} (`agman milvus-serve`, process {left.pid}) stopped "
-        f"and nothing served the directory again within {RECONNECT_TIMEOUT:.0f} s: start "
-        "`agman milvus-serve` again")
+            raise VectorStoreError(
+                f"the Milvus Lite server of {directory} (`agman milvus-serve`, process {server.pid}) "
+                f"stopped and nothing served the directory again within {RECONNECT_TIMEOUT:.0f} s: "
+                "start `agman milvus-serve` again") from exc
 
 
 def _publish_lite(uri: str) -> None:
