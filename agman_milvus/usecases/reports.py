@@ -29,7 +29,7 @@ from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 
 __all__ = [
     "ReportRow", "ScreeningReport", "ThumbnailLoader", "copy_check_report", "export_report",
-    "load_screening_report",
+    "html_pages", "load_screening_report",
     "search_page_html", "write_csv", "write_html", "write_json",
 ]
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 ImageLoader = Callable[[str], Image.Image]
 THUMB = 160
 QUERY_THUMB = 224
+#: in the head of every page :mod:`rendering` writes (templates/base.html)
+GENERATOR_TAG = b'<meta name="generator" content="agman_milvus">'
 #: Matches on one page of the HTML screening report (about 45 KB each with its pictures); a longer
 #: report is written as linked pages, so a job with thousands of flagged rows opens in a browser.
 ROWS_PER_PAGE = 100
@@ -267,15 +269,36 @@ def write_html(report: ScreeningReport, path: Path, loader: ImageLoader | None =
                title: str | None = None, rows_per_page: int = ROWS_PER_PAGE) -> Path:
     """Write the HTML report to ``path``, its matches ``rows_per_page`` a page: past one page,
     ``path`` is the first and ``{stem}-2{suffix}``, ``{stem}-3{suffix}``, ... beside it the
-    others, each linked from every page. Returns ``path``."""
+    others, each linked from every page; pages an earlier, longer report left there are
+    removed. Returns ``path``."""
     chunks = [report.rows[start:start + rows_per_page] for start in range(0, len(report.rows), rows_per_page)]
     names = [path.name] + [f"{path.stem}-{number}{path.suffix}" for number in range(2, len(chunks) + 1)]
+    for stale in html_pages(path)[len(names):]:
+        stale.unlink()
     for page, rows in enumerate(chunks or [[]]):
         html = report_html(report, loader, title, rows=rows, pages=names, page=page)
         path.with_name(names[page]).write_text(html, encoding="utf-8")
     if len(names) > 1:
         log.info("wrote the screening report of job %d as %d pages: %s, ...", report.job_id, len(names), path)
     return path
+
+
+def html_pages(path: Path) -> list[Path]:
+    """The pages of the HTML report whose first page is ``path`` (:func:`write_html`): ``path``
+    and the ``{stem}-2{suffix}``, ``{stem}-3{suffix}``, ... that follow it and were written by
+    this package (its ``generator`` tag); empty when ``path`` does not exist."""
+    pages = []
+    candidate, number = path, 1
+    while candidate.is_file() and _written_here(candidate):
+        pages.append(candidate)
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return pages
+
+
+def _written_here(page: Path) -> bool:
+    with page.open("rb") as f:
+        return GENERATOR_TAG in f.read(1024)
 
 
 def copy_check_report(query: str, check: Any) -> ScreeningReport:

@@ -145,3 +145,28 @@ def test_a_long_report_is_written_in_linked_pages(tmp_path: Path) -> None:
     write_html(dataclasses.replace(report, rows=rows[:10]), tmp_path / "short.html", rows_per_page=100)
     assert not _Text((tmp_path / "short.html").read_text(encoding="utf-8")).links
     assert [p.name for p in tmp_path.glob("short*")] == ["short.html"]
+
+
+def test_a_shorter_report_removes_the_pages_a_longer_one_left(tmp_path: Path) -> None:
+    """Writing a report again over a longer one leaves no stale pages behind (only pages this
+    package wrote: a user's own file of that name stays), and the CLI counts the pages."""
+    from agman_milvus.app.commands.copyright import written
+    from agman_milvus.usecases.reports import html_pages, write_html
+
+    rows = [ReportRow(query=f"q{n}.jpg", verdict="copy", score=0.9, product_id=f"p{n}", image_id=n)
+            for n in range(25)]
+    report = ScreeningReport(job_id=3, status="done", done=25, total=25, created_at=None, finished_at=None,
+                             error=None, rows=rows)
+    path = tmp_path / "report.html"
+    write_html(report, path, rows_per_page=5)
+    assert [p.name for p in html_pages(path)] == ["report.html"] + [f"report-{n}.html" for n in range(2, 6)]
+    assert written(path) == f"{path} and 4 linked pages (report-2.html ... report-5.html)"
+    (tmp_path / "report-6.html").write_text("<p>the user's own page</p>", encoding="utf-8")
+    write_html(dataclasses.replace(report, rows=rows[:8]), path, rows_per_page=5)
+    left = ["report-2.html", "report-6.html", "report.html"]
+    assert sorted(p.name for p in tmp_path.glob("report*")) == left
+    assert written(path) == f"{path} and 1 linked page (report-2.html)"
+    write_html(dataclasses.replace(report, rows=[]), path, rows_per_page=5)
+    assert sorted(p.name for p in tmp_path.glob("report*")) == ["report-6.html", "report.html"]
+    assert written(path) == str(path)
+    assert written(tmp_path / "missing.json") == str(tmp_path / "missing.json")

@@ -11,6 +11,18 @@ import typer
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
 
 
+def written(path: Path) -> str:
+    """``path`` as the CLI reports it: a paged HTML report (``report.html``, ``report-2.html``,
+    ...) with the number of pages beside the first."""
+    from agman_milvus.usecases.reports import html_pages
+
+    pages = html_pages(path)
+    if len(pages) < 2:
+        return str(path)
+    more = pages[1].name if len(pages) == 2 else f"{pages[1].name} ... {pages[-1].name}"
+    return f"{path} and {len(pages) - 1} linked page{'s' if len(pages) > 2 else ''} ({more})"
+
+
 def screening_inputs(source: Path) -> list[str]:
     """Images of a directory (recursively, sorted), or of a manifest: a CSV with a ``file``,
     ``path``, ``uri`` or ``image`` column (relative paths resolved against the manifest), or a
@@ -146,6 +158,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"job {job.id} {job.status}: {job.done}/{job.total}"
                        + (f" ({job.error})" if job.error else ""))
             for path in report:
-                typer.echo(f"wrote {job.export(path)}")
+                typer.echo(f"wrote {written(job.export(path))}")
             if job.status != "done":
                 raise typer.Exit(1)
