@@ -2,10 +2,11 @@
 
 A candidate found by the copy descriptor is confirmed (or not) from local features:
 
-1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) on the grey image resized so its
-   longer side is :data:`WORK_SIDE` px (small queries are upscaled: more keypoints survive),
-   plus a :data:`THUMB_SIDE` px grey thumbnail and a :data:`CHROMA_SIDE` px colour (Cr, Cb)
-   thumbnail for the photometric check.
+1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) detected on the grey image at
+   :data:`SIFT_SIDE` px (its longer side) and placed in the frame of the grey image resized so
+   its longer side is :data:`WORK_SIDE` px (small queries are upscaled), in which every fit's
+   pixel thresholds are set; plus a :data:`THUMB_SIDE` px grey thumbnail and a
+   :data:`CHROMA_SIDE` px colour (Cr, Cb) thumbnail for the photometric check.
 2. **Geometry.** Lowe's ratio test (a matrix product of the query's descriptors with each
    candidate's, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
    the candidate to the query, or a general affine one when it explains 1.25x the matches (a
@@ -73,12 +74,18 @@ from agman_milvus.core.pasted import Box
 from agman_milvus.core.phash import hamming
 
 __all__ = [
-    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "LocalFeatures", "SCORE_WEIGHTS", "Verification", "copy_margins",
-    "copy_scores", "draw_evidence", "evidence_jpeg", "extract", "features_vector", "margins", "same_picture",
-    "score", "verify", "verify_all",
+    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "EarlierFeatures", "LocalFeatures", "SCORE_WEIGHTS", "Verification",
+    "copy_margins", "copy_scores", "draw_evidence", "evidence_jpeg", "extract", "features_vector", "margins",
+    "same_picture", "score", "verify", "verify_all",
 ]
 
 WORK_SIDE = 448
+#: SIFT's input side. Detected at WORK_SIDE (224 px catalogue photos upscaled, and SIFT doubles
+#: its first octave again) a photo gave 295 keypoints in 38.7 ms, at 224 px 123 in 8.8; the
+#: finer octave's keypoints were noise to the edits: at 224, with the score weights refitted, on
+#: bench/copydetect.py's 2,000 references recall@1 rose 0.925 / 0.929 -> 0.940 / 0.944 (two
+#: seeds) and a screening job ran 1.3x faster (docs/benchmarks.md, "SIFT at 224 px").
+SIFT_SIDE = 224
 THUMB_SIDE = 224
 CHROMA_SIDE = 112
 N_FEATURES = 1000
@@ -133,14 +140,16 @@ PIXELATED_MAX = 0.6
 
 #: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
 #: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
-#: 300 queries, seed 7; docs/benchmarks.md).
-SCORE_WEIGHTS = (-6.439, 1.482, 5.171, -2.921, -4.768)
+#: 500 queries, seed 7; docs/benchmarks.md), again when SIFT moved to :data:`SIFT_SIDE` (fewer
+#: keypoints: fewer inliers for the same fit).
+SCORE_WEIGHTS = (-8.326, 2.92, 5.181, -6.044, -7.752)
 
 #: Logistic weights of the copy score over (1, verification score, its margin over the best
 #: other candidate's). Fitted, as ``bench/copydetect.py --fit`` now does, on the verifications
 #: of one benchmark run (500 references, 500 queries, seed 7; cross-validated on halves: "copy"
 #: recall at precision 0.99 from 0.64 / 0.48 with the verification score alone to 0.81 / 0.76).
-COPY_WEIGHTS = (-4.78, 3.388, 11.228)
+#: Refitted with the score above, the margin carries it all (the score's own weight is near 0).
+COPY_WEIGHTS = (-4.677, -0.298, 12.891)
 #: A verification score from which a candidate is a copy on its own, whatever the others score
 #: (many inliers, nothing left differing: a pixel copy beside look-alike photos of the same
 #: product line, which the margin alone called a near-duplicate). 0.95, not 0.93: on two seeds
@@ -167,7 +176,13 @@ SAME_PICTURE_BITS = 2
 #: The header of :meth:`LocalFeatures.to_bytes`: magic (format and version), keypoints, original
 #: width and height, scale, pixel block, grey thumbnail's height and width, colour thumbnail's.
 _STORED = struct.Struct("<8sIIIddIIII")
-_STORED_MAGIC = b"AGLOCF01"
+_STORED_FAMILY = b"AGLOCF"
+_STORED_MAGIC = _STORED_FAMILY + b"02"  # 02: keypoints detected at SIFT_SIDE (01: at WORK_SIDE)
+
+
+class EarlierFeatures(ValueError):
+    """A stored local-features record of an earlier version: its keypoints came from another
+    detector setting, so the score model's weights do not fit them; extract them again."""
 
 
 def _flipped_bins() -> np.ndarray:
@@ -191,7 +206,8 @@ def _detector() -> Any:
 
 @dataclass
 class LocalFeatures:
-    """SIFT keypoints of one image at ``WORK_SIDE``, its grey and its colour thumbnails."""
+    """SIFT keypoints of one image (found at ``SIFT_SIDE``, placed in the ``WORK_SIDE`` frame), its
+    grey and its colour thumbnails."""
 
     points: np.ndarray  # [N, 2] float32, work-image pixels
     descriptors: np.ndarray  # [N, 128] uint8
@@ -211,10 +227,15 @@ class LocalFeatures:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray) -> LocalFeatures:
-        """Features from :meth:`to_bytes` (ValueError when ``data`` is not such a record, or
-        is cut short). A ``bytearray`` gives writable arrays over its memory, without copies."""
-        if len(data) < _STORED.size or data[:len(_STORED_MAGIC)] != _STORED_MAGIC:
-            raise ValueError("not a local-features record of this version")
+        """Features from :meth:`to_bytes` (:class:`EarlierFeatures` for a record of an earlier
+        version, ValueError when ``data`` is no such record, or is cut short). A ``bytearray``
+        gives writable arrays over its memory, without copies."""
+        if bytes(data[:len(_STORED_MAGIC)]) != _STORED_MAGIC:
+            if bytes(data[:len(_STORED_FAMILY)]) == _STORED_FAMILY:
+                raise EarlierFeatures(f"local features of format {bytes(data[:8])!r}, not {_STORED_MAGIC!r}")
+            raise ValueError("not a local-features record")
+        if len(data) < _STORED.size:
+            raise ValueError("local-features record cut short")
         _, n, w, h, scale, block, th, tw, ch, cw = _STORED.unpack_from(data)
         parts = {"points": (np.dtype("<f4"), (n, 2)), "descriptors": (np.dtype(np.uint8), (n, 128)),
                  "thumb": (np.dtype(np.uint8), (th, tw)), "chroma": (np.dtype(np.uint8), (ch, cw, 2))}
@@ -227,15 +248,6 @@ class LocalFeatures:
             offset += dtype.itemsize * count
         return cls(arrays["points"], arrays["descriptors"], (w, h), scale, arrays["thumb"], arrays["chroma"],
                    block)
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> LocalFeatures:
-        """Features from the arrays of the earlier stored form, an ``.npz`` file (KeyError when
-        one is missing: a file written before the colour thumbnail or the block size existed)."""
-        w, h, s = a["meta"].tolist()
-        return cls(a["points"].astype(np.float32), a["descriptors"].astype(np.uint8),
-                   (int(w), int(h)), float(s), a["thumb"].astype(np.uint8), a["chroma"].astype(np.uint8),
-                   float(a["block"]))
 
     work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
     #: a query's pasted picture (:func:`agman_milvus.core.pasted.pasted_region`), cut out, and
@@ -312,9 +324,15 @@ def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
 
 def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
                   chroma: np.ndarray, block: float) -> LocalFeatures:
-    kps, desc = _detector().detectAndCompute(work, None)
+    sift_image, _ = _resize_side(work, SIFT_SIDE)
+    kps, desc = _detector().detectAndCompute(sift_image, None)
     order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
     points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
+    # SIFT's points sit a quarter pixel past the pixel centres (its first octave is the image
+    # doubled): onto the work image in that same convention (each axis rounds on its own), so a
+    # mirrored point is still at work width - 0.5 - x (:meth:`LocalFeatures.flipped`)
+    to_work = np.array([work.shape[1] / sift_image.shape[1], work.shape[0] / sift_image.shape[0]], np.float32)
+    points = (points + 0.25) * to_work - 0.25
     descriptors = (np.zeros((0, 128), np.uint8) if desc is None
                    else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
     thumb, _ = _resize_side(work, THUMB_SIDE)

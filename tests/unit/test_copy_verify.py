@@ -167,35 +167,35 @@ def test_keypoint_cache_computes_once_and_reads_back(tmp_path: Path) -> None:
     assert len(calls) == 2 and len(path.read_bytes()) == len(first.to_bytes())
 
 
-def test_keypoint_cache_recomputes_a_file_of_the_older_format(tmp_path: Path) -> None:
-    """Files written before the colour thumbnail existed are recomputed, not used without it."""
+def test_keypoint_cache_extracts_again_what_an_earlier_version_stored(tmp_path: Path) -> None:
+    """A record of an earlier format version, or an ``.npz`` file of an earlier version still,
+    holds keypoints of another detector setting: they are extracted again and replace it."""
     cache = LocalFeatureCache(tmp_path)
-    older = {k: v for k, v in _npz_arrays(cv.extract(textured(7))).items() if k != "chroma"}
-    npz = cache.path("cd" * 32).with_suffix(".npz")
-    npz.parent.mkdir(parents=True)
-    np.savez(npz, **older)
-    calls = []
-    feats = cache.get("cd" * 32, lambda: calls.append(1) or textured(7))
-    assert calls == [1] and feats.chroma.shape[2] == 2
-    assert cache.path("cd" * 32).is_file() and not npz.exists()
-
-
-def test_keypoint_cache_converts_the_npz_files_of_earlier_versions(tmp_path: Path) -> None:
-    """An ``.npz`` file of the previous format is read once (its image may be gone) and
-    rewritten in the current one, which reads back the same features."""
-    cache = LocalFeatureCache(tmp_path)
-    original = cv.extract(textured(8), block=3.0)
+    current = cv.extract(textured(7)).to_bytes()
+    earlier = cache.path("cd" * 32)
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"AGLOCF01" + current[8:])
     npz = cache.path("ef" * 32).with_suffix(".npz")
     npz.parent.mkdir(parents=True)
-    np.savez(npz, **_npz_arrays(original))
-    unreadable = []
-    feats = cache.get("ef" * 32, lambda: unreadable.append(1))
-    again = LocalFeatureCache(tmp_path).get("ef" * 32, lambda: unreadable.append(1))
-    assert unreadable == [] and not npz.exists() and cache.path("ef" * 32).is_file()
-    for got in (feats, again):
-        for name in ("points", "descriptors", "thumb", "chroma"):
-            assert np.array_equal(getattr(got, name), getattr(original, name))
-        assert (got.size, got.scale, got.block) == (original.size, original.scale, 3.0)
+    np.savez(npz, points=np.zeros((3, 2), np.float32))
+    calls = []
+    for key in ("cd" * 32, "ef" * 32):
+        feats = cache.get(key, lambda: calls.append(1) or textured(7))
+        assert feats.chroma.shape[2] == 2 and cache.path(key).read_bytes() == current
+    assert calls == [1, 1] and not npz.exists()
+    with pytest.raises(cv.EarlierFeatures):
+        cv.LocalFeatures.from_bytes(b"AGLOCF01" + current[8:])
+
+
+def test_keypoints_are_found_at_the_sift_side_and_placed_in_the_work_frame() -> None:
+    """SIFT runs at ``SIFT_SIDE``; its keypoints land where the picture's features are in the
+    ``WORK_SIDE`` frame that every fit's pixel thresholds are set in."""
+    grey = np.full((300, 200), 255, np.uint8)
+    grey[74:87, 44:57] = 0  # a dark square centred on pixel (50, 80)
+    feats = cv.extract(Image.fromarray(grey))
+    assert feats.scale == cv.WORK_SIDE / 300 and feats.work.shape == (448, 299)
+    expected = (np.array([50, 80]) + 0.5) * feats.scale - 0.5
+    assert np.linalg.norm(feats.points - expected, axis=1).min() < 2.0
 
 
 def test_stored_features_read_back_exactly_and_refuse_damaged_records() -> None:
@@ -212,12 +212,6 @@ def test_stored_features_read_back_exactly_and_refuse_damaged_records() -> None:
     for damaged in (data[:-1], data + b"x", b"AGLOCF00" + data[8:], data[:20]):
         with pytest.raises(ValueError):
             cv.LocalFeatures.from_bytes(damaged)
-
-
-def _npz_arrays(f: cv.LocalFeatures) -> dict[str, np.ndarray]:
-    """The arrays the previous version stored in its ``.npz`` files."""
-    return {"points": f.points, "descriptors": f.descriptors, "thumb": f.thumb, "chroma": f.chroma,
-            "meta": np.array([*f.size, f.scale], np.float64), "block": np.array(f.block, np.float64)}
 
 
 @pytest.mark.realdata
@@ -264,12 +258,14 @@ def test_edge_profiles_read_in_stripes_equal_the_whole_image_difference(shape: t
 @pytest.mark.realdata
 def test_pixelated_catalogue_photos_verify_against_their_originals(shared_dir: Path) -> None:
     """With a pixelated query's blocks smoothed away, its original verifies (without, most
-    scored under 0.5 on 40 photos) and, standing out from the other photos, is called a copy."""
+    scored under 0.5 on 40 photos); standing out from the other photos, it is called a copy,
+    else (another photo of the shoot looks about the same at the block size) it is flagged as
+    a near-duplicate for a reviewer."""
     root = shared_dir / "data" / "fashion-products"
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[100:112]
     photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
     refs = [cv.extract(p) for p in photos]
-    smoothed, plain, copies = [], [], []
+    smoothed, plain, standing_out = [], [], []
     for i in range(6):
         query = cv.extract(EDITS["pixelate"](photos[i], random.Random(i)))
         assert query.block >= 3
@@ -278,11 +274,13 @@ def test_pixelated_catalogue_photos_verify_against_their_originals(shared_dir: P
         smoothed.append(verified[i].smoothed_score)
         plain.append(verified[i].score)
         copy = cv.copy_scores([v.score for v in verified], smoothed=[v.smoothed_score for v in verified])
-        assert copy[i] >= cv.PIXELATED_MAX * verified[i].smoothed_score
-        copies.append(copy[i] >= 0.75)
+        assert copy[i] >= cv.PIXELATED_MAX * verified[i].smoothed_score >= 0.4  # flagged at least
+        rival = max(max(v.score, v.smoothed_score) for k, v in enumerate(verified) if k != i)
+        standing_out.append(verified[i].smoothed_score - rival > 0.5)
+        assert (copy[i] >= 0.85) == standing_out[-1]
         assert all(c < 0.75 for k, c in enumerate(copy) if k != i)  # no other photo called a copy
     assert np.median(smoothed) > 0.8 and np.median(smoothed) > np.median(plain) + 0.2
-    assert sum(copies) >= 4  # standing out from the other photos, most are called copies
+    assert 0 < sum(standing_out) < 6  # both cases are in this sample
     unpixelated = cv.verify(cv.extract(photos[0]), refs[0])
     assert unpixelated.smoothed_score == 0.0 and unpixelated.rank == unpixelated.score
 
