@@ -166,6 +166,12 @@ MAX_LIFT = 0.1
 #: REFINE_ABOVE and its score, were nothing left differing, would reach REFINE_FROM.
 REFINE_ABOVE = 0.1
 REFINE_FROM = 0.3
+#: A pasted picture under this share of its query's area is verified alone against every
+#: candidate not beyond doubt (:func:`verify_all`), not only those the whole query fitted: at
+#: SIFT_SIDE the whole query holds too few of its keypoints for a fit (a picture 220 px wide in
+#: an 800 x 640 photo: 0 inliers in the whole query, 102 alone). bench/copydetect.py pastes
+#: a photo over 25-64% of its query.
+PASTED_SMALL = 0.25
 #: Keypoint inliers from which a candidate is weighed against keypoint verifications only
 #: (:func:`copy_scores`).
 DECISIVE_INLIERS = 20
@@ -551,9 +557,10 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
     the candidates it marks. A query with a pasted picture (:meth:`LocalFeatures.pasted`) has
     each candidate that aligned with it at all (:data:`MIN_INLIERS`) but not beyond doubt
     (:data:`SURE`) verified against that picture alone too, the better verification kept, in
-    the whole query's pixels. A pixelated pasted picture, whose blocks defeat SIFT in the
-    whole query, is verified against every candidate not beyond doubt, densely where the
-    frames resemble (:func:`frames_resemble`)."""
+    the whole query's pixels. A pasted picture too small in the query for that
+    (:data:`PASTED_SMALL`) is verified against every candidate not beyond doubt, and so is a
+    pixelated one, whose blocks defeat SIFT in the whole query, densely where the frames
+    resemble (:func:`frames_resemble`)."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
@@ -574,7 +581,10 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
             if aligned.rank > best[i].rank:
                 best[i] = aligned
     pixelated = query.pasted_block > 0
-    unsure = [i for i, v in enumerate(best) if v.score < SURE and (pixelated or v.inliers >= MIN_INLIERS)]
+    small = (query.pasted_image is not None
+             and _area(query.pasted_image.size) < PASTED_SMALL * _area(query.size))
+    unsure = [i for i, v in enumerate(best)
+              if v.score < SURE and (pixelated or small or v.inliers >= MIN_INLIERS)]
     if query.pasted_image is not None and unsure:
         picture = query.pasted()
         if pixelated:
@@ -588,6 +598,10 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
             if v.rank > best[i].rank:
                 best[i] = v.moved(*query.pasted_at)
     return best
+
+
+def _area(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
 
 
 def _mirrored_fits(query: LocalFeatures, candidates: Sequence[LocalFeatures],
