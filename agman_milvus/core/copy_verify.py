@@ -14,11 +14,10 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    fit is weak, so flipped copies verify too: its keypoints mirrored first, the mirror image's
    own SIFT keypoints only where that fit beats the direct one (and in the dense alignment
    below, when the mirrored query's frame looks more like the candidate's). A query that
-   frames a pasted picture (:mod:`agman_milvus.core.pasted`) has each candidate that aligned
-   somewhat but not beyond doubt verified against that picture alone too, with its own
-   keypoints at the full work size. A fit that leaves cells differing (below) but could still
-   score is refined by ECC from it (:func:`_refined`): on a repeating pattern or a small
-   copy's few keypoints RANSAC can settle a little off.
+   frames a pasted picture (:mod:`agman_milvus.core.pasted`) has each candidate not beyond
+   doubt verified against that picture alone too, with its own keypoints. A fit that leaves
+   cells differing (below) but could still score is refined by ECC from it (:func:`_refined`):
+   on a repeating pattern or a small copy's few keypoints RANSAC can settle a little off.
 3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
@@ -166,12 +165,6 @@ MAX_LIFT = 0.1
 #: REFINE_ABOVE and its score, were nothing left differing, would reach REFINE_FROM.
 REFINE_ABOVE = 0.1
 REFINE_FROM = 0.3
-#: A pasted picture under this share of its query's area is verified alone against every
-#: candidate not beyond doubt (:func:`verify_all`), not only those the whole query fitted: at
-#: SIFT_SIDE the whole query holds too few of its keypoints for a fit (a picture 220 px wide in
-#: an 800 x 640 photo: 0 inliers in the whole query, 102 alone). bench/copydetect.py pastes
-#: a photo over 25-64% of its query.
-PASTED_SMALL = 0.25
 #: Keypoint inliers from which a candidate is weighed against keypoint verifications only
 #: (:func:`copy_scores`).
 DECISIVE_INLIERS = 20
@@ -315,7 +308,7 @@ class LocalFeatures:
 
     def pasted(self) -> LocalFeatures | None:
         """The features of the query's pasted picture (None without one), extracted on the
-        first call: most framed queries have no candidate that needs them."""
+        first call: a framed query whose candidate is a copy beyond doubt does not need them."""
         if self._pasted is None and self.pasted_image is not None:
             self._pasted = extract(self.pasted_image, self.pasted_block)
         return self._pasted
@@ -555,12 +548,11 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
     """:func:`verify` for each of one query's ``candidates`` (``dense``: per candidate).
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
     the candidates it marks. A query with a pasted picture (:meth:`LocalFeatures.pasted`) has
-    each candidate that aligned with it at all (:data:`MIN_INLIERS`) but not beyond doubt
-    (:data:`SURE`) verified against that picture alone too, the better verification kept, in
-    the whole query's pixels. A pasted picture too small in the query for that
-    (:data:`PASTED_SMALL`) is verified against every candidate not beyond doubt, and so is a
-    pixelated one, whose blocks defeat SIFT in the whole query, densely where the frames
-    resemble (:func:`frames_resemble`)."""
+    each candidate not beyond doubt (:data:`SURE`) verified against that picture alone too, the
+    better verification kept, in the whole query's pixels: at :data:`SIFT_SIDE` the whole query
+    often holds too few of the picture's keypoints for a fit (a picture on a third of a
+    520 x 400 query). A pixelated pasted picture, whose blocks defeat SIFT, is aligned densely
+    where the frames resemble (:func:`frames_resemble`)."""
     pairs = _ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     best = [_verify_one(query, c, p, mirrored=False) for c, p in zip(candidates, pairs, strict=True)]
     weak = [i for i, v in enumerate(best) if v.score < MIRROR_BELOW]
@@ -581,10 +573,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
             if aligned.rank > best[i].rank:
                 best[i] = aligned
     pixelated = query.pasted_block > 0
-    small = (query.pasted_image is not None
-             and _area(query.pasted_image.size) < PASTED_SMALL * _area(query.size))
-    unsure = [i for i, v in enumerate(best)
-              if v.score < SURE and (pixelated or small or v.inliers >= MIN_INLIERS)]
+    unsure = [i for i, v in enumerate(best) if v.score < SURE]
     if query.pasted_image is not None and unsure:
         picture = query.pasted()
         if pixelated:
@@ -598,10 +587,6 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
             if v.rank > best[i].rank:
                 best[i] = v.moved(*query.pasted_at)
     return best
-
-
-def _area(size: tuple[int, int]) -> int:
-    return size[0] * size[1]
 
 
 def _mirrored_fits(query: LocalFeatures, candidates: Sequence[LocalFeatures],

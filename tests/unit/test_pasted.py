@@ -98,18 +98,10 @@ def test_a_copy_pasted_small_verifies_through_its_region() -> None:
     assert np.allclose(centre, (510, 376), atol=10)  # the original's outline, in the whole query
     lines = np.asarray(framed.lines)
     assert ((lines[:, 0] > 400) & (lines[:, 0] < 620) & (lines[:, 1] > 266) & (lines[:, 1] < 486)).all()
-    # an unrelated picture does not align at all; a picture this small (under PASTED_SMALL of
-    # the query) is verified alone against it all the same, a larger one only against
-    # candidates the whole query fitted: its keypoints are not extracted for this one
-    unrelated = cv.extract(textured(23, 240))
+    # an unrelated picture does not align at all, the picture alone (extracted once) neither
     query = cv.extract(canvas, pasted=box)
-    assert cv.verify(query, unrelated).score < 0.1 and query._pasted is not None
-    large = ImageEnhance.Brightness(photo(22, (800, 640), detail_px=40)).enhance(0.6)
-    large.paste(original.rotate(20, expand=True, fillcolor=(255, 255, 255)).resize((440, 440)), (300, 150))
-    query = cv.extract(large, pasted=(300, 150, 740, 590))
-    assert cv.verify(query, unrelated).score < 0.1 and query._pasted is None
-    assert cv.verify(query, cv.extract(original)).score > cv.SURE
-    assert query.pasted() is query.pasted() and query._pasted is not None  # then extracted once
+    assert cv.verify(query, cv.extract(textured(23, 240))).score < 0.1
+    assert query._pasted is not None and query.pasted() is query._pasted
 
 
 def test_a_query_framing_a_picture_searches_it_alone_too() -> None:
