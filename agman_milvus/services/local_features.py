@@ -1,14 +1,15 @@
 """On-disk cache of catalogue images' local features (SIFT keypoints, grey and colour thumbnails).
 
-Copy verification needs the candidates' keypoints; extracting them costs about 10 ms for a
-224 px catalogue photo. They are computed once per image content (keyed by the image's SHA-256,
-so a re-ingested or re-indexed image reuses them), stored as ``<root>/<sha[:2]>/<sha>.features``
-(:meth:`LocalFeatures.to_bytes`, ~95 KB for a 224 px catalogue photo, 25 KB of it the colour
-thumbnail) and kept in a small in-memory LRU (memory only when ``root`` is None). A copy check
-reads up to 20 of them: a record is read in one call, 0.06 ms. Features an earlier version
-stored (a record of another format version, or an ``.npz`` file) are extracted again on first
-read and replace it: their keypoints came from another detector setting. Writes go through a
-temporary file and a rename: a reader sees a whole file or none.
+Copy verification needs the candidates' keypoints; extracting them costs 6-9 ms for a 224 px
+catalogue photo (bench/copydetect.py). They are computed once per image content (keyed by the
+image's SHA-256, so a re-ingested or re-indexed image reuses them), stored as
+``<root>/<sha[:2]>/<sha>.features`` (:meth:`LocalFeatures.to_bytes`, ~95 KB for a 224 px
+catalogue photo, 25 KB of it the colour thumbnail) and kept in a small in-memory LRU (memory
+only when ``root`` is None). A copy check reads up to 20 of them: a record is read in one call,
+0.06 ms. Features an earlier version stored (a record of another format version, or an ``.npz``
+file) are extracted again on first read and replace it: their keypoints came from another
+detector setting. Writes go through a temporary file and a rename: a reader sees a whole file or
+none.
 """
 
 from __future__ import annotations

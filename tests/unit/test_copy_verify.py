@@ -187,9 +187,9 @@ def test_keypoint_cache_extracts_again_what_an_earlier_version_stored(tmp_path: 
         cv.LocalFeatures.from_bytes(b"AGLOCF01" + current[8:])
 
 
-def test_keypoints_are_found_at_the_sift_side_and_placed_in_the_work_frame() -> None:
-    """SIFT runs at ``SIFT_SIDE``; its keypoints land where the picture's features are in the
-    ``WORK_SIDE`` frame that every fit's pixel thresholds are set in."""
+def test_keypoints_land_where_the_picture_s_features_are_in_the_work_frame() -> None:
+    """SIFT runs at ``SIFT_SIDE``; its keypoints are placed where the picture's features are in
+    the ``WORK_SIDE`` frame that every fit's pixel thresholds are set in."""
     grey = np.full((300, 200), 255, np.uint8)
     grey[74:87, 44:57] = 0  # a dark square centred on pixel (50, 80)
     feats = cv.extract(Image.fromarray(grey))
