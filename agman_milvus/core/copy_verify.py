@@ -120,7 +120,12 @@ ECC_EPS = 1e-4
 #: correlation of about 0.87, and on bench/copydetect.py (two seeds) every original it verified
 #: but one (0.66) had 0.85 or more at half size, while half of the other candidates stayed under 0.8.
 ECC_HALF_MIN = 0.8
-DENSE_BELOW = 60  # keypoints under which (in either image) the dense alignment is tried
+#: Keypoints under which (in either image) the dense alignment is tried when the fit fails. 60
+#: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a
+#: quarter of catalogue photos fell under 60: on bench/copydetect.py 45 took the verification
+#: from 48 to 40 ms a query at 1,000 references and every verdict stayed (30: one copy verdict
+#: fewer, no faster); at 2,000, 1 of 1,202 originals fewer called a copy (docs/benchmarks.md).
+DENSE_BELOW = 45
 #: How much better the mirrored query's tiny thumbnail must correlate with the candidate's than
 #: the query's own for a weak dense alignment to be tried on the mirrored query too.
 MIRROR_FRAME_MARGIN = 0.02
