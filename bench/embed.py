@@ -6,10 +6,12 @@ Compares, at batch 16 and 224x224 with 8 attributes:
   * a plain torchvision ResNet-50 forward (one global embedding, what a user would otherwise run);
   * the product recipe's networks (late taps) on MobileNetV2 and EfficientNet-Lite0;
 and reports images/s for both backbones under the product's default settings (channels_last,
-allocator tuning), plus optional torch.compile (freezing) and an FX static-int8 trunk with its
-cosine similarity to fp32. Rounds are interleaved and medians reported: this machine is noisy.
+allocator tuning), plus optional torch.compile (freezing), bfloat16 autocast (the product's
+arithmetic on a CPU that computes bfloat16 natively) and an FX static-int8 trunk, the last two
+with their cosine similarity to fp32. Rounds are interleaved and medians reported: this machine
+is noisy.
 
-    .venv/bin/python bench/embed.py [--rounds 5] [--compile] [--int8]
+    .venv/bin/python bench/embed.py [--rounds 5] [--compile] [--bf16] [--int8]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 
 from agman_milvus.core.model import build_model
-from agman_milvus.core.runtime import configure_process, tcmalloc_loaded
+from agman_milvus.core.runtime import configure_process, native_bfloat16_cpu, tcmalloc_loaded
 from agman_milvus.core.schema import AttributeSchema
 
 SCHEMA = AttributeSchema.from_dict({f"attribute_{i}": 6 for i in range(8)})
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(freezing)")
+    parser.add_argument("--bf16", action="store_true", help="also time bfloat16 autocast")
     parser.add_argument("--int8", action="store_true", help="also time an FX static-int8 trunk")
     args = parser.parse_args()
     configure_process()
@@ -116,6 +119,21 @@ def main() -> None:
                 compiled(x)
             extra[f"{bb}.compile_seconds"] = round(time.perf_counter() - start, 1)
             cases[f"{bb}.embed_all.compiled"] = lambda c=compiled: c(x)
+    ratios: dict[str, tuple[str, str]] = {}  # name -> (case, baseline case)
+    if args.bf16:
+        extra["native_bfloat16_cpu"] = native_bfloat16_cpu()
+        for bb, model in {**models, **{f"product.{k}": v for k, v in product.items()}}.items():
+
+            def bf16_embed_all(m=model):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return m.embed_all(x)
+
+            with torch.inference_mode():
+                cosine = F.cosine_similarity(bf16_embed_all().float(), model.embed_all(x), dim=-1)
+            extra[f"{bb}.bf16_cosine_to_fp32"] = {"median": round(cosine.median().item(), 5),
+                                                 "min": round(cosine.min().item(), 5)}
+            cases[f"{bb}.embed_all.bf16"] = bf16_embed_all
+            ratios[f"{bb}.bf16_speedup"] = (f"{bb}.embed_all.bf16", f"{bb}.embed_all")
     if args.int8:
         for bb, model in models.items():
             quantized = int8_trunk(model, x.contiguous())
@@ -165,6 +183,7 @@ def main() -> None:
             "product.efficientnet_lite0_cost_vs_mobilenet_v2": paired(
                 samples, "product.mobilenet_v2.embed_all", "product.efficientnet_lite0.embed_all"
             ),
+            **{name: paired(samples, a, b) for name, (a, b) in ratios.items()},
         },
         **extra,
     }

@@ -77,7 +77,7 @@ class AgmanEmbeddingFunction(BaseEmbeddingFunction):
             if model is None and checkpoint is None:
                 checkpoint = settings.resolved_checkpoint
             embedder = Embedder(model, checkpoint=checkpoint, device=device or settings.device,
-                                batch_size=batch_size or settings.batch_size)
+                                batch_size=batch_size or settings.batch_size, precision=settings.precision)
         self._embedder = embedder
         self.attribute = None if attribute is None else self._embedder.schema[attribute].name
 

@@ -19,6 +19,10 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "agman"
 
 
+#: Inference arithmetic (:func:`agman_milvus.core.runtime.inference_autocast`).
+Precision = Literal["auto", "float32", "bfloat16"]
+
+
 class Settings(BaseSettings):
     """Every setting of agman_milvus. Environment variable = ``AGMAN_`` + upper-case name."""
 
@@ -49,6 +53,11 @@ class Settings(BaseSettings):
         default=False,
         description="torch.compile the model (exact; ~1.5x on CPU after a 20-60 s warm-up); "
         "`agman worker` turns it on",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="Inference arithmetic: auto = bfloat16 on CUDA and on CPUs that compute it natively "
+        "(AVX512-BF16 or AMX: about twice as fast), float32 elsewhere",
     )
     threads: int | None = Field(
         default=None, ge=1,

@@ -76,7 +76,7 @@ class Services:
                     limit_threads(s.threads)
                 self._embedder = Embedder(
                     checkpoint=s.resolved_checkpoint, device=s.device, batch_size=s.batch_size,
-                    compile=s.compile,
+                    compile=s.compile, precision=s.precision,
                 )
             return self._embedder
 

@@ -207,7 +207,8 @@ def _embedder(services: Services, checkpoint: str | Path | None) -> Embedder:
     path = Path(checkpoint)
     if not path.is_file():
         raise ReindexError(f"checkpoint {path} does not exist")
-    return Embedder(checkpoint=path, device=settings.device, batch_size=settings.batch_size)
+    return Embedder(checkpoint=path, device=settings.device, batch_size=settings.batch_size,
+                    precision=settings.precision)
 
 
 # -- comparing ---------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def test_product_recipe_trains_saves_and_loads_the_same_network(catalog: Path, t
     with torch.no_grad():
         expected = model.embed_all(images)
         assert torch.equal(loaded.embed_all(images), expected)
-    served = Embedder(checkpoint=tmp_path / "last.safetensors", device="cpu").encode(photos)  # serving path
+    served = Embedder(checkpoint=tmp_path / "last.safetensors", device="cpu",  # serving path, exact
+                      precision="float32").encode(photos)
     np.testing.assert_allclose(served.embeddings, expected.numpy(), atol=1e-5)
     assert served.descriptors.shape == (6, loaded.descriptor_dim)
     # the validation MAP from cached float16 mid maps is the MAP of the network on the images
