@@ -69,7 +69,7 @@ from agman_milvus.core.config import Settings
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
-from agman_milvus.core.runtime import prepare_for_inference
+from agman_milvus.core.runtime import inference_autocast, prepare_for_inference, uses_bfloat16
 from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.core.threads import thread_map
 from agman_milvus.services.store.vectors import VectorStore, close_milvus
@@ -121,17 +121,18 @@ def print_report(report: dict, out: Path | None) -> None:
 
 
 def features(model, images, batch: int = 64) -> dict[str, np.ndarray]:
-    """The checker's copy descriptor and ImageNet GAP from one trunk pass per batch."""
+    """The checker's copy descriptor and ImageNet GAP from one trunk pass per batch, in the
+    product's arithmetic (bfloat16 on a CPU that computes it natively, ``AGMAN_PRECISION``)."""
     trunk = model.trunk
     out: dict[str, list[torch.Tensor]] = {"descriptor": [], "imagenet_gap": []}
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(torch.device("cpu"), Settings().precision):
         for start in range(0, len(images), batch):
             x = model.preprocess.batch(images[start:start + batch]).to(memory_format=torch.channels_last)
             mid = trunk.forward_mid(x)
             high = trunk.forward_high(mid)
             out["descriptor"].append(model._descriptor(mid, high))
-            out["imagenet_gap"].append(l2_normalize(trunk.forward_top(high).mean(dim=(-2, -1))))
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+            out["imagenet_gap"].append(l2_normalize(trunk.forward_top(high).float().mean(dim=(-2, -1))))
+    return {k: torch.cat(v).float().numpy() for k, v in out.items()}
 
 
 def ranked(sim: np.ndarray, normalise: bool, k: int = TOP) -> tuple[np.ndarray, np.ndarray]:
@@ -512,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
         "predictions_per_query": TOP, "verify_k": VERIFY_K, "vote_k": VOTE_K, "seed": args.seed,
         "dense_k": DENSE_K, "dense_few_k": args.dense_few_k, "threads": args.threads,
+        "bfloat16": uses_bfloat16(torch.device("cpu"), Settings().precision),
         "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
         "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,

@@ -108,6 +108,7 @@ def main() -> None:
         "product.efficientnet_lite0.embed_all": lambda: product["efficientnet_lite0"].embed_all(x),
     }
     extra: dict[str, object] = {}
+    compiled_fns: dict[str, Callable] = {}
     if args.compile:
         import torch._inductor.config as inductor_config
 
@@ -119,6 +120,7 @@ def main() -> None:
                 compiled(x)
             extra[f"{bb}.compile_seconds"] = round(time.perf_counter() - start, 1)
             cases[f"{bb}.embed_all.compiled"] = lambda c=compiled: c(x)
+            compiled_fns[bb] = compiled
     ratios: dict[str, tuple[str, str]] = {}  # name -> (case, baseline case)
     if args.bf16:
         extra["native_bfloat16_cpu"] = native_bfloat16_cpu()
@@ -134,6 +136,15 @@ def main() -> None:
                                                  "min": round(cosine.min().item(), 5)}
             cases[f"{bb}.embed_all.bf16"] = bf16_embed_all
             ratios[f"{bb}.bf16_speedup"] = (f"{bb}.embed_all.bf16", f"{bb}.embed_all")
+        for bb, compiled in compiled_fns.items():  # agman worker's default: compiled, bfloat16 here
+
+            def bf16_compiled(c=compiled):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return c(x)
+
+            cases[f"{bb}.embed_all.compiled.bf16"] = bf16_compiled
+            ratios[f"{bb}.compiled_bf16_speedup_vs_compiled"] = (f"{bb}.embed_all.compiled.bf16",
+                                                                 f"{bb}.embed_all.compiled")
     if args.int8:
         for bb, model in models.items():
             quantized = int8_trunk(model, x.contiguous())

@@ -101,14 +101,20 @@ def native_bfloat16_cpu() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+def uses_bfloat16(device: torch.device, precision: Precision = "auto") -> bool:
+    """Whether inference on ``device`` computes in bfloat16: for ``precision`` "bfloat16", and
+    for "auto" on CUDA and on a CPU with native bfloat16 (:func:`native_bfloat16_cpu`)."""
+    if precision == "auto":
+        return device.type != "cpu" or native_bfloat16_cpu()
+    return precision == "bfloat16"
+
+
 def inference_autocast(device: torch.device,
                        precision: Precision = "auto") -> contextlib.AbstractContextManager:
-    """The arithmetic of inference on ``device``: bfloat16 autocast for ``precision``
-    "bfloat16", and for "auto" on CUDA and on a CPU with native bfloat16
-    (:func:`native_bfloat16_cpu`); float32 (no autocast) otherwise."""
-    if precision == "float32" or (precision == "auto" and device.type == "cpu" and not native_bfloat16_cpu()):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 autocast where :func:`uses_bfloat16`, else nothing (float32)."""
+    if uses_bfloat16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def prepare_for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

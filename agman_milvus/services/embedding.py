@@ -21,7 +21,7 @@ from PIL import Image
 from agman_milvus.core.config import Precision
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.model import AttributeEmbeddingModel, load_checkpoint, model_version
-from agman_milvus.core.runtime import inference_autocast, prepare_for_inference, resolve_device
+from agman_milvus.core.runtime import inference_autocast, prepare_for_inference, resolve_device, uses_bfloat16
 from agman_milvus.core.schema import AttributeSchema
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class Embedder:
                 self._model = prepare_for_inference(model, device)
                 self._encode_fn = compile_encode(self._model, device) if self.compile else self._model.encode
                 self._device = device
-                logger.info("model %s loaded on %s", self._model.version, device)
+                logger.info("model %s loaded on %s (%s)", self._model.version, device,
+                            "bfloat16" if uses_bfloat16(device, self.precision) else "float32")
         return self._model  # type: ignore[return-value]
 
     @property
