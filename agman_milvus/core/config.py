@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Inference device")
     compile: bool = Field(
         default=False,
-        description="torch.compile the model (exact; ~1.5x on CPU after a 20-60 s warm-up); "
+        description="torch.compile the model (~1.5x on CPU after a 20-60 s warm-up; eager's vectors, "
+        "within bfloat16's rounding in bfloat16); "
         "`agman worker` turns it on",
     )
     precision: Precision = Field(

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Option("", "--name", "-n", help="Worker node name (default agman@%h, gpuN@%h)"),
         loglevel: str = typer.Option("info", "--loglevel", "-l", help="Celery log level"),
         compile_model: bool = typer.Option(
-            True, "--compile/--no-compile", help="torch.compile the model (exact, faster after warm-up)"
+            True, "--compile/--no-compile", help="torch.compile the model (faster after warm-up)"
         ),
     ) -> None:
         """Start a Celery worker (Redis broker from AGMAN_BROKER_URL)."""
