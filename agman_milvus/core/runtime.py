@@ -14,6 +14,7 @@ import contextlib
 import copy
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -93,6 +94,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
 def native_bfloat16_cpu() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles): there oneDNN runs
     a bfloat16 convolution about twice as fast as a float32 one; elsewhere it emulates bfloat16,
