@@ -501,7 +501,12 @@ def test_a_client_of_a_stopped_milvus_serve_waits_for_a_server_and_never_opens_t
     finally:
         close_milvus(settings)
         server.send_signal(2)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # Milvus Lite's server once ignored Ctrl+C under load:
+            server.kill()  # leave no server behind
+            server.wait()
+            raise
 
 
 def test_only_the_last_holder_closes_an_embedded_lite(tmp_path: Path) -> None:
