@@ -124,8 +124,8 @@ ECC_HALF_MIN = 0.8
 #: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a
 #: quarter of catalogue photos fell under 60: on bench/copydetect.py at 2,000 references 45 took
 #: the verification from 47.6 to 42.8 and 45.7 to 43.3 ms a query (two seeds), 1 of 1,202
-#: originals fewer called a copy; at 1,000 every verdict stayed (30: one copy verdict fewer, no
-#: faster than 45) (docs/benchmarks.md).
+#: originals fewer called a copy; at 1,000 every verdict at the default lines stayed (30: one
+#: copy verdict fewer, no faster than 45) (docs/benchmarks.md).
 DENSE_BELOW = 45
 #: How much better the mirrored query's tiny thumbnail must correlate with the candidate's than
 #: the query's own for a weak dense alignment to be tried on the mirrored query too.
