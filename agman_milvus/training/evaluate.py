@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.core.runtime import inference_autocast
 from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.metrics import MAPResult, mean_average_precision, triplet_accuracy
 from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
@@ -26,11 +27,10 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
-def autocast(device: torch.device) -> torch.autocast | nullcontext:
-    """bf16 autocast on CUDA, nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on CPU: training and evaluation stay float32 there, where
+    the service may compute in bfloat16 (:func:`~agman_milvus.core.runtime.inference_autocast`)."""
+    return inference_autocast(device, "auto" if device.type == "cuda" else "float32")
 
 
 @contextlib.contextmanager

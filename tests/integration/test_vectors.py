@@ -467,8 +467,8 @@ def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path
 def _ctrl_c_as_from_a_shell() -> None:
     """In the server's child before it runs: SIGINT handled by default and not blocked, as a
     shell starts it. An ignored or blocked SIGINT survives exec, and under the full suite the
-    server once ignored Ctrl+C for two minutes (something else in the test process may change
-    its signal state; not traced)."""
+    server ignored Ctrl+C for two minutes in two runs (something else in the test process may
+    change its signal state; not traced)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
@@ -514,7 +514,7 @@ def test_a_client_of_a_stopped_milvus_serve_waits_for_a_server_and_never_opens_t
         server.send_signal(2)
         try:
             server.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # Milvus Lite's server once ignored Ctrl+C under load:
+        except subprocess.TimeoutExpired:  # a server that ignores Ctrl+C (it happened under the full suite):
             server.kill()  # leave no server behind
             server.wait()
             raise
