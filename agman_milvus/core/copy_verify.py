@@ -74,7 +74,8 @@ from agman_milvus.core.phash import hamming
 
 __all__ = [
     "COPY_WEIGHTS", "SAME_PICTURE_BITS", "EarlierFeatures", "LocalFeatures", "SCORE_WEIGHTS", "Verification",
-    "copy_margins", "copy_scores", "draw_evidence", "evidence_jpeg", "extract", "features_vector", "margins",
+    "copy_margins", "copy_scores", "draw_evidence", "evidence_jpeg", "extract", "features_vector",
+    "frame_correlation", "frames_resemble", "margins",
     "same_picture", "score", "verify", "verify_all",
 ]
 
@@ -619,13 +620,19 @@ def _mirrored_fits(query: LocalFeatures, candidates: Sequence[LocalFeatures],
     return fits
 
 
+def frame_correlation(query: LocalFeatures, candidate: LocalFeatures) -> float:
+    """Correlation of the candidate's tiny grey thumbnail with the query's, or with its mirror
+    image's where higher."""
+    c, q = candidate.tiny(), query.tiny()
+    return max(float((q * c).sum()), float((q[:, ::-1] * c).sum()))
+
+
 def frames_resemble(query: LocalFeatures, candidate: LocalFeatures) -> bool:
     """Whether the query's frame, or its mirror image's, resembles the candidate's enough
     (:data:`FRAME_RESEMBLES`) for a dense alignment to be worth its cost. On the pixelated
     queries of bench/copydetect.py every original that the dense alignment found passed
     (lowest 0.44), a third of the other candidates did not."""
-    c, q = candidate.tiny(), query.tiny()
-    return max(float((q * c).sum()), float((q[:, ::-1] * c).sum())) >= FRAME_RESEMBLES
+    return frame_correlation(query, candidate) >= FRAME_RESEMBLES
 
 
 def _frame_looks_mirrored(query: LocalFeatures, candidate: LocalFeatures) -> bool:

@@ -76,7 +76,7 @@ from agman_milvus.usecases.base import UseCase, load_query_image
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "interleave", "verify_in_order",
+    "interleave", "source_counts", "verify_in_order",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
@@ -88,11 +88,23 @@ COPY, NEAR_DUPLICATE, DISTINCT = "copy", "near_duplicate", "distinct"
 _RANK = {COPY: 2, NEAR_DUPLICATE: 1, DISTINCT: 0}
 NORM_K = 10
 NORM_BETA = 0.5
-VERIFY_K = 10  # descriptor candidates verified per query
-VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
+#: Descriptor candidates verified per query. 6 and 6, not 10 and 10: on bench/copydetect.py
+#: (1,000 references, seed 0) verification took 30.8 ms a query instead of 43.0, and the one
+#: original lost was a pixelated query's (:data:`PIXELATED_K`) (docs/benchmarks.md).
+VERIFY_K = 6
+VOTE_K = 6  # local-feature voting candidates verified per query (beside the descriptor's)
+#: Candidates of each source verified for a pixelated query (or pasted picture), at least: its
+#: blocks push the original down both sources' lists, and SIFT cannot confirm it.
+PIXELATED_K = 10
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: candidates that get the dense alignment when they or the query have few keypoints
 DENSE_FEW_K = 6
+#: A pixelated query's candidates past the first DENSE_K that get the dense alignment: those
+#: whose frames resemble the query's most (:func:`dense_alignments`). On bench/copydetect.py
+#: (1,000 references, seed 0) the best verification of 48 of the 59 pixelated queries that had
+#: one (score 0.3 or more) was the candidate of most resembling frame, 54 among the first 3;
+#: every resembling candidate had been aligned, 16.6 a pixelated query, 10 ms each.
+PIXELATED_DENSE = 3
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
 MIN_COPY, MIN_NEAR = 0.75, 0.2
@@ -312,6 +324,7 @@ class CopyChecker(UseCase):
         voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound)
         candidates = []
         for n in range(len(queries)):
+            verify_k, vote_k = source_counts(looks[n], self.verify_k, self.vote_k)
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
             for h in (h for hits in own[n] for h in hits):
@@ -324,11 +337,11 @@ class CopyChecker(UseCase):
             direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
-            voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
+            voted = [i for i in voted if _live(infos.get(i))][:vote_k]
             by_vote = _vote_hits(voted, merged, voted_descriptors, encoded.descriptors[base + n], infos)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
-                               for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
+                               for h in interleave(hits[:verify_k], by_vote, hits[:top_k], _image_id)])
         return _Scored(queries, candidates)
 
     def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
@@ -338,8 +351,8 @@ class CopyChecker(UseCase):
         if self.vote_k <= 0:
             return [[] for _ in queries]
         found = copy_vote.vote_many([[q.features] for q in queries], self.vectors.search_keypoints)
-        return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
-                for votes in found]
+        return [sorted(votes, key=lambda i: -votes[i])[:2 * source_counts(q.look, 0, self.vote_k)[1]]
+                for q, votes in zip(queries, found, strict=True)]  # room for non-live ones
 
     @staticmethod
     def copy_scores(
@@ -361,12 +374,14 @@ class CopyChecker(UseCase):
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
         workers: int = 1,
     ) -> list[copy_verify.Verification | None]:
-        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
-        first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`). None for a
-        candidate past them, not verified after a sure copy, or whose image cannot be read."""
+        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share,
+        :func:`source_counts`), best-ranked first, ``workers`` at a time, until a sure copy
+        (:func:`verify_in_order`). None for a candidate past them, not verified after a sure
+        copy, or whose image cannot be read."""
         query.extract()
         readable: dict[int, copy_verify.LocalFeatures] = {}
-        for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
+        for k, (hit, _, info) in enumerate(candidates[:sum(source_counts(query.look, self.verify_k,
+                                                                          self.vote_k))]):
             row = rows.get(hit.image_id)
             if row is None or not info.source_uri:
                 continue
@@ -434,10 +449,17 @@ def dense_alignments(
     """For each candidate (by its rank in the query's candidate list): whether the dense
     alignment is tried when the keypoint fit fails, and whether when either image has few
     keypoints (:func:`copy_verify.verify_all`'s ``dense`` and ``dense_if_few``). The first
-    :data:`DENSE_K` always; for a pixelated query, whose blocks defeat SIFT, also every other
-    candidate whose frame resembles the query's (:func:`copy_verify.frames_resemble`)."""
-    dense = {k: k < DENSE_K or (query.block > 0 and copy_verify.frames_resemble(query, c))
-             for k, c in candidates.items()}
+    :data:`DENSE_K` always; for a pixelated query, whose blocks defeat SIFT, also the
+    :data:`PIXELATED_DENSE` others whose frames resemble the query's most
+    (:func:`copy_verify.frame_correlation`, at least :data:`copy_verify.FRAME_RESEMBLES`)."""
+    resembling: set[int] = set()
+    if query.block > 0:
+        correlation = {k: copy_verify.frame_correlation(query, c)
+                       for k, c in candidates.items() if k >= DENSE_K}
+        ranked = sorted((k for k, r in correlation.items() if r >= copy_verify.FRAME_RESEMBLES),
+                        key=lambda k: -correlation[k])
+        resembling = set(ranked[:PIXELATED_DENSE])
+    dense = {k: k < DENSE_K or k in resembling for k in candidates}
     return dense, {k: wanted or k < dense_few_k for k, wanted in dense.items()}
 
 
@@ -500,6 +522,15 @@ def inspect_query(image: Image.Image) -> QueryLook:
         left, top, right, bottom = pasted
         pasted_block = copy_verify.pixel_block(grey[top:bottom, left:right])
     return QueryLook(copy_verify.pixel_block(grey), pasted, pasted_block)
+
+
+def source_counts(look: QueryLook, verify_k: int, vote_k: int) -> tuple[int, int]:
+    """Candidates verified from each source (descriptor, voting) for a query that ``look``
+    describes: ``verify_k`` and ``vote_k``, or :data:`PIXELATED_K` where more, for a pixelated
+    query or pasted picture."""
+    if look.block or look.pasted_block:
+        return max(verify_k, PIXELATED_K), max(vote_k, PIXELATED_K)
+    return verify_k, vote_k
 
 
 def query_views(image: Image.Image, look: QueryLook = QueryLook()) -> list[Image.Image]:
