@@ -111,7 +111,8 @@ MAX_LINES = 40  # inlier pairs kept for drawing
 #: JPEG quality of an evidence picture: on 224 px catalogue photos about 20 KB in 2-3 ms, where
 #: an optimised PNG took 55-80 KB and 50-90 ms (lines and outline stay legible)
 EVIDENCE_QUALITY = 85
-ECC_HALF_ITERATIONS = 100  # dense alignment: iterations on half-size thumbnails, then
+ECC_QUARTER_ITERATIONS = 50  # dense alignment: iterations on quarter-size thumbnails, then
+ECC_HALF_ITERATIONS = 30  # on half-size ones, then
 ECC_FINE_ITERATIONS = 20  # at full size (the correlation that scores it is the full size's)
 #: ECC stops when an iteration raises its correlation by less than this. 1e-5 ran most alignments
 #: to their iteration cap; at 1e-4 verification took 47 ms a query instead of 76 and no
@@ -121,6 +122,8 @@ ECC_EPS = 1e-4
 #: correlation of about 0.87, and on bench/copydetect.py (two seeds) every original it verified
 #: but one (0.66) had 0.85 or more at half size, while half of the other candidates stayed under 0.8.
 ECC_HALF_MIN = 0.8
+#: Quarter-size correlation under which the dense alignment stops there.
+ECC_QUARTER_MIN = 0.7
 #: Keypoints under which (in either image) the dense alignment is tried when the fit fails. 60
 #: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a
 #: quarter of catalogue photos fell under 60: on bench/copydetect.py at 2,000 references 45 took
@@ -666,7 +669,7 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
         q_img = cv2.GaussianBlur(q.thumb, (0, 0), sigma)
         c_img = cv2.GaussianBlur(c.thumb, (0, 0), sigma * cw / qw)
     try:
-        cc, warp = _ecc_half_size(q_img, c_img, warp)
+        cc, warp = _ecc_half_size(q_img, c_img, warp, stop_below=ECC_QUARTER_MIN)
         if cc < ECC_HALF_MIN:
             return _NONE
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_FINE_ITERATIONS, ECC_EPS)
@@ -696,17 +699,29 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
     )
 
 
-def _ecc_half_size(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray) -> tuple[float, np.ndarray]:
-    """ECC's affine ``warp`` (query -> candidate pixels) refined on both images at half size,
-    where an iteration costs a quarter (the full-size pass then starts close), and its
-    correlation there."""
-    q_half = cv2.resize(q_img, (q_img.shape[1] // 2, q_img.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    c_half = cv2.resize(c_img, (c_img.shape[1] // 2, c_img.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    sq, sc = q_half.shape[1] / q_img.shape[1], c_half.shape[1] / c_img.shape[1]
-    half = np.hstack([warp[:, :2] * (sc / sq), warp[:, 2:] * sc]).astype(np.float32)
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_HALF_ITERATIONS, ECC_EPS)
-    cc, half = cv2.findTransformECC(q_half, c_half, half, cv2.MOTION_AFFINE, criteria, None, 3)
-    return float(cc), np.hstack([half[:, :2] * (sq / sc), half[:, 2:] / sc]).astype(np.float32)
+def _ecc_half_size(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray,
+                   stop_below: float = -1.0) -> tuple[float, np.ndarray]:
+    """ECC's affine ``warp`` (query -> candidate pixels) refined on both images at quarter
+    size, then at half size (an iteration costs a sixteenth and a quarter of a full-size one;
+    the full-size pass then starts close), and its correlation there. Stops at quarter size
+    when the correlation there is under ``stop_below``."""
+    cc, warp = _ecc_scaled(q_img, c_img, warp, 4, ECC_QUARTER_ITERATIONS, 1)
+    if cc < stop_below:
+        return cc, warp
+    return _ecc_scaled(q_img, c_img, warp, 2, ECC_HALF_ITERATIONS, 3)
+
+
+def _ecc_scaled(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray, factor: int, iterations: int,
+                gauss: int) -> tuple[float, np.ndarray]:
+    """ECC's affine ``warp`` (query -> candidate pixels) refined on both images shrunk by
+    ``factor`` (``gauss``: ECC's smoothing kernel there), and its correlation there."""
+    q_small, c_small = (cv2.resize(img, (img.shape[1] // factor, img.shape[0] // factor),
+                                   interpolation=cv2.INTER_AREA) for img in (q_img, c_img))
+    sq, sc = q_small.shape[1] / q_img.shape[1], c_small.shape[1] / c_img.shape[1]
+    small = np.hstack([warp[:, :2] * (sc / sq), warp[:, 2:] * sc]).astype(np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, ECC_EPS)
+    cc, small = cv2.findTransformECC(q_small, c_small, small, cv2.MOTION_AFFINE, criteria, None, gauss)
+    return float(cc), np.hstack([small[:, :2] * (sq / sc), small[:, 2:] / sc]).astype(np.float32)
 
 
 def _ratio_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
