@@ -322,6 +322,7 @@ class CopyChecker(UseCase):
         unfound = {i for votes, ids in zip(all_voted, found, strict=True) for i in votes if i not in ids}
         # descriptors of the voted images the descriptor search did not find, for every query at once
         voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound)
+        infos = self.catalog.images.info(sorted(set().union(*found, *all_voted)))  # every query's at once
         candidates = []
         for n in range(len(queries)):
             verify_k, vote_k = source_counts(looks[n], self.verify_k, self.vote_k)
@@ -333,7 +334,6 @@ class CopyChecker(UseCase):
                 if h.image_id not in merged or h.score > merged[h.image_id].score:
                     merged[h.image_id] = h
             voted = [i for i in all_voted[n] if i not in skip]
-            infos = self.catalog.images.info([*merged, *voted])
             direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
@@ -401,7 +401,9 @@ class CopyChecker(UseCase):
         """Stage 2 for every query of a batch: each query's candidates' catalogue rows and
         verifications, on all cores (:func:`thread_map`): queries side by side, or a single
         query's candidates shared out."""
-        rows = [self.catalog.images.get_many([h.image_id for h, _, _ in cands])
+        every = self.catalog.images.get_many(sorted({h.image_id for cands in scored.candidates
+                                                     for h, _, _ in cands}))
+        rows = [{h.image_id: every[h.image_id] for h, _, _ in cands if h.image_id in every}
                 for cands in scored.candidates]
         jobs = list(zip(scored.queries, scored.candidates, rows, strict=True))
         if len(jobs) == 1:

@@ -228,18 +228,19 @@ class ScreeningJobHandle:
         self.id = int(job_id)
         self._loader = loader
         self._thread = thread
-        self._row = catalog.screening_jobs.get(self.id)
+        self._row = catalog.screening_jobs.summary(self.id)
 
     def __repr__(self) -> str:
         return f"ScreeningJobHandle(id={self.id}, status={self.status!r}, done={self.done}/{self.total})"
 
     def refresh(self) -> ScreeningJobHandle:
-        self._row = self.catalog.screening_jobs.get(self.id)
+        """Read the job's state again (not its queries)."""
+        self._row = self.catalog.screening_jobs.summary(self.id)
         return self
 
     @property
     def status(self) -> str:
-        return self._row.status.value
+        return self._row.status
 
     @property
     def done(self) -> int:

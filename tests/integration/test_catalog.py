@@ -241,9 +241,14 @@ def test_screening_job_lifecycle(catalog: Catalog) -> None:
     job, matches = jobs.get_with_matches(job_id)  # the last batch marked it done
     assert (job.status, job.done) == (JobStatus.done, 5) and job.finished_at is not None
     assert [m.query_ref for m in matches] == ["c", "a"]
+    summary = jobs.summary(job_id)  # what following a job reads: its state, not its queries
+    assert (summary.status, summary.done, summary.total, summary.error) == ("done", 5, 5, None)
+    assert summary.finished_at == job.finished_at and summary.to_dict()["id"] == job_id
 
     with pytest.raises(JobNotFoundError):
         jobs.get(job_id + 1000)
+    with pytest.raises(JobNotFoundError):
+        jobs.summary(job_id + 1000)
     with pytest.raises(JobNotFoundError):
         jobs.get_with_matches(job_id + 1000)
     with pytest.raises(JobNotFoundError):

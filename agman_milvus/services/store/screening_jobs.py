@@ -48,6 +48,16 @@ class JobSummary:
                 "finished_at": self.finished_at.isoformat() if self.finished_at else None}
 
 
+_SUMMARY_COLUMNS = (ScreeningJob.id, ScreeningJob.status, ScreeningJob.done, ScreeningJob.total,
+                    ScreeningJob.created_at, ScreeningJob.finished_at, ScreeningJob.error)
+
+
+def _summary(row: Any) -> JobSummary:
+    """A :data:`_SUMMARY_COLUMNS` row as a :class:`JobSummary`."""
+    return JobSummary(int(row.id), row.status.value, row.done, row.total, row.created_at, row.finished_at,
+                      row.error)
+
+
 class ScreeningJobRepository(Repository):
     """The ``screening_jobs``, ``screening_chunks`` and ``screening_matches`` tables."""
 
@@ -83,15 +93,21 @@ class ScreeningJobRepository(Repository):
             raise JobNotFoundError(f"no screening job {job_id}")
         return job
 
+    def summary(self, job_id: int) -> JobSummary:
+        """The job's state without its queries (what following a job reads, often: a job's
+        ``params`` may hold thousands); :class:`JobNotFoundError` when there is none."""
+        with self.sessions() as s:
+            row = s.execute(select(*_SUMMARY_COLUMNS).where(ScreeningJob.id == job_id)).first()
+        if row is None:
+            raise JobNotFoundError(f"no screening job {job_id}")
+        return _summary(row)
+
     def recent(self, limit: int = 20) -> list[JobSummary]:
         """The ``limit`` newest jobs, newest first, without their queries (a job's ``params``
         may hold thousands)."""
-        columns = (ScreeningJob.id, ScreeningJob.status, ScreeningJob.done, ScreeningJob.total,
-                   ScreeningJob.created_at, ScreeningJob.finished_at, ScreeningJob.error)
         with self.sessions() as s:
-            rows = s.execute(select(*columns).order_by(ScreeningJob.id.desc()).limit(limit)).all()
-        return [JobSummary(int(r.id), r.status.value, r.done, r.total, r.created_at, r.finished_at, r.error)
-                for r in rows]
+            rows = s.execute(select(*_SUMMARY_COLUMNS).order_by(ScreeningJob.id.desc()).limit(limit)).all()
+        return [_summary(r) for r in rows]
 
     def get_with_matches(self, job_id: int) -> tuple[ScreeningJob, list[ScreeningMatch]]:
         """The job's row and its matches in insertion order, read in one session."""
