@@ -87,7 +87,6 @@ from agman_milvus.usecases.copyright import (
     micro_average_precision,
     query_views,
     random_edit,
-    source_counts,
     threshold_for_precision,
     verify_in_order,
 )
@@ -387,14 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"keypoint graphs built (Milvus Lite closed and reopened): {t_ref_index:.0f} s")
 
     qfs: dict[int, copy_verify.LocalFeatures] = {}
-    counts = [source_counts(look, VERIFY_K, VOTE_K) for look in looks]  # candidates verified per source
     defaults = CopyThresholds(model_version="-")  # the checker's uncalibrated thresholds
 
     def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
         """Stage 2 of query ``q``, on its candidates as the checker orders them, up to a sure
         copy (the candidates after it are left out, as the checker leaves them unverified)."""
-        verify_k, vote_k = counts[q]
-        order = [j for j, _ in interleave(preds["candidates"][q][:verify_k], preds["voting"][q][:vote_k], [],
+        order = [j for j, _ in interleave(preds["candidates"][q][:VERIFY_K], preds["voting"][q][:VOTE_K], [],
                                           key=lambda p: p[0])]
         verified = verify_in_order(qfs[q], {k: ref_lf[j] for k, j in enumerate(order)},
                                    {k: int(ref_h[j]) for k, j in enumerate(order)},
@@ -430,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     inliers = [{j: v.inliers for j, v in pairs} for pairs in checked]
     preds["verified_without_margin"] = verification
     preds["verified"] = copy_rescore(verification, ref_h, smoothed, inliers)
-    descriptor_only = [[(j, v) for j, v in pairs
-                        if j in {c for c, _ in preds["candidates"][q][:counts[q][0]]}]
+    descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
                        for q, pairs in enumerate(checked)]
     preds["verified_descriptor_only"] = copy_rescore(
         rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h, smoothed, inliers)

@@ -76,7 +76,7 @@ from agman_milvus.usecases.base import UseCase, load_query_image
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "interleave", "source_counts", "verify_in_order",
+    "interleave", "verify_in_order",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
@@ -88,23 +88,19 @@ COPY, NEAR_DUPLICATE, DISTINCT = "copy", "near_duplicate", "distinct"
 _RANK = {COPY: 2, NEAR_DUPLICATE: 1, DISTINCT: 0}
 NORM_K = 10
 NORM_BETA = 0.5
-#: Descriptor candidates verified per query. 6 and 6, not 10 and 10: on bench/copydetect.py
-#: (1,000 references, seed 0) verification took 30.8 ms a query instead of 43.0, and the one
-#: original lost was a pixelated query's (:data:`PIXELATED_K`) (docs/benchmarks.md).
-VERIFY_K = 6
-VOTE_K = 6  # local-feature voting candidates verified per query (beside the descriptor's)
-#: Candidates of each source verified for a pixelated query (or pasted picture), at least: its
-#: blocks push the original down both sources' lists, and SIFT cannot confirm it.
-PIXELATED_K = 10
+VERIFY_K = 10  # descriptor candidates verified per query
+VOTE_K = 10  # local-feature voting candidates verified per query (beside the descriptor's)
 DENSE_K = 3  # candidates that also get the dense alignment when the keypoint fit fails
 #: candidates that get the dense alignment when they or the query have few keypoints
 DENSE_FEW_K = 6
 #: A pixelated query's candidates past the first DENSE_K that get the dense alignment: those
-#: whose frames resemble the query's most (:func:`dense_alignments`). On bench/copydetect.py
-#: (1,000 references, seed 0) the best verification of 48 of the 59 pixelated queries that had
-#: one (score 0.3 or more) was the candidate of most resembling frame, 54 among the first 3;
-#: every resembling candidate had been aligned, 16.6 a pixelated query, 10 ms each.
-PIXELATED_DENSE = 3
+#: whose frames resemble the query's most (:func:`dense_alignments`). Every resembling one was
+#: aligned before, 16.6 a pixelated query at about 10 ms each: a pixelated query's verification
+#: cost 4.5 times a plain one's. On bench/copydetect.py (1,000 references, seed 0) the best
+#: verification of 48 of the 59 pixelated queries that had one (0.3 or more) was the candidate
+#: of most resembling frame, 54 among the first 3; at 2,000 references (seed 1) 3 kept 2 fewer
+#: pixelated originals at rank 1 than every one, 6 one fewer (docs/benchmarks.md).
+PIXELATED_DENSE = 6
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.
 MIN_COPY, MIN_NEAR = 0.75, 0.2
@@ -325,7 +321,6 @@ class CopyChecker(UseCase):
         infos = self.catalog.images.info(sorted(set().union(*found, *all_voted)))  # every query's at once
         candidates = []
         for n in range(len(queries)):
-            verify_k, vote_k = source_counts(looks[n], self.verify_k, self.vote_k)
             skip = exclude[n] if exclude else set()
             merged: dict[int, Hit] = {}
             for h in (h for hits in own[n] for h in hits):
@@ -337,11 +332,11 @@ class CopyChecker(UseCase):
             direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
             hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
                           key=lambda h: -h.score)
-            voted = [i for i in voted if _live(infos.get(i))][:vote_k]
+            voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
             by_vote = _vote_hits(voted, merged, voted_descriptors, encoded.descriptors[base + n], infos)
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
-                               for h in interleave(hits[:verify_k], by_vote, hits[:top_k], _image_id)])
+                               for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
         return _Scored(queries, candidates)
 
     def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
@@ -351,8 +346,8 @@ class CopyChecker(UseCase):
         if self.vote_k <= 0:
             return [[] for _ in queries]
         found = copy_vote.vote_many([[q.features] for q in queries], self.vectors.search_keypoints)
-        return [sorted(votes, key=lambda i: -votes[i])[:2 * source_counts(q.look, 0, self.vote_k)[1]]
-                for q, votes in zip(queries, found, strict=True)]  # room for non-live ones
+        return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
+                for votes in found]
 
     @staticmethod
     def copy_scores(
@@ -374,14 +369,12 @@ class CopyChecker(UseCase):
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
         workers: int = 1,
     ) -> list[copy_verify.Verification | None]:
-        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share,
-        :func:`source_counts`), best-ranked first, ``workers`` at a time, until a sure copy
-        (:func:`verify_in_order`). None for a candidate past them, not verified after a sure
-        copy, or whose image cannot be read."""
+        """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
+        first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`). None for a
+        candidate past them, not verified after a sure copy, or whose image cannot be read."""
         query.extract()
         readable: dict[int, copy_verify.LocalFeatures] = {}
-        for k, (hit, _, info) in enumerate(candidates[:sum(source_counts(query.look, self.verify_k,
-                                                                          self.vote_k))]):
+        for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
             row = rows.get(hit.image_id)
             if row is None or not info.source_uri:
                 continue
@@ -524,15 +517,6 @@ def inspect_query(image: Image.Image) -> QueryLook:
         left, top, right, bottom = pasted
         pasted_block = copy_verify.pixel_block(grey[top:bottom, left:right])
     return QueryLook(copy_verify.pixel_block(grey), pasted, pasted_block)
-
-
-def source_counts(look: QueryLook, verify_k: int, vote_k: int) -> tuple[int, int]:
-    """Candidates verified from each source (descriptor, voting) for a query that ``look``
-    describes: ``verify_k`` and ``vote_k``, or :data:`PIXELATED_K` where more, for a pixelated
-    query or pasted picture."""
-    if look.block or look.pasted_block:
-        return max(verify_k, PIXELATED_K), max(vote_k, PIXELATED_K)
-    return verify_k, vote_k
 
 
 def query_views(image: Image.Image, look: QueryLook = QueryLook()) -> list[Image.Image]:

@@ -323,6 +323,25 @@ def test_frames_resemble_in_either_orientation_and_not_across_pictures() -> None
     assert not any(cv.frames_resemble(other, original) for other in others)
 
 
+def test_a_pixelated_query_aligns_densely_its_first_candidates_and_the_most_resembling_frames() -> None:
+    from agman_milvus.usecases.copyright import DENSE_K, PIXELATED_DENSE, dense_alignments
+
+    picture = textured(6)
+    blocks = picture.resize((40, 40), Image.Resampling.BOX).resize((200, 200), Image.Resampling.NEAREST)
+    query = cv.extract(blocks)
+    assert query.block > 0
+    unrelated = [cv.extract(textured(seed)) for seed in range(20, 32)]
+    resembling = [cv.extract(picture.filter(ImageFilter.GaussianBlur(r))) for r in (1, 2, 3, 4, 5, 6, 7, 8)]
+    candidates = dict(enumerate(unrelated[:DENSE_K] + unrelated[DENSE_K:] + resembling))
+    dense, dense_if_few = dense_alignments(query, candidates)
+    past_first = [k for k, wanted in dense.items() if wanted and k >= DENSE_K]
+    assert all(dense[k] for k in range(DENSE_K))
+    assert len(past_first) == PIXELATED_DENSE and all(k >= len(unrelated) for k in past_first)
+    assert all(dense_if_few[k] for k in past_first)
+    plain, _ = dense_alignments(replace(query, block=0.0), candidates)  # the same query, not pixelated
+    assert [k for k, wanted in plain.items() if wanted] == list(range(DENSE_K))
+
+
 def test_copy_score_weighs_a_candidate_against_the_others() -> None:
     from agman_milvus.core.copy_verify import copy_scores
 
