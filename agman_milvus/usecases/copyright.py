@@ -14,10 +14,9 @@ A check has two stages:
    survive crops, pads, pastes and rotations which move the global descriptor.
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a
    ratio test and a RANSAC similarity fit (the mirrored query too; when that fails, a dense
-   alignment of the thumbnails for the best-ranked candidates, and for every candidate of a
-   pixelated query, whose blocks defeat SIFT; and against the pasted picture alone), then a
-   photometric residual after alignment:
-   the share of cells that still differ once one global brightness/contrast change is
+   alignment of the thumbnails for the best-ranked candidates, and for a pixelated query,
+   whose blocks defeat SIFT, for those of most resembling frame too; and against the pasted
+   picture alone), then a photometric residual after alignment: the share of cells that still differ once one global brightness/contrast change is
    allowed. Photos from one shoot (same model and pose, another product) align with dozens
    of inliers; the residual is what tells them from a copy. A logistic score over inliers,
    inlier ratio, matched-region coverage and residual is the verification's ``score``; the
