@@ -124,8 +124,8 @@ ECC_EPS = 1e-4
 ECC_HALF_MIN = 0.8
 #: Quarter-size correlation under which the dense alignment stops there. With the quarter-size
 #: pass, an ECC alignment took 2.7 ms instead of 4.2 (1,343 recorded from bench/copydetect.py)
-#: and verification 36.7 ms a query instead of 39.7 at 2,000 references (seed 1), 2 of 1,000
-#: copy verdicts fewer (docs/benchmarks.md).
+#: and verification 36.7 ms a query instead of 39.7 at 2,000 references (seed 1), 2 of about
+#: 500 copy verdicts fewer (docs/benchmarks.md).
 ECC_QUARTER_MIN = 0.7
 #: Keypoints under which (in either image) the dense alignment is tried when the fit fails. 60
 #: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a
@@ -672,7 +672,7 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
         q_img = cv2.GaussianBlur(q.thumb, (0, 0), sigma)
         c_img = cv2.GaussianBlur(c.thumb, (0, 0), sigma * cw / qw)
     try:
-        cc, warp = _ecc_half_size(q_img, c_img, warp, stop_below=ECC_QUARTER_MIN)
+        cc, warp = _ecc_coarse(q_img, c_img, warp, stop_below=ECC_QUARTER_MIN)
         if cc < ECC_HALF_MIN:
             return _NONE
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_FINE_ITERATIONS, ECC_EPS)
@@ -702,7 +702,7 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
     )
 
 
-def _ecc_half_size(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray,
+def _ecc_coarse(q_img: np.ndarray, c_img: np.ndarray, warp: np.ndarray,
                    stop_below: float = -1.0) -> tuple[float, np.ndarray]:
     """ECC's affine ``warp`` (query -> candidate pixels) refined on both images at quarter
     size, then at half size (an iteration costs a sixteenth and a quarter of a full-size one;
@@ -807,7 +807,7 @@ def _verify_one(q: LocalFeatures, c: LocalFeatures, pairs: list[tuple[int, int]]
 
 def _refined(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarray | None:
     """The keypoint fit ``m`` (candidate -> query, work pixels) refined by ECC on half-size
-    thumbnails (:func:`_ecc_half_size`; a pixel there is a quarter of a residual cell): on a
+    thumbnails (:func:`_ecc_coarse`; a pixel there is a quarter of a residual cell): on a
     repeating pattern or a small copy's few keypoints RANSAC may settle a little off (a
     polka-dot dress pasted at 47 px: 3% in scale, the cells along every edge differing). None
     when ECC fails."""
@@ -815,7 +815,7 @@ def _refined(q: LocalFeatures, c: LocalFeatures, m: np.ndarray) -> np.ndarray | 
     kc = c.thumb.shape[1] / (c.size[0] * c.scale)
     warp = cv2.invertAffineTransform(np.hstack([m[:, :2] * (kq / kc), m[:, 2:] * kq]).astype(np.float32))
     try:
-        _, warp = _ecc_half_size(q.thumb, c.thumb, warp.astype(np.float32))
+        _, warp = _ecc_coarse(q.thumb, c.thumb, warp.astype(np.float32))
     except cv2.error:
         return None
     mt = cv2.invertAffineTransform(warp)

@@ -16,11 +16,12 @@ A check has two stages:
    ratio test and a RANSAC similarity fit (the mirrored query too; when that fails, a dense
    alignment of the thumbnails for the best-ranked candidates, and for a pixelated query,
    whose blocks defeat SIFT, for those of most resembling frame too; and against the pasted
-   picture alone), then a photometric residual after alignment: the share of cells that still differ once one global brightness/contrast change is
-   allowed. Photos from one shoot (same model and pose, another product) align with dozens
-   of inliers; the residual is what tells them from a copy. A logistic score over inliers,
-   inlier ratio, matched-region coverage and residual is the verification's ``score``; the
-   match's ``score`` (the copy score) weighs it against the query's best *other* candidate
+   picture alone), then a photometric residual after alignment: the share of cells that still
+   differ once one global brightness/contrast change is allowed. Photos from one shoot (same
+   model and pose, another product) align with dozens of inliers; the residual is what tells
+   them from a copy. A logistic score over inliers, inlier ratio, matched-region coverage and
+   residual is the verification's ``score``; the match's ``score`` (the copy score) weighs it
+   against the query's best *other* candidate
    (:func:`agman_milvus.core.copy_verify.copy_scores`): when several look-alike catalogue
    photos align about equally well, none of them is called the original. Candidates are
    verified best-ranked first until one is a copy beyond doubt (:func:`verify_in_order`). The
