@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -263,6 +264,25 @@ def test_search_self_match_and_attribute_spaces(milvus_client: MilvusClient, col
         assert all(a.score >= b.score for a, b in zip(hits[0], hits[0][1:], strict=False))
     copy_hits = store.search_copy([rows[3].descriptor], top_k=3)  # type: ignore[list-item]
     assert copy_hits[0][0].image_id == 4
+
+
+def test_a_released_collection_is_loaded_again_without_pymilvus_traceback(
+        milvus_client: MilvusClient, collection_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A collection released under the store (another process took the catalogue over) is
+    loaded and the call made again; pymilvus' report of the first try, a traceback, is dropped
+    (the store's warning says what happened)."""
+    rng = np.random.default_rng(3)
+    store = make_store(milvus_client, collection_prefix)
+    rows = make_rows(rng, list(range(1, 11)), list(range(1, 11)))
+    store.upsert(rows)
+    attr = SCHEMA.names[0]
+    assert store.search(attr, [rows[2].vectors[attr]], top_k=1)[0][0].image_id == 3
+    milvus_client.release_collection(store.collection(attr))
+    with caplog.at_level(logging.DEBUG):
+        hits = store.search(attr, [rows[2].vectors[attr]], top_k=1)
+    assert hits[0][0].image_id == 3
+    assert any("was released" in r.getMessage() for r in caplog.records if r.name.startswith("agman_milvus"))
+    assert not [r for r in caplog.records if r.name.startswith("pymilvus")], caplog.text
 
 
 @pytest.mark.parametrize("grouping", [None, False], ids=["probed", "overfetch"])

@@ -77,6 +77,31 @@ SCAN_WINDOW = 8192
 #: say that a collection must be loaded first.
 _NOT_LOADED = re.compile(r"released|not loaded|call load\(\)", re.IGNORECASE)
 T = TypeVar("T")
+#: ``active`` while this thread makes a call that :meth:`VectorStore._on_loaded` makes again
+#: after loading the collection, should it answer "not loaded".
+_loads_if_not_loaded = threading.local()
+
+
+class _RetriedNotLoadedFilter(logging.Filter):
+    """Drops pymilvus' report (an error with its traceback, logged before the error is raised)
+    of a call that found its collection not loaded, where :meth:`VectorStore._on_loaded` made
+    it: it loads the collection and makes the call again, and says so in its own warning. A
+    screening job's children printed that traceback as they followed a catalogue whose holder
+    had closed it, though every query was screened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_loads_if_not_loaded, "active", False):
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not _NOT_LOADED.search(text)
+
+
+def _quiet_retried_not_loaded() -> None:
+    """Install :class:`_RetriedNotLoadedFilter` on pymilvus' loggers (idempotent)."""
+    for name in lite_sharing.PYMILVUS_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RetriedNotLoadedFilter) for f in logger.filters):
+            logger.addFilter(_RetriedNotLoadedFilter())
 
 
 class VectorStoreError(AgmanError, RuntimeError):
@@ -375,6 +400,7 @@ class VectorStore:
                 raise ValueError(f"invalid filter field name {name!r}")
         if embed_dim < 1 or descriptor_dim < 1:
             raise ValueError("embedding and descriptor dimensions must be positive")
+        _quiet_retried_not_loaded()
         self.client = client
         self.schema = schema
         self.model_version = model_version
@@ -590,8 +616,13 @@ class VectorStore:
         self._forget_loaded_if_reconnected()
         if name not in self._loaded:
             self._load(name)
+        outer = getattr(_loads_if_not_loaded, "active", False)
         try:
-            return operation()
+            _loads_if_not_loaded.active = True
+            try:
+                return operation()
+            finally:
+                _loads_if_not_loaded.active = outer
         except MilvusException as exc:
             if not _NOT_LOADED.search(str(exc)):
                 raise
