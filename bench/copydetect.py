@@ -65,7 +65,7 @@ import torch
 from PIL import Image
 
 from agman_milvus.core import copy_verify, copy_vote
-from agman_milvus.core.config import Settings
+from agman_milvus.core.config import Precision, Settings
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
@@ -120,12 +120,12 @@ def print_report(report: dict, out: Path | None) -> None:
         out.write_text(text + "\n", encoding="utf-8")
 
 
-def features(model, images, batch: int = 64) -> dict[str, np.ndarray]:
+def features(model, images, precision: Precision, batch: int = 64) -> dict[str, np.ndarray]:
     """The checker's copy descriptor and ImageNet GAP from one trunk pass per batch, in the
-    product's arithmetic (bfloat16 on a CPU that computes it natively, ``AGMAN_PRECISION``)."""
+    product's arithmetic (``precision``: bfloat16 on a CPU that computes it natively by default)."""
     trunk = model.trunk
     out: dict[str, list[torch.Tensor]] = {"descriptor": [], "imagenet_gap": []}
-    with torch.inference_mode(), inference_autocast(torch.device("cpu"), Settings().precision):
+    with torch.inference_mode(), inference_autocast(torch.device("cpu"), precision):
         for start in range(0, len(images), batch):
             x = model.preprocess.batch(images[start:start + batch]).to(memory_format=torch.channels_last)
             mid = trunk.forward_mid(x)
@@ -323,15 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model("agman", schema=schema, backbone=args.backbone, pretrained="imagenet")
     model = prepare_for_inference(model, torch.device("cpu"))  # as the checker's Embedder runs it
     torch.set_num_threads(args.threads)
-    ref_f = features(model, ref_images)
+    precision = Settings().precision  # AGMAN_PRECISION, as the checker's Embedder reads it
+    ref_f = features(model, ref_images, precision)
     t0 = time.perf_counter()
-    q_f = features(model, queries)
+    q_f = features(model, queries, precision)
     views = [query_views(q, look) for q, look in zip(queries, looks, strict=True)]
-    extra_f = [features(model, [v[k] for v in views])["descriptor"] for k in (1, 2)]
+    extra_f = [features(model, [v[k] for v in views], precision)["descriptor"] for k in (1, 2)]
     framed = [q for q, look in enumerate(looks) if look.pasted is not None]  # queries framing a picture
     if framed:  # its descriptor (the last view); the query's own elsewhere (it adds nothing)
         pasted_f = q_f["descriptor"].copy()
-        pasted_f[framed] = features(model, [views[q][-1] for q in framed])["descriptor"]
+        pasted_f[framed] = features(model, [views[q][-1] for q in framed], precision)["descriptor"]
         extra_f.append(pasted_f)
     t_stage1_embed = time.perf_counter() - t0
     log(f"embedded: {t_stage1_embed:.0f} s for queries and their views")
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "duplicate_reference_groups": int(sum(1 for g in ref_keys.values() if len(g) > 1)),
         "predictions_per_query": TOP, "verify_k": VERIFY_K, "vote_k": VOTE_K, "seed": args.seed,
         "dense_k": DENSE_K, "dense_few_k": args.dense_few_k, "threads": args.threads,
-        "bfloat16": uses_bfloat16(torch.device("cpu"), Settings().precision),
+        "bfloat16": uses_bfloat16(torch.device("cpu"), precision),
         "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
         "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
         "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,

@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 
 from agman_milvus.core.model import build_model
-from agman_milvus.core.runtime import configure_process, native_bfloat16_cpu, tcmalloc_loaded
+from agman_milvus.core.runtime import (
+    configure_process,
+    inference_autocast,
+    native_bfloat16_cpu,
+    tcmalloc_loaded,
+)
 from agman_milvus.core.schema import AttributeSchema
 
 SCHEMA = AttributeSchema.from_dict({f"attribute_{i}": 6 for i in range(8)})
@@ -45,6 +50,14 @@ def timed(fn: Callable[[], object], batch: int, repeats: int) -> float:
 def paired(samples: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of rate(a) / rate(b)."""
     return round(statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True)), 3)
+
+
+def in_bfloat16(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``fn(x)`` under the product's bfloat16 autocast, asked for whatever this CPU does natively."""
+    def run() -> torch.Tensor:
+        with inference_autocast(torch.device("cpu"), "bfloat16"):
+            return fn(x)
+    return run
 
 
 def reference_path(model, x: torch.Tensor) -> None:
@@ -125,11 +138,7 @@ def main() -> None:
     if args.bf16:
         extra["native_bfloat16_cpu"] = native_bfloat16_cpu()
         for bb, model in {**models, **{f"product.{k}": v for k, v in product.items()}}.items():
-
-            def bf16_embed_all(m=model):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return m.embed_all(x)
-
+            bf16_embed_all = in_bfloat16(model.embed_all, x)
             with torch.inference_mode():
                 cosine = F.cosine_similarity(bf16_embed_all().float(), model.embed_all(x), dim=-1)
             extra[f"{bb}.bf16_cosine_to_fp32"] = {"median": round(cosine.median().item(), 5),
@@ -137,12 +146,7 @@ def main() -> None:
             cases[f"{bb}.embed_all.bf16"] = bf16_embed_all
             ratios[f"{bb}.bf16_speedup"] = (f"{bb}.embed_all.bf16", f"{bb}.embed_all")
         for bb, compiled in compiled_fns.items():  # agman worker's default: compiled, bfloat16 here
-
-            def bf16_compiled(c=compiled):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return c(x)
-
-            cases[f"{bb}.embed_all.compiled.bf16"] = bf16_compiled
+            cases[f"{bb}.embed_all.compiled.bf16"] = in_bfloat16(compiled, x)
             ratios[f"{bb}.compiled_bf16_speedup_vs_compiled"] = (f"{bb}.embed_all.compiled.bf16",
                                                                  f"{bb}.embed_all.compiled")
     if args.int8:

@@ -124,8 +124,8 @@ ECC_EPS = 1e-4
 ECC_HALF_MIN = 0.8
 #: Quarter-size correlation under which the dense alignment stops there. With the quarter-size
 #: pass, an ECC alignment took 2.7 ms instead of 4.2 (1,343 recorded from bench/copydetect.py)
-#: and verification 36.7 ms a query instead of 39.7 at 2,000 references (seed 1), 2 of about
-#: 500 copy verdicts fewer (docs/benchmarks.md).
+#: and verification 36.7 ms a query instead of 39.7 at 2,000 references (seed 1, 30 half-size
+#: iterations), 2 of 601 originals' copy verdicts fewer (docs/benchmarks.md).
 ECC_QUARTER_MIN = 0.7
 #: Keypoints under which (in either image) the dense alignment is tried when the fit fails. 60
 #: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a

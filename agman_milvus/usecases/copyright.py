@@ -96,10 +96,11 @@ DENSE_FEW_K = 6
 #: A pixelated query's candidates past the first DENSE_K that get the dense alignment: those
 #: whose frames resemble the query's most (:func:`dense_alignments`). Every resembling one was
 #: aligned before, 16.6 a pixelated query at about 10 ms each: a pixelated query's verification
-#: cost 4.5 times a plain one's. On bench/copydetect.py (1,000 references, seed 0) the best
-#: verification of 48 of the 59 pixelated queries that had one (0.3 or more) was the candidate
-#: of most resembling frame, 54 among the first 3; at 2,000 references (seed 1) 3 kept 2 fewer
-#: pixelated originals at rank 1 than every one, 6 one fewer (docs/benchmarks.md).
+#: cost 4.5 times another's (those at 6 + 6 candidates in that run). On bench/copydetect.py
+#: (1,000 references, seed 0) the best verification of 48 of the 59 pixelated queries that had
+#: one (0.3 or more) was the candidate of most resembling frame, 54 among the first 3; at 2,000
+#: references (seed 1) 3 kept 2 fewer pixelated originals at rank 1 than every one, 6 one fewer
+#: (docs/benchmarks.md).
 PIXELATED_DENSE = 6
 #: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
 #: some score must not open the verdict to every weak geometric match.

@@ -146,16 +146,21 @@ class _LeftPortFilter(logging.Filter):
             return True
         if any(joined._gone() for joined in list(_joined)):
             return False
-        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        text = report_text(record)
         return not any(address in text for address in _left)
 
 
-def _quiet_left_ports() -> None:
-    """Install :class:`_LeftPortFilter` on pymilvus' loggers (idempotent)."""
+def report_text(record: logging.LogRecord) -> str:
+    """A pymilvus report's message with its exception's."""
+    return record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+
+
+def quiet_pymilvus(kind: type[logging.Filter]) -> None:
+    """Install a filter of ``kind`` on pymilvus' loggers (:data:`PYMILVUS_LOGGERS`), once."""
     for name in PYMILVUS_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _LeftPortFilter) for f in logger.filters):
-            logger.addFilter(_LeftPortFilter())
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 #: What :class:`JoinedLite` connects to: a client, and who serves the directory it joined (None
@@ -181,7 +186,7 @@ class JoinedLite:
         self._lock = threading.Lock()
         self._generation = 0
         _joined.add(self)
-        _quiet_left_ports()
+        quiet_pymilvus(_LeftPortFilter)
 
     def generation(self) -> int:
         """How many times it has connected again (each time to a Milvus Lite with no collection

@@ -15,6 +15,7 @@ Layout (hidden behind :class:`VectorStore`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -92,16 +93,19 @@ class _RetriedNotLoadedFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(_loads_if_not_loaded, "active", False):
             return True
-        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-        return not _NOT_LOADED.search(text)
+        return not _NOT_LOADED.search(lite_sharing.report_text(record))
 
 
-def _quiet_retried_not_loaded() -> None:
-    """Install :class:`_RetriedNotLoadedFilter` on pymilvus' loggers (idempotent)."""
-    for name in lite_sharing.PYMILVUS_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _RetriedNotLoadedFilter) for f in logger.filters):
-            logger.addFilter(_RetriedNotLoadedFilter())
+@contextlib.contextmanager
+def _loaded_again_if_not_loaded() -> Iterator[None]:
+    """Marks this thread's calls inside as ones :meth:`VectorStore._on_loaded` makes again
+    (:class:`_RetriedNotLoadedFilter`)."""
+    outer = getattr(_loads_if_not_loaded, "active", False)
+    _loads_if_not_loaded.active = True
+    try:
+        yield
+    finally:
+        _loads_if_not_loaded.active = outer
 
 
 class VectorStoreError(AgmanError, RuntimeError):
@@ -400,7 +404,7 @@ class VectorStore:
                 raise ValueError(f"invalid filter field name {name!r}")
         if embed_dim < 1 or descriptor_dim < 1:
             raise ValueError("embedding and descriptor dimensions must be positive")
-        _quiet_retried_not_loaded()
+        lite_sharing.quiet_pymilvus(_RetriedNotLoadedFilter)
         self.client = client
         self.schema = schema
         self.model_version = model_version
@@ -616,13 +620,9 @@ class VectorStore:
         self._forget_loaded_if_reconnected()
         if name not in self._loaded:
             self._load(name)
-        outer = getattr(_loads_if_not_loaded, "active", False)
         try:
-            _loads_if_not_loaded.active = True
-            try:
+            with _loaded_again_if_not_loaded():
                 return operation()
-            finally:
-                _loads_if_not_loaded.active = outer
         except MilvusException as exc:
             if not _NOT_LOADED.search(str(exc)):
                 raise
