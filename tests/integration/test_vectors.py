@@ -484,6 +484,47 @@ def test_a_held_lite_is_joined_over_the_port_its_holder_published(tmp_path: Path
         holder.communicate("\n", timeout=60)
 
 
+def test_an_open_is_tried_again_when_the_holder_frees_the_lock_right_after_it_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process opening a Lite directory whose holder is letting it go (a screening job's
+    children when the process they joined closes it) may fail to open while the lock is still
+    held and then find it free: it opens it again instead of failing ("Open local milvus
+    failed" ended a job in CI). The holder is a real process; it exits exactly in that gap."""
+    from agman_milvus.services.store import vectors
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pymilvus import MilvusClient
+            MilvusClient({str(tmp_path / "milvus.db")!r})
+            print("ready", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    real_locked = lite_sharing.locked
+    checks: list[bool] = []
+
+    def lock_freed_after_the_failed_open(directory: Path) -> bool:
+        if not checks:  # the first open failed on the held lock: the holder lets it go now
+            holder.communicate("", timeout=60)
+        checks.append(real_locked(directory))
+        return checks[-1]
+
+    monkeypatch.setattr(vectors.lite_sharing, "locked", lock_freed_after_the_failed_open)
+    settings = Settings(data_dir=tmp_path)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        client = open_milvus(settings)
+        assert checks == [False]  # one failed open, found unlocked, then opened here
+        assert client.list_collections() == []
+        assert json.loads(lite_sharing.serving_file(tmp_path / "milvus.db").read_text())["pid"] == os.getpid()
+    finally:
+        close_milvus(settings)
+        if holder.poll() is None:
+            holder.communicate("", timeout=60)
+
+
 def _ctrl_c_as_from_a_shell() -> None:
     """In the server's child before it runs: SIGINT handled by default and not blocked, as a
     shell starts it. An ignored or blocked SIGINT survives exec, and under the full suite the

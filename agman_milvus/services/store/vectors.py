@@ -150,6 +150,9 @@ _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 #: Seconds a client that joined another process's Milvus Lite waits, once that process let the
 #: directory go, for the lock to be freed (its server stops within about 2 s).
 RECONNECT_TIMEOUT = 30.0
+#: Tries at opening an embedded Milvus Lite directory found unlocked after a failed open: the
+#: process holding it may free its lock between the failed open and the check.
+OPEN_ATTEMPTS = 3
 
 
 def _is_local_path(uri: str) -> bool:
@@ -206,17 +209,35 @@ def _connect(settings: Settings) -> lite_sharing.Connection:
     uri = settings.resolved_milvus_uri
     kwargs = _client_options(settings)
     if _is_local_path(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        quiet_lite_lock_errors()
+        return _open_lite(uri, kwargs)
     try:
-        client = MilvusClient(uri=uri, **kwargs)
+        return MilvusClient(uri=uri, **kwargs), None
     except Exception as exc:
-        if not (_is_local_path(uri) and lite_sharing.locked(Path(uri))):
-            raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
-        return _join_lite(Path(uri), kwargs, exc)
-    if _is_local_path(uri):
+        raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+
+
+def _open_lite(uri: str, kwargs: dict[str, Any]) -> lite_sharing.Connection:
+    """Open the embedded Milvus Lite directory ``uri`` and publish its port, or join the process
+    holding its lock. An open that failed on a directory found unlocked right after is tried
+    again (up to :data:`OPEN_ATTEMPTS` opens): its holder freed the lock in between."""
+    directory = Path(uri)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    quiet_lite_lock_errors()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            client = MilvusClient(uri=uri, **kwargs)
+        except Exception as exc:
+            if lite_sharing.locked(directory):
+                return _join_lite(directory, kwargs, exc)
+            if attempts >= OPEN_ATTEMPTS:
+                raise VectorStoreError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+            log.info("opening Milvus Lite %s failed while its lock was being freed (%s): trying again",
+                     uri, exc)
+            continue
         _publish_lite(uri)
-    return client, None
+        return client, None
 
 
 def _reconnect(settings: Settings, left: lite_sharing.Serving | None) -> lite_sharing.Connection:
