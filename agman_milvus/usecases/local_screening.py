@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agman_milvus.core.config import Settings
 from agman_milvus.core.runtime import configure_process
@@ -47,6 +47,9 @@ from agman_milvus.services.store.engine import in_memory
 from agman_milvus.services.store.vectors import hold_milvus, lite_server_uri, release_milvus
 from agman_milvus.usecases.copyright import CopyChecker, CopyThresholds
 from agman_milvus.usecases.screening import run_chunk, run_job
+
+if TYPE_CHECKING:
+    from agman_milvus.services.container import Services
 
 __all__ = ["ChunkFailedError", "child_settings", "local_processes", "resume_in_thread",
            "run_chunks_in_processes", "run_locally", "start_thread"]
@@ -333,10 +336,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _build_checker(job: dict[str, Any]) -> CopyChecker:
-    from agman_milvus.services.container import Services
-
-    services = Services(Settings.model_validate(job["settings"]))
+def _build_checker(job: dict[str, Any], services: Services) -> CopyChecker:
     checker = CopyChecker.from_services(services)
     if checker.embedder.version != job["model_version"]:
         raise ValueError(f"its model is {checker.embedder.version}, the job's {job['model_version']}")
@@ -346,26 +346,37 @@ def _build_checker(job: dict[str, Any]) -> CopyChecker:
 
 
 def _serve(requests: IO[str], answers: IO[str]) -> None:
+    """Answer the parent's job, then its chunks, until its input ends. The child's services are
+    closed before it returns: a child that came to hold the catalogue's Milvus Lite (the process
+    it joined let the directory go) lets it go while this process still answers calls, not in the
+    interpreter's shutdown, where the gRPC server cannot take the calls of processes that joined it
+    (its thread died with a traceback in CI)."""
+    from agman_milvus.services.container import Services
+
     def answer(message: dict[str, Any]) -> None:
         answers.write(json.dumps(message) + "\n")
         answers.flush()
 
     job = json.loads(requests.readline())
+    services = Services(Settings.model_validate(job["settings"]))
     try:
-        checker = _build_checker(job)
-    except Exception as exc:  # noqa: BLE001 - told to the parent, which runs the chunks elsewhere
-        answer({"error": f"{type(exc).__name__}: {exc}"})
-        return
-    answer({"ready": True})
-    worker = f"local-{os.getpid()}"
-    for line in requests:
-        start = int(json.loads(line)["start"])
         try:
-            run_chunk(job["job_id"], start, checker, worker=worker, fail_job=False)
-        except Exception as exc:  # noqa: BLE001 - the parent marks the job failed with it
+            checker = _build_checker(job, services)
+        except Exception as exc:  # noqa: BLE001 - told to the parent, which runs the chunks elsewhere
             answer({"error": f"{type(exc).__name__}: {exc}"})
             return
-        answer({"done": start})
+        answer({"ready": True})
+        worker = f"local-{os.getpid()}"
+        for line in requests:
+            start = int(json.loads(line)["start"])
+            try:
+                run_chunk(job["job_id"], start, checker, worker=worker, fail_job=False)
+            except Exception as exc:  # noqa: BLE001 - the parent marks the job failed with it
+                answer({"error": f"{type(exc).__name__}: {exc}"})
+                return
+            answer({"done": start})
+    finally:
+        services.close()
 
 
 def main() -> None:
