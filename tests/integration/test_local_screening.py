@@ -7,6 +7,7 @@ loaded from its file by every process):
 * a child that stops answering is killed after ``task_time_limit`` and its chunk goes on too;
 * a model given in memory keeps the job in the thread (children could not load it);
 * the caller's process dies: its children stop, the job stays running and resumes.
+* a child that holds the catalogue's Milvus Lite lets it go when its input ends, before it exits.
 """
 
 from __future__ import annotations
@@ -234,6 +235,36 @@ def test_children_stop_with_their_caller_and_the_job_resumes(tmp_path: Path) -> 
         assert [_best(job).get(r) for r in refs] == [("copy", "original")] * 40
     finally:
         client.close()
+
+
+def test_a_child_lets_the_catalogue_go_before_it_exits(tmp_path: Path) -> None:
+    """A child that opened the catalogue's Milvus Lite itself (the process it joined let it go)
+    closes it when its input ends, while it still answers calls: left to the interpreter's
+    shutdown, its gRPC server could no longer take the calls of processes that joined it (its
+    thread died with a traceback in CI). The child's loop runs here, in this process."""
+    import io
+    import json
+
+    from agman_milvus.app.client import Client
+    from agman_milvus.services.store import lite_sharing
+    from agman_milvus.usecases import local_screening
+
+    settings = _settings(tmp_path / "data", tiny_checkpoint(tmp_path / "tiny.safetensors"), processes=2)
+    client = Client(settings)
+    try:
+        assert client.ingest("original", noise_jpeg(7100, 96)).status == "indexed"
+        checker = client._copy_checker()
+        job = {"settings": settings.model_dump(mode="json"), "job_id": 1,
+               "model_version": checker.embedder.version, "thresholds": checker.thresholds.to_dict(),
+               "verify_k": checker.verify_k, "vote_k": checker.vote_k}
+    finally:
+        client.close()
+    directory = settings.data_dir / "milvus.db"
+    assert not lite_sharing.locked(directory)
+    answers = io.StringIO()
+    local_screening._serve(io.StringIO(json.dumps(job) + "\n"), answers)  # the job, then no chunk
+    assert json.loads(answers.getvalue()) == {"ready": True}
+    assert not lite_sharing.locked(directory) and not lite_sharing.serving_file(directory).exists()
 
 
 def test_how_many_children_and_when_none(tmp_path: Path) -> None:
