@@ -103,7 +103,8 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
 
     timed(CopyChecker, "score_candidates", "stage1")
     timed(Embedder, "encode", "stage1_embed")
-    timed(CopyChecker, "_voted", "stage1_keypoints_and_voting")
+    timed(CopyChecker, "_verify_first", "stage1_first_candidate_verified")
+    timed(CopyChecker, "_voted", "stage1_voting")
     timed(VectorStore, "search_keypoints", "stage1_voting_search")
     timed(CopyChecker, "verify_scored", "stage2_verify")
     timed(CopyChecker, "_decide", "decide")

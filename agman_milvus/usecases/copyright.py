@@ -11,7 +11,9 @@ A check has two stages:
    neighbour, SSCD/ISC-style), gives ``verify_k`` candidates. (b) The query's SIFT keypoints
    vote for the catalogue images whose stored keypoints are nearest
    (:mod:`agman_milvus.core.copy_vote`, ``{prefix}_keypoints``): ``vote_k`` candidates that
-   survive crops, pads, pastes and rotations which move the global descriptor.
+   survive crops, pads, pastes and rotations which move the global descriptor. The first
+   descriptor candidate is verified before the vote: a query whose first candidate is already
+   a copy beyond doubt is not voted for.
 2. **Verification** (:mod:`agman_milvus.core.copy_verify`): SIFT keypoints matched with a
    ratio test and a RANSAC similarity fit (the mirrored query too; when that fails, a dense
    alignment of the thumbnails for the best-ranked candidates, and for a pixelated query,
@@ -76,7 +78,7 @@ from agman_milvus.usecases.base import UseCase, load_query_image
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
     "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "interleave", "verify_in_order",
+    "interleave", "is_sure", "verify_in_order",
     "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
     "thresholds_path",
 ]
@@ -300,8 +302,10 @@ class CopyChecker(UseCase):
         self, images: Sequence[Image.Image], top_k: int, exclude: Sequence[set[int]] | None = None,
     ) -> _Scored:
         """Stage 1: descriptor candidates of each image's :func:`query_views`, merged, with
-        normalised scores (``exclude``: image ids to treat as absent from the catalogue, per
-        query)."""
+        normalised scores, and local-feature voting candidates, taken alternately
+        (:func:`interleave`; ``exclude``: image ids to treat as absent from the catalogue, per
+        query). A query whose first descriptor candidate is a sure copy (verified here, before
+        the vote: :meth:`_verify_first`) gets no voting candidates."""
         images = list(images)
         looks = [inspect_query(im) for im in images]
         views = [query_views(im, look)[1:] for im, look in zip(images, looks, strict=True)]
@@ -313,38 +317,72 @@ class CopyChecker(UseCase):
         base = int(first_view[-1])  # the plain queries' rows come after every extra view
         queries = [_Query(image, encoded.embeddings[base + n], phash(image), looks[n])
                    for n, image in enumerate(images)]
-        all_voted = self._voted(queries)
+        thread_map(_Query.extract, queries)
         own = [[raw[base + n], *raw[first_view[n]:first_view[n + 1]]] for n in range(len(queries))]
         found = [{h.image_id for hits in hits_of_views for h in hits} for hits_of_views in own]
+        infos = self.catalog.images.info(sorted(set().union(*found)))  # every query's at once
+        merged = [_best_of_views(own[n], exclude[n] if exclude else set()) for n in range(len(queries))]
+        hits = [sorted((h for h in best.values() if _live(infos.get(h.image_id))), key=lambda h: -h.score)
+                for best in merged]
+        first = self._verify_first(queries, [h[0] if h and self.verify_k > 0 else None for h in hits], infos)
+        unsure = [n for n, v in enumerate(first) if v is None or not is_sure(v[1], self.thresholds.copy)]
+        all_voted: list[list[int]] = [[] for _ in queries]
+        for n, voted in zip(unsure, self._voted([queries[n] for n in unsure]), strict=True):
+            all_voted[n] = voted
         unfound = {i for votes, ids in zip(all_voted, found, strict=True) for i in votes if i not in ids}
         # descriptors of the voted images the descriptor search did not find, for every query at once
         voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound)
-        infos = self.catalog.images.info(sorted(set().union(*found, *all_voted)))  # every query's at once
+        infos |= self.catalog.images.info(sorted(unfound))
         candidates = []
         for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
-            merged: dict[int, Hit] = {}
-            for h in (h for hits in own[n] for h in hits):
-                if h.image_id in skip:
-                    continue
-                if h.image_id not in merged or h.score > merged[h.image_id].score:
-                    merged[h.image_id] = h
-            voted = [i for i in all_voted[n] if i not in skip]
-            direct = [h for h in raw[base + n] if h.image_id in merged and _live(infos.get(h.image_id))]
-            hits = sorted((h for h in merged.values() if _live(infos.get(h.image_id))),
-                          key=lambda h: -h.score)
-            voted = [i for i in voted if _live(infos.get(i))][:self.vote_k]
-            by_vote = _vote_hits(voted, merged, voted_descriptors, encoded.descriptors[base + n], infos)
+            voted = [i for i in all_voted[n] if i not in skip and _live(infos.get(i))][:self.vote_k]
+            by_vote = _vote_hits(voted, merged[n], voted_descriptors, encoded.descriptors[base + n], infos)
+            direct = [h for h in raw[base + n] if h.image_id in merged[n] and _live(infos.get(h.image_id))]
             background = direct[min(NORM_K, len(direct)) - 1].score if len(direct) > 1 else 0.0
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
-                               for h in interleave(hits[:self.verify_k], by_vote, hits[:top_k], _image_id)])
-        return _Scored(queries, candidates)
+                               for h in interleave(hits[n][:self.verify_k], by_vote, hits[n][:top_k],
+                                                   _image_id)])
+        return _Scored(queries, candidates, [dict([v]) if v is not None else {} for v in first])
+
+    def _verify_first(
+        self, queries: Sequence[_Query], firsts: Sequence[Hit | None], infos: dict[int, Any],
+    ) -> list[tuple[int, copy_verify.Verification] | None]:
+        """Stage 2 of each query's first descriptor candidate, before the keypoint vote: a query
+        whose first candidate is a sure copy is not voted for (its other candidates would be
+        verified only if they showed the same picture). By image id; None where there is no
+        first candidate or its image cannot be read."""
+        rows = self.catalog.images.get_many(sorted({h.image_id for h in firsts if h is not None}))
+
+        def verify(n: int) -> tuple[int, copy_verify.Verification] | None:
+            hit = firsts[n]
+            if hit is None:
+                return None
+            features = self._candidate_features(hit, rows.get(hit.image_id), infos[hit.image_id])
+            if features is None:
+                return None
+            hashes = {0: _phash_of(rows.get(hit.image_id))}
+            found = verify_in_order(queries[n].features, {0: features}, hashes,
+                                    copy_threshold=self.thresholds.copy)
+            return hit.image_id, found[0]
+
+        return thread_map(verify, range(len(queries)))
+
+    def _candidate_features(self, hit: Hit, row: Any, info: Any) -> copy_verify.LocalFeatures | None:
+        """A candidate's local features (cached by content), or None when its image is not
+        stored or cannot be read."""
+        if row is None or not info.source_uri:
+            return None
+        try:
+            return self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
+        except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
+            log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
+            return None
 
     def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
         """Per query, image ids by local-feature votes (:mod:`agman_milvus.core.copy_vote`), most
-        first; every query's keypoints go to Milvus in one search."""
-        thread_map(_Query.extract, queries)
-        if self.vote_k <= 0:
+        first; every query's keypoints (extracted) go to Milvus in one search."""
+        if self.vote_k <= 0 or not queries:
             return [[] for _ in queries]
         found = copy_vote.vote_many([[q.features] for q in queries], self.vectors.search_keypoints)
         return [sorted(votes, key=lambda i: -votes[i])[:2 * self.vote_k]  # room for non-live ones
@@ -368,25 +406,25 @@ class CopyChecker(UseCase):
 
     def verify_candidates(
         self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
-        workers: int = 1,
+        workers: int = 1, known: dict[int, copy_verify.Verification] | None = None,
     ) -> list[copy_verify.Verification | None]:
         """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
-        first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`). None for a
-        candidate past them, not verified after a sure copy, or whose image cannot be read."""
+        first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`); ``known``:
+        verifications already made, by image id (:meth:`score_candidates` verifies each query's
+        first candidate). None for a candidate past them, not verified after a sure copy, or
+        whose image cannot be read."""
         query.extract()
+        known = known or {}
+        done = {k: known[hit.image_id] for k, (hit, _, _) in enumerate(candidates) if hit.image_id in known}
         readable: dict[int, copy_verify.LocalFeatures] = {}
         for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
-            row = rows.get(hit.image_id)
-            if row is None or not info.source_uri:
-                continue
-            try:
-                readable[k] = self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
-            except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
-                log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
-
-        hashes = {k: _phash_of(rows.get(candidates[k][0].image_id)) for k in readable}
+            if k not in done:
+                features = self._candidate_features(hit, rows.get(hit.image_id), info)
+                if features is not None:
+                    readable[k] = features
+        hashes = {k: _phash_of(rows.get(candidates[k][0].image_id)) for k in (*readable, *done)}
         found = verify_in_order(query.features, readable, hashes, copy_threshold=self.thresholds.copy,
-                                workers=workers)
+                                workers=workers, known=done)
         return [found.get(k) for k in range(len(candidates))]
 
     def verify_scored(
@@ -399,11 +437,12 @@ class CopyChecker(UseCase):
                                                      for h, _, _ in cands}))
         rows = [{h.image_id: every[h.image_id] for h, _, _ in cands if h.image_id in every}
                 for cands in scored.candidates]
-        jobs = list(zip(scored.queries, scored.candidates, rows, strict=True))
+        jobs = list(zip(scored.queries, scored.candidates, rows, scored.verified, strict=True))
         if len(jobs) == 1:
-            verified = [self.verify_candidates(*jobs[0], workers=cpu_count())]
+            query, candidates, its_rows, known = jobs[0]
+            verified = [self.verify_candidates(query, candidates, its_rows, cpu_count(), known)]
         else:
-            verified = thread_map(lambda job: self.verify_candidates(*job), jobs)
+            verified = thread_map(lambda job: self.verify_candidates(*job[:3], known=job[3]), jobs)
         return list(zip(rows, verified, strict=True))
 
     def _decide(self, query: _Query, candidates: list[tuple[Hit, float, Any]], rows: dict[int, Any],
@@ -459,35 +498,40 @@ def dense_alignments(
     return dense, {k: wanted or k < dense_few_k for k, wanted in dense.items()}
 
 
+def is_sure(verification: copy_verify.Verification, copy_threshold: float) -> bool:
+    """Whether ``verification`` shows a copy beyond doubt: a score of :data:`copy_verify.SURE`
+    and ``copy_threshold`` or more, which the other candidates cannot lower."""
+    return verification.score >= max(copy_verify.SURE, copy_threshold)
+
+
 def verify_in_order(
     query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
     hashes: dict[int, int | None], *, copy_threshold: float, workers: int = 1,
-    dense_few_k: int = DENSE_FEW_K,
+    dense_few_k: int = DENSE_FEW_K, known: dict[int, copy_verify.Verification] | None = None,
 ) -> dict[int, copy_verify.Verification]:
     """Stage 2 for one query: its ``candidates`` (features by rank) verified best-ranked first,
     ``workers`` at a time on one pool (the dense alignments of the best-ranked spread over
-    them), until one is a copy beyond doubt: a score of :data:`copy_verify.SURE` and
-    ``copy_threshold`` or more, which the other candidates cannot lower. After it only those
-    showing the same picture (``hashes``: pHashes by rank, None where unknown;
-    :func:`copy_verify.same_picture`) are verified, to be called copies too. Returns the
-    verifications by rank."""
+    them), until one is a copy beyond doubt (:func:`is_sure`). After it only those showing the
+    same picture (``hashes``: pHashes by rank, None where unknown;
+    :func:`copy_verify.same_picture`) are verified, to be called copies too. ``known``:
+    verifications of other ranks already made (a sure one among them counts). Returns the
+    verifications by rank, ``known`` included."""
     dense, dense_if_few = dense_alignments(query, candidates, dense_few_k)
-    stop_at = max(copy_verify.SURE, copy_threshold)
 
     def verify(k: int) -> copy_verify.Verification:
         return copy_verify.verify_all(query, [candidates[k]], dense=[dense[k]],
                                       dense_if_few=[dense_if_few[k]])[0]
 
-    ranks = list(candidates)
-    found: dict[int, copy_verify.Verification] = {}
-    sure: list[int | None] = []
+    ranks = [k for k in candidates if not known or k not in known]
+    found = dict(known or {})
+    sure = [hashes.get(k) for k, v in found.items() if is_sure(v, copy_threshold)]
     with thread_pool(workers) as map_items:
         for start in range(0, len(ranks), workers):
             todo = [k for k in ranks[start:start + workers]
                     if not sure or any(copy_verify.same_picture(hashes.get(k), h) for h in sure)]
             for k, v in zip(todo, map_items(verify, todo), strict=True):
                 found[k] = v
-                if v.score >= stop_at:
+                if is_sure(v, copy_threshold):
                     sure.append(hashes.get(k))
     return found
 
@@ -574,6 +618,16 @@ class _Query:
             self.features = copy_verify.extract(self.image, look.block, look.pasted, look.pasted_block)
 
 
+def _best_of_views(hits_of_views: Sequence[list[Hit]], skip: set[int]) -> dict[int, Hit]:
+    """A query's descriptor hits over its views, each image once with its best score, but those
+    in ``skip``."""
+    best: dict[int, Hit] = {}
+    for h in (h for hits in hits_of_views for h in hits):
+        if h.image_id not in skip and (h.image_id not in best or h.score > best[h.image_id].score):
+            best[h.image_id] = h
+    return best
+
+
 def _vote_hits(voted: list[int], known: dict[int, Hit], stored: dict[int, np.ndarray],
                descriptor: np.ndarray, infos: dict[int, Any]) -> list[Hit]:
     """Hits for voted images: the descriptor search's (``known``), else one with the stored
@@ -605,6 +659,8 @@ def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],
 class _Scored:
     queries: list[_Query]
     candidates: list[list[tuple[Hit, float, Any]]]
+    #: each query's verifications made in stage 1 (its first candidate's), by image id
+    verified: list[dict[int, copy_verify.Verification]]
 
 
 # -- edits: the transform benchmark ----------------------------------------------------------

@@ -111,6 +111,38 @@ def test_a_pixelated_querys_smoothed_view_scales_its_blocks_away() -> None:
     assert error(smoothed) < 0.8 * error(blurred)
 
 
+def test_a_query_whose_first_candidate_is_a_sure_copy_is_not_voted_for(client, monkeypatch) -> None:
+    """Stage 1 verifies each query's first descriptor candidate before the keypoint vote: a
+    query whose first candidate is a sure copy gets no voting candidates (its keypoints are not
+    searched), and that verification is not made twice; a query without one is voted for."""
+    checker = client._copy_checker()
+    searched: list[int] = []
+    search = checker.vectors.search_keypoints
+
+    def counted(vectors: np.ndarray, k: int):  # noqa: ANN202 - the store's own result
+        searched.append(len(vectors))
+        return search(vectors, k)
+
+    monkeypatch.setattr(checker.vectors, "search_keypoints", counted)
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    scored = checker.score_candidates([jpeg(photo(5), 70), noise], top_k=5)
+    (copy_first, sure), = scored.verified[0].items()
+    hit, _, info = scored.candidates[0][0]
+    assert hit.image_id == copy_first and info.external_id == "p5"
+    assert sure.score >= 0.95
+    (_, unsure), = scored.verified[1].items()
+    assert unsure.score < 0.95
+    assert len(searched) == 1 and searched[0] > 0  # one search, of the noise's keypoints alone
+    alone = checker.score_candidates([noise], top_k=5)
+    assert searched[1] == searched[0]
+    assert [h.image_id for h, _, _ in alone.candidates[0]] == [h.image_id for h, _, _ in scored.candidates[1]]
+
+    check = checker.check(jpeg(photo(5), 70))
+    assert check.verdict == COPY and check.matches[0].product_id == "p5"
+    assert check.matches[0].verification.score == pytest.approx(sure.score)
+    assert len(searched) == 2  # no vote for it
+
+
 def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -> None:
     """SIFT finds the blocks' corners, not the picture: the original of a pixelated query is
     aligned densely wherever it ranks among the candidates, its frame resembling the query's

@@ -417,6 +417,12 @@ def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_t
     unknown = verify_in_order(query, candidates, {**hashes, 3: None}, copy_threshold=0.75)
     assert sorted(unknown) == [0, 1]
     assert len(verify_in_order(query, candidates, hashes, copy_threshold=1.01)) == 4  # nothing is sure
+    # verifications made before (stage 1 verifies the first candidate) count, and are not made again
+    rest = {k: c for k, c in candidates.items() if k != 1}
+    assert sorted(verify_in_order(query, rest, hashes, copy_threshold=0.75, known={1: found[1]})) == [1, 3]
+    rest = {k: c for k, c in candidates.items() if k != 0}
+    again = verify_in_order(query, rest, hashes, copy_threshold=0.75, known={0: found[0]})
+    assert sorted(again) == [0, 1, 3] and again[0] is found[0]
 
 
 def test_a_mirrored_query_is_fitted_with_its_own_keypoints_mirrored_first() -> None:
