@@ -394,22 +394,29 @@ def test_version_tag_is_collection_safe() -> None:
 
 
 # -- opening Milvus Lite ----------------------------------------------------------------------
-@pytest.mark.skipif(__import__("os").environ.get("AGMAN_TEST_MILVUS_SERVER") == "1",
-                    reason="Milvus Lite tests run in the default tier")
-def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path)
+def _lite_holder(directory: Path) -> subprocess.Popen[str]:
+    """Another process holding the Milvus Lite ``directory`` (opened by pymilvus alone, no port
+    published) until its input ends; returned once it holds it."""
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
+            import sys
             from pymilvus import MilvusClient
-            MilvusClient({str(tmp_path / "milvus.db")!r})
+            MilvusClient({str(directory)!r})
             print("ready", flush=True)
             sys.stdin.read()
         """)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+@pytest.mark.skipif(__import__("os").environ.get("AGMAN_TEST_MILVUS_SERVER") == "1",
+                    reason="Milvus Lite tests run in the default tier")
+def test_open_milvus_caches_and_explains_the_lite_lock(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    holder = _lite_holder(tmp_path / "milvus.db")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         start = time.monotonic()
         with pytest.raises(MilvusLiteLockedError, match="agman milvus-serve.*AGMAN_MILVUS_URI"):
             open_milvus(settings)
@@ -492,16 +499,7 @@ def test_an_open_is_tried_again_when_the_holder_frees_the_lock_right_after_it_fa
     failed" ended a job in CI). The holder is a real process; it exits exactly in that gap."""
     from agman_milvus.services.store import vectors
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys
-            from pymilvus import MilvusClient
-            MilvusClient({str(tmp_path / "milvus.db")!r})
-            print("ready", flush=True)
-            sys.stdin.read()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    holder = _lite_holder(tmp_path / "milvus.db")
     real_locked = lite_sharing.locked
     checks: list[bool] = []
 
@@ -514,7 +512,6 @@ def test_an_open_is_tried_again_when_the_holder_frees_the_lock_right_after_it_fa
     monkeypatch.setattr(vectors.lite_sharing, "locked", lock_freed_after_the_failed_open)
     settings = Settings(data_dir=tmp_path)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         client = open_milvus(settings)
         assert checks == [False]  # one failed open, found unlocked, then opened here
         assert client.list_collections() == []
