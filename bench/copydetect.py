@@ -24,7 +24,8 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
   score = the copy score (``copy_verify.copy_scores``);
 * ``verified_without_margin``: stage 2 on both sources' candidates, taken alternately as the
   checker does (``VERIFY_K`` + ``VOTE_K`` at most, up to a sure copy:
-  ``copyright.verify_in_order``), score = the verification score alone;
+  ``copyright.verify_in_order``; no voting candidates for a query whose first descriptor
+  candidate, verified before the vote, is a sure copy), score = the verification score alone;
 * ``verified``: the same candidates, score = the copy score, as the checker decides.
 
 Metrics: micro-AP, recall@1, candidate recall (true original among the verified candidates),
@@ -32,16 +33,16 @@ per edit kind (a query with several edits counts in each). Verdicts ("copy" when
 with the shipped default threshold, and with t calibrated for 99% precision on half the queries
 and measured on the other half. ``--fit`` refits the verification score's and then the copy
 score's logistic weights on the calibration half (printed; paste into
-``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (the query's pixel
-blocks and pasted frame, query + 2 or 3 views embedding, query keypoints, voting) and stage 2
-(verification) per query, with the
+``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (the query's pixel blocks
+and pasted frame, query + 2 or 3 views embedding, query keypoints, voting: the queries voted for
+are reported) and stage 2 (verification, the first candidates' included) per query, with the
 references' keypoints precomputed as ingest stores them, and each batch's queries extracted and
-verified on ``--threads`` threads as the checker does. Voting searches the references'
-keypoints once Milvus Lite has built their index graphs (the store is closed and reopened, as a
-screening job in a later process finds it); ``--right-after-ingest`` votes at once instead,
-while Lite still searches unindexed segments by brute force. The default verdict's wrong calls are
-listed with their verification, and a precision/recall table by threshold is given for each
-half of the queries. Prints JSON.
+verified on ``--threads`` threads as the checker does. Voting searches the references' keypoints
+once Milvus Lite has built their index graphs (the store is closed and reopened, as a screening
+job in a later process finds it); ``--right-after-ingest`` votes at once instead, while Lite
+still searches unindexed segments by brute force. The default verdict's wrong calls are listed
+with their verification, and a precision/recall table by threshold is given for each half of the
+queries. Prints JSON.
 
     .venv/bin/python bench/copydetect.py --refs 2000 --positives 600 --negatives 400
 """
