@@ -26,6 +26,7 @@ resumed (:func:`resume_in_thread`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -358,9 +359,10 @@ def _serve(requests: IO[str], answers: IO[str]) -> None:
         answers.flush()
 
     job = json.loads(requests.readline())
-    services = Services(Settings.model_validate(job["settings"]))
-    try:
+    with contextlib.ExitStack() as closing:
         try:
+            services = Services(Settings.model_validate(job["settings"]))
+            closing.callback(services.close)
             checker = _build_checker(job, services)
         except Exception as exc:  # noqa: BLE001 - told to the parent, which runs the chunks elsewhere
             answer({"error": f"{type(exc).__name__}: {exc}"})
@@ -375,8 +377,6 @@ def _serve(requests: IO[str], answers: IO[str]) -> None:
                 answer({"error": f"{type(exc).__name__}: {exc}"})
                 return
             answer({"done": start})
-    finally:
-        services.close()
 
 
 def main() -> None:

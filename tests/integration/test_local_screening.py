@@ -265,6 +265,9 @@ def test_a_child_lets_the_catalogue_go_before_it_exits(tmp_path: Path) -> None:
     local_screening._serve(io.StringIO(json.dumps(job) + "\n"), answers)  # the job, then no chunk
     assert json.loads(answers.getvalue()) == {"ready": True}
     assert not lite_sharing.locked(directory) and not lite_sharing.serving_file(directory).exists()
+    answers = io.StringIO()  # settings it cannot read are answered, as a model it cannot load is
+    local_screening._serve(io.StringIO(json.dumps({**job, "settings": {"threads": "many"}}) + "\n"), answers)
+    assert json.loads(answers.getvalue())["error"].startswith("ValidationError")
 
 
 def test_how_many_children_and_when_none(tmp_path: Path) -> None:
