@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -522,13 +521,16 @@ def test_an_open_is_tried_again_when_the_holder_frees_the_lock_right_after_it_fa
             holder.communicate("", timeout=60)
 
 
-def _ctrl_c_as_from_a_shell() -> None:
-    """In the server's child before it runs: SIGINT handled by default and not blocked, as a
-    shell starts it. An ignored or blocked SIGINT survives exec, and under the full suite the
-    server ignored Ctrl+C for two minutes in two runs (something else in the test process may
-    change its signal state; not traced)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+#: Runs the CLI (its arguments after ``-c``) with SIGINT handled and not blocked, as a shell starts
+#: it: an ignored or blocked SIGINT survives exec, and under the full suite the server ignored
+#: Ctrl+C for two minutes in two runs (something in the test process may change its signal state;
+#: not traced). Set in the new interpreter, not in a ``preexec_fn``: forking a process whose gRPC
+#: threads are busy runs gRPC's fork handlers, and the server's child once died of SIGABRT there.
+_CLI_AS_FROM_A_SHELL = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "runpy.run_module('agman_milvus.app.cli', run_name='__main__', alter_sys=True)"
+)
 
 
 def test_a_client_of_a_stopped_milvus_serve_waits_for_a_server_and_never_opens_the_directory(
@@ -542,9 +544,8 @@ def test_a_client_of_a_stopped_milvus_serve_waits_for_a_server_and_never_opens_t
 
     def serve() -> subprocess.Popen[bytes]:
         port = free_port()
-        command = [sys.executable, "-m", "agman_milvus.app.cli", "milvus-serve", "--port", str(port)]
-        server = subprocess.Popen(command, env={**os.environ, "AGMAN_DATA_DIR": str(tmp_path)},
-                                  preexec_fn=_ctrl_c_as_from_a_shell)
+        command = [sys.executable, "-c", _CLI_AS_FROM_A_SHELL, "milvus-serve", "--port", str(port)]
+        server = subprocess.Popen(command, env={**os.environ, "AGMAN_DATA_DIR": str(tmp_path)})
         deadline = time.monotonic() + 60
         while not listening(f"http://127.0.0.1:{port}", port):
             assert server.poll() is None and time.monotonic() < deadline, "milvus-serve did not start"
