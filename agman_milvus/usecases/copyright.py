@@ -332,7 +332,7 @@ class CopyChecker(UseCase):
         unfound = {i for votes, ids in zip(all_voted, found, strict=True) for i in votes if i not in ids}
         # descriptors of the voted images the descriptor search did not find, for every query at once
         voted_descriptors = self.vectors.get_vectors(COPY_COLLECTION, unfound)
-        infos |= self.catalog.images.info(sorted(unfound))
+        infos |= self.catalog.images.info(sorted(unfound - infos.keys()))  # voted, found by no query
         candidates = []
         for n in range(len(queries)):
             skip = exclude[n] if exclude else set()
