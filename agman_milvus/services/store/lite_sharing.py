@@ -15,12 +15,14 @@ never opens the directory itself when that server stops: it waits for a server t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -128,25 +130,42 @@ PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.connection_manager")
 #: ``127.0.0.1:<port>`` of each process a :class:`JoinedLite` worked over and then left.
 _left: set[str] = set()
 _joined: weakref.WeakSet[JoinedLite] = weakref.WeakSet()
-#: ``active`` while this thread makes a call again on a new connection (in :class:`JoinedLite`).
-_again = threading.local()
+#: Per thread, what :func:`failures_handled` marks: a pattern for each block the thread is in
+#: (None: every failure).
+_handled = threading.local()
 
 
-class _LeftPortFilter(logging.Filter):
-    """Drops pymilvus' report of a call that failed because the process a :class:`JoinedLite`
-    worked over let the directory go (while it does, or naming its port after): the call is
-    made again on the new connection, so its traceback would only alarm (a second ingest's
-    terminal showed eight). Reports of that second call are dropped too: its error reaches the
-    caller, who handles it (a collection not loaded yet on the new connection is loaded)."""
+@contextlib.contextmanager
+def failures_handled(matching: re.Pattern[str] | None = None) -> Iterator[None]:
+    """Marks this thread's Milvus calls inside as ones whose failure the caller handles (it makes
+    the call again): pymilvus' report of such a failure (an error with its traceback, logged
+    before the error is raised) is dropped, every one or those whose text ``matching`` finds, so
+    a terminal shows no traceback of a call that went on to succeed (:class:`_HandledFilter`)."""
+    quiet_pymilvus()
+    outer = getattr(_handled, "patterns", ())
+    _handled.patterns = (*outer, matching)
+    try:
+        yield
+    finally:
+        _handled.patterns = outer
+
+
+class _HandledFilter(logging.Filter):
+    """Drops pymilvus' reports of failures that are handled: those of calls inside
+    :func:`failures_handled`, and those of calls that failed because the process a
+    :class:`JoinedLite` worked over let the directory go (while it does, or naming its port
+    after): the call is made again on the new connection, so its traceback would only alarm (a
+    second ingest's terminal showed eight)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(_again, "active", False):
-            return False
-        if not _joined and not _left:
+        patterns = getattr(_handled, "patterns", ())
+        if not patterns and not _joined and not _left:
             return True
+        text = report_text(record)
+        if any(pattern is None or pattern.search(text) for pattern in patterns):
+            return False
         if any(joined._gone() for joined in list(_joined)):
             return False
-        text = report_text(record)
         return not any(address in text for address in _left)
 
 
@@ -155,12 +174,12 @@ def report_text(record: logging.LogRecord) -> str:
     return record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
 
 
-def quiet_pymilvus(kind: type[logging.Filter]) -> None:
-    """Install a filter of ``kind`` on pymilvus' loggers (:data:`PYMILVUS_LOGGERS`), once."""
+def quiet_pymilvus() -> None:
+    """Install :class:`_HandledFilter` on pymilvus' loggers (:data:`PYMILVUS_LOGGERS`), once."""
     for name in PYMILVUS_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
+        if not any(isinstance(f, _HandledFilter) for f in logger.filters):
+            logger.addFilter(_HandledFilter())
 
 
 #: What :class:`JoinedLite` connects to: a client, and who serves the directory it joined (None
@@ -186,7 +205,7 @@ class JoinedLite:
         self._lock = threading.Lock()
         self._generation = 0
         _joined.add(self)
-        quiet_pymilvus(_LeftPortFilter)
+        quiet_pymilvus()
 
     def generation(self) -> int:
         """How many times it has connected again (each time to a Milvus Lite with no collection
@@ -222,11 +241,8 @@ class JoinedLite:
                 if not self._gone():
                     raise
                 self._follow(client)  # it let the directory go during the call
-            _again.active = True
-            try:
+            with failures_handled():  # its error reaches the caller, who handles it (loads)
                 return getattr(self._client, name)(*args, **kwargs)
-            finally:
-                _again.active = False
 
         return call
 

@@ -15,7 +15,6 @@ Layout (hidden behind :class:`VectorStore`):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -78,36 +77,6 @@ SCAN_WINDOW = 8192
 #: say that a collection must be loaded first.
 _NOT_LOADED = re.compile(r"released|not loaded|call load\(\)", re.IGNORECASE)
 T = TypeVar("T")
-#: ``active`` while this thread makes a call that :meth:`VectorStore._on_loaded` makes again
-#: after loading the collection, should it answer "not loaded".
-_loads_if_not_loaded = threading.local()
-
-
-class _RetriedNotLoadedFilter(logging.Filter):
-    """Drops pymilvus' report (an error with its traceback, logged before the error is raised)
-    of a call that found its collection not loaded, where :meth:`VectorStore._on_loaded` made
-    it: it loads the collection and makes the call again, and says so in its own warning. A
-    screening job's children printed that traceback as they followed a catalogue whose holder
-    had closed it, though every query was screened."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(_loads_if_not_loaded, "active", False):
-            return True
-        return not _NOT_LOADED.search(lite_sharing.report_text(record))
-
-
-@contextlib.contextmanager
-def _loaded_again_if_not_loaded() -> Iterator[None]:
-    """Marks this thread's calls inside as ones :meth:`VectorStore._on_loaded` makes again
-    (:class:`_RetriedNotLoadedFilter`)."""
-    outer = getattr(_loads_if_not_loaded, "active", False)
-    _loads_if_not_loaded.active = True
-    try:
-        yield
-    finally:
-        _loads_if_not_loaded.active = outer
-
-
 class VectorStoreError(AgmanError, RuntimeError):
     """A vector store operation that cannot proceed; the message says why."""
 
@@ -425,7 +394,6 @@ class VectorStore:
                 raise ValueError(f"invalid filter field name {name!r}")
         if embed_dim < 1 or descriptor_dim < 1:
             raise ValueError("embedding and descriptor dimensions must be positive")
-        lite_sharing.quiet_pymilvus(_RetriedNotLoadedFilter)
         self.client = client
         self.schema = schema
         self.model_version = model_version
@@ -642,7 +610,7 @@ class VectorStore:
         if name not in self._loaded:
             self._load(name)
         try:
-            with _loaded_again_if_not_loaded():
+            with lite_sharing.failures_handled(_NOT_LOADED):  # loaded, then made again below
                 return operation()
         except MilvusException as exc:
             if not _NOT_LOADED.search(str(exc)):
