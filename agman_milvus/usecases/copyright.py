@@ -324,8 +324,11 @@ class CopyChecker(UseCase):
         merged = [_best_of_views(own[n], exclude[n] if exclude else set()) for n in range(len(queries))]
         hits = [sorted((h for h in best.values() if _live(infos.get(h.image_id))), key=lambda h: -h.score)
                 for best in merged]
-        first = self._verify_first(queries, [h[0] if h and self.verify_k > 0 else None for h in hits], infos)
-        unsure = [n for n, v in enumerate(first) if v is None or not is_sure(v[1], self.thresholds.copy)]
+        firsts = [h[0] if h and self.verify_k > 0 else None for h in hits]
+        rows = self.catalog.images.get_many(sorted({h.image_id for h in firsts if h is not None}))
+        first = self._verify_first(queries, firsts, rows, infos)
+        unsure = [n for n, known in enumerate(first)
+                  if not any(is_sure(v, self.thresholds.copy) for v in known.values())]
         all_voted: list[list[int]] = [[] for _ in queries]
         for n, voted in zip(unsure, self._voted([queries[n] for n in unsure]), strict=True):
             all_voted[n] = voted
@@ -343,28 +346,28 @@ class CopyChecker(UseCase):
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
                                for h in interleave(hits[n][:self.verify_k], by_vote, hits[n][:top_k],
                                                    _image_id)])
-        return _Scored(queries, candidates, [dict([v]) if v is not None else {} for v in first])
+        return _Scored(queries, candidates, first, rows)
 
     def _verify_first(
-        self, queries: Sequence[_Query], firsts: Sequence[Hit | None], infos: dict[int, Any],
-    ) -> list[tuple[int, copy_verify.Verification] | None]:
+        self, queries: Sequence[_Query], firsts: Sequence[Hit | None], rows: dict[int, Any],
+        infos: dict[int, Any],
+    ) -> list[dict[int, copy_verify.Verification]]:
         """Stage 2 of each query's first descriptor candidate, before the keypoint vote: a query
         whose first candidate is a sure copy is not voted for (its other candidates would be
-        verified only if they showed the same picture). By image id; None where there is no
-        first candidate or its image cannot be read."""
-        rows = self.catalog.images.get_many(sorted({h.image_id for h in firsts if h is not None}))
+        verified only if they showed the same picture). Per query, by image id; empty where there
+        is no first candidate or its image cannot be read (``rows``: their catalogue rows)."""
 
-        def verify(n: int) -> tuple[int, copy_verify.Verification] | None:
+        def verify(n: int) -> dict[int, copy_verify.Verification]:
             hit = firsts[n]
             if hit is None:
-                return None
+                return {}
             features = self._candidate_features(hit, rows.get(hit.image_id), infos[hit.image_id])
             if features is None:
-                return None
+                return {}
             hashes = {0: _phash_of(rows.get(hit.image_id))}
             found = verify_in_order(queries[n].features, {0: features}, hashes,
                                     copy_threshold=self.thresholds.copy)
-            return hit.image_id, found[0]
+            return {hit.image_id: found[0]}
 
         return thread_map(verify, range(len(queries)))
 
@@ -433,8 +436,8 @@ class CopyChecker(UseCase):
         """Stage 2 for every query of a batch: each query's candidates' catalogue rows and
         verifications, on all cores (:func:`thread_map`): queries side by side, or a single
         query's candidates shared out."""
-        every = self.catalog.images.get_many(sorted({h.image_id for cands in scored.candidates
-                                                     for h, _, _ in cands}))
+        every = scored.rows | self.catalog.images.get_many(sorted(
+            {h.image_id for cands in scored.candidates for h, _, _ in cands} - scored.rows.keys()))
         rows = [{h.image_id: every[h.image_id] for h, _, _ in cands if h.image_id in every}
                 for cands in scored.candidates]
         jobs = list(zip(scored.queries, scored.candidates, rows, scored.verified, strict=True))
@@ -661,6 +664,8 @@ class _Scored:
     candidates: list[list[tuple[Hit, float, Any]]]
     #: each query's verifications made in stage 1 (its first candidate's), by image id
     verified: list[dict[int, copy_verify.Verification]]
+    #: the catalogue rows stage 1 read (its first candidates'), by image id
+    rows: dict[int, Any]
 
 
 # -- edits: the transform benchmark ----------------------------------------------------------
