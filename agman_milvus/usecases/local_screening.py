@@ -38,19 +38,17 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from agman_milvus.core.config import Settings
 from agman_milvus.core.runtime import configure_process
 from agman_milvus.core.threads import cpu_count
+from agman_milvus.services.container import Services
 from agman_milvus.services.store.catalog import JobStatus, ScreeningJob
 from agman_milvus.services.store.engine import in_memory
 from agman_milvus.services.store.vectors import hold_milvus, lite_server_uri, release_milvus
 from agman_milvus.usecases.copyright import CopyChecker, CopyThresholds
 from agman_milvus.usecases.screening import run_chunk, run_job
-
-if TYPE_CHECKING:
-    from agman_milvus.services.container import Services
 
 __all__ = ["ChunkFailedError", "child_settings", "local_processes", "resume_in_thread",
            "run_chunks_in_processes", "run_locally", "start_thread"]
@@ -352,7 +350,6 @@ def _serve(requests: IO[str], answers: IO[str]) -> None:
     it joined let the directory go) lets it go while this process still answers calls, not in the
     interpreter's shutdown, where the gRPC server cannot take the calls of processes that joined it
     (its thread died with a traceback in CI)."""
-    from agman_milvus.services.container import Services
 
     def answer(message: dict[str, Any]) -> None:
         answers.write(json.dumps(message) + "\n")
