@@ -8,7 +8,9 @@
 3. In a new process: one warm-up ``check_copy`` (model and collections loaded), then a
    screening job over every query (``Client.screen``, the background thread of the embedded
    default, held to that thread with ``AGMAN_SCREEN_PROCESSES=1``) timed from submit to done,
-   its stages timed by wrapping the checker's methods. With ``--local 2`` (say), the same job
+   its stages timed by wrapping the checker's methods; then ``--single`` queries (half with an
+   original, half without) checked alone, one ``check_copy`` each, as a user waits for one
+   (``single_check_ms``: median and 90th percentile). With ``--local 2`` (say), the same job
    again as the embedded default runs it on that many cores: its chunks shared among that many
    child processes of the job's thread (``AGMAN_SCREEN_PROCESSES``), their CPU time counted.
 4. With ``--milvus-server URI``, the references ingested again into that Milvus server (a
@@ -58,6 +60,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # bench/ is on sys.path when this runs as a script
 from copydetect import content_key, load, print_report, shared_dir
 
@@ -67,13 +71,14 @@ from agman_milvus.core.schema import AttributeSchema
 from agman_milvus.usecases.copyright import random_edit
 
 
-def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
+def screen_job(queries_file: Path, worker_pids: list[int], single: list[str]) -> dict:
     """The screening process: a warm-up, then the timed job over the queries in
     ``queries_file`` (JSON list of paths); returns the job's status, seconds, CPU seconds,
     per-stage seconds and each query's rank-1 match. In process (no ``worker_pids``) the
     stages are timed by wrapping the checker's methods (of this process: not of the job's
     child processes) and the CPU time is this process's and its children's; on workers, the
-    CPU time is theirs."""
+    CPU time is theirs. Then each of ``single`` checked alone (``check_copy``), as a user waits
+    for one: its seconds, by query."""
     from agman_milvus import Client
     from agman_milvus.services.embedding import Embedder
     from agman_milvus.services.store.vectors import VectorStore
@@ -118,10 +123,31 @@ def screen_job(queries_file: Path, worker_pids: list[int]) -> dict:
         t0, cpu0 = time.perf_counter(), cpu()
         job = client.screen(queries).wait(timeout=7200)
         seconds, cpu_seconds = time.perf_counter() - t0, cpu() - cpu0
+        stages = dict(spent)  # the job's alone
         best = {m.query_ref: {"verdict": m.verdict, "product_id": (m.evidence or {}).get("product_id")}
                 for m in job.matches() if (m.evidence or {}).get("rank") == 1}
-    return {"status": job.status, "seconds": seconds, "cpu_seconds": cpu_seconds, "stages": dict(spent),
-            "best": best}
+        alone = {}
+        for query in single:
+            t0 = time.perf_counter()
+            client.check_copy(query)
+            alone[query] = time.perf_counter() - t0
+    return {"status": job.status, "seconds": seconds, "cpu_seconds": cpu_seconds, "stages": stages,
+            "best": best, "single_check_seconds": alone}
+
+
+def single_check_ms(seconds: dict[str, float], truth: dict[str, set[str]]) -> dict[str, Any]:
+    """Median and 90th percentile of a check alone, in ms: every query, those with an original
+    and those without."""
+    def summary(values: list[float]) -> dict[str, Any]:
+        if not values:
+            return {"checks": 0}
+        ms = np.sort(1000 * np.asarray(values))
+        return {"checks": len(ms), "median": round(float(np.median(ms)), 1),
+                "p90": round(float(np.percentile(ms, 90)), 1)}
+
+    return {"all": summary(list(seconds.values())),
+            "with_original": summary([s for q, s in seconds.items() if truth[q]]),
+            "without_original": summary([s for q, s in seconds.items() if not truth[q]])}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -231,13 +257,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="also ingest the references into this Milvus server (collections under a fresh "
                          "prefix, dropped at the end) and run the job against it, in the thread and on "
                          "each --local count, e.g. http://127.0.0.1:19530")
+    ap.add_argument("--single", type=int, default=40,
+                    help="after the thread's job, check this many queries alone (half with an original, "
+                         "half without) and report the latency a user waits for one check")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--screen-job", type=Path, help=argparse.SUPPRESS)  # the screening process
     ap.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--single-queries", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.screen_job:
         pids = [int(p) for p in args.worker_pids.split(",") if p]
-        print(json.dumps(screen_job(args.screen_job, pids)))
+        single = json.loads(args.single_queries.read_text(encoding="utf-8")) if args.single_queries else []
+        print(json.dumps(screen_job(args.screen_job, pids, single)))
         return 0
     #: (label, worker processes, prefork pool size or 0)
     stacks = [(str(int(n)), int(n), 0) for n in args.workers.split(",") if n]
@@ -288,14 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             queries.append(str(path))
             truth[str(path)], edits[str(path)] = ids_by_key.get(content_key(src), set()), names
         (work / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
+        half = args.single // 2  # the first queries have an original, the last ones none
+        single = queries[1:1 + args.single - half] + (queries[len(queries) - half:] if half else [])
+        (work / "single.json").write_text(json.dumps(single), encoding="utf-8")
 
-        def run_job(job_env: dict[str, str], pids: list[int]) -> dict:
+        def run_job(job_env: dict[str, str], pids: list[int], *extra: str) -> dict:
             done = subprocess.run([sys.executable, __file__, "--screen-job", str(work / "queries.json"),
-                                   "--worker-pids", ",".join(map(str, pids))],
+                                   "--worker-pids", ",".join(map(str, pids)), *extra],
                                   env=job_env, check=True, capture_output=True, text=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        job = run_job({**env, "AGMAN_SCREEN_PROCESSES": "1"}, [])
+        job = run_job({**env, "AGMAN_SCREEN_PROCESSES": "1"}, [],
+                      "--single-queries", str(work / "single.json"))
         on_local = {str(n): run_job({**env, "AGMAN_SCREEN_PROCESSES": str(n)}, []) for n in local}
         on_workers = {}
         for label, count, prefork in stacks:
@@ -365,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_images_per_s": round(len(refs) / ingest_s, 2),
         "verdicts": job_verdicts,
         "per_edit": per_edit,
+        "single_check_ms": single_check_ms(job["single_check_seconds"], truth),
         "local_processes": {label: beside_thread(w) for label, w in on_local.items()},
         "on_workers": {label: beside_thread(w) for label, w in on_workers.items()},
         "milvus_server": {label: beside_thread(w) for label, w in on_server.items()},
