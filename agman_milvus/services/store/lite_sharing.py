@@ -141,7 +141,6 @@ def failures_handled(matching: re.Pattern[str] | None = None) -> Iterator[None]:
     the call again): pymilvus' report of such a failure (an error with its traceback, logged
     before the error is raised) is dropped, every one or those whose text ``matching`` finds, so
     a terminal shows no traceback of a call that went on to succeed (:class:`_HandledFilter`)."""
-    quiet_pymilvus()
     outer = getattr(_handled, "patterns", ())
     _handled.patterns = (*outer, matching)
     try:
@@ -174,12 +173,8 @@ def report_text(record: logging.LogRecord) -> str:
     return record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
 
 
-def quiet_pymilvus() -> None:
-    """Install :class:`_HandledFilter` on pymilvus' loggers (:data:`PYMILVUS_LOGGERS`), once."""
-    for name in PYMILVUS_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _HandledFilter) for f in logger.filters):
-            logger.addFilter(_HandledFilter())
+for _name in PYMILVUS_LOGGERS:  # once, as this module is imported: it passes every report unmarked
+    logging.getLogger(_name).addFilter(_HandledFilter())
 
 
 #: What :class:`JoinedLite` connects to: a client, and who serves the directory it joined (None
@@ -205,7 +200,6 @@ class JoinedLite:
         self._lock = threading.Lock()
         self._generation = 0
         _joined.add(self)
-        quiet_pymilvus()
 
     def generation(self) -> int:
         """How many times it has connected again (each time to a Milvus Lite with no collection
