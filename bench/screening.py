@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             truth[str(path)], edits[str(path)] = ids_by_key.get(content_key(src), set()), names
         (work / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
         half = args.single // 2  # the first queries have an original, the last ones none
-        single = queries[1:1 + args.single - half] + (queries[len(queries) - half:] if half else [])
+        single = queries[1:1 + args.single - half] + queries[len(queries) - half:]
         (work / "single.json").write_text(json.dumps(single), encoding="utf-8")
 
         def run_job(job_env: dict[str, str], pids: list[int], *extra: str) -> dict:
