@@ -160,7 +160,7 @@ class _HandledFilter(logging.Filter):
         patterns = getattr(_handled, "patterns", ())
         if not patterns and not _joined and not _left:
             return True
-        text = report_text(record)
+        text = _report_text(record)
         if any(pattern is None or pattern.search(text) for pattern in patterns):
             return False
         if any(joined._gone() for joined in list(_joined)):
@@ -168,7 +168,7 @@ class _HandledFilter(logging.Filter):
         return not any(address in text for address in _left)
 
 
-def report_text(record: logging.LogRecord) -> str:
+def _report_text(record: logging.LogRecord) -> str:
     """A pymilvus report's message with its exception's."""
     return record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
 
