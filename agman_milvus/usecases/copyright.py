@@ -70,7 +70,7 @@ from agman_milvus.core.threads import cpu_count, thread_map, thread_pool
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.local_features import LocalFeatureCache, cache_root
-from agman_milvus.services.store.catalog import Catalog, ImageStatus, IndexedSource
+from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus, IndexedSource
 from agman_milvus.services.store.vectors import COPY as COPY_COLLECTION
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
 from agman_milvus.usecases.base import UseCase, load_query_image
@@ -293,9 +293,8 @@ class CopyChecker(UseCase):
         verified = self.verify_scored(scored)
         ids = sorted({h.image_id for cands in scored.candidates for h, _, _ in cands})
         stored = {a: self.vectors.get_vectors(a, ids) for a in self.vectors.schema.names}
-        return [self._decide(q, cands, rows, verifications, top_k, stored)
-                for q, cands, (rows, verifications) in zip(scored.queries, scored.candidates, verified,
-                                                           strict=True)]
+        return [self._decide(q, cands, verifications, top_k, stored)
+                for q, cands, verifications in zip(scored.queries, scored.candidates, verified, strict=True)]
 
     # -- internals shared with calibration ------------------------------------------------------
     def score_candidates(
@@ -325,8 +324,7 @@ class CopyChecker(UseCase):
         hits = [sorted((h for h in best.values() if _live(infos.get(h.image_id))), key=lambda h: -h.score)
                 for best in merged]
         firsts = [h[0] if h and self.verify_k > 0 else None for h in hits]
-        rows = self.catalog.images.get_many(sorted({h.image_id for h in firsts if h is not None}))
-        first = self._verify_first(queries, firsts, rows, infos)
+        first = self._verify_first(queries, firsts, infos)
         unsure = [n for n, known in enumerate(first)
                   if not any(is_sure(v, self.thresholds.copy) for v in known.values())]
         all_voted: list[list[int]] = [[] for _ in queries]
@@ -346,40 +344,40 @@ class CopyChecker(UseCase):
             candidates.append([(h, h.score - NORM_BETA * background, infos[h.image_id])
                                for h in interleave(hits[n][:self.verify_k], by_vote, hits[n][:top_k],
                                                    _image_id)])
-        return _Scored(queries, candidates, first, rows)
+        return _Scored(queries, candidates, first)
 
     def _verify_first(
-        self, queries: Sequence[_Query], firsts: Sequence[Hit | None], rows: dict[int, Any],
-        infos: dict[int, Any],
+        self, queries: Sequence[_Query], firsts: Sequence[Hit | None], infos: dict[int, ImageInfo],
     ) -> list[dict[int, copy_verify.Verification]]:
         """Stage 2 of each query's first descriptor candidate, before the keypoint vote: a query
         whose first candidate is a sure copy is not voted for (its other candidates would be
         verified only if they showed the same picture). Per query, by image id; empty where there
-        is no first candidate or its image cannot be read (``rows``: their catalogue rows)."""
+        is no first candidate or its image cannot be read (``infos``: catalogue images by id)."""
 
         def verify(n: int) -> dict[int, copy_verify.Verification]:
             hit = firsts[n]
             if hit is None:
                 return {}
-            features = self._candidate_features(hit, rows.get(hit.image_id), infos[hit.image_id])
+            info = infos[hit.image_id]
+            features = self._candidate_features(info)
             if features is None:
                 return {}
-            hashes = {0: _phash_of(rows.get(hit.image_id))}
+            hashes = {0: _phash_of(info)}
             found = verify_in_order(queries[n].features, {0: features}, hashes,
                                     copy_threshold=self.thresholds.copy)
             return {hit.image_id: found[0]}
 
         return thread_map(verify, range(len(queries)))
 
-    def _candidate_features(self, hit: Hit, row: Any, info: Any) -> copy_verify.LocalFeatures | None:
+    def _candidate_features(self, info: ImageInfo) -> copy_verify.LocalFeatures | None:
         """A candidate's local features (cached by content), or None when its image is not
         stored or cannot be read."""
-        if row is None or not info.source_uri:
+        if not info.source_uri:
             return None
         try:
-            return self.features.get(row.sha256, lambda uri=info.source_uri: self.load_image(uri))
+            return self.features.get(info.sha256, lambda uri=info.source_uri: self.load_image(uri))
         except Exception as exc:  # noqa: BLE001 - an unreadable catalogue image is not verified
-            log.warning("cannot verify image %d (%s): %s", hit.image_id, info.source_uri, exc)
+            log.warning("cannot verify image %d (%s): %s", info.image_id, info.source_uri, exc)
             return None
 
     def _voted(self, queries: Sequence[_Query]) -> list[list[int]]:
@@ -393,12 +391,12 @@ class CopyChecker(UseCase):
 
     @staticmethod
     def copy_scores(
-        verifications: Sequence[copy_verify.Verification | None], rows: Sequence[Any],
+        verifications: Sequence[copy_verify.Verification | None], infos: Sequence[ImageInfo],
     ) -> list[float]:
         """Copy scores of one query's candidates (:func:`copy_verify.copy_scores` over their
         stored pHashes; 0 for an unverified one)."""
         verified = [i for i, v in enumerate(verifications) if v is not None]
-        hashes = [_phash_of(rows[i]) for i in verified]
+        hashes = [_phash_of(infos[i]) for i in verified]
         out = [0.0] * len(verifications)
         scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
                                          smoothed=[verifications[i].smoothed_score for i in verified],
@@ -408,8 +406,8 @@ class CopyChecker(UseCase):
         return out
 
     def verify_candidates(
-        self, query: _Query, candidates: Sequence[tuple[Hit, float, Any]], rows: dict[int, Any],
-        workers: int = 1, known: dict[int, copy_verify.Verification] | None = None,
+        self, query: _Query, candidates: Sequence[tuple[Hit, float, ImageInfo]], workers: int = 1,
+        known: dict[int, copy_verify.Verification] | None = None,
     ) -> list[copy_verify.Verification | None]:
         """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
         first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`); ``known``:
@@ -420,44 +418,36 @@ class CopyChecker(UseCase):
         known = known or {}
         done = {k: known[hit.image_id] for k, (hit, _, _) in enumerate(candidates) if hit.image_id in known}
         readable: dict[int, copy_verify.LocalFeatures] = {}
-        for k, (hit, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
+        for k, (_, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
             if k not in done:
-                features = self._candidate_features(hit, rows.get(hit.image_id), info)
+                features = self._candidate_features(info)
                 if features is not None:
                     readable[k] = features
-        hashes = {k: _phash_of(rows.get(candidates[k][0].image_id)) for k in (*readable, *done)}
+        hashes = {k: _phash_of(candidates[k][2]) for k in (*readable, *done)}
         found = verify_in_order(query.features, readable, hashes, copy_threshold=self.thresholds.copy,
                                 workers=workers, known=done)
         return [found.get(k) for k in range(len(candidates))]
 
-    def verify_scored(
-        self, scored: _Scored,
-    ) -> list[tuple[dict[int, Any], list[copy_verify.Verification | None]]]:
-        """Stage 2 for every query of a batch: each query's candidates' catalogue rows and
-        verifications, on all cores (:func:`thread_map`): queries side by side, or a single
-        query's candidates shared out."""
-        every = scored.rows | self.catalog.images.get_many(sorted(
-            {h.image_id for cands in scored.candidates for h, _, _ in cands} - scored.rows.keys()))
-        rows = [{h.image_id: every[h.image_id] for h, _, _ in cands if h.image_id in every}
-                for cands in scored.candidates]
-        jobs = list(zip(scored.queries, scored.candidates, rows, scored.verified, strict=True))
+    def verify_scored(self, scored: _Scored) -> list[list[copy_verify.Verification | None]]:
+        """Stage 2 for every query of a batch: each query's candidates' verifications, on all
+        cores (:func:`thread_map`): queries side by side, or a single query's candidates shared
+        out."""
+        jobs = list(zip(scored.queries, scored.candidates, scored.verified, strict=True))
         if len(jobs) == 1:
-            query, candidates, its_rows, known = jobs[0]
-            verified = [self.verify_candidates(query, candidates, its_rows, cpu_count(), known)]
-        else:
-            verified = thread_map(lambda job: self.verify_candidates(*job[:3], known=job[3]), jobs)
-        return list(zip(rows, verified, strict=True))
+            query, candidates, known = jobs[0]
+            return [self.verify_candidates(query, candidates, cpu_count(), known)]
+        return thread_map(lambda job: self.verify_candidates(job[0], job[1], known=job[2]), jobs)
 
-    def _decide(self, query: _Query, candidates: list[tuple[Hit, float, Any]], rows: dict[int, Any],
+    def _decide(self, query: _Query, candidates: list[tuple[Hit, float, ImageInfo]],
                 verifications: list[copy_verify.Verification | None], top_k: int,
                 stored: dict[str, dict[int, np.ndarray]]) -> CopyCheck:
         """The query's matches and verdict (``stored``: the candidates' attribute vectors, by
         attribute name and image id, read for the whole batch at once)."""
         t = self.thresholds
-        scores = self.copy_scores(verifications, [rows.get(h.image_id) for h, _, _ in candidates])
+        scores = self.copy_scores(verifications, [info for _, _, info in candidates])
         matches = []
         for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
-            stored_hash = _phash_of(rows.get(hit.image_id))
+            stored_hash = _phash_of(info)
             distance = None if stored_hash is None else hamming(query.phash, stored_hash)
             attributes = {}
             for k, name in enumerate(self.vectors.schema.names):
@@ -539,9 +529,9 @@ def verify_in_order(
     return found
 
 
-def _phash_of(row: Any) -> int | None:
-    """A catalogue row's stored pHash (unsigned), or None."""
-    return from_signed64(row.phash) if row is not None and row.phash is not None else None
+def _phash_of(info: ImageInfo) -> int | None:
+    """A catalogue image's stored pHash (unsigned), or None."""
+    return from_signed64(info.phash) if info.phash is not None else None
 
 
 @dataclass(frozen=True)
@@ -602,7 +592,7 @@ def _image_id(hit: Hit) -> int:
     return hit.image_id
 
 
-def _live(info: Any) -> bool:
+def _live(info: ImageInfo | None) -> bool:
     return info is not None and info.status == ImageStatus.indexed and not info.product_deleted
 
 
@@ -632,7 +622,7 @@ def _best_of_views(hits_of_views: Sequence[list[Hit]], skip: set[int]) -> dict[i
 
 
 def _vote_hits(voted: list[int], known: dict[int, Hit], stored: dict[int, np.ndarray],
-               descriptor: np.ndarray, infos: dict[int, Any]) -> list[Hit]:
+               descriptor: np.ndarray, infos: dict[int, ImageInfo]) -> list[Hit]:
     """Hits for voted images: the descriptor search's (``known``), else one with the stored
     descriptor's similarity to the query's."""
     out = []
@@ -661,11 +651,9 @@ def interleave(first: Sequence[T], second: Sequence[T], rest: Sequence[T],
 @dataclass
 class _Scored:
     queries: list[_Query]
-    candidates: list[list[tuple[Hit, float, Any]]]
+    candidates: list[list[tuple[Hit, float, ImageInfo]]]
     #: each query's verifications made in stage 1 (its first candidate's), by image id
     verified: list[dict[int, copy_verify.Verification]]
-    #: the catalogue rows stage 1 read (its first candidates'), by image id
-    rows: dict[int, Any]
 
 
 # -- edits: the transform benchmark ----------------------------------------------------------
@@ -898,11 +886,11 @@ def calibrate(
                 backdrops.append(picks[k][0])
         scored = checker.score_candidates(queries, checker.verify_k, exclude)
         copies: list[tuple[np.ndarray, int]] = []  # each original found: its query's embeddings, its id
-        for q, cands, (rows, verified), target, held_product, backdrop in zip(
+        for q, cands, verified, target, held_product, backdrop in zip(
                 scored.queries, scored.candidates, checker.verify_scored(scored), targets, held, backdrops,
                 strict=True):
-            copy_scores = checker.copy_scores(verified, [rows.get(h.image_id) for h, _, _ in cands])
-            for (hit, _, _), score in zip(cands, copy_scores, strict=True):
+            copy_scores = checker.copy_scores(verified, [info for _, _, info in cands])
+            for (hit, _, info), score in zip(cands, copy_scores, strict=True):
                 if hit.product_id == held_product or hit.image_id == backdrop:
                     continue  # another photo of the held-out product, or the indexed photo a
                     # "paste" edit put the query into: neither copy nor distinct
@@ -910,7 +898,7 @@ def calibrate(
                 scores.append(score)
                 labels.append(is_copy)
                 found += is_copy
-                stored_hash = _phash_of(rows.get(hit.image_id))
+                stored_hash = _phash_of(info)
                 if stored_hash is not None:
                     distances.append(hamming(q.phash, stored_hash))
                     hash_labels.append(is_copy)

@@ -156,8 +156,7 @@ def test_every_candidate_of_a_pixelated_query_gets_the_dense_alignment(client) -
     last = min(len(candidates), checker.verify_k + checker.vote_k) - 1
     assert last >= DENSE_FEW_K
     candidates = [*others[:last], original]  # the original last of those verified
-    rows = checker.catalog.images.get_many([h.image_id for h, _, _ in candidates])
-    verified = checker.verify_candidates(query, candidates, rows)
+    verified = checker.verify_candidates(query, candidates)
     assert verified[last].method == "dense" and verified[last].rank >= 0.5, verified[last]
     assert verified[last].rank == max(v.rank for v in verified if v is not None)
 
@@ -237,9 +236,8 @@ def test_a_single_checks_candidates_shared_over_two_threads_verify_as_on_one(cli
     edited = jpeg(photo(7).rotate(8, expand=True).resize((70, 70)), 70)
     scored = checker.score_candidates([edited], top_k=5)
     query, candidates = scored.queries[0], scored.candidates[0]
-    rows = checker.catalog.images.get_many([h.image_id for h, _, _ in candidates])
-    one = checker.verify_candidates(query, candidates, rows, workers=1)
-    two = checker.verify_candidates(query, candidates, rows, workers=2)
+    one = checker.verify_candidates(query, candidates, workers=1)
+    two = checker.verify_candidates(query, candidates, workers=2)
     # two at a time, the round of a sure copy is verified whole: at most one more candidate
     verified_one = {k for k, v in enumerate(one) if v is not None}
     verified_two = {k for k, v in enumerate(two) if v is not None}

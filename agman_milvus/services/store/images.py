@@ -35,6 +35,8 @@ class ImageInfo:
     colour: str | None
     extra: dict[str, Any]
     product_deleted: bool
+    sha256: str
+    phash: int | None  # signed 64-bit, as stored
 
     def metadata(self) -> dict[str, Any]:
         """Typed product fields plus the ``extra`` bag, as one flat dict."""
@@ -102,6 +104,8 @@ class ImageRepository(Repository):
         """The rows of ``image_ids`` by id (missing ids are simply absent)."""
         ids = list(image_ids)
         out: dict[int, Image] = {}
+        if not ids:
+            return out
         with self.sessions() as s:
             for chunk in chunks(ids):
                 out.update((i.id, i) for i in s.scalars(select(Image).where(Image.id.in_(chunk))))
@@ -274,7 +278,7 @@ class ImageRepository(Repository):
             return int(s.scalar(stmt) or 0)
 
     def info(self, image_ids: Sequence[int]) -> dict[int, ImageInfo]:
-        """Product metadata for a list of image ids (missing ids are simply absent)."""
+        """Images with their product metadata, by id (missing ids are simply absent)."""
         out: dict[int, ImageInfo] = {}
         with self.sessions() as s:
             for chunk in chunks(list(image_ids)):
@@ -288,6 +292,6 @@ class ImageRepository(Repository):
                         source_uri=image.source_uri, status=image.status, title=product.title,
                         brand=product.brand, category=product.category, gender=product.gender,
                         colour=product.colour, extra=dict(product.extra or {}),
-                        product_deleted=product.deleted,
+                        product_deleted=product.deleted, sha256=image.sha256, phash=image.phash,
                     )
         return out
