@@ -51,3 +51,7 @@ class UseCase:
         """Built from a :class:`agman_milvus.services.container.Services`."""
         return cls(services.embedder, services.vectors, services.catalog,
                    settings=services.settings, blobs=services.blobs)
+
+    def load_image(self, source: ImageSource) -> Image.Image:
+        """A query image (:func:`load_query_image`) under this deployment's limits and blobs."""
+        return load_query_image(source, settings=self.settings, blobs=self.blobs)

@@ -73,7 +73,7 @@ from agman_milvus.services.local_features import LocalFeatureCache, cache_root
 from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus, IndexedSource
 from agman_milvus.services.store.vectors import COPY as COPY_COLLECTION
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
-from agman_milvus.usecases.base import UseCase, load_query_image
+from agman_milvus.usecases.base import UseCase
 
 __all__ = [
     "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
@@ -276,9 +276,6 @@ class CopyChecker(UseCase):
     @thresholds.setter
     def thresholds(self, value: CopyThresholds) -> None:
         self._thresholds = value
-
-    def load_image(self, source: ImageSource) -> Image.Image:
-        return load_query_image(source, settings=self.settings, blobs=self.blobs)
 
     def check(self, image: ImageSource, top_k: int = 5) -> CopyCheck:
         """Check one image (path, URI, bytes or PIL image); matches best first."""

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.services.store.catalog import ImageInfo, ImageStatus
 from agman_milvus.services.store.filters import FilterValue
 from agman_milvus.services.store.vectors import MAX_TOP_K, Hit
-from agman_milvus.usecases.base import UseCase, load_query_image
+from agman_milvus.usecases.base import UseCase
 
 __all__ = [
     "Filters", "Fusion", "ProductNotFoundError", "SearchHit", "SearchService",
@@ -72,9 +71,6 @@ class SearchService(UseCase):
     def schema(self):  # noqa: ANN201 - AttributeSchema
         return self.vectors.schema
 
-    def _image(self, image: ImageSource) -> Image.Image:
-        return load_query_image(image, settings=self.settings, blobs=self.blobs)
-
     # -- single attribute ----------------------------------------------------------------------
     def search(
         self, image: ImageSource, attribute: str | int, top_k: int = 10,
@@ -87,7 +83,7 @@ class SearchService(UseCase):
         """
         attr = self.schema[self.schema.resolve(attribute)].name
         _check_top_k(top_k)
-        vector = self.embedder.embed([self._image(image)], attr)[0]
+        vector = self.embedder.embed([self.load_image(image)], attr)[0]
         return self.search_vectors(attr, [vector], top_k, filters)
 
     def search_vectors(
@@ -178,7 +174,7 @@ class SearchService(UseCase):
         if fusion not in ("weighted", "rrf"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'weighted' or 'rrf'")
         _check_top_k(top_k)
-        encoded = self.embedder.encode([self._image(image)]).embeddings[0]  # [K, D]
+        encoded = self.embedder.encode([self.load_image(image)]).embeddings[0]  # [K, D]
         queries = {a: encoded[self.schema.index(a)] for a in resolved}
         k_prime = candidates or max(10 * top_k, 100)
         if fusion == "rrf":
