@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 
+from agman_milvus.core.config import Precision
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.core.runtime import inference_autocast
 from agman_milvus.training.datasets import ImageTable, decode_image
@@ -27,10 +28,13 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU: training and evaluation stay float32 there, where
-    the service may compute in bfloat16 (:func:`~agman_milvus.core.runtime.inference_autocast`)."""
-    return inference_autocast(device, "auto" if device.type == "cuda" else "float32")
+def autocast(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:
+    """Autocast for ``precision`` (:func:`~agman_milvus.core.runtime.inference_autocast`); by
+    default bf16 on CUDA and nothing on CPU: training and evaluation stay float32 there, where
+    the service may compute in bfloat16 (``precision`` "auto" evaluates as it would)."""
+    if precision is None:
+        precision = "auto" if device.type == "cuda" else "float32"
+    return inference_autocast(device, precision)
 
 
 @contextlib.contextmanager
@@ -53,8 +57,10 @@ def embed_labels(
     batch_size: int = 64,
     workers: int = 2,
     progress: Progress | None = None,
+    precision: Precision | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Embed each labelled image for its attribute: (embeddings, attributes, values, dropped)."""
+    """Embed each labelled image for its attribute: (embeddings, attributes, values, dropped);
+    ``precision``: :func:`autocast`'s."""
     device = next(model.parameters()).device
 
     def decode(label: Label) -> Decoded:
@@ -65,7 +71,7 @@ def embed_labels(
 
     def embed(inputs: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
         images, attribute = inputs
-        with autocast(device):
+        with autocast(device, precision):
             emb = model.embed(images.to(device, non_blocking=True), attribute.to(device))
         return emb.float().cpu().numpy()
 
@@ -98,12 +104,12 @@ def evaluate_map(
     batch_size: int = 64,
     workers: int = 2,
     progress: Progress | None = None,
+    precision: Precision | None = None,
 ) -> MAPResult:
-    """Per-attribute and overall MAP (x100) of ``model`` on ``split``."""
-    q = embed_labels(model, split.queries, table, batch_size=batch_size, workers=workers, progress=progress)
-    c = embed_labels(
-        model, split.candidates, table, batch_size=batch_size, workers=workers, progress=progress
-    )
+    """Per-attribute and overall MAP (x100) of ``model`` on ``split`` (``precision``:
+    :func:`autocast`'s)."""
+    q, c = (embed_labels(model, labels, table, batch_size=batch_size, workers=workers, progress=progress,
+                         precision=precision) for labels in (split.queries, split.candidates))
     if q[3] or c[3]:
         logger.warning("evaluation skipped %d undecodable image(s)", q[3] + c[3])
     names = dict(enumerate(model.schema.names))
@@ -119,8 +125,10 @@ def evaluate_triplets(
     batch_size: int = 64,
     workers: int = 2,
     progress: Progress | None = None,
+    precision: Precision | None = None,
 ) -> float:
-    """TR accuracy (x100): s(anchor, positive) > s(anchor, negative), all with the condition."""
+    """TR accuracy (x100): s(anchor, positive) > s(anchor, negative), all with the condition
+    (``precision``: :func:`autocast`'s)."""
     device = next(model.parameters()).device
 
     def decode(triplet: Triplet) -> Decoded:
@@ -135,7 +143,7 @@ def evaluate_triplets(
     def similarities(inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         ids = inputs[3].to(device)
         a, n, p = (x.to(device) for x in inputs[:3])
-        with autocast(device):
+        with autocast(device, precision):
             ea, en, ep = model.embed(a, ids), model.embed(n, ids), model.embed(p, ids)
         positive = (ea.float() * ep.float()).sum(1)
         negative = (ea.float() * en.float()).sum(1)

@@ -16,7 +16,7 @@ import torch
 
 from agman_milvus.core.model import CheckpointError, build_model, load_checkpoint
 from agman_milvus.training.datasets import TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.training.evaluate import evaluate_map
+from agman_milvus.training.evaluate import embed_labels, evaluate_map
 from agman_milvus.training.readers import Triplet
 from agman_milvus.training.sampler import TripletSampler
 from agman_milvus.training.sources import catalog_source
@@ -154,7 +154,31 @@ def test_cli_train_then_eval(catalog: Path, tmp_path: Path) -> None:
     scores = json.loads(report.read_text())
     assert set(scores["per_attribute"]) == {"colour", "mark"}
     assert scores["overall_map"] == pytest.approx(best, abs=1e-3)
-    assert "overall" in result.output
+    assert scores["precision"] == "float32" and "overall" in result.output
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.safetensors"), *data,
+                                 "--split", "valid", "--workers", "0", "--precision", "bfloat16",
+                                 "-o", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["precision"] == "bfloat16" and "(bfloat16)" in result.output
+    refused = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.safetensors"), *data,
+                                  "--precision", "float16"])
+    assert refused.exit_code != 0 and "--precision is one of" in refused.output
+
+
+def test_evaluation_embeds_in_the_precision_asked_for(catalog: Path) -> None:
+    """``precision`` "bfloat16" computes the embeddings in bfloat16 (as the service may), close
+    to float32's but not equal to them; the default stays float32 on CPU."""
+    source = catalog_source(catalog, ["colour", "mark"], min_count=2, seed=0,
+                            test_fraction=0.0, valid_fraction=0.4)
+    torch.manual_seed(0)
+    model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", image_size=48)
+    labels = source.valid.queries[:32]
+    default, as_float32, as_bfloat16 = (
+        embed_labels(model, labels, source.valid_table, workers=0, precision=p)[0]
+        for p in (None, "float32", "bfloat16"))
+    assert np.array_equal(default, as_float32)
+    assert not np.array_equal(as_float32, as_bfloat16)
+    assert np.abs(as_float32 - as_bfloat16).max() < 0.05
 
 
 def test_no_cls_loss_switch(catalog: Path, tmp_path: Path) -> None:

@@ -266,11 +266,17 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, min=0, help="Threads decoding images ahead of the model"),
         device: str = typer.Option("auto"),
         threads: int | None = typer.Option(None, min=1),
+        precision: str = typer.Option("float32", help="float32, bfloat16, or auto: as the service "
+                                      "embeds (AGMAN_PRECISION; bfloat16 on CUDA and on CPUs that "
+                                      "compute it natively)"),
     ) -> None:
         """MAP per attribute and overall with 95% bootstrap intervals over queries (or TR accuracy
         for Zappos triplets)."""
+        from typing import get_args
+
         import torch
 
+        from agman_milvus.core.config import Precision
         from agman_milvus.core.model import load_checkpoint
         from agman_milvus.training.datasets import ImageTable
         from agman_milvus.training.evaluate import evaluate_map, evaluate_triplets
@@ -280,6 +286,8 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
+        if precision not in get_args(Precision):
+            raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
         if fold_valid and linear_probe is None:
@@ -292,8 +300,8 @@ def register(app: typer.Typer) -> None:
             table = ImageTable(images or zappos, read_zappos_filenames(zappos / "filenames.json"))
             triplets = read_zappos_triplets(zappos / "tripletlists", split if split != "valid" else "val",
                                             zappos_triplets)
-            accuracy = evaluate_triplets(net, triplets, table, batch_size=batch_size)
-            result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets)}
+            accuracy = evaluate_triplets(net, triplets, table, batch_size=batch_size, precision=precision)
+            result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets), "precision": precision}
             typer.echo(f"TR accuracy: {accuracy:.2f}% over {len(triplets)} triplets")
         else:
             if fold_valid and split == "valid":
@@ -313,10 +321,12 @@ def register(app: typer.Typer) -> None:
                 name = f"untrained ImageNet {imagenet_floor}"
             net = net.to(resolve_device(device))
             retrieval, table = source.split(split)
-            result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers)
+            result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers,
+                                  precision=precision)
             intervals = result.intervals()
-            _map_table(f"{name} — {split} MAP", result, intervals)
-            result_json = {"model": name, "split": split, **result.to_json(), "ci95": intervals}
+            _map_table(f"{name} — {split} MAP ({precision})", result, intervals)
+            result_json = {"model": name, "split": split, "precision": precision, **result.to_json(),
+                           "ci95": intervals}
             if linear_probe is not None:
                 result_json["probe_training_labels"] = len(source.train)
         if output is not None:
