@@ -266,9 +266,10 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, min=0, help="Threads decoding images ahead of the model"),
         device: str = typer.Option("auto"),
         threads: int | None = typer.Option(None, min=1),
-        precision: str = typer.Option("float32", help="float32, bfloat16, or auto: as the service "
-                                      "embeds (AGMAN_PRECISION; bfloat16 on CUDA and on CPUs that "
-                                      "compute it natively)"),
+        precision: str | None = typer.Option(None, help="float32, bfloat16, or auto: as the service "
+                                             "embeds (AGMAN_PRECISION: bfloat16 on CUDA and on CPUs "
+                                             "that compute it natively); default float32 on CPU, "
+                                             "auto on CUDA"),
     ) -> None:
         """MAP per attribute and overall with 95% bootstrap intervals over queries (or TR accuracy
         for Zappos triplets)."""
@@ -286,8 +287,10 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        if precision not in get_args(Precision):
+        if precision is not None and precision not in get_args(Precision):
             raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
+        on = resolve_device(device)
+        precision = precision or ("auto" if on.type == "cuda" else "float32")
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
         if fold_valid and linear_probe is None:
@@ -296,7 +299,7 @@ def register(app: typer.Typer) -> None:
         if zappos is not None:
             if checkpoint is None:
                 raise typer.BadParameter("--zappos needs --checkpoint")
-            net = load_checkpoint(checkpoint).to(resolve_device(device))
+            net = load_checkpoint(checkpoint).to(on)
             table = ImageTable(images or zappos, read_zappos_filenames(zappos / "filenames.json"))
             triplets = read_zappos_triplets(zappos / "tripletlists", split if split != "valid" else "val",
                                             zappos_triplets)
@@ -319,7 +322,7 @@ def register(app: typer.Typer) -> None:
             else:
                 net = PooledImageNetFeatures(source.schema, imagenet_floor or "", image_size)
                 name = f"untrained ImageNet {imagenet_floor}"
-            net = net.to(resolve_device(device))
+            net = net.to(on)
             retrieval, table = source.split(split)
             result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers,
                                   precision=precision)
