@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from agman_milvus.core.model import CheckpointError, build_model, load_checkpoint
+from agman_milvus.core.runtime import native_bfloat16_cpu
 from agman_milvus.training.datasets import TrainTransform, TripletDataset, collate_skipping
 from agman_milvus.training.evaluate import embed_labels, evaluate_map
 from agman_milvus.training.readers import Triplet
@@ -160,6 +161,11 @@ def test_cli_train_then_eval(catalog: Path, tmp_path: Path) -> None:
                                  "-o", str(report)])
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["precision"] == "bfloat16" and "(bfloat16)" in result.output
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.safetensors"), *data,
+                                 "--split", "valid", "--workers", "0", "--precision", "auto",
+                                 "-o", str(report)])
+    assert result.exit_code == 0, result.output  # "auto" is recorded as what it computed in here
+    assert json.loads(report.read_text())["precision"] == ("bfloat16" if native_bfloat16_cpu() else "float32")
     refused = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.safetensors"), *data,
                                   "--precision", "float16"])
     assert refused.exit_code != 0 and "--precision is one of" in refused.output

@@ -279,6 +279,7 @@ def register(app: typer.Typer) -> None:
 
         from agman_milvus.core.config import Precision
         from agman_milvus.core.model import load_checkpoint
+        from agman_milvus.core.runtime import uses_bfloat16
         from agman_milvus.training.datasets import ImageTable
         from agman_milvus.training.evaluate import evaluate_map, evaluate_triplets
         from agman_milvus.training.floor import PooledImageNetFeatures
@@ -291,6 +292,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
         on = resolve_device(device)
         precision = precision or ("auto" if on.type == "cuda" else "float32")
+        computed = "bfloat16" if uses_bfloat16(on, precision) else "float32"  # what "auto" is here
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
         if fold_valid and linear_probe is None:
@@ -304,7 +306,7 @@ def register(app: typer.Typer) -> None:
             triplets = read_zappos_triplets(zappos / "tripletlists", split if split != "valid" else "val",
                                             zappos_triplets)
             accuracy = evaluate_triplets(net, triplets, table, batch_size=batch_size, precision=precision)
-            result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets), "precision": precision}
+            result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets), "precision": computed}
             typer.echo(f"TR accuracy: {accuracy:.2f}% over {len(triplets)} triplets")
         else:
             if fold_valid and split == "valid":
@@ -327,8 +329,8 @@ def register(app: typer.Typer) -> None:
             result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers,
                                   precision=precision)
             intervals = result.intervals()
-            _map_table(f"{name} — {split} MAP ({precision})", result, intervals)
-            result_json = {"model": name, "split": split, "precision": precision, **result.to_json(),
+            _map_table(f"{name} — {split} MAP ({computed})", result, intervals)
+            result_json = {"model": name, "split": split, "precision": computed, **result.to_json(),
                            "ci95": intervals}
             if linear_probe is not None:
                 result_json["probe_training_labels"] = len(source.train)
