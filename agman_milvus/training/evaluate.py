@@ -18,7 +18,7 @@ import torch
 
 from agman_milvus.core.config import Precision
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
-from agman_milvus.core.runtime import inference_autocast
+from agman_milvus.core.runtime import inference_autocast, uses_bfloat16
 from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.metrics import MAPResult, mean_average_precision, triplet_accuracy
 from agman_milvus.training.readers import Label, RetrievalSplit, Triplet
@@ -28,13 +28,19 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
-def autocast(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:
-    """Autocast for ``precision`` (:func:`~agman_milvus.core.runtime.inference_autocast`); by
-    default bf16 on CUDA and nothing on CPU: training and evaluation stay float32 there, where
-    the service may compute in bfloat16 (``precision`` "auto" evaluates as it would)."""
+def computed_precision(device: torch.device, precision: Precision | None = None) -> Precision:
+    """What evaluation on ``device`` computes in for ``precision``: "bfloat16" or "float32"
+    (:func:`~agman_milvus.core.runtime.uses_bfloat16`). By default bfloat16 on CUDA and float32
+    on CPU: training and evaluation stay float32 there, where the service may compute in
+    bfloat16 (``precision`` "auto" evaluates as it would)."""
     if precision is None:
         precision = "auto" if device.type == "cuda" else "float32"
-    return inference_autocast(device, precision)
+    return "bfloat16" if uses_bfloat16(device, precision) else "float32"
+
+
+def autocast(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:
+    """Autocast for what ``precision`` computes in on ``device`` (:func:`computed_precision`)."""
+    return inference_autocast(device, computed_precision(device, precision))
 
 
 @contextlib.contextmanager

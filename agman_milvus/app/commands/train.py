@@ -279,9 +279,8 @@ def register(app: typer.Typer) -> None:
 
         from agman_milvus.core.config import Precision
         from agman_milvus.core.model import load_checkpoint
-        from agman_milvus.core.runtime import uses_bfloat16
         from agman_milvus.training.datasets import ImageTable
-        from agman_milvus.training.evaluate import evaluate_map, evaluate_triplets
+        from agman_milvus.training.evaluate import computed_precision, evaluate_map, evaluate_triplets
         from agman_milvus.training.floor import PooledImageNetFeatures
         from agman_milvus.training.trainer import resolve_device
         from agman_milvus.training.zappos import read_zappos_filenames, read_zappos_triplets
@@ -291,8 +290,7 @@ def register(app: typer.Typer) -> None:
         if precision is not None and precision not in get_args(Precision):
             raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
         on = resolve_device(device)
-        precision = precision or ("auto" if on.type == "cuda" else "float32")
-        computed = "bfloat16" if uses_bfloat16(on, precision) else "float32"  # what "auto" is here
+        computed = computed_precision(on, precision)  # what "auto" (or no option) is here
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
         if fold_valid and linear_probe is None:
@@ -305,7 +303,7 @@ def register(app: typer.Typer) -> None:
             table = ImageTable(images or zappos, read_zappos_filenames(zappos / "filenames.json"))
             triplets = read_zappos_triplets(zappos / "tripletlists", split if split != "valid" else "val",
                                             zappos_triplets)
-            accuracy = evaluate_triplets(net, triplets, table, batch_size=batch_size, precision=precision)
+            accuracy = evaluate_triplets(net, triplets, table, batch_size=batch_size, precision=computed)
             result_json: dict = {"tr_accuracy": accuracy, "triplets": len(triplets), "precision": computed}
             typer.echo(f"TR accuracy: {accuracy:.2f}% over {len(triplets)} triplets")
         else:
@@ -327,7 +325,7 @@ def register(app: typer.Typer) -> None:
             net = net.to(on)
             retrieval, table = source.split(split)
             result = evaluate_map(net, retrieval, table, batch_size=batch_size, workers=workers,
-                                  precision=precision)
+                                  precision=computed)
             intervals = result.intervals()
             _map_table(f"{name} — {split} MAP ({computed})", result, intervals)
             result_json = {"model": name, "split": split, "precision": computed, **result.to_json(),
