@@ -239,9 +239,10 @@ class Client:
 
         return SearchService.from_services(self.services)
 
-    def _load_image(self, source: ImageSource) -> Any:
-        """A query or catalogue image as the copy checker reads it (allowed roots, blob store),
-        without loading the model: a report's pictures need no checker."""
+    def load_image(self, source: ImageSource) -> Any:
+        """A query or catalogue image (path, URI, ``blob://`` id, bytes or PIL image) as the
+        service reads it: under this deployment's allowed roots and size limits, from its blob
+        store; without loading the model (a report's pictures need no checker)."""
         from agman_milvus.usecases.base import load_query_image
 
         return load_query_image(source, settings=self.services.settings, blobs=self.services.blobs)
@@ -281,7 +282,7 @@ class Client:
         from agman_milvus.usecases.reports import copy_check_report, write_html
 
         return write_html(copy_check_report(str(image), check), Path(path),
-                          self._load_image, title=f"Copy check: {image}")
+                          self.load_image, title=f"Copy check: {image}")
 
     def calibrate_copy(self, precision: float = 0.99, sample: int = 300, seed: int = 0) -> Any:
         """Recalibrate the copy thresholds on edited copies of this catalogue's images."""
@@ -316,7 +317,7 @@ class Client:
             send_screening_job(create_app(self.settings), job_id, [c.start for c in chunks])
         else:
             thread = start_thread(job_id, self._copy_checker())
-        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self._load_image)
+        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self.load_image)
 
     def resume_screening(self, job_id: int) -> Any:
         """Go on with screening job ``job_id`` from where it stopped; returns its handle.
@@ -341,7 +342,7 @@ class Client:
                 send_screening_job(create_app(self.settings), job_id, starts)
         else:
             thread = resume_in_thread(job, self._copy_checker())
-        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self._load_image)
+        return ScreeningJobHandle(self.services.catalog, job_id, thread=thread, loader=self.load_image)
 
     def screening_jobs(self, limit: int = 20) -> list[Any]:
         """The ``limit`` newest screening jobs (``JobSummary``: id, status, done/total, times,
@@ -352,7 +353,7 @@ class Client:
         """A handle on an existing screening job."""
         from agman_milvus.usecases.screening import ScreeningJobHandle
 
-        return ScreeningJobHandle(self.services.catalog, job_id, loader=self._load_image)
+        return ScreeningJobHandle(self.services.catalog, job_id, loader=self.load_image)
 
 
 def _event(n: int, item: Any) -> tuple[Any, Any, Mapping[str, Any] | None]:

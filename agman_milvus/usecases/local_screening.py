@@ -120,7 +120,7 @@ def run_locally(job_id: int, checker: CopyChecker, processes: int) -> ScreeningJ
     (:func:`run_chunks_in_processes`), what they leave (or everything) in this thread
     (:func:`~agman_milvus.usecases.screening.run_job`); returns the job's final row."""
     jobs = checker.catalog.screening_jobs
-    if processes > 1 and jobs.get(job_id).status != JobStatus.done:
+    if processes > 1 and jobs.summary(job_id).status != JobStatus.done.value:
         jobs.start(job_id)
         starts = [c.start for c in jobs.chunks(job_id) if c.done < c.stop - c.start]
         run_chunks_in_processes(job_id, checker, starts, processes)

@@ -50,10 +50,8 @@ def register(app: typer.Typer) -> None:
                     table.add_row(str(rank), h.product_id, f"{h.score:.4f}", str(h.image_id), meta)
                 Console().print(table)
             if html is not None:
-                from agman_milvus.usecases.base import load_query_image
                 from agman_milvus.usecases.reports import search_page_html
 
-                services = client.services
-                loader = lambda ref: load_query_image(ref, settings=services.settings, blobs=services.blobs)  # noqa: E731
-                html.write_text(search_page_html(loader(image), attribute, hits, loader), encoding="utf-8")
+                page = search_page_html(client.load_image(image), attribute, hits, client.load_image)
+                html.write_text(page, encoding="utf-8")
                 typer.echo(f"wrote {html}")

@@ -514,12 +514,10 @@ def _held_out_queries(data: DemoSplit) -> list[_Query]:
 
 
 def _load(client: Any, uri: str | None) -> Image.Image | None:
-    from agman_milvus.usecases.base import load_query_image
-
     if uri is None:
         return None
     try:
-        return load_query_image(uri, settings=client.settings, blobs=client.services.blobs)
+        return client.load_image(uri)
     except Exception as error:  # noqa: BLE001 - a missing thumbnail must not sink the run
         logger.warning("cannot load %s for the page: %s", uri, error)
         return None
@@ -530,7 +528,6 @@ def _attribute_searches(client: Any, queries: list[_Query], items: list[Any], na
                         ) -> tuple[list[AttributeFigures], list[page.SearchResult]]:
     """Search every held-out image in every attribute it has a label for (one backbone pass per
     image, one batched Milvus search per attribute and chunk) against the ingested ``items``."""
-    from agman_milvus.usecases.base import load_query_image
     from agman_milvus.usecases.search import SearchService
 
     searcher = SearchService.from_services(client.services)
@@ -543,7 +540,7 @@ def _attribute_searches(client: Any, queries: list[_Query], items: list[Any], na
     chunk = 16
     for start in range(0, len(queries), chunk):
         part = queries[start:start + chunk]
-        images = [load_query_image(q.path, settings=client.settings) for q in part]
+        images = [client.load_image(q.path) for q in part]
         embeddings = embedder.encode(images).embeddings  # [B, K, D]
         for a, name in enumerate(names):
             for n, query in enumerate(part):

@@ -12,7 +12,7 @@ again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -48,14 +48,13 @@ class JobSummary:
                 "finished_at": self.finished_at.isoformat() if self.finished_at else None}
 
 
-_SUMMARY_COLUMNS = (ScreeningJob.id, ScreeningJob.status, ScreeningJob.done, ScreeningJob.total,
-                    ScreeningJob.created_at, ScreeningJob.finished_at, ScreeningJob.error)
+#: The ``screening_jobs`` columns a :class:`JobSummary` holds, one a field.
+_SUMMARY_COLUMNS = tuple(getattr(ScreeningJob, f.name) for f in fields(JobSummary))
 
 
 def _summary(row: Any) -> JobSummary:
     """A :data:`_SUMMARY_COLUMNS` row as a :class:`JobSummary`."""
-    return JobSummary(int(row.id), row.status.value, row.done, row.total, row.created_at, row.finished_at,
-                      row.error)
+    return JobSummary(**{**row._mapping, "id": int(row.id), "status": row.status.value})
 
 
 class ScreeningJobRepository(Repository):
