@@ -12,7 +12,9 @@
 #   the same trunk), TUNE_MID_BLOCKS (product: fine-tune the mid level's last N blocks; default:
 #   the recipe's, 3 on efficientnet_lite0), FOLD_VALID (1, the product default: the models and the
 #   probe learn from the valid images too and each model's last epoch is kept, `--fold-valid`;
-#   0, the paper default: the valid split picks each model's best epoch).
+#   0, the paper default: the valid split picks each model's best epoch), PRECISION (what the
+#   training steps compute in, `agman train --precision`: default float32 on CPU; bfloat16 or auto
+#   train in bfloat16 on a CPU that computes it natively, 1.2x the epochs' speed, docs/results.md).
 # product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors; without the mid level's last 3 blocks, which are fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64
@@ -41,14 +43,15 @@ if [ "$RECIPE" = product ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-224}
   COMMON=(--recipe product --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
-          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} "${FOLD[@]}"
+          ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} ${PRECISION:+--precision "$PRECISION"} "${FOLD[@]}"
           --cache-path "$RUN_DIR/feature_cache.safetensors")
 else
   IMAGE_SIZE=${IMAGE_SIZE:-128}
   COMMON=(--recipe paper --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-16}" --triplets-per-epoch 1600 --batch-size 16 --lr 1e-4 --step-size 3
           --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads 1
-          --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors" "${FOLD[@]}")
+          --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors" "${FOLD[@]}"
+          ${PRECISION:+--precision "$PRECISION"})
 fi
 EVAL=("${DATA[@]}" --split test --workers 1 --threads 1)
 

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from agman_milvus.core.config import Precision
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.evaluate import autocast, evaluating
@@ -84,10 +85,12 @@ class FeatureCache:
         progress: Callable[[int], None] | None = None,
         mid_only: bool = False,
         tail_blocks: int = 0,
+        precision: Precision | None = None,
     ) -> FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
-        ``workers`` threads decoding the next batch meanwhile; ``mid_only`` keeps float16 mid maps
-        (without the mid level's last ``tail_blocks`` blocks)."""
+        ``workers`` threads decoding the next batch meanwhile, computing in ``precision``
+        (:func:`~agman_milvus.training.evaluate.autocast`'s); ``mid_only`` keeps float16 mid maps
+        (without the mid level's last ``tail_blocks`` blocks), else both levels' in float32."""
         if tail_blocks and not mid_only:
             raise ValueError("a cache of high maps cannot leave mid-level blocks out")
         device = next(trunk.parameters()).device
@@ -98,12 +101,14 @@ class FeatureCache:
         def trunk_maps(batch: torch.Tensor) -> TrunkMaps:
             variants = [(False, batch)] + ([(True, batch.flip(-1))] if with_flips else [])
             out = []
-            for flipped, x in variants:
-                if mid_only:
-                    out.append((flipped, trunk.forward_frozen(x.to(device), tail_blocks).half().cpu(), None))
-                    continue
-                mid = trunk.forward_mid(x.to(device))
-                out.append((flipped, mid.cpu(), trunk.forward_high(mid).cpu()))
+            with autocast(device, precision):
+                for flipped, x in variants:
+                    if mid_only:
+                        mid = trunk.forward_frozen(x.to(device), tail_blocks)
+                        out.append((flipped, mid.half().cpu(), None))
+                        continue
+                    mid = trunk.forward_mid(x.to(device))
+                    out.append((flipped, mid.float().cpu(), trunk.forward_high(mid).float().cpu()))
             return out
 
         mids, highs, keys = [], [], []

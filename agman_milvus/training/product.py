@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agman_milvus.core.config import Precision
 from agman_milvus.training.datasets import ImageTable
-from agman_milvus.training.evaluate import autocast
+from agman_milvus.training.evaluate import autocast, computed_precision
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import in_batch_triplet_loss
 from agman_milvus.training.metrics import MAPResult
@@ -83,10 +84,15 @@ class ProductConfig:
     workers: int = 2
     eval_batch_size: int = 64
     threads: int | None = None
+    #: What the feature cache and the training steps compute in
+    #: (:func:`~agman_milvus.training.evaluate.computed_precision`): by default bfloat16 on CUDA
+    #: and float32 on CPU; "auto" or "bfloat16" also bfloat16 on a CPU that computes it natively
+    #: (docs/results.md, "bfloat16 training on CPU").
+    precision: Precision | None = None
 
     def recipe_json(self) -> dict[str, Any]:
-        """The fields that change the trained weights (not where files go or how many threads)."""
-        runtime = ("output_dir", "cache_path", "device", "workers", "eval_batch_size", "threads")
+        """The fields that change the trained weights (not where files go, on what or how)."""
+        runtime = ("output_dir", "cache_path", "device", "workers", "eval_batch_size", "threads", "precision")
         return {k: v for k, v in asdict(self).items() if k not in runtime}
 
     def to_json(self) -> dict[str, Any]:
@@ -193,13 +199,14 @@ class ProductTrainer(RunFiles):
             "tail_blocks": self.config.tuned_mid_blocks,
             "trunk_sha256": weights_digest(model.trunk.state_dict()),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
+            "precision": computed_precision(self.device, self.config.precision),
             "train": [str(self.table.path(i)) for i in self.images],
             "valid": [str(self.table.path(i)) for i in valid_images],
         }
         return FeatureCache.load_or_build(
             self.config.cache_path, meta, model.trunk, self.table, self.images, valid_images,
             model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
-            progress=callbacks.on_eval, mid_only=True,
+            progress=callbacks.on_eval, mid_only=True, precision=self.config.precision,
             on_build=(lambda n: callbacks.on_epoch_start(0, n)) if callbacks.on_epoch_start else None)
 
     def _train_epoch(self, epoch: int, scheduler, callbacks: Callbacks) -> float:
@@ -238,7 +245,7 @@ class ProductTrainer(RunFiles):
     def _loss(self, rows: torch.Tensor, values: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor | None:
         """Mean over the batch's labelled attributes of proxy loss + in-batch triplet loss."""
-        with autocast(self.device):
+        with autocast(self.device, self.config.precision):
             embeddings = self.model.head_embeddings(rows.to(self.device))  # [B, K, D]
         parts = []
         for attribute in range(values.shape[1]):

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from agman_milvus.core.config import Precision
 from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
+from agman_milvus.training.evaluate import autocast, computed_precision, evaluate_map, evaluate_triplets
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import triplet_objective
 from agman_milvus.training.readers import RetrievalSplit, Triplet
@@ -68,6 +69,9 @@ class TrainConfig:
     workers: int = 2
     eval_batch_size: int = 64
     threads: int | None = None
+    #: What the feature cache and the training steps compute in
+    #: (:func:`~agman_milvus.training.evaluate.computed_precision`).
+    precision: Precision | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -329,6 +333,7 @@ class Trainer(RunFiles):
         meta = {
             "trunk": model.trunk.name, "trunk_sha256": _mid_high_digest(model.trunk),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
+            "precision": computed_precision(self.device, self.config.precision),
             "train": [str(self.table.path(i)) for i in train_images],
             "valid": [str(self.valid_table.path(i)) for i in valid_images],
         }
@@ -337,7 +342,7 @@ class Trainer(RunFiles):
         return FeatureCache.load_or_build(
             self.config.cache_path, meta, model.trunk, self.table, train_images, valid_images,
             model.preprocess, batch_size=self.config.eval_batch_size, workers=self.config.workers,
-            progress=callbacks.on_eval)
+            progress=callbacks.on_eval, precision=self.config.precision)
 
     def _train_epoch_cached(self, epoch: int, triplets: list[Triplet], callbacks: Callbacks) -> _Running:
         cache = self.cache
@@ -369,7 +374,7 @@ class Trainer(RunFiles):
 
     def _step(self, fields: list[torch.Tensor], running: _Running) -> None:
         anchor, negative, positive, attributes = (f.to(self.device, non_blocking=True) for f in fields)
-        with autocast(self.device):
+        with autocast(self.device, self.config.precision):
             # Three separate passes, as the reference: BN statistics per group of B images.
             if self.use_cls:
                 outputs = [self.model(x, attributes) for x in (anchor, negative, positive)]

@@ -99,6 +99,32 @@ def test_product_recipe_fine_tunes_the_mid_levels_last_blocks_on_request(catalog
     assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
 
 
+def test_product_recipe_trains_in_bfloat16_on_request(catalog: Path, tmp_path: Path) -> None:
+    """``precision`` "bfloat16" builds the feature cache and runs the training steps under
+    bfloat16 autocast, on CPU too: the same seed trains other weights than float32 (the CPU's
+    default), and a working model; a cache built in one precision is not reused in the other."""
+    source = _source(catalog)
+    tuned: dict[str, dict[str, torch.Tensor]] = {}
+    mids: dict[str, torch.Tensor] = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late",
+                            pretrained="imagenet", image_size=64)
+        config = ProductConfig(output_dir=tmp_path / precision, epochs=2, batch_size=16, device="cpu",
+                               workers=0, threads=1, precision=precision, cache_path=tmp_path / "cache")
+        trainer = ProductTrainer(model, config, source.train, source.train_table, valid=source.valid)
+        record = trainer.fit()[-1]
+        assert np.isfinite(record["loss"]) and record["valid_map"] > 50
+        tuned[precision] = {k: v for k, v in model.trunk.state_dict().items() if k.startswith("features.18.")}
+        mids[precision] = trainer.cache.mid
+    assert mids["bfloat16"].dtype == torch.float16 and not torch.equal(mids["float32"], mids["bfloat16"])
+    exact, rounded = mids["float32"].float(), mids["bfloat16"].float()  # the same trunk's maps
+    assert float((exact - rounded).abs().mean()) < 0.25 * float(exact.abs().mean())
+    assert not all(torch.equal(tuned["float32"][k], v) for k, v in tuned["bfloat16"].items())
+    weights = {v.dtype for v in tuned["bfloat16"].values() if v.is_floating_point()}
+    assert weights == {torch.float32}
+
+
 def test_product_recipe_learns_the_attributes(catalog: Path, tmp_path: Path) -> None:
     source = _source(catalog)
     torch.manual_seed(0)
@@ -129,8 +155,10 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert "valid MAP" in result.output and ", mark " in result.output  # per-attribute valid MAP
     product = read_checkpoint_config(tmp_path / "product" / "best.safetensors")
     assert (product["taps"], product["backbone"]) == ("late", "efficientnet_lite0")
-    # Lite0's recipe fine-tunes its mid level's last 3 blocks; other trunks none unless asked
-    assert json.loads((tmp_path / "product" / "config.json").read_text())["tuned_mid_blocks"] == 3
+    # Lite0's recipe fine-tunes its mid level's last 3 blocks; other trunks none unless asked;
+    # the steps compute in float32 on CPU unless asked
+    product_json = json.loads((tmp_path / "product" / "config.json").read_text())
+    assert (product_json["tuned_mid_blocks"], product_json["precision"]) == (3, "float32")
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common,
                                  "--batch-size", "16", "--backbone", "mobilenet_v2", "--random-init",
                                  "--epochs", "1", "--fold-valid"])
@@ -139,17 +167,21 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     mnv2 = json.loads((tmp_path / "mnv2" / "config.json").read_text())
     assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True
     assert (tmp_path / "mnv2" / "best.safetensors").exists()  # the last epoch
+    refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "f16"), *common,
+                                  "--precision", "float16"])
+    assert refused.exit_code == 2 and "--precision is one of" in refused.output
     refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "ref"), "--refdata", str(tmp_path),
                                   "--images", str(tmp_path), "--fold-valid"])
     assert refused.exit_code == 2 and "--fold-valid needs --catalog" in refused.output
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "paper"), *common,
                                  "--recipe", "paper", "--backbone", "mobilenet_v2", "--random-init",
                                  "--triplets-per-epoch", "16",
-                                 "--freeze-backbone"])
+                                 "--freeze-backbone", "--cache-features", "--precision", "bfloat16"])
     assert result.exit_code == 0, result.output
     paper = read_checkpoint_config(tmp_path / "paper" / "best.safetensors")
     assert paper["taps"] == "paper"
-    assert json.loads((tmp_path / "paper" / "config.json").read_text())["lr"] == 1e-4
+    paper_json = json.loads((tmp_path / "paper" / "config.json").read_text())
+    assert (paper_json["lr"], paper_json["precision"]) == (1e-4, "bfloat16")
     assert load_checkpoint(tmp_path / "paper" / "best.safetensors").has_classifier
     # an option of the other recipe is refused, not silently ignored
     refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mixed"), *common,

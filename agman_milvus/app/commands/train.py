@@ -72,6 +72,16 @@ def _refuse_other_recipes_options(ctx: typer.Context, recipe: str) -> None:
             raise typer.BadParameter(f"{flags}: only --recipe {other} uses {pronoun}")
 
 
+def _check_precision(precision: str | None) -> None:
+    """Refuse a ``--precision`` that is not a :data:`~agman_milvus.core.config.Precision`."""
+    from typing import get_args
+
+    from agman_milvus.core.config import Precision
+
+    if precision is not None and precision not in get_args(Precision):
+        raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
+
+
 def _product_trainer(net, source, options: dict):
     from agman_milvus.training.product import ProductConfig, ProductTrainer, tuned_mid_blocks
 
@@ -84,7 +94,7 @@ def _product_trainer(net, source, options: dict):
         weight_decay=options["weight_decay"],
         proxy_scale=options["proxy_scale"], margin=options["margin"], cache_path=options["cache_path"],
         seed=options["seed"], device=options["device"], workers=options["workers"],
-        threads=options["threads"], **chosen)
+        threads=options["threads"], precision=options["precision"], **chosen)
     if source.valid is not None and source.valid_table is not source.train_table:
         raise typer.BadParameter("the product recipe caches train and valid images in one image table")
     return ProductTrainer(net, config, source.train, source.train_table, valid=source.valid), config
@@ -101,7 +111,7 @@ def _paper_trainer(net, source, options: dict):
         gamma=options["gamma"], margin=options["margin"], cls_loss=not options["no_cls_loss"],
         freeze_backbone=options["freeze_backbone"], cache_features=options["cache_features"],
         cache_path=options["cache_path"], seed=options["seed"], device=options["device"],
-        workers=options["workers"], threads=options["threads"],
+        workers=options["workers"], threads=options["threads"], precision=options["precision"],
     )
     trainer = Trainer(net, config, TripletSampler(source.train, len(source.schema)),
                       source.train_table, valid=source.valid, valid_table=source.valid_table)
@@ -183,6 +193,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, min=0, help="Decode workers: DataLoader processes for "
                                     "training batches, threads for evaluation and the feature cache"),
         threads: int | None = typer.Option(None, min=1, help="torch CPU threads"),
+        precision: str | None = typer.Option(None, help="What the training steps compute in: float32, "
+                                             "bfloat16, or auto (bfloat16 on CUDA and on CPUs that "
+                                             "compute it natively); default float32 on CPU, auto on CUDA"),
         resume: bool = typer.Option(False, "--resume", help="paper: continue from OUTPUT/last.safetensors"),
     ) -> None:
         """Train MODEL with the product recipe (default) or the paper's triplet recipe (either the
@@ -191,8 +204,9 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from agman_milvus.core.model import build_model, list_models
+        from agman_milvus.training.evaluate import computed_precision
         from agman_milvus.training.product import PRODUCT_BACKBONE
-        from agman_milvus.training.trainer import Callbacks
+        from agman_milvus.training.trainer import Callbacks, resolve_device
 
         if model not in list_models():
             raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(list_models())}")
@@ -200,6 +214,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown recipe {recipe!r}; use product or paper")
         product = recipe == "product"
         _refuse_other_recipes_options(ctx, recipe)
+        _check_precision(precision)
+        precision = computed_precision(resolve_device(device), precision)  # recorded as computed
         source = _source(catalog, attributes, min_count, split_seed, refdata, images, dataset, fold_valid)
         if not source.train:
             raise typer.BadParameter("the data source has no training labels")
@@ -273,11 +289,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """MAP per attribute and overall with 95% bootstrap intervals over queries (or TR accuracy
         for Zappos triplets)."""
-        from typing import get_args
-
         import torch
 
-        from agman_milvus.core.config import Precision
         from agman_milvus.core.model import load_checkpoint
         from agman_milvus.training.datasets import ImageTable
         from agman_milvus.training.evaluate import computed_precision, evaluate_map, evaluate_triplets
@@ -287,8 +300,7 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        if precision is not None and precision not in get_args(Precision):
-            raise typer.BadParameter(f"--precision is one of {', '.join(get_args(Precision))}")
+        _check_precision(precision)
         on = resolve_device(device)
         computed = computed_precision(on, precision)  # what "auto" (or no option) is here
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
