@@ -13,8 +13,9 @@
 #   the recipe's, 3 on efficientnet_lite0), FOLD_VALID (1, the product default: the models and the
 #   probe learn from the valid images too and each model's last epoch is kept, `--fold-valid`;
 #   0, the paper default: the valid split picks each model's best epoch), PRECISION (what the
-#   training steps compute in, `agman train --precision`: default float32 on CPU; bfloat16 or auto
-#   train in bfloat16 on a CPU that computes it natively, 1.2x the epochs' speed, docs/results.md).
+#   feature cache and the training steps compute in, `agman train --precision`: default float32 on
+#   CPU; bfloat16 or auto train in bfloat16 on a CPU that computes it natively: the same MAP, 1.5x
+#   sooner from nothing at 2 threads, docs/results.md).
 # product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
 #   mirrors; without the mid level's last 3 blocks, which are fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64

@@ -35,7 +35,7 @@ from torch import nn
 from agman_milvus.core.config import Precision
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
 from agman_milvus.training.datasets import ImageTable, decode_image
-from agman_milvus.training.evaluate import autocast, evaluating
+from agman_milvus.training.evaluate import autocast, computed_precision, evaluating
 from agman_milvus.training.metrics import MAPResult, mean_average_precision
 from agman_milvus.training.readers import Label, RetrievalSplit
 
@@ -146,12 +146,16 @@ class FeatureCache:
         preprocess: Callable,
         *,
         on_build: Callable[[int], None] | None = None,
+        precision: Precision | None = None,
         **build_options: Any,
     ) -> FeatureCache:
-        """The cache at ``path`` if it matches ``meta``; else built (training images with their
-        mirrors, validation images as they are; ``on_build(images)`` first) and saved there.
-        ``meta["tail_blocks"]`` (default 0) is the mid-level blocks the cache leaves out."""
+        """The cache at ``path`` if it matches ``meta`` and ``precision`` (what the trunk computes
+        in, recorded beside ``meta``); else built (training images with their mirrors, validation
+        images as they are; ``on_build(images)`` first) and saved there. ``meta["tail_blocks"]``
+        (default 0) is the mid-level blocks the cache leaves out."""
         build_options["tail_blocks"] = int(meta.get("tail_blocks", 0))
+        build_options["precision"] = precision
+        meta = {**meta, "precision": computed_precision(next(trunk.parameters()).device, precision)}
         cache = cls.load(path, meta) if path else None
         if cache is not None:
             logger.info("feature cache: loaded %d rows from %s", len(cache), path)

@@ -41,7 +41,7 @@ from torch import nn
 
 from agman_milvus.core.config import Precision
 from agman_milvus.training.datasets import ImageTable
-from agman_milvus.training.evaluate import autocast, computed_precision
+from agman_milvus.training.evaluate import autocast
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import in_batch_triplet_loss
 from agman_milvus.training.metrics import MAPResult
@@ -199,7 +199,6 @@ class ProductTrainer(RunFiles):
             "tail_blocks": self.config.tuned_mid_blocks,
             "trunk_sha256": weights_digest(model.trunk.state_dict()),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
-            "precision": computed_precision(self.device, self.config.precision),
             "train": [str(self.table.path(i)) for i in self.images],
             "valid": [str(self.table.path(i)) for i in valid_images],
         }

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from agman_milvus.core.config import Precision
 from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
-from agman_milvus.training.evaluate import autocast, computed_precision, evaluate_map, evaluate_triplets
+from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import triplet_objective
 from agman_milvus.training.readers import RetrievalSplit, Triplet
@@ -333,7 +333,6 @@ class Trainer(RunFiles):
         meta = {
             "trunk": model.trunk.name, "trunk_sha256": _mid_high_digest(model.trunk),
             "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
-            "precision": computed_precision(self.device, self.config.precision),
             "train": [str(self.table.path(i)) for i in train_images],
             "valid": [str(self.valid_table.path(i)) for i in valid_images],
         }

@@ -16,6 +16,7 @@ from agman_milvus.services.embedding import Embedder
 from agman_milvus.training.evaluate import evaluate_map
 from agman_milvus.training.product import ProductConfig, ProductTrainer
 from agman_milvus.training.sources import catalog_source
+from agman_milvus.training.trainer import Callbacks
 from tests.support.shapes import write_shapes_catalog
 
 
@@ -123,6 +124,12 @@ def test_product_recipe_trains_in_bfloat16_on_request(catalog: Path, tmp_path: P
     assert not all(torch.equal(tuned["float32"][k], v) for k, v in tuned["bfloat16"].items())
     weights = {v.dtype for v in tuned["bfloat16"].values() if v.is_floating_point()}
     assert weights == {torch.float32}
+    built: list[int] = []  # a run in the same precision reads the saved cache back, not rebuilding it
+    fresh = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late",
+                        pretrained="imagenet", image_size=64)
+    again = ProductTrainer(fresh, config, source.train, source.train_table, valid=source.valid)
+    cache = again._build_cache(Callbacks(on_epoch_start=lambda epoch, n: built.append(n)))
+    assert built == [] and torch.equal(cache.mid, mids["bfloat16"])
 
 
 def test_product_recipe_learns_the_attributes(catalog: Path, tmp_path: Path) -> None:

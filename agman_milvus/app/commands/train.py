@@ -193,9 +193,10 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, min=0, help="Decode workers: DataLoader processes for "
                                     "training batches, threads for evaluation and the feature cache"),
         threads: int | None = typer.Option(None, min=1, help="torch CPU threads"),
-        precision: str | None = typer.Option(None, help="What the training steps compute in: float32, "
-                                             "bfloat16, or auto (bfloat16 on CUDA and on CPUs that "
-                                             "compute it natively); default float32 on CPU, auto on CUDA"),
+        precision: str | None = typer.Option(None, help="What the feature cache and the training steps "
+                                             "compute in: float32, bfloat16, or auto (bfloat16 on CUDA "
+                                             "and on CPUs that compute it natively); default float32 on "
+                                             "CPU, auto on CUDA"),
         resume: bool = typer.Option(False, "--resume", help="paper: continue from OUTPUT/last.safetensors"),
     ) -> None:
         """Train MODEL with the product recipe (default) or the paper's triplet recipe (either the
