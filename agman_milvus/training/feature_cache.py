@@ -8,13 +8,15 @@ Everything after the trunk (AG-MAN's multi-level fusion, its layer4-style classi
 branch, all heads) still runs and trains every step.
 
 :class:`CachedTrunk` stands in for the trunk while a batch of *cache row indices* (LongTensor
-[B]) is fed to the model in place of images: ``forward_mid(rows)`` returns the cached mid maps,
-``forward_high`` the matching high maps, ``forward_top`` runs the real (frozen) top stage.
+[B]) is fed to the model in place of images: ``forward_levels(rows)`` returns the cached fine
+(if any) and mid maps, ``forward_high`` the matching high maps, ``forward_top`` runs the real
+(frozen) top stage.
 
 The product recipe fine-tunes the high stage, so it caches the mid maps only (``mid_only``, in
 float16 to halve the memory): ``forward_high`` then runs the real high stage on them. When it
 also fine-tunes the mid level's last ``tail_blocks`` blocks, the cache holds the maps before
-them and ``forward_mid`` runs those blocks on the cached rows.
+them and ``forward_mid`` runs those blocks on the cached rows. A trunk with a fine level
+(``taps="late_fine"``) has its fine maps cached beside them (float16 too).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from agman_milvus.core.config import Precision
 from agman_milvus.core.engine import Batch, Decoded, EmbeddingEngine, batched
+from agman_milvus.core.model.backbones import Levels
 from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.evaluate import autocast, computed_precision, evaluating
 from agman_milvus.training.metrics import MAPResult, mean_average_precision
@@ -41,19 +44,21 @@ from agman_milvus.training.readers import Label, RetrievalSplit
 
 logger = logging.getLogger(__name__)
 
-#: (flipped, mid maps, high maps or None) for each variant of a batch: as is and, with flips, mirrored
-TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None]]
+#: (flipped, mid maps, high maps or None, fine maps or None) for each variant of a batch: as is
+#: and, with flips, mirrored
+TrunkMaps = list[tuple[bool, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
 class FeatureCache:
     """Rows of (mid, high) trunk maps (high None: mid only); ``row(image, flipped)`` -> row or None.
 
-    With ``tail_blocks`` > 0 the "mid" rows are the maps before the mid level's last blocks.
+    With ``tail_blocks`` > 0 the "mid" rows are the maps before the mid level's last blocks;
+    ``fine`` holds the fine level's maps of the same rows (None: the trunk has none).
     """
 
     def __init__(self, mid: torch.Tensor, high: torch.Tensor | None, keys: list[tuple[int, bool]],
-                 meta: dict[str, object], tail_blocks: int = 0) -> None:
-        self.mid, self.high, self.meta = mid, high, meta
+                 meta: dict[str, object], tail_blocks: int = 0, fine: torch.Tensor | None = None) -> None:
+        self.mid, self.high, self.fine, self.meta = mid, high, fine, meta
         self.tail_blocks = tail_blocks
         self.keys = keys
         self._rows = {key: i for i, key in enumerate(keys)}
@@ -68,8 +73,9 @@ class FeatureCache:
         """A cache holding both (rows of ``other`` that are new are appended)."""
         new = [i for i, key in enumerate(other.keys) if key not in self._rows]
         high = None if self.high is None or other.high is None else torch.cat([self.high, other.high[new]])
+        fine = None if self.fine is None or other.fine is None else torch.cat([self.fine, other.fine[new]])
         return FeatureCache(torch.cat([self.mid, other.mid[new]]), high,
-                            self.keys + [other.keys[i] for i in new], self.meta, self.tail_blocks)
+                            self.keys + [other.keys[i] for i in new], self.meta, self.tail_blocks, fine)
 
     @classmethod
     def build(
@@ -90,7 +96,8 @@ class FeatureCache:
         """Run the (frozen, eval-mode) trunk once over ``images`` (and their mirrors), with
         ``workers`` threads decoding the next batch meanwhile, computing in ``precision``
         (:func:`~agman_milvus.training.evaluate.autocast`'s); ``mid_only`` keeps float16 mid maps
-        (without the mid level's last ``tail_blocks`` blocks), else both levels' in float32."""
+        (without the mid level's last ``tail_blocks`` blocks) and, if the trunk has a fine
+        level, its maps; else both levels' in float32."""
         if tail_blocks and not mid_only:
             raise ValueError("a cache of high maps cannot leave mid-level blocks out")
         device = next(trunk.parameters()).device
@@ -104,23 +111,26 @@ class FeatureCache:
             with autocast(device, precision):
                 for flipped, x in variants:
                     if mid_only:
-                        mid = trunk.forward_frozen(x.to(device), tail_blocks)
-                        out.append((flipped, mid.half().cpu(), None))
+                        fine, mid = trunk.forward_levels(x.to(device), tail_blocks)
+                        fine = None if fine is None else fine.half().cpu()
+                        out.append((flipped, mid.half().cpu(), None, fine))
                         continue
                     mid = trunk.forward_mid(x.to(device))
-                    out.append((flipped, mid.float().cpu(), trunk.forward_high(mid).float().cpu()))
+                    out.append((flipped, mid.float().cpu(), trunk.forward_high(mid).float().cpu(), None))
             return out
 
-        mids, highs, keys = [], [], []
+        mids, highs, fines, keys = [], [], [], []
         dropped = 0
 
         def collect(batch: Batch[int, Decoded], maps: TrunkMaps | None) -> None:
             nonlocal dropped
             dropped += len(batch.failures)
-            for flipped, mid, high in maps or []:
+            for flipped, mid, high, fine in maps or []:
                 mids.append(mid)
                 if high is not None:
                     highs.append(high)
+                if fine is not None:
+                    fines.append(fine)
                 keys.extend((image, flipped) for image in batch.ok_items)
             if progress is not None:
                 progress(len(batch.items))
@@ -132,7 +142,8 @@ class FeatureCache:
             raise ValueError("no image could be decoded for the feature cache")
         if dropped:
             logger.warning("feature cache: %d undecodable image(s) left out", dropped)
-        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {}, tail_blocks)
+        return cls(torch.cat(mids), None if mid_only else torch.cat(highs), keys, {}, tail_blocks,
+                   torch.cat(fines) if fines else None)
 
     @classmethod
     def load_or_build(
@@ -180,45 +191,56 @@ class FeatureCache:
         tensors = {"mid": self.mid.contiguous(), "keys": keys}
         if self.high is not None:
             tensors["high"] = self.high.contiguous()
+        if self.fine is not None:
+            tensors["fine"] = self.fine.contiguous()
         save_file(tensors, str(tmp),
                   metadata={"meta": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path, meta: dict[str, object]) -> FeatureCache | None:
-        """The cache at ``path`` if it was built with the same ``meta``; else None."""
+        """The cache at ``path`` if it was built with the same ``meta``, or with a fine level
+        beyond it (``taps`` "late_fine" for "late": its fine maps are left unread); else None."""
         if not path.exists():
             return None
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             saved = json.loads((handle.metadata() or {}).get("meta", "{}"))
-        if saved != json.loads(json.dumps(meta, sort_keys=True)):
-            logger.info("feature cache %s was built for another setup; rebuilding", path)
-            return None
-        tensors = load_file(str(path))
+            wanted = json.loads(json.dumps(meta, sort_keys=True))
+            fine_unread = saved.get("taps") == "late_fine" and {**saved, "taps": "late"} == wanted
+            if saved != wanted and not fine_unread:
+                logger.info("feature cache %s was built for another setup; rebuilding", path)
+                return None
+            names = [name for name in handle.keys() if not (fine_unread and name == "fine")]
+            tensors = {name: handle.get_tensor(name) for name in names}
         keys = [(int(i), bool(f)) for i, f in tensors["keys"].tolist()]
-        return cls(tensors["mid"], tensors.get("high"), keys, meta, int(meta.get("tail_blocks", 0)))
+        return cls(tensors["mid"], tensors.get("high"), keys, meta, int(meta.get("tail_blocks", 0)),
+                   tensors.get("fine"))
 
 
 class CachedTrunk(nn.Module):
-    """A trunk whose ``forward_mid`` takes cache row indices instead of images."""
+    """A trunk whose ``forward_levels`` (and ``forward_mid``) take cache row indices instead of images."""
 
     def __init__(self, trunk: nn.Module, cache: FeatureCache) -> None:
         super().__init__()
         object.__setattr__(self, "real", trunk)  # not a submodule: parameters stay where they are
         self.cache = cache
         self._rows: torch.Tensor | None = None
-        for name in ("name", "mid_channels", "high_channels", "top_channels", "has_top"):
+        for name in ("name", "mid_channels", "high_channels", "top_channels", "has_top", "fine_channels"):
             object.__setattr__(self, name, getattr(trunk, name))
 
-    def forward_mid(self, rows: torch.Tensor) -> torch.Tensor:
+    def forward_levels(self, rows: torch.Tensor) -> Levels:
         self._rows = rows.detach().cpu()
         device = next(self.real.parameters()).device
+        fine = None if self.cache.fine is None else self.cache.fine[self._rows].to(device).float()
         cached = self.cache.mid[self._rows].to(device).float()
         if not self.cache.tail_blocks:
-            return cached
-        return self.real.forward_mid_tail(cached, self.cache.tail_blocks)
+            return fine, cached
+        return fine, self.real.forward_mid_tail(cached, self.cache.tail_blocks)
+
+    def forward_mid(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(rows)[1]
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         if self.cache.high is None:  # mid-only cache: the high stage runs (and may train)

@@ -55,6 +55,13 @@ RECIPE = "product"
 PRODUCT_BACKBONE = "efficientnet_lite0"
 #: Mid-level blocks fine-tuned by default, per trunk (measured on Lite0 only; others: none).
 _TUNED_MID_BLOCKS = {"efficientnet_lite0": 3}
+#: Tap points per model (others: ``late``): see :mod:`agman_milvus.core.model.backbones`.
+_PRODUCT_TAPS: dict[str, str] = {}
+
+
+def product_taps(model: str) -> str:
+    """The tap points the recipe builds ``model``'s trunk with by default."""
+    return _PRODUCT_TAPS.get(model, "late")
 
 
 def tuned_mid_blocks(backbone: str) -> int:

@@ -14,6 +14,7 @@ from PIL import Image
 from agman_milvus.core.model import build_model, load_checkpoint, read_checkpoint_config
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.training.evaluate import evaluate_map
+from agman_milvus.training.feature_cache import cached_trunk
 from agman_milvus.training.product import ProductConfig, ProductTrainer
 from agman_milvus.training.sources import catalog_source
 from agman_milvus.training.trainer import Callbacks
@@ -76,11 +77,14 @@ def test_product_recipe_trains_saves_and_loads_the_same_network(catalog: Path, t
     assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
 
 
-def test_product_recipe_fine_tunes_the_mid_levels_last_blocks_on_request(catalog: Path,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("taps", ["late", "late_fine"])
+def test_product_recipe_fine_tunes_the_mid_levels_last_blocks_on_request(catalog: Path, tmp_path: Path,
+                                                                          taps: str) -> None:
+    """With ``late_fine`` the stride-8 maps are cached beside the frozen mid maps, and the cached
+    network is the served one."""
     source = _source(catalog)
     torch.manual_seed(0)
-    model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late",
+    model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps=taps,
                         pretrained="imagenet", image_size=64)
 
     def trunk_part(prefix: str) -> dict[str, torch.Tensor]:
@@ -92,12 +96,60 @@ def test_product_recipe_fine_tunes_the_mid_levels_last_blocks_on_request(catalog
     trainer = ProductTrainer(model, config, source.train, source.train_table, valid=source.valid)
     trainer.fit()
     assert trainer.cache is not None and trainer.cache.mid.shape[1] == 64  # the maps before the tail
+    if taps == "late_fine":
+        assert trainer.cache.fine is not None and trainer.cache.fine.shape[1:] == (32, 8, 8)
+    else:
+        assert trainer.cache.fine is None
     state = model.trunk.state_dict()
     assert all(torch.equal(state[k], v) for k, v in before_tail.items())
     assert not all(torch.equal(state[k], v) for k, v in tail.items())
     loaded = load_checkpoint(tmp_path / "last.safetensors")
+    assert loaded.trunk.taps == taps
+    images = sorted({lab.image for lab in source.valid.queries})[:4]
+    photos = torch.stack([loaded.preprocess(Image.open(source.train_table.path(i)).convert("RGB"))
+                          for i in images])
+    rows = torch.tensor([trainer.cache.row(i) for i in images])
+    with torch.no_grad(), cached_trunk(model.eval(), trainer.cache):
+        from_cache = model.embed_all(rows)
+    with torch.no_grad():
+        # float16 cache: ~4e-6 apart; a missing fine level moved them 2e-3
+        assert torch.allclose(from_cache, loaded.embed_all(photos), atol=1e-4)
     result = evaluate_map(loaded, source.valid, source.train_table, workers=0)
     assert result.overall == pytest.approx(trainer.validate().overall, abs=0.5)
+
+
+def test_a_cache_with_the_fine_level_serves_models_without_it(catalog: Path, tmp_path: Path) -> None:
+    """AG-MAN with ``late_fine`` taps and ASEN_v2 with ``late`` share one cache file (as
+    bench/quality.sh trains them); a cache without fine maps is rebuilt for AG-MAN's fine level."""
+    source = _source(catalog)
+    caches = {}
+    for run, (name, taps) in enumerate([("agman", "late_fine"), ("asen_v2", "late"), ("agman", "late"),
+                                        ("agman", "late_fine")]):
+        model = build_model(name, schema=source.schema, backbone="mobilenet_v2", taps=taps,
+                            pretrained="imagenet", image_size=64)
+        config = ProductConfig(output_dir=tmp_path / str(run), epochs=0, device="cpu", workers=0, threads=1,
+                               cache_path=tmp_path / "cache.safetensors")
+        trainer = ProductTrainer(model, config, source.train, source.train_table, valid=source.valid)
+        built: list[int] = []
+        trainer.fit(Callbacks(on_epoch_start=lambda epoch, n, built=built: built.append(n)))
+        caches[run] = (bool(built), trainer.cache)
+    assert caches[0][0] and caches[0][1].fine is not None
+    assert not caches[1][0] and caches[1][1].fine is None  # read, its fine maps left unread
+    assert torch.equal(caches[1][1].mid, caches[0][1].mid)
+    assert not caches[2][0]
+    assert not caches[3][0] and torch.equal(caches[3][1].fine, caches[0][1].fine)
+    model = build_model("asen_v2", schema=source.schema, backbone="mobilenet_v2", taps="late",
+                        pretrained="imagenet", image_size=64)
+    config = ProductConfig(output_dir=tmp_path / "plain", epochs=0, device="cpu", workers=0, threads=1,
+                           cache_path=tmp_path / "plain.safetensors")
+    ProductTrainer(model, config, source.train, source.train_table, valid=source.valid).fit()
+    model = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late_fine",
+                        pretrained="imagenet", image_size=64)
+    config.output_dir = tmp_path / "fine"
+    trainer = ProductTrainer(model, config, source.train, source.train_table, valid=source.valid)
+    built = []
+    trainer.fit(Callbacks(on_epoch_start=lambda epoch, n: built.append(n)))
+    assert built and trainer.cache.fine is not None  # a cache without fine maps cannot serve it
 
 
 def test_product_recipe_trains_in_bfloat16_on_request(catalog: Path, tmp_path: Path) -> None:
@@ -168,11 +220,17 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert (product_json["tuned_mid_blocks"], product_json["precision"]) == (3, "float32")
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common,
                                  "--batch-size", "16", "--backbone", "mobilenet_v2", "--random-init",
-                                 "--epochs", "1", "--fold-valid"])
+                                 "--epochs", "1", "--fold-valid", "--taps", "late_fine"])
     assert result.exit_code == 0, result.output
     assert "valid MAP" not in result.output  # the valid images are training images now
     mnv2 = json.loads((tmp_path / "mnv2" / "config.json").read_text())
-    assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True
+    assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True and mnv2["taps"] == "late_fine"
+    assert read_checkpoint_config(tmp_path / "mnv2" / "best.safetensors")["taps"] == "late_fine"
+    refused = runner.invoke(app, ["train", "asen_v2", "-o", str(tmp_path / "asen"), *common,
+                                  "--taps", "late_fine"])
+    assert refused.exit_code == 2 and "asen_v2 reads no fine level" in refused.output
+    refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "asen"), *common, "--taps", "paper"])
+    assert refused.exit_code == 2 and "--taps is late or late_fine" in refused.output
     assert (tmp_path / "mnv2" / "best.safetensors").exists()  # the last epoch
     refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "f16"), *common,
                                   "--precision", "float16"])

@@ -95,3 +95,52 @@ def test_shipped_imagenet_weights_fill_every_trunk_tensor(variant: str) -> None:
     assert set(shipped) - set(own) == {"_fc.weight", "_fc.bias"}  # only the classifier is left over
     for name, tensor in own.items():
         assert torch.equal(tensor, shipped[name]), name
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2", "resnet50"])
+def test_late_fine_taps_add_the_stride_8_map_and_change_nothing_else(name: str) -> None:
+    late, fine = build_trunk(name, taps="late").eval(), build_trunk(name, taps="late_fine").eval()
+    fine.load_state_dict(late.state_dict())
+    paper = build_trunk(name, taps="paper", with_top=False).eval()
+    paper.load_state_dict({k: v for k, v in late.state_dict().items() if k in paper.state_dict()})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        level, mid = fine.forward_levels(x)
+        assert late.forward_levels(x)[0] is None and late.fine_channels == 0
+        assert level is not None and level.shape[1] == fine.fine_channels and level.shape[-1] == 8  # stride 8
+        assert torch.allclose(level, paper.forward_mid(x), atol=1e-5)  # the paper's mid level
+        assert torch.allclose(mid, late.forward_mid(x), atol=1e-5)
+        assert torch.allclose(fine.forward_high(mid), late.forward_high(mid), atol=1e-5)
+
+
+def test_the_fine_level_stays_frozen() -> None:
+    trunk = build_trunk("efficientnet_lite0", taps="late_fine").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        level, frozen = trunk.forward_levels(x, 3)
+        assert torch.allclose(trunk.forward_mid_tail(frozen, 3), trunk.forward_mid(x), atol=1e-5)
+        with pytest.raises(ValueError, match="fine level must stay frozen"):
+            trunk.forward_levels(x, 8)  # Lite0's stride-8 stage ends at block 5 of 11
+
+
+def test_only_agman_reads_a_fine_level(tmp_path) -> None:
+    schema = AttributeSchema.from_dict({"sleeve": ["short", "long"], "colour": ["red", "blue", "green"]})
+    model = build_model("agman", schema=schema, backbone="efficientnet_lite0", taps="late_fine",
+                        image_size=64)
+    assert model.fusion.fine_conv is not None
+    save_checkpoint(model, tmp_path / "fine.safetensors")
+    loaded = load_checkpoint(tmp_path / "fine.safetensors")
+    assert loaded.trunk.taps == "late_fine" and loaded.fusion.fine_conv is not None
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().embed_all(images), loaded.embed_all(images), atol=1e-5)
+        before = model.embed_all(images)
+        model.fusion.fine_conv.weight.zero_()
+        model.fusion.fine_conv.bias.zero_()
+        plain = build_model("agman", schema=schema, backbone="efficientnet_lite0", taps="late", image_size=64)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "fine_conv" not in k})
+        assert torch.allclose(plain.eval().embed_all(images), model.embed_all(images), atol=1e-5)
+        assert not torch.allclose(before, model.embed_all(images), atol=1e-4)  # the fine level counted
+    for other in ("asen_v2", "global"):
+        with pytest.raises(ValueError, match="reads no fine level"):
+            build_model(other, schema=schema, backbone="efficientnet_lite0", taps="late_fine", image_size=64)

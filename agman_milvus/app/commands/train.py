@@ -58,7 +58,7 @@ def _map_table(title: str, result, intervals: dict[str, list[float]]) -> None:
 _RECIPE_ONLY = {
     "paper": ("triplets_per_epoch", "step_size", "gamma", "no_cls_loss", "freeze_backbone",
               "cache_features", "resume"),
-    "product": ("high_lr", "tune_mid_blocks", "weight_decay", "proxy_scale", "value_weight"),
+    "product": ("high_lr", "tune_mid_blocks", "taps", "weight_decay", "proxy_scale", "value_weight"),
 }
 
 
@@ -167,6 +167,10 @@ def register(app: typer.Typer) -> None:
             None, min=0, rich_help_panel=_RECIPE,
             help="product: also fine-tune the mid level's last N blocks (at the high stage's lr; cached: "
                  "the maps before them; default: 3 on efficientnet_lite0, else 0)"),
+        taps: str | None = typer.Option(
+            None, rich_help_panel=_RECIPE,
+            help="product: the trunk's tap points, late or late_fine (late plus the stride-8 stage's map "
+                 "in AG-MAN's multi-level fusion; agman only); default: the recipe's for the model"),
         weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
         proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
                                           rich_help_panel=_RECIPE),
@@ -206,7 +210,7 @@ def register(app: typer.Typer) -> None:
 
         from agman_milvus.core.model import build_model, list_models
         from agman_milvus.training.evaluate import computed_precision
-        from agman_milvus.training.product import PRODUCT_BACKBONE
+        from agman_milvus.training.product import PRODUCT_BACKBONE, product_taps
         from agman_milvus.training.trainer import Callbacks, resolve_device
 
         if model not in list_models():
@@ -223,13 +227,19 @@ def register(app: typer.Typer) -> None:
         backbone = backbone or (PRODUCT_BACKBONE if product else "resnet50")
         epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
-        net = build_model(model, schema=source.schema, backbone=backbone, taps="late" if product else "paper",
-                          pretrained="imagenet" if pretrained else None, image_size=image_size)
+        taps = (taps or product_taps(model)) if product else "paper"
+        if product and taps not in ("late", "late_fine"):
+            raise typer.BadParameter(f"--taps is late or late_fine, not {taps!r}")
+        try:
+            net = build_model(model, schema=source.schema, backbone=backbone, taps=taps,
+                              pretrained="imagenet" if pretrained else None, image_size=image_size)
+        except ValueError as exc:  # e.g. a fine level for a model that reads none
+            raise typer.BadParameter(str(exc)) from None
         trainer, config = (_product_trainer if product else _paper_trainer)(net, source, locals())
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(
             {"model": model, "backbone": backbone, "pretrained": pretrained, "image_size": image_size,
-             "fold_valid": fold_valid, **config.to_json()}, indent=1))
+             "taps": taps, "fold_valid": fold_valid, **config.to_json()}, indent=1))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[info]}")) as progress:
             task = progress.add_task("", total=1, info="")

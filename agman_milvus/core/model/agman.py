@@ -7,7 +7,8 @@ V1 = V · w1 · M; V2 = V1 · CBAM(V1); g = Σ_hw V2; ACA m = σ(fc2 ReLU(fc1 [g
 g1 = g · w2 · m; g2 = g1 · ReLU(mask[a]); e = g2 / ||g2||. The classification branch
 (layer4 -> avgpool -> Linear(2048 -> A)) predicts the attribute *type* and runs in training only;
 with the product recipe's late tap points (see :mod:`agman_milvus.core.model.backbones`) the
-trunk has no top stage and the model no classification branch.
+trunk has no top stage and the model no classification branch; ``taps="late_fine"`` adds the
+stride-8 stage's map to the fusion as a third level.
 
 Note: w2 multiplies g right before the L2 normalisation, so it cancels out and its gradient is
 zero; it is kept for parameter-for-parameter fidelity with the reference.
@@ -115,6 +116,7 @@ class AGMAN(AttributeEmbeddingModel):
 
     model_name = "agman"
     has_classifier = True
+    uses_fine_level = True
 
     def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int = 512,
                  image_size: int = 224) -> None:
@@ -123,15 +125,15 @@ class AGMAN(AttributeEmbeddingModel):
             raise ValueError("AG-MAN needs the trunk's top stage for its classification branch")
         # Late tap points (the product recipe) have no top stage: no attribute-type branch.
         self.has_classifier = trunk.has_top
-        self.fusion = MultiLevelFusion(trunk.mid_channels, trunk.high_channels)
+        self.fusion = MultiLevelFusion(trunk.mid_channels, trunk.high_channels, trunk.fine_channels)
         if self.has_classifier:
             self.fc_embed = nn.Linear(trunk.top_channels, len(schema))
         self.head = AGMANHead(2 * trunk.high_channels, len(schema), embed_dim)
 
     def _maps(self, images: torch.Tensor):
-        mid = self.trunk.forward_mid(images)
+        fine, mid = self.trunk.forward_levels(images)
         high = self.trunk.forward_high(mid)
-        fused, x_local = self.fusion(mid, high)
+        fused, x_local = self.fusion(mid, high, fine)
         return mid, high, fused, x_local
 
     def _features(self, images: torch.Tensor):

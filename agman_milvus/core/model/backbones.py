@@ -24,11 +24,18 @@ EfficientNet-Lite trunks (``efficientnet_lite0/1/2``, see :mod:`.efficientnet_li
 same stage boundaries: paper taps at the ends of the stride-8 (40 channels for Lite0) and
 stride-16 (112) stages, the rest plus the 1x1 head (1,280) as the top; late taps at the end of
 the stride-16 stage and the whole rest including the head.
+
+``taps="late_fine"`` is ``late`` plus a **fine** level: the end of the stride-8 stage (resnet50
+layer2, 512 x 28 x 28; mobilenet_v2 ``features[0:7]``, 32; Lite0 ``_blocks[0:5]``, 40), which
+AG-MAN's multi-level fusion adds to the high map as the paper adds layer2 to layer3
+(:class:`MultiLevelFusion`). It lies inside the frozen part of the mid level, so a feature cache
+holds it beside the mid maps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +56,11 @@ from agman_milvus.core.model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agman_milvus.core.model.weights import load_imagenet_state_dict
 
 BACKBONES = ("resnet50", "mobilenet_v2", *VARIANTS)
-TAPS = ("paper", "late")
+#: ``(fine map or None, mid map)`` from one pass over the lower stages
+Levels = tuple[torch.Tensor | None, torch.Tensor]
+TAPS = ("paper", "late", "late_fine")
+#: tap points whose mid level ends at the stride-16 stage (no top stage)
+LATE_TAPS = ("late", "late_fine")
 
 
 class Trunk(nn.Module):
@@ -61,11 +72,17 @@ class Trunk(nn.Module):
     top_channels: int
     has_top: bool
     taps: str = "paper"
+    #: channels of the fine (stride-8) level: 0 unless ``taps="late_fine"``
+    fine_channels: int = 0
     #: the input normalisation the trunk's ImageNet weights were trained with (0-1 scale)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
     def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(x)[1]
+
+    def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
+        """``(fine map or None, the mid level without its last tail_blocks blocks)`` in one pass."""
         raise NotImplementedError
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
@@ -86,9 +103,10 @@ class Trunk(nn.Module):
 
     def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """The mid level without its last ``tail_blocks`` blocks (what a feature cache holds)."""
-        if tail_blocks:
-            raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
-        return self.forward_mid(x)
+        return self.forward_levels(x, tail_blocks)[1]
+
+    def _set_fine(self, taps: str, channels: int) -> None:
+        self.fine_channels = channels if taps == "late_fine" else 0
 
     def forward_mid_tail(self, frozen: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """The mid map from :meth:`forward_frozen`'s map: its last ``tail_blocks`` blocks."""
@@ -120,22 +138,27 @@ class ResNet50Trunk(Trunk):
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.taps = taps
         self.has_top = with_top and taps == "paper"
-        if taps == "late":
+        self._set_fine(taps, 512)
+        if taps in LATE_TAPS:
             self.mid_channels, self.high_channels = 1024, 2048
-        if with_top or taps == "late":
+        if with_top or taps in LATE_TAPS:
             self.layer4 = net.layer4
         _init_like_reference(self)
 
-    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
+        if tail_blocks:
+            raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
-        return self.layer3(x) if self.taps == "late" else x
+        if self.taps not in LATE_TAPS:
+            return None, x
+        return (x if self.fine_channels else None), self.layer3(x)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         return self.high_stage()(mid)
 
     def high_stage(self) -> nn.Module:
-        return self.layer4 if self.taps == "late" else self.layer3
+        return self.layer4 if self.taps in LATE_TAPS else self.layer3
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self.layer4(high)
@@ -148,24 +171,31 @@ class MobileNetV2Trunk(Trunk):
     name = "mobilenet_v2"
     mid_channels, high_channels, top_channels = 32, 96, 1280
     _MID_END, _HIGH_END = 7, 14
+    _FINE_END = 7  # the stride-8 stage's end
 
     def __init__(self, with_top: bool = True, taps: str = "paper") -> None:
         super().__init__()
         features = mobilenet_v2(weights=None).features
         self.taps = taps
         self.has_top = with_top and taps == "paper"
-        if taps == "late":
+        self._set_fine(taps, 32)
+        if taps in LATE_TAPS:
             self._MID_END, self._HIGH_END = 14, 19
             self.mid_channels, self.high_channels = 96, 1280
-        self.features = features if with_top or taps == "late" else features[: self._HIGH_END]
+        self.features = features if with_top or taps in LATE_TAPS else features[: self._HIGH_END]
 
-    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_frozen(x, 0)
+    def _run(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for layer in self.features[start:end]:
+            x = layer(x)
+        return x
+
+    def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
+        _check_tail(tail_blocks, self._MID_END)
+        return _levels(x, self._run, self._FINE_END if self.fine_channels else 0,
+                       self._MID_END - tail_blocks)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
-        for layer in self.features[self._MID_END : self._HIGH_END]:
-            mid = layer(mid)
-        return mid
+        return self._run(mid, self._MID_END, self._HIGH_END)
 
     def high_stage(self) -> nn.Module:
         return self.features[self._MID_END : self._HIGH_END]
@@ -174,16 +204,8 @@ class MobileNetV2Trunk(Trunk):
         _check_tail(blocks, self._MID_END)
         return nn.ModuleList(self.features[self._MID_END - blocks : self._MID_END] if blocks else [])
 
-    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
-        _check_tail(tail_blocks, self._MID_END)
-        for layer in self.features[: self._MID_END - tail_blocks]:
-            x = layer(x)
-        return x
-
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
-        for layer in self.features[self._HIGH_END :]:
-            high = layer(high)
-        return high
+        return self._run(high, self._HIGH_END, len(self.features))
 
 
 class EfficientNetLiteTrunk(Trunk):
@@ -198,14 +220,16 @@ class EfficientNetLiteTrunk(Trunk):
         self.name, self.taps = variant, taps
         self.has_top = with_top and taps == "paper"
         ends, channels = lite.stage_ends, lite.stage_channels
-        if taps == "late":  # mid: stride-16 end; high: the rest with the head
+        self._set_fine(taps, channels[2])
+        self._fine_end = ends[2]
+        if taps in LATE_TAPS:  # mid: stride-16 end; high: the rest with the head
             self._mid_end, self._high_end = ends[4], ends[-1]
             self.mid_channels, self.high_channels = channels[4], HEAD_CHANNELS
         else:  # mid: stride-8 end; high: stride-16 end; top: the rest with the head
             self._mid_end, self._high_end = ends[2], ends[4]
             self.mid_channels, self.high_channels = channels[2], channels[4]
         self.top_channels = HEAD_CHANNELS
-        keeps_head = taps == "late" or self.has_top
+        keeps_head = taps in LATE_TAPS or self.has_top
         self._conv_stem = SamePadConv2d(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
         self._blocks = lite.blocks if keeps_head else lite.blocks[: self._high_end]
@@ -218,27 +242,37 @@ class EfficientNetLiteTrunk(Trunk):
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x))) if head else x
 
-    def forward_mid(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_frozen(x, 0)
-
-    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+    def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
         _check_tail(tail_blocks, self._mid_end)
         stem = F.relu6(self._bn0(self._conv_stem(x)))
-        return self._run(stem, 0, self._mid_end - tail_blocks, head=False)
+        return _levels(stem, lambda y, start, end: self._run(y, start, end, head=False),
+                       self._fine_end if self.fine_channels else 0, self._mid_end - tail_blocks)
 
     def mid_tail(self, blocks: int) -> nn.ModuleList:
         _check_tail(blocks, self._mid_end)
         return nn.ModuleList(self._blocks[self._mid_end - blocks : self._mid_end] if blocks else [])
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
-        return self._run(mid, self._mid_end, self._high_end, head=self.taps == "late")
+        return self._run(mid, self._mid_end, self._high_end, head=self.taps in LATE_TAPS)
 
     def high_stage(self) -> nn.Module:
         stage = list(self._blocks[self._mid_end : self._high_end])
-        return nn.ModuleList(stage + [self._conv_head, self._bn1] if self.taps == "late" else stage)
+        return nn.ModuleList(stage + [self._conv_head, self._bn1] if self.taps in LATE_TAPS else stage)
 
     def forward_top(self, high: torch.Tensor) -> torch.Tensor:
         return self._run(high, self._high_end, len(self._blocks), head=True)
+
+
+def _levels(x: torch.Tensor, run: Callable[[torch.Tensor, int, int], torch.Tensor], fine_end: int,
+            end: int) -> Levels:
+    """``(fine, mid)`` of a sequential trunk: ``run(x, start, end)`` runs blocks [start, end);
+    the fine map is the output of block ``fine_end`` (0: no fine level), the mid map of ``end``."""
+    if not fine_end:
+        return None, run(x, 0, end)
+    if end < fine_end:
+        raise ValueError("the fine level must stay frozen: fine-tune fewer mid-level blocks")
+    fine = run(x, 0, fine_end)
+    return fine, run(fine, fine_end, end)
 
 
 def _check_tail(blocks: int, mid_blocks: int) -> None:
@@ -282,17 +316,29 @@ def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = No
 
 
 class MultiLevelFusion(nn.Module):
-    """AG-MAN's multi-level map: maxpool(3,2,1)(mid) -> 1x1 conv (+bias) added to high.
+    """AG-MAN's multi-level map: maxpool(3,2,1)(mid) -> 1x1 conv (+bias) added to high; with a
+    fine level (``fine_channels`` > 0), also adaptive-max-pool(fine) to high's size -> its own
+    1x1 conv (+bias).
 
-    Returns ``(fused, x_local)`` with ``fused = concat[high, high + proj(pool(mid))]``.
+    Returns ``(fused, x_local)`` with ``fused = concat[high, x_local]`` and ``x_local`` high plus
+    the projected lower levels.
     """
 
-    def __init__(self, mid_channels: int, high_channels: int) -> None:
+    def __init__(self, mid_channels: int, high_channels: int, fine_channels: int = 0) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.conv1_1 = nn.Conv2d(mid_channels, high_channels, kernel_size=1, bias=True)
         nn.init.normal_(self.conv1_1.weight, 0.0, math.sqrt(2.0 / high_channels))
+        self.fine_conv: nn.Conv2d | None = None
+        if fine_channels:
+            self.fine_conv = nn.Conv2d(fine_channels, high_channels, kernel_size=1, bias=True)
+            nn.init.normal_(self.fine_conv.weight, 0.0, math.sqrt(2.0 / high_channels))
 
-    def forward(self, mid: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, mid: torch.Tensor, high: torch.Tensor,
+                fine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x_local = high + self.conv1_1(self.pool(mid))
+        if self.fine_conv is not None:
+            if fine is None:
+                raise ValueError("this fusion has a fine level: pass the trunk's fine map")
+            x_local = x_local + self.fine_conv(F.adaptive_max_pool2d(fine, high.shape[-2:]))
         return torch.cat([high, x_local], dim=1), x_local

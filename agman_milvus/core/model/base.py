@@ -34,9 +34,14 @@ class AttributeEmbeddingModel(nn.Module):
 
     model_name: str = ""
     has_classifier: bool = False
+    #: whether the model reads the trunk's fine level (``taps="late_fine"``)
+    uses_fine_level: bool = False
 
     def __init__(self, schema: AttributeSchema, trunk: Trunk, embed_dim: int, image_size: int = 224) -> None:
         super().__init__()
+        if trunk.fine_channels and not self.uses_fine_level:
+            raise ValueError(f"{self.model_name} reads no fine level: build it with taps 'late', not "
+                             f"{trunk.taps!r}")
         self.schema = schema
         self.trunk = trunk
         self.embed_dim = embed_dim
