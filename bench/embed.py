@@ -35,6 +35,7 @@ from agman_milvus.core.runtime import (
     tcmalloc_loaded,
 )
 from agman_milvus.core.schema import AttributeSchema
+from agman_milvus.training.product import product_taps
 
 SCHEMA = AttributeSchema.from_dict({f"attribute_{i}": 6 for i in range(8)})
 
@@ -105,8 +106,8 @@ def main() -> None:
         bb: build_model("agman", schema=SCHEMA, backbone=bb).eval().to(memory_format=torch.channels_last)
         for bb in ("resnet50", "mobilenet_v2")
     }
-    product = {  # the product recipe's networks (late taps, no top stage)
-        bb: build_model("agman", schema=SCHEMA, backbone=bb, taps="late").eval()
+    product = {  # the product recipe's networks (late taps, no top stage; Lite0's with the fine level)
+        bb: build_model("agman", schema=SCHEMA, backbone=bb, taps=product_taps("agman", bb)).eval()
         .to(memory_format=torch.channels_last)
         for bb in ("mobilenet_v2", "efficientnet_lite0")
     }

@@ -16,8 +16,10 @@
 #   feature cache and the training steps compute in, `agman train --precision`: default float32 on
 #   CPU; bfloat16 or auto train in bfloat16 on a CPU that computes it natively: the same MAP, 1.5x
 #   sooner from nothing at 2 threads, docs/results.md).
-# product (default): EfficientNet-Lite0 at 224 px, late taps, frozen mid maps cached once (float16, with
-#   mirrors; without the mid level's last 3 blocks, which are fine-tuned with the high stage),
+# product (default): EfficientNet-Lite0 at 224 px, late taps (AG-MAN's fusion also reads the
+#   stride-8 level, `--taps late_fine`; its cache, with those maps, serves the other rows), frozen
+#   mid maps cached once (float16, with mirrors; without the mid level's last 3 blocks, which are
+#   fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64
 #   (agman_milvus/training/product.py).
 # paper: issue #3's budget run of the paper's triplet recipe (frozen trunk, cached maps, 128 px,

@@ -5,7 +5,9 @@ the paper's triplet recipe (:mod:`agman_milvus.training.trainer`) stays far belo
 
 * the EfficientNet-Lite0 ImageNet trunk (:data:`PRODUCT_BACKBONE`; AG-MAN on MobileNetV2
   scored 0.6 MAP lower, mean of two seeds each, docs/results.md) at 224 px;
-* tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`): the
+* tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`; for
+  AG-MAN on Lite0 ``late_fine``, whose multi-level fusion also adds the stride-8 stage's map,
+  :func:`product_taps`): the
   mid level is frozen and its maps cached once per image and mirror (float16), the high level is
   fine-tuned on top of them with its BatchNorm statistics frozen (eval mode); so are the mid
   level's last ``tuned_mid_blocks`` blocks, whose input maps the cache then holds
@@ -55,13 +57,15 @@ RECIPE = "product"
 PRODUCT_BACKBONE = "efficientnet_lite0"
 #: Mid-level blocks fine-tuned by default, per trunk (measured on Lite0 only; others: none).
 _TUNED_MID_BLOCKS = {"efficientnet_lite0": 3}
-#: Tap points per model (others: ``late``): see :mod:`agman_milvus.core.model.backbones`.
-_PRODUCT_TAPS: dict[str, str] = {}
+#: Tap points by default, per (model, trunk); others ``late``: AG-MAN's fusion reads the stride-8
+#: level too on Lite0 (measured there only: +0.3 MAP over five seeds, ``baseColour`` +1.1,
+#: docs/results.md "Twelfth run").
+_PRODUCT_TAPS = {("agman", "efficientnet_lite0"): "late_fine"}
 
 
-def product_taps(model: str) -> str:
-    """The tap points the recipe builds ``model``'s trunk with by default."""
-    return _PRODUCT_TAPS.get(model, "late")
+def product_taps(model: str, backbone: str) -> str:
+    """The tap points the recipe builds ``model``'s ``backbone`` trunk with by default."""
+    return _PRODUCT_TAPS.get((model, backbone), "late")
 
 
 def tuned_mid_blocks(backbone: str) -> int:

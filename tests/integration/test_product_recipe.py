@@ -213,19 +213,19 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert result.exit_code == 0, result.output
     assert "valid MAP" in result.output and ", mark " in result.output  # per-attribute valid MAP
     product = read_checkpoint_config(tmp_path / "product" / "best.safetensors")
-    assert (product["taps"], product["backbone"]) == ("late", "efficientnet_lite0")
-    # Lite0's recipe fine-tunes its mid level's last 3 blocks; other trunks none unless asked;
-    # the steps compute in float32 on CPU unless asked
+    assert (product["taps"], product["backbone"]) == ("late_fine", "efficientnet_lite0")
+    # AG-MAN's fusion reads Lite0's stride-8 level, and the recipe fine-tunes its mid level's last
+    # 3 blocks; other trunks neither unless asked; the steps compute in float32 on CPU unless asked
     product_json = json.loads((tmp_path / "product" / "config.json").read_text())
     assert (product_json["tuned_mid_blocks"], product_json["precision"]) == (3, "float32")
     result = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "mnv2"), *common,
                                  "--batch-size", "16", "--backbone", "mobilenet_v2", "--random-init",
-                                 "--epochs", "1", "--fold-valid", "--taps", "late_fine"])
+                                 "--epochs", "1", "--fold-valid"])
     assert result.exit_code == 0, result.output
     assert "valid MAP" not in result.output  # the valid images are training images now
     mnv2 = json.loads((tmp_path / "mnv2" / "config.json").read_text())
-    assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True and mnv2["taps"] == "late_fine"
-    assert read_checkpoint_config(tmp_path / "mnv2" / "best.safetensors")["taps"] == "late_fine"
+    assert mnv2["tuned_mid_blocks"] == 0 and mnv2["fold_valid"] is True and mnv2["taps"] == "late"
+    assert read_checkpoint_config(tmp_path / "mnv2" / "best.safetensors")["taps"] == "late"
     refused = runner.invoke(app, ["train", "asen_v2", "-o", str(tmp_path / "asen"), *common,
                                   "--taps", "late_fine"])
     assert refused.exit_code == 2 and "asen_v2 reads no fine level" in refused.output

@@ -170,7 +170,8 @@ def register(app: typer.Typer) -> None:
         taps: str | None = typer.Option(
             None, rich_help_panel=_RECIPE,
             help="product: the trunk's tap points, late or late_fine (late plus the stride-8 stage's map "
-                 "in AG-MAN's multi-level fusion; agman only); default: the recipe's for the model"),
+                 "in AG-MAN's multi-level fusion; agman only); default: late_fine for agman on "
+                 "efficientnet_lite0, else late"),
         weight_decay: float = typer.Option(1e-4, help="product: AdamW weight decay", rich_help_panel=_RECIPE),
         proxy_scale: float = typer.Option(16.0, help="product: scale of the value-proxy cosine logits",
                                           rich_help_panel=_RECIPE),
@@ -227,7 +228,7 @@ def register(app: typer.Typer) -> None:
         backbone = backbone or (PRODUCT_BACKBONE if product else "resnet50")
         epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
-        taps = (taps or product_taps(model)) if product else "paper"
+        taps = (taps or product_taps(model, backbone)) if product else "paper"
         if product and taps not in ("late", "late_fine"):
             raise typer.BadParameter(f"--taps is late or late_fine, not {taps!r}")
         try:

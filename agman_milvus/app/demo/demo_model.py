@@ -39,7 +39,7 @@ from agman_milvus.training.datasets import ImageTable, decode_image
 from agman_milvus.training.evaluate import evaluating
 from agman_milvus.training.floor import PooledImageNetFeatures
 from agman_milvus.training.metrics import mean_average_precision
-from agman_milvus.training.product import ProductConfig, ProductTrainer
+from agman_milvus.training.product import ProductConfig, ProductTrainer, product_taps
 from agman_milvus.training.readers import Label, RetrievalSplit
 from agman_milvus.training.trainer import Callbacks
 
@@ -297,7 +297,7 @@ def train_demo_model(manifest: str | Path, attributes: Sequence[str], out_dir: s
     schema, table = data.catalog.schema, data.table
     torch.manual_seed(config.seed)
     model = build_model("agman", schema=schema, backbone=config.backbone, pretrained=config.pretrained,
-                        image_size=config.image_size, taps="late")
+                        image_size=config.image_size, taps=product_taps("agman", config.backbone))
     report: dict[str, Any] = {
         "recipe": RECIPE_VERSION,
         "config": config.to_json(),
