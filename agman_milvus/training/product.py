@@ -6,10 +6,10 @@ the paper's triplet recipe (:mod:`agman_milvus.training.trainer`) stays far belo
 * the EfficientNet-Lite0 ImageNet trunk (:data:`PRODUCT_BACKBONE`; AG-MAN on MobileNetV2
   scored 0.6 MAP lower, mean of two seeds each, docs/results.md) at 224 px;
 * tap points one stage up (``taps="late"``, see :mod:`agman_milvus.core.model.backbones`; for
-  AG-MAN on Lite0 ``late_fine``, whose multi-level fusion also adds the stride-8 stage's map,
-  :func:`product_taps`): the
-  mid level is frozen and its maps cached once per image and mirror (float16), the high level is
-  fine-tuned on top of them with its BatchNorm statistics frozen (eval mode); so are the mid
+  AG-MAN on Lite0 ``late_fine``, whose multi-level fusion also adds the stride-8 stage's map:
+  :func:`product_taps`): the mid level is frozen and its maps (and the stride-8 maps) cached
+  once per image and mirror (float16), the high level is fine-tuned on top of them with its
+  BatchNorm statistics frozen (eval mode); so are the mid
   level's last ``tuned_mid_blocks`` blocks, whose input maps the cache then holds
   (:func:`tuned_mid_blocks`: Lite0's last 3, its 112-channel stage; docs/results.md "Seventh
   run": +2.2 ``baseColour``, +0.5 overall over two seeds; the served network is the same);
