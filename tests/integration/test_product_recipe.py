@@ -4,6 +4,7 @@ the serving path loads into the same network, and the paper's recipe stays avail
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +180,10 @@ def test_product_recipe_trains_in_bfloat16_on_request(catalog: Path, tmp_path: P
     built: list[int] = []  # a run in the same precision reads the saved cache back, not rebuilding it
     fresh = build_model("agman", schema=source.schema, backbone="mobilenet_v2", taps="late",
                         pretrained="imagenet", image_size=64)
-    again = ProductTrainer(fresh, config, source.train, source.train_table, valid=source.valid)
-    cache = again._build_cache(Callbacks(on_epoch_start=lambda epoch, n: built.append(n)))
-    assert built == [] and torch.equal(cache.mid, mids["bfloat16"])
+    again = ProductTrainer(fresh, replace(config, epochs=0), source.train, source.train_table,
+                           valid=source.valid)
+    again.fit(Callbacks(on_epoch_start=lambda epoch, n: built.append(n)))
+    assert built == [] and torch.equal(again.cache.mid, mids["bfloat16"])
 
 
 def test_product_recipe_learns_the_attributes(catalog: Path, tmp_path: Path) -> None:
