@@ -17,7 +17,7 @@
 #   CPU; bfloat16 or auto train in bfloat16 on a CPU that computes it natively: the same MAP, 1.5x
 #   sooner from nothing at 2 threads, docs/results.md).
 # product (default): EfficientNet-Lite0 at 224 px, late taps (AG-MAN's fusion also reads the
-#   stride-8 level, `--taps late_fine`; its cache, with those maps, serves the other rows), frozen
+#   stride-8 level, `--taps late_fine`; its cache, with those maps, serves the rows after it), frozen
 #   mid maps cached once (float16, with mirrors; without the mid level's last 3 blocks, which are
 #   fine-tuned with the high stage),
 #   value-proxy + in-batch triplet loss, 6 epochs of batch 64

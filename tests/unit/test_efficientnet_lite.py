@@ -52,7 +52,7 @@ def test_mid_tail_after_the_frozen_part_is_the_mid_level(name: str) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         whole = trunk.forward_mid(x)
-        frozen = trunk.forward_frozen(x, 3)
+        _, frozen = trunk.forward_levels(x, 3)
         assert frozen.shape[1] != whole.shape[1]  # Lite0: 80 channels before its 112-channel stage
         assert torch.allclose(trunk.forward_mid_tail(frozen, 3), whole, atol=1e-5)
     assert len(trunk.mid_tail(3)) == 3 and len(trunk.mid_tail(0)) == 0

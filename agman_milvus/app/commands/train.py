@@ -210,6 +210,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from agman_milvus.core.model import build_model, list_models
+        from agman_milvus.core.model.backbones import LATE_TAPS
         from agman_milvus.training.evaluate import computed_precision
         from agman_milvus.training.product import PRODUCT_BACKBONE, product_taps
         from agman_milvus.training.trainer import Callbacks, resolve_device
@@ -229,8 +230,8 @@ def register(app: typer.Typer) -> None:
         epochs = epochs if epochs is not None else (6 if product else 150)
         torch.manual_seed(seed)  # the heads' random init is part of the seeded run
         taps = (taps or product_taps(model, backbone)) if product else "paper"
-        if product and taps not in ("late", "late_fine"):
-            raise typer.BadParameter(f"--taps is late or late_fine, not {taps!r}")
+        if product and taps not in LATE_TAPS:
+            raise typer.BadParameter(f"--taps is {' or '.join(LATE_TAPS)}, not {taps!r}")
         try:
             net = build_model(model, schema=source.schema, backbone=backbone, taps=taps,
                               pretrained="imagenet" if pretrained else None, image_size=image_size)

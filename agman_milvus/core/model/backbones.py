@@ -82,7 +82,8 @@ class Trunk(nn.Module):
         return self.forward_levels(x)[1]
 
     def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
-        """``(fine map or None, the mid level without its last tail_blocks blocks)`` in one pass."""
+        """``(fine map or None, the mid level without its last tail_blocks blocks)`` in one pass:
+        what a feature cache holds."""
         raise NotImplementedError
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
@@ -101,15 +102,12 @@ class Trunk(nn.Module):
             raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
         return nn.ModuleList()
 
-    def forward_frozen(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
-        """The mid level without its last ``tail_blocks`` blocks (what a feature cache holds)."""
-        return self.forward_levels(x, tail_blocks)[1]
-
     def _set_fine(self, taps: str, channels: int) -> None:
         self.fine_channels = channels if taps == "late_fine" else 0
 
     def forward_mid_tail(self, frozen: torch.Tensor, tail_blocks: int) -> torch.Tensor:
-        """The mid map from :meth:`forward_frozen`'s map: its last ``tail_blocks`` blocks."""
+        """The mid map from the frozen map :meth:`forward_levels` gives with ``tail_blocks``:
+        its last ``tail_blocks`` blocks."""
         for block in self.mid_tail(tail_blocks):
             frozen = block(frozen)
         return frozen
