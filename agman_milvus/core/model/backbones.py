@@ -189,7 +189,7 @@ class MobileNetV2Trunk(Trunk):
 
     def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
         _check_tail(tail_blocks, self._MID_END)
-        return _levels(x, self._run, self._FINE_END if self.fine_channels else 0,
+        return _levels(x, self._run, self._FINE_END if self.fine_channels else None,
                        self._MID_END - tail_blocks)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
@@ -244,7 +244,7 @@ class EfficientNetLiteTrunk(Trunk):
         _check_tail(tail_blocks, self._mid_end)
         stem = F.relu6(self._bn0(self._conv_stem(x)))
         return _levels(stem, lambda y, start, end: self._run(y, start, end, head=False),
-                       self._fine_end if self.fine_channels else 0, self._mid_end - tail_blocks)
+                       self._fine_end if self.fine_channels else None, self._mid_end - tail_blocks)
 
     def mid_tail(self, blocks: int) -> nn.ModuleList:
         _check_tail(blocks, self._mid_end)
@@ -261,11 +261,11 @@ class EfficientNetLiteTrunk(Trunk):
         return self._run(high, self._high_end, len(self._blocks), head=True)
 
 
-def _levels(x: torch.Tensor, run: Callable[[torch.Tensor, int, int], torch.Tensor], fine_end: int,
+def _levels(x: torch.Tensor, run: Callable[[torch.Tensor, int, int], torch.Tensor], fine_end: int | None,
             end: int) -> Levels:
     """``(fine, mid)`` of a sequential trunk: ``run(x, start, end)`` runs blocks [start, end);
-    the fine map is the output of block ``fine_end`` (0: no fine level), the mid map of ``end``."""
-    if not fine_end:
+    the fine map is the output of block ``fine_end`` (None: no fine level), the mid map of ``end``."""
+    if fine_end is None:
         return None, run(x, 0, end)
     if end < fine_end:
         raise ValueError("the fine level must stay frozen: fine-tune fewer mid-level blocks")
