@@ -294,7 +294,7 @@ def build_trunk(name: str, *, with_top: bool = True, pretrained: str | None = No
     """A trunk by name; ``pretrained="imagenet"`` loads its ImageNet weights (see :mod:`.weights`).
 
     ``taps="late"`` moves the mid/high levels one stage up and has no top stage (``with_top``
-    is then irrelevant).
+    is then irrelevant); ``taps="late_fine"`` also gives the stride-8 stage's map as a fine level.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
