@@ -58,8 +58,8 @@ PRODUCT_BACKBONE = "efficientnet_lite0"
 #: Mid-level blocks fine-tuned by default, per trunk (measured on Lite0 only; others: none).
 _TUNED_MID_BLOCKS = {"efficientnet_lite0": 3}
 #: Tap points by default, per (model, trunk); others ``late``: AG-MAN's fusion reads the stride-8
-#: level too on Lite0 (measured there only: +0.3 MAP over five seeds, ``baseColour`` +1.1,
-#: docs/results.md "Twelfth run").
+#: level too on Lite0 (measured there only: +0.3 MAP over five bfloat16 seeds, ``baseColour`` +1.1,
+#: docs/results.md "Twelfth run"; level in float32 over two, ``baseColour`` +3.2, "Thirteenth run").
 _PRODUCT_TAPS = {("agman", "efficientnet_lite0"): "late_fine"}
 
 
