@@ -74,6 +74,8 @@ class Trunk(nn.Module):
     taps: str = "paper"
     #: channels of the fine (stride-8) level: 0 unless ``taps="late_fine"``
     fine_channels: int = 0
+    #: a sequential trunk's block the fine level ends at: None without one
+    _fine_end: int | None = None
     #: the input normalisation the trunk's ImageNet weights were trained with (0-1 scale)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -102,8 +104,11 @@ class Trunk(nn.Module):
             raise ValueError(f"{self.name}: fine-tuning mid-level blocks is not supported")
         return nn.ModuleList()
 
-    def _set_fine(self, taps: str, channels: int) -> None:
-        self.fine_channels = channels if taps == "late_fine" else 0
+    def _set_fine(self, taps: str, channels: int, end: int | None = None) -> None:
+        """The fine level's channels and end block, or none unless ``taps="late_fine"``."""
+        fine = taps == "late_fine"
+        self.fine_channels = channels if fine else 0
+        self._fine_end = end if fine else None
 
     def forward_mid_tail(self, frozen: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """The mid map from the frozen map :meth:`forward_levels` gives with ``tail_blocks``:
@@ -176,7 +181,7 @@ class MobileNetV2Trunk(Trunk):
         features = mobilenet_v2(weights=None).features
         self.taps = taps
         self.has_top = with_top and taps == "paper"
-        self._set_fine(taps, 32)
+        self._set_fine(taps, 32, self._FINE_END)
         if taps in LATE_TAPS:
             self._MID_END, self._HIGH_END = 14, 19
             self.mid_channels, self.high_channels = 96, 1280
@@ -189,8 +194,7 @@ class MobileNetV2Trunk(Trunk):
 
     def forward_levels(self, x: torch.Tensor, tail_blocks: int = 0) -> Levels:
         _check_tail(tail_blocks, self._MID_END)
-        return _levels(x, self._run, self._FINE_END if self.fine_channels else None,
-                       self._MID_END - tail_blocks)
+        return _levels(x, self._run, self._fine_end, self._MID_END - tail_blocks)
 
     def forward_high(self, mid: torch.Tensor) -> torch.Tensor:
         return self._run(mid, self._MID_END, self._HIGH_END)
@@ -218,8 +222,7 @@ class EfficientNetLiteTrunk(Trunk):
         self.name, self.taps = variant, taps
         self.has_top = with_top and taps == "paper"
         ends, channels = lite.stage_ends, lite.stage_channels
-        self._set_fine(taps, channels[2])
-        self._fine_end = ends[2]
+        self._set_fine(taps, channels[2], ends[2])
         if taps in LATE_TAPS:  # mid: stride-16 end; high: the rest with the head
             self._mid_end, self._high_end = ends[4], ends[-1]
             self.mid_channels, self.high_channels = channels[4], HEAD_CHANNELS
@@ -244,7 +247,7 @@ class EfficientNetLiteTrunk(Trunk):
         _check_tail(tail_blocks, self._mid_end)
         stem = F.relu6(self._bn0(self._conv_stem(x)))
         return _levels(stem, lambda y, start, end: self._run(y, start, end, head=False),
-                       self._fine_end if self.fine_channels else None, self._mid_end - tail_blocks)
+                       self._fine_end, self._mid_end - tail_blocks)
 
     def mid_tail(self, blocks: int) -> nn.ModuleList:
         _check_tail(blocks, self._mid_end)
