@@ -23,6 +23,7 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from agman_milvus.core.config import Precision
+from agman_milvus.core.errors import ConfigurationError
 from agman_milvus.core.threads import cpu_count, set_limit
 
 logger = logging.getLogger(__name__)
@@ -86,11 +87,13 @@ def limit_threads(threads: int) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
+    """``auto`` means CUDA when available, else CPU; ``cuda`` on a machine without a CUDA
+    device is a :class:`~agman_milvus.core.errors.ConfigurationError`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+        raise ConfigurationError("device 'cuda' was asked for but no CUDA device is available "
+                                 "(use --device auto or cpu)")
     return torch.device(device)
 
 

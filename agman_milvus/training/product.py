@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from agman_milvus.core.config import Precision
+from agman_milvus.core.runtime import resolve_device
 from agman_milvus.training.datasets import ImageTable
 from agman_milvus.training.evaluate import autocast
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
 from agman_milvus.training.losses import in_batch_triplet_loss
 from agman_milvus.training.metrics import MAPResult
 from agman_milvus.training.readers import Label, RetrievalSplit
-from agman_milvus.training.trainer import Callbacks, RunFiles, StepInfo, resolve_device
+from agman_milvus.training.trainer import Callbacks, RunFiles, StepInfo
 
 logger = logging.getLogger(__name__)
 

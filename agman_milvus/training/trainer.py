@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from agman_milvus.core.config import Precision
+from agman_milvus.core.runtime import resolve_device
 from agman_milvus.training.datasets import ImageTable, TrainTransform, TripletDataset, collate_skipping
 from agman_milvus.training.evaluate import autocast, evaluate_map, evaluate_triplets
 from agman_milvus.training.feature_cache import FeatureCache, cached_map, cached_trunk
@@ -98,15 +99,6 @@ class Callbacks:
     on_epoch_start: Callable[[int, int], None] | None = None
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
     on_eval: Callable[[int], None] | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass

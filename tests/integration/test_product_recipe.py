@@ -237,6 +237,10 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "f16"), *common,
                                   "--precision", "float16"])
     assert refused.exit_code == 2 and "--precision is one of" in refused.output
+    if not torch.cuda.is_available():  # a typed error: one line, no traceback
+        refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "gpu"), *common,
+                                      "--device", "cuda"])
+        assert refused.exit_code == 2 and "error: device 'cuda' was asked for" in refused.output
     refused = runner.invoke(app, ["train", "agman", "-o", str(tmp_path / "ref"), "--refdata", str(tmp_path),
                                   "--images", str(tmp_path), "--fold-valid"])
     assert refused.exit_code == 2 and "--fold-valid needs --catalog" in refused.output

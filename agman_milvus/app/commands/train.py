@@ -211,9 +211,10 @@ def register(app: typer.Typer) -> None:
 
         from agman_milvus.core.model import build_model, list_models
         from agman_milvus.core.model.backbones import LATE_TAPS
+        from agman_milvus.core.runtime import resolve_device
         from agman_milvus.training.evaluate import computed_precision
         from agman_milvus.training.product import PRODUCT_BACKBONE, product_taps
-        from agman_milvus.training.trainer import Callbacks, resolve_device
+        from agman_milvus.training.trainer import Callbacks
 
         if model not in list_models():
             raise typer.BadParameter(f"unknown model {model!r}; choose from {', '.join(list_models())}")
@@ -305,10 +306,10 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from agman_milvus.core.model import load_checkpoint
+        from agman_milvus.core.runtime import resolve_device
         from agman_milvus.training.datasets import ImageTable
         from agman_milvus.training.evaluate import computed_precision, evaluate_map, evaluate_triplets
         from agman_milvus.training.floor import PooledImageNetFeatures
-        from agman_milvus.training.trainer import resolve_device
         from agman_milvus.training.zappos import read_zappos_filenames, read_zappos_triplets
 
         if threads:
