@@ -15,7 +15,8 @@
 #   0, the paper default: the valid split picks each model's best epoch), PRECISION (what the
 #   feature cache and the training steps compute in, `agman train --precision`: default float32 on
 #   CPU; bfloat16 or auto train in bfloat16 on a CPU that computes it natively: the same MAP, 1.5x
-#   sooner from nothing at 2 threads, docs/results.md).
+#   sooner from nothing at 2 threads, docs/results.md), THREADS (torch threads per process,
+#   default 1; 2 on an idle 2-core machine, as docs/results.md's later runs train).
 # product (default): EfficientNet-Lite0 at 224 px, late taps (AG-MAN's fusion also reads the
 #   stride-8 level, `--taps late_fine`; its cache, with those maps, serves the rows after it), frozen
 #   mid maps cached once (float16, with mirrors; without the mid level's last 3 blocks, which are
@@ -24,7 +25,7 @@
 #   (agman_milvus/training/product.py).
 # paper: issue #3's budget run of the paper's triplet recipe (frozen trunk, cached maps, 128 px,
 #   16 epochs x 1,600 triplets of batch 16).
-# One torch thread per process (faster than 2 on a busy 2-core machine).
+# One torch thread per process by default (faster than 2 on a busy 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-/tmp/agman_quality}
@@ -36,6 +37,7 @@ if [ "$RECIPE" = product ]; then FOLD_VALID=${FOLD_VALID:-1}; else FOLD_VALID=${
 FOLD=()
 [ "$FOLD_VALID" = 1 ] && FOLD=(--fold-valid)
 MODELS=${MODELS:-agman probe floor asen_v2 global}
+THREADS=${THREADS:-1}
 AGMAN=${AGMAN:-.venv/bin/agman}
 [ -f "$CATALOG" ] || { echo "no catalog at $CATALOG (set AGMAN_SHARED_DIR)" >&2; exit 1; }
 mkdir -p "$RUN_DIR"
@@ -45,18 +47,18 @@ DATA=(--catalog "$CATALOG" --attributes articleType,baseColour,gender,usage,seas
 if [ "$RECIPE" = product ]; then
   IMAGE_SIZE=${IMAGE_SIZE:-224}
   COMMON=(--recipe product --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
-          --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads 1
+          --epochs "${EPOCHS:-6}" --batch-size 64 --seed 1 --device auto --workers 1 --threads "$THREADS"
           ${TUNE_MID_BLOCKS:+--tune-mid-blocks "$TUNE_MID_BLOCKS"} ${PRECISION:+--precision "$PRECISION"} "${FOLD[@]}"
           --cache-path "$RUN_DIR/feature_cache.safetensors")
 else
   IMAGE_SIZE=${IMAGE_SIZE:-128}
   COMMON=(--recipe paper --backbone "$BACKBONE" --pretrained --image-size "$IMAGE_SIZE"
           --epochs "${EPOCHS:-16}" --triplets-per-epoch 1600 --batch-size 16 --lr 1e-4 --step-size 3
-          --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads 1
+          --gamma 0.9 --margin 0.2 --seed 1 --device auto --workers 1 --threads "$THREADS"
           --freeze-backbone --cache-features --cache-path "$RUN_DIR/feature_cache.safetensors" "${FOLD[@]}"
           ${PRECISION:+--precision "$PRECISION"})
 fi
-EVAL=("${DATA[@]}" --split test --workers 1 --threads 1)
+EVAL=("${DATA[@]}" --split test --workers 1 --threads "$THREADS")
 
 timed() {  # timed ROW COMMAND...: run it, append "ROW train seconds: N" to timing.txt
   local row=$1 start
