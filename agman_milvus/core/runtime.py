@@ -93,7 +93,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError("device 'cuda' was asked for but no CUDA device is available "
-                                 "(use --device auto or cpu)")
+                                 "(use auto or cpu)")
     return torch.device(device)
 
 
