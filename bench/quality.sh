@@ -16,7 +16,7 @@
 #   feature cache and the training steps compute in, `agman train --precision`: default float32 on
 #   CPU; bfloat16 or auto train in bfloat16 on a CPU that computes it natively: the same MAP, 1.5x
 #   sooner from nothing at 2 threads, docs/results.md), THREADS (torch threads per process,
-#   default 1; 2 on an idle 2-core machine, as docs/results.md's later runs train).
+#   default 1; 2 is faster on an idle 2-core machine).
 # product (default): EfficientNet-Lite0 at 224 px, late taps (AG-MAN's fusion also reads the
 #   stride-8 level, `--taps late_fine`; its cache, with those maps, serves the rows after it), frozen
 #   mid maps cached once (float16, with mirrors; without the mid level's last 3 blocks, which are
