@@ -1,7 +1,7 @@
 """Copy-detection benchmark on the fashion-products catalogue (ISC2021-style metrics).
 
 A reference set of catalogue photos; queries are edited copies of references (1-3 random edits
-from :data:`agman_milvus.usecases.copyright.EDITS`: crop, rescale, JPEG, rotation, flip, colour
+from :data:`agman_milvus.core.copy_edits.EDITS`: crop, rescale, JPEG, rotation, flip, colour
 jitter, grayscale, blur, padding, text overlay, pixelation, pasted into another catalogue photo)
 plus edited copies of photos that are NOT references (the catalogue has photos from one shoot,
 so these are realistic hard negatives). The catalogue holds identical photos under different
@@ -67,6 +67,8 @@ from PIL import Image
 
 from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Precision, Settings
+from agman_milvus.core.copy_edits import EDITS, random_edit
+from agman_milvus.core.copy_metrics import micro_average_precision, threshold_for_precision
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.layers import l2_normalize
 from agman_milvus.core.phash import hamming, phash
@@ -77,7 +79,6 @@ from agman_milvus.services.store.vectors import VectorStore, close_milvus
 from agman_milvus.usecases.copyright import (
     DENSE_FEW_K,
     DENSE_K,
-    EDITS,
     NORM_BETA,
     NORM_K,
     VERIFY_K,
@@ -86,10 +87,7 @@ from agman_milvus.usecases.copyright import (
     inspect_query,
     interleave,
     is_sure,
-    micro_average_precision,
     query_views,
-    random_edit,
-    threshold_for_precision,
     verify_in_order,
 )
 from agman_milvus.usecases.screening import BATCH_SIZE as SCREEN_BATCH

@@ -65,10 +65,10 @@ import numpy as np
 # bench/ is on sys.path when this runs as a script
 from copydetect import content_key, load, print_report, shared_dir
 
+from agman_milvus.core.copy_edits import random_edit
 from agman_milvus.core.model import build_model
 from agman_milvus.core.model.checkpoint import save_checkpoint
 from agman_milvus.core.schema import AttributeSchema
-from agman_milvus.usecases.copyright import random_edit
 
 
 def screen_job(queries_file: Path, worker_pids: list[int], single: list[str]) -> dict:

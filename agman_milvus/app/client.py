@@ -286,7 +286,7 @@ class Client:
 
     def calibrate_copy(self, precision: float = 0.99, sample: int = 300, seed: int = 0) -> Any:
         """Recalibrate the copy thresholds on edited copies of this catalogue's images."""
-        from agman_milvus.usecases.copyright import calibrate
+        from agman_milvus.usecases.copy_calibration import calibrate
 
         return calibrate(self._copy_checker(), precision=precision, sample=sample, seed=seed)
 

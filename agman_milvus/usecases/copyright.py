@@ -37,32 +37,28 @@ attribute embeddings against a per-attribute threshold that 95% of true copies p
 
 The verdict of a match is ``copy`` when ``score >= copy`` or its hash distance is at most
 ``phash_copy``, ``near_duplicate`` when ``score >= near_duplicate``, else ``distinct``. The
-thresholds come from :func:`calibrate` (``agman calibrate``): edited copies of the user's own
-indexed images go through both stages, and the thresholds are chosen for a stated precision
-(99% for ``copy``, 90% for ``near_duplicate`` by default); the recall they keep is reported.
+thresholds come from :func:`agman_milvus.usecases.copy_calibration.calibrate` (``agman
+calibrate``): edited copies of the user's own indexed images go through both stages, and the
+thresholds are chosen for a stated precision (99% for ``copy``, 90% for ``near_duplicate`` by
+default); the recall they keep is reported.
 They are stored as JSON in the data directory, keyed by model version and method.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
-import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from agman_milvus.core import copy_verify, copy_vote
 from agman_milvus.core.config import Settings
-from agman_milvus.core.errors import AgmanError
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.pasted import Box, pasted_region
 from agman_milvus.core.phash import from_signed64, hamming, phash
@@ -70,17 +66,14 @@ from agman_milvus.core.threads import cpu_count, thread_map, thread_pool
 from agman_milvus.services.blobs import BlobStore
 from agman_milvus.services.embedding import Embedder
 from agman_milvus.services.local_features import LocalFeatureCache, cache_root
-from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus, IndexedSource
+from agman_milvus.services.store.catalog import Catalog, ImageInfo, ImageStatus
 from agman_milvus.services.store.vectors import COPY as COPY_COLLECTION
 from agman_milvus.services.store.vectors import Hit, VectorStore, version_tag
 from agman_milvus.usecases.base import UseCase
 
 __all__ = [
-    "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CalibrationResult", "CopyCheck",
-    "CopyChecker", "CopyMatch", "CopyThresholds", "EDITS", "NotEnoughImagesError", "calibrate",
-    "interleave", "is_sure", "verify_in_order",
-    "micro_average_precision", "random_edit", "recall_at_precision", "threshold_for_precision",
-    "thresholds_path",
+    "COPY", "DISTINCT", "NEAR_DUPLICATE", "AttributeAgreement", "CopyCheck", "CopyChecker", "CopyMatch",
+    "CopyThresholds", "interleave", "is_sure", "stored_phash", "thresholds_path", "verify_in_order",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,15 +97,8 @@ DENSE_FEW_K = 6
 #: references (seed 1) 3 kept 2 fewer pixelated originals at rank 1 than every one, 6 one fewer
 #: (docs/benchmarks.md).
 PIXELATED_DENSE = 6
-#: Floors of the calibrated thresholds: a small calibration sample with no hard negative above
-#: some score must not open the verdict to every weak geometric match.
-MIN_COPY, MIN_NEAR = 0.75, 0.2
 #: Identifies what the thresholds apply to; stored thresholds of another method are not used.
 METHOD = "vote-sift-ransac-residual-v3"
-
-
-class NotEnoughImagesError(AgmanError, RuntimeError):
-    """Calibration needs more indexed images than the catalog has."""
 
 
 # -- thresholds ------------------------------------------------------------------------------
@@ -359,7 +345,7 @@ class CopyChecker(UseCase):
             features = self._candidate_features(info)
             if features is None:
                 return {}
-            hashes = {0: _phash_of(info)}
+            hashes = {0: stored_phash(info)}
             found = verify_in_order(queries[n].features, {0: features}, hashes,
                                     copy_threshold=self.thresholds.copy)
             return {hit.image_id: found[0]}
@@ -393,7 +379,7 @@ class CopyChecker(UseCase):
         """Copy scores of one query's candidates (:func:`copy_verify.copy_scores` over their
         stored pHashes; 0 for an unverified one)."""
         verified = [i for i, v in enumerate(verifications) if v is not None]
-        hashes = [_phash_of(infos[i]) for i in verified]
+        hashes = [stored_phash(infos[i]) for i in verified]
         out = [0.0] * len(verifications)
         scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
                                          smoothed=[verifications[i].smoothed_score for i in verified],
@@ -420,7 +406,7 @@ class CopyChecker(UseCase):
                 features = self._candidate_features(info)
                 if features is not None:
                     readable[k] = features
-        hashes = {k: _phash_of(candidates[k][2]) for k in (*readable, *done)}
+        hashes = {k: stored_phash(candidates[k][2]) for k in (*readable, *done)}
         found = verify_in_order(query.features, readable, hashes, copy_threshold=self.thresholds.copy,
                                 workers=workers, known=done)
         return [found.get(k) for k in range(len(candidates))]
@@ -444,7 +430,7 @@ class CopyChecker(UseCase):
         scores = self.copy_scores(verifications, [info for _, _, info in candidates])
         matches = []
         for (hit, candidate_score, info), v, score in zip(candidates, verifications, scores, strict=True):
-            stored_hash = _phash_of(info)
+            stored_hash = stored_phash(info)
             distance = None if stored_hash is None else hamming(query.phash, stored_hash)
             attributes = {}
             for k, name in enumerate(self.vectors.schema.names):
@@ -526,7 +512,7 @@ def verify_in_order(
     return found
 
 
-def _phash_of(info: ImageInfo) -> int | None:
+def stored_phash(info: ImageInfo) -> int | None:
     """A catalogue image's stored pHash (unsigned), or None."""
     return from_signed64(info.phash) if info.phash is not None else None
 
@@ -651,285 +637,3 @@ class _Scored:
     candidates: list[list[tuple[Hit, float, ImageInfo]]]
     #: each query's verifications made in stage 1 (its first candidate's), by image id
     verified: list[dict[int, copy_verify.Verification]]
-
-
-# -- edits: the transform benchmark ----------------------------------------------------------
-def _crop(im: Image.Image, r: random.Random) -> Image.Image:
-    f = r.uniform(0.55, 0.9)
-    w, h = im.size
-    cw, ch = max(8, int(w * f)), max(8, int(h * f))
-    x, y = r.randint(0, w - cw), r.randint(0, h - ch)
-    return im.crop((x, y, x + cw, y + ch))
-
-
-def _rescale(im: Image.Image, r: random.Random) -> Image.Image:
-    s = r.uniform(0.3, 0.8) if r.random() < 0.7 else r.uniform(1.2, 2.0)
-    return im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.Resampling.BILINEAR)
-
-
-def _jpeg(im: Image.Image, r: random.Random) -> Image.Image:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=r.randint(8, 40))
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def _rotate(im: Image.Image, r: random.Random) -> Image.Image:
-    angle = r.choice([-1, 1]) * r.uniform(5, 30)
-    return im.rotate(angle, expand=True, fillcolor=(255, 255, 255), resample=Image.Resampling.BILINEAR)
-
-
-def _flip(im: Image.Image, r: random.Random) -> Image.Image:
-    return ImageOps.mirror(im)
-
-
-def _jitter(im: Image.Image, r: random.Random) -> Image.Image:
-    im = ImageEnhance.Brightness(im).enhance(r.uniform(0.6, 1.4))
-    im = ImageEnhance.Contrast(im).enhance(r.uniform(0.6, 1.4))
-    return ImageEnhance.Color(im).enhance(r.uniform(0.2, 1.8))
-
-
-def _grayscale(im: Image.Image, r: random.Random) -> Image.Image:
-    return ImageOps.grayscale(im).convert("RGB")
-
-
-def _blur(im: Image.Image, r: random.Random) -> Image.Image:
-    return im.filter(ImageFilter.GaussianBlur(r.uniform(1.0, 3.0)))
-
-
-def _pad(im: Image.Image, r: random.Random) -> Image.Image:
-    border = int(min(im.size) * r.uniform(0.08, 0.3))
-    return ImageOps.expand(im, border, fill=tuple(r.randint(0, 255) for _ in range(3)))
-
-
-def _text(im: Image.Image, r: random.Random) -> Image.Image:
-    im = im.copy()
-    draw = ImageDraw.Draw(im)
-    words = ["SALE", "-50%", "NEW IN", "free shipping", "(c) shop", "BEST PRICE", "limited"]
-    for _ in range(r.randint(2, 5)):
-        xy = (r.randint(0, max(1, im.width * 2 // 3)), r.randint(0, max(1, im.height - 12)))
-        colour = tuple(r.randint(0, 255) for _ in range(3))
-        draw.text(xy, r.choice(words), fill=colour, font_size=r.randint(10, 28))
-    return im
-
-
-def _pixelate(im: Image.Image, r: random.Random) -> Image.Image:
-    f = r.uniform(0.08, 0.25)
-    small = im.resize((max(4, int(im.width * f)), max(4, int(im.height * f))), Image.Resampling.BILINEAR)
-    return small.resize(im.size, Image.Resampling.NEAREST)
-
-
-def _paste(im: Image.Image, r: random.Random, background: Image.Image | None = None) -> Image.Image:
-    w, h = im.size
-    size = (int(w * r.uniform(1.3, 2.0)), int(h * r.uniform(1.3, 2.0)))
-    if background is None:
-        noise = np.random.default_rng(r.randrange(2**32)).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        bg = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
-    else:
-        bg = background.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-    scale = r.uniform(0.5, 0.8)
-    small = im.resize((max(8, int(size[0] * scale)), max(8, int(size[1] * scale))))
-    bg.paste(small, (r.randint(0, size[0] - small.width), r.randint(0, size[1] - small.height)))
-    return bg
-
-
-#: The edits of the transform benchmark, by name.
-EDITS: dict[str, Callable[..., Image.Image]] = {
-    "crop": _crop, "rescale": _rescale, "jpeg": _jpeg, "rotate": _rotate, "flip": _flip,
-    "jitter": _jitter, "grayscale": _grayscale, "blur": _blur, "pad": _pad, "text": _text,
-    "pixelate": _pixelate, "paste": _paste,
-}
-
-
-def random_edit(
-    image: Image.Image, rng: random.Random, edits: tuple[int, int] = (1, 3),
-    background: Image.Image | None = None,
-) -> tuple[Image.Image, list[str]]:
-    """An edited copy of ``image``: ``edits`` = (min, max) random edits from :data:`EDITS`.
-
-    ``background`` is the picture ``paste`` puts the image into (noise when None).
-    """
-    names = rng.sample(sorted(EDITS), rng.randint(*edits))
-    out = image.convert("RGB")
-    for name in names:
-        out = _paste(out, rng, background) if name == "paste" else EDITS[name](out, rng)
-    return out, names
-
-
-# -- metrics ---------------------------------------------------------------------------------
-def _curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order].astype(bool)
-    tp = np.cumsum(y)
-    precision = tp / np.arange(1, len(y) + 1)
-    return s, tp, precision
-
-
-def micro_average_precision(scores: Sequence[float], labels: Sequence[bool], positives: int) -> float:
-    """ISC2021 micro-AP: one ranked list of every (query, reference, score) prediction;
-    ``positives`` counts every query that has a true reference (found or not)."""
-    if positives <= 0 or len(scores) == 0:
-        return 0.0
-    _, tp, precision = _curve(np.asarray(scores, float), np.asarray(labels, bool))
-    y = np.diff(np.concatenate([[0], tp])) > 0
-    return float((precision * y).sum() / positives)
-
-
-def recall_at_precision(
-    scores: Sequence[float], labels: Sequence[bool], positives: int, precision: float
-) -> float:
-    """Largest recall over operating points whose precision is at least ``precision``."""
-    return threshold_for_precision(scores, labels, positives, precision)[1]
-
-
-def threshold_for_precision(
-    scores: Sequence[float], labels: Sequence[bool], positives: int, precision: float
-) -> tuple[float, float, float]:
-    """``(threshold, recall, achieved precision)`` of the loosest threshold that keeps
-    ``precision``; the threshold is ``inf`` (nothing passes) when no threshold does."""
-    if len(scores) == 0 or positives <= 0:
-        return math.inf, 0.0, 1.0
-    s, tp, prec = _curve(np.asarray(scores, float), np.asarray(labels, bool))
-    # only cut between distinct scores: the operating point is the last index of a score run
-    last_of_run = np.append(s[1:] != s[:-1], True)
-    ok = np.flatnonzero((prec >= precision) & last_of_run)
-    if len(ok) == 0:
-        return math.inf, 0.0, 1.0
-    k = ok[-1]
-    return float(s[k]), float(tp[k] / positives), float(prec[k])
-
-
-# -- calibration -----------------------------------------------------------------------------
-@dataclass
-class CalibrationResult:
-    thresholds: CopyThresholds
-    path: Path | None
-    queries: int
-    positives_found: int
-    micro_ap: float
-
-    @property
-    def copy_precision(self) -> float:
-        return float(self.thresholds.stats.get("copy_precision", 0.0))
-
-    @property
-    def copy_recall(self) -> float:
-        return float(self.thresholds.stats.get("copy_recall", 0.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds.to_dict(), "path": str(self.path) if self.path else None,
-                "queries": self.queries, "positives_found": self.positives_found,
-                "micro_ap": self.micro_ap, "copy_precision": self.copy_precision,
-                "copy_recall": self.copy_recall}
-
-
-def _sample_indexed(catalog: Catalog, n: int, rng: random.Random) -> list[IndexedSource]:
-    rows = catalog.images.indexed_sources()
-    rng.shuffle(rows)
-    return rows[:n]
-
-
-def calibrate(
-    checker: CopyChecker,
-    *,
-    precision: float = 0.99,
-    near_precision: float = 0.90,
-    sample: int = 300,
-    seed: int = 0,
-    attribute_quantile: float = 0.05,
-    save_to: Path | None = None,
-    batch_size: int = 32,
-) -> CalibrationResult:
-    """Calibrate the copy thresholds on edited copies of the catalogue's own images.
-
-    For each sampled indexed image two queries are made: an edited copy checked against the
-    whole catalogue (a positive: the original should come back), and a second edited copy
-    checked as if its original were *not* indexed (its image excluded), so its best candidates
-    are realistic hard negatives (look-alike products). Every (query, candidate) pair counts,
-    as in ISC2021's micro-AP; the score is stage 2's verification score over stage 1's
-    candidates, exactly as a check computes it. ``copy`` is the loosest score threshold with
-    ``precision`` (its recall on these queries is reported in ``stats``),
-    ``near_duplicate`` the one with ``near_precision``, ``phash_copy`` the largest hash
-    distance with ``precision``, and each attribute threshold the ``attribute_quantile`` of the
-    true copies' attribute similarities.
-    """
-    if not 0 < near_precision <= precision <= 1:
-        raise ValueError("need 0 < near_precision <= precision <= 1")
-    rng = random.Random(seed)
-    picks = _sample_indexed(checker.catalog, sample, rng)
-    if len(picks) < 2 * NORM_K:
-        raise NotEnoughImagesError(
-            f"calibration needs at least {2 * NORM_K} indexed images with a stored source; "
-            f"the catalogue has {len(picks)}"
-        )
-    images = [checker.load_image(uri) for _, _, uri in picks]
-    scores: list[float] = []
-    labels: list[bool] = []
-    distances: list[int] = []
-    hash_labels: list[bool] = []
-    attr_sims: dict[str, list[float]] = {a: [] for a in checker.vectors.schema.names}
-    found = 0
-    t0 = checker.thresholds
-    for start in range(0, len(picks), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(picks))))
-        queries, exclude, targets, held, backdrops = [], [], [], [], []
-        for i in chunk:
-            k = rng.randrange(len(images))
-            for held_out in (False, True):
-                edited, _ = random_edit(images[i], rng, background=images[k])
-                queries.append(edited)
-                exclude.append({picks[i][0]} if held_out else set())
-                targets.append(None if held_out else picks[i][0])
-                held.append(picks[i][1] if held_out else None)
-                backdrops.append(picks[k][0])
-        scored = checker.score_candidates(queries, checker.verify_k, exclude)
-        copies: list[tuple[np.ndarray, int]] = []  # each original found: its query's embeddings, its id
-        for q, cands, verified, target, held_product, backdrop in zip(
-                scored.queries, scored.candidates, checker.verify_scored(scored), targets, held, backdrops,
-                strict=True):
-            copy_scores = checker.copy_scores(verified, [info for _, _, info in cands])
-            for (hit, _, info), score in zip(cands, copy_scores, strict=True):
-                if hit.product_id == held_product or hit.image_id == backdrop:
-                    continue  # another photo of the held-out product, or the indexed photo a
-                    # "paste" edit put the query into: neither copy nor distinct
-                is_copy = hit.image_id == target
-                scores.append(score)
-                labels.append(is_copy)
-                found += is_copy
-                stored_hash = _phash_of(info)
-                if stored_hash is not None:
-                    distances.append(hamming(q.phash, stored_hash))
-                    hash_labels.append(is_copy)
-                if is_copy:
-                    copies.append((q.embeddings, hit.image_id))
-        originals = [image_id for _, image_id in copies]
-        for k, a in enumerate(checker.vectors.schema.names):
-            stored = checker.vectors.get_vectors(a, originals)
-            attr_sims[a] += [float(np.dot(e[k], stored[i])) for e, i in copies if i in stored]
-    positives = len(picks)
-    copy_t, copy_recall, copy_prec = threshold_for_precision(scores, labels, positives, precision)
-    near_t, near_recall, _ = threshold_for_precision(scores, labels, positives, near_precision)
-    hash_t, hash_recall, _ = threshold_for_precision(
-        [-d for d in distances], hash_labels, positives, precision)
-    ap = micro_average_precision(scores, labels, positives)
-    thresholds = CopyThresholds(
-        model_version=checker.vectors.model_version,
-        copy=max(copy_t, MIN_COPY) if math.isfinite(copy_t) else t0.copy,
-        near_duplicate=(min(max(near_t, MIN_NEAR), max(copy_t, MIN_COPY)) if math.isfinite(near_t)
-                        else t0.near_duplicate),
-        phash_copy=int(-hash_t) if math.isfinite(hash_t) else -1,
-        attribute={a: float(np.quantile(v, attribute_quantile)) for a, v in attr_sims.items() if v},
-        precision=precision, near_precision=near_precision, calibrated=True,
-        calibrated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        stats={"sampled_images": len(picks), "queries": 2 * len(picks), "pairs": len(scores),
-               "micro_ap": ap, "copy_recall": copy_recall, "copy_precision": copy_prec,
-               "near_duplicate_recall": near_recall, "phash_recall": hash_recall, "seed": seed},
-    )
-    path = None
-    if save_to is not None:
-        path = thresholds.save(save_to)
-    elif checker.settings is not None:
-        path = thresholds.save(thresholds_path(checker.settings.data_dir, thresholds.model_version))
-    checker.thresholds = thresholds
-    log.info("calibrated copy thresholds for %s: copy >= %.3f (recall %.2f at precision %.2f)",
-             thresholds.model_version, thresholds.copy, copy_recall, precision)
-    return CalibrationResult(thresholds, path, 2 * len(picks), found, ap)

@@ -20,18 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agman_milvus.core.copy_edits import EDITS, random_edit
+from agman_milvus.core.copy_metrics import micro_average_precision, threshold_for_precision
 from agman_milvus.core.copy_verify import pixel_block
 from agman_milvus.usecases.copyright import (
     COPY,
     DENSE_FEW_K,
     DISTINCT,
-    EDITS,
     CopyThresholds,
     QueryLook,
-    micro_average_precision,
     query_views,
-    random_edit,
-    threshold_for_precision,
     thresholds_path,
 )
 from tests.integration.test_search import make_client

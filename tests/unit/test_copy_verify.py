@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from agman_milvus.core import copy_verify as cv
+from agman_milvus.core.copy_edits import EDITS
 from agman_milvus.services.local_features import LocalFeatureCache
-from agman_milvus.usecases.copyright import EDITS
 
 
 def textured(seed: int, size: int = 200) -> Image.Image:

@@ -97,9 +97,10 @@ class DemoOptions:
     queries_per_attribute: int = 3
     """Searches shown on the HTML page per attribute (all held-out images are measured)."""
     calibration_sample: int = 200
-    """Images :func:`~agman_milvus.usecases.copyright.calibrate` edits to set the copy thresholds. Measured on
-    the default catalog: with 60, the 99%-precision threshold was too loose (7 of 40 unrelated
-    look-alike renders called ``copy``); with 200, none were (about 25 s more)."""
+    """Images :func:`~agman_milvus.usecases.copy_calibration.calibrate` edits to set the copy
+    thresholds. Measured on the default catalog: with 60, the 99%-precision threshold was too
+    loose (7 of 40 unrelated look-alike renders called ``copy``); with 200, none were (about 25 s
+    more)."""
     top_k: int = 10
     seed: int = 0
 
@@ -646,15 +647,10 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
                  names: list[str], options: DemoOptions,
                  progress: Progress | None) -> tuple[CopyFigures, list[page.CopyCheck]]:
     """Calibrate, then check edited copies of ingested images and unrelated images."""
+    from agman_milvus.core.copy_edits import random_edit
     from agman_milvus.core.images import load_image
-    from agman_milvus.usecases.copyright import (
-        COPY,
-        DISTINCT,
-        NEAR_DUPLICATE,
-        CopyThresholds,
-        NotEnoughImagesError,
-        random_edit,
-    )
+    from agman_milvus.usecases.copy_calibration import NotEnoughImagesError
+    from agman_milvus.usecases.copyright import COPY, DISTINCT, NEAR_DUPLICATE, CopyThresholds
 
     _notify(progress, "calibrate", 0, None)
     try:
