@@ -46,14 +46,6 @@ class Attribute:
         slug = _IDENTIFIER.sub("_", self.name).strip("_").lower()
         return slug or "attribute"
 
-    def value_index(self, value: str) -> int:
-        try:
-            return self.values.index(value)
-        except ValueError:
-            raise ValueError(
-                f"attribute {self.name!r} has no value {value!r}; values: {', '.join(self.values)}"
-            ) from None
-
 
 @dataclass(frozen=True)
 class AttributeSchema:

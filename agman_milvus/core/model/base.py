@@ -136,11 +136,6 @@ class AttributeEmbeddingModel(nn.Module):
     def _retrieval(self, embeddings: torch.Tensor) -> torch.Tensor:
         return embeddings if self.value_head is None else self.value_head(embeddings)
 
-    def copy_descriptor(self, images: torch.Tensor) -> torch.Tensor:
-        """Copy-detection descriptor [B, Dc], L2-normalised (see :meth:`_descriptor`)."""
-        _, mid, high = self._features(images)
-        return self._descriptor(mid, high)
-
     def attention_map(self, images: torch.Tensor, attribute_ids: AttributeIds) -> torch.Tensor:
         """The attribute-guided spatial attention map [B, H, W] (sums to 1 per image)."""
         raise NotImplementedError(f"{self.model_name} has no attribute attention map")

@@ -21,7 +21,6 @@ from agman_milvus.core.errors import AgmanError
 logger = logging.getLogger(__name__)
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
-RESNET50_FILE = "resnet50-0676ba61.pth"
 
 
 class WeightsUnavailableError(AgmanError, RuntimeError):
