@@ -1,12 +1,5 @@
-"""Copy thresholds calibrated on edited copies of the catalogue's own images (``agman calibrate``).
-
-Each sampled indexed photo gives two edited queries (:func:`agman_milvus.core.copy_edits.random_edit`):
-one checked against the whole catalogue (its original should come back) and one checked with
-its original left out, whose best candidates are realistic hard negatives. The thresholds are
-the loosest with the stated precision over every (query, candidate) pair; the recall they keep
-is reported (:class:`CalibrationResult`) and they are stored beside the data
-(:func:`agman_milvus.usecases.copyright.thresholds_path`).
-"""
+"""Copy thresholds calibrated on edited copies of the catalogue's own images (``agman calibrate``):
+:func:`calibrate` (how, in its docstring) and its :class:`CalibrationResult`."""
 
 from __future__ import annotations
 
