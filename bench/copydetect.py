@@ -21,7 +21,7 @@ Methods, on the same queries, each giving up to ``TOP`` (query, reference, score
   :class:`VectorStore`, score = votes;
 * ``verified_descriptor_only``: stage 2 of the checker on the first ``VERIFY_K`` descriptor
   candidates (:mod:`agman_milvus.core.copy_verify`: SIFT + RANSAC + photometric residual),
-  score = the copy score (``copy_verify.copy_scores``);
+  score = the copy score (``copy_scoring.copy_scores``);
 * ``verified_without_margin``: stage 2 on both sources' candidates, taken alternately as the
   checker does (``VERIFY_K`` + ``VOTE_K`` at most, up to a sure copy:
   ``copyright.verify_in_order``; no voting candidates for a query whose first descriptor
@@ -33,7 +33,7 @@ per edit kind (a query with several edits counts in each). Verdicts ("copy" when
 with the shipped default threshold, and with t calibrated for 99% precision on half the queries
 and measured on the other half. ``--fit`` refits the verification score's and then the copy
 score's logistic weights on the calibration half (printed; paste into
-``copy_verify.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (the query's pixel blocks
+``copy_scoring.SCORE_WEIGHTS`` and ``COPY_WEIGHTS``). Checks/s: stage 1 (the query's pixel blocks
 and pasted frame, query + 2 or 3 views embedding, query keypoints, voting: the queries voted for
 are reported) and stage 2 (verification, the first candidates' included) per query, with the
 references' keypoints precomputed as ingest stores them, and each batch's queries extracted and
@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agman_milvus.core import copy_verify, copy_vote
+from agman_milvus.core import copy_evidence, copy_features, copy_scoring, copy_vote
 from agman_milvus.core.config import Precision, Settings
 from agman_milvus.core.copy_edits import EDITS, random_edit
 from agman_milvus.core.copy_metrics import micro_average_precision, threshold_for_precision
@@ -184,7 +184,7 @@ def verdict_errors(preds, checked, truth, edits, t: float) -> dict:
     original called a copy, or one matched to another reference) with the called candidate's
     verification, the originals verified but scored under ``t`` with theirs, and the count of
     originals that were never verified."""
-    def described(q: int, j: int, score: float, v: copy_verify.Verification) -> dict:
+    def described(q: int, j: int, score: float, v: copy_evidence.Verification) -> dict:
         return {"query": q, "edits": edits[q], "reference": j, "score": round(score, 4),
                 "method": v.method, "inliers": v.inliers, "inlier_ratio": round(v.inlier_ratio, 3),
                 "coverage": round(v.coverage, 3), "residual": round(v.residual, 3),
@@ -226,7 +226,7 @@ def rescore(checked, weights) -> list[list[tuple[int, float]]]:
     """Verification scores, best first, with the score model ``weights`` (dense fits keep theirs)."""
     out = []
     for pairs in checked:
-        scored = [(j, copy_verify.score(v.inliers, v.inlier_ratio, v.coverage, v.residual, weights)
+        scored = [(j, copy_scoring.score(v.inliers, v.inlier_ratio, v.coverage, v.residual, weights)
                    if v.method == "sift" and v.transform else v.score) for j, v in pairs]
         out.append(sorted(scored, key=lambda p: -p[1]))
     return out
@@ -234,16 +234,16 @@ def rescore(checked, weights) -> list[list[tuple[int, float]]]:
 
 def copy_rescore(
     verified, ref_h: np.ndarray, smoothed: list[dict[int, float]], inliers: list[dict[int, int]],
-    weights=copy_verify.COPY_WEIGHTS,
+    weights=copy_scoring.COPY_WEIGHTS,
 ) -> list[list[tuple[int, float]]]:
     """Copy scores, best first, from verification scores, as the checker computes them
-    (:func:`copy_verify.copy_scores` over the references' pHashes, the scores with a
+    (:func:`copy_scoring.copy_scores` over the references' pHashes, the scores with a
     pixelated picture's blocks smoothed away, ``smoothed[q][reference]``, and the keypoint
     inliers, ``inliers[q][reference]``)."""
     out = []
     for q, pairs in enumerate(verified):
         refs = [j for j, _ in pairs]
-        scores = copy_verify.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights,
+        scores = copy_scoring.copy_scores([s for _, s in pairs], [int(ref_h[j]) for j in refs], weights,
                                          smoothed=[smoothed[q][j] for j in refs],
                                          inliers=[inliers[q][j] for j in refs])
         out.append(sorted(zip(refs, scores, strict=True), key=lambda p: -p[1]))
@@ -253,10 +253,10 @@ def copy_rescore(
 def copy_score_inputs(verified, ref_h: np.ndarray,
                       inliers: list[dict[int, int]]) -> list[list[tuple[int, float, float]]]:
     """Per query, (reference, verification score, margin) for fitting, the margin as the
-    checker weighs it (:func:`copy_verify.copy_margins`, ``inliers[q][reference]``)."""
+    checker weighs it (:func:`copy_scoring.copy_margins`, ``inliers[q][reference]``)."""
     out = []
     for q, pairs in enumerate(verified):
-        margins = copy_verify.copy_margins([s for _, s in pairs], [int(ref_h[j]) for j, _ in pairs],
+        margins = copy_scoring.copy_margins([s for _, s in pairs], [int(ref_h[j]) for j, _ in pairs],
                                            [inliers[q][j] for j, _ in pairs])
         out.append([(j, s, m) for (j, s), m in zip(pairs, margins, strict=True)])
     return out
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     t_stage1_search = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ref_lf = [copy_verify.extract(im) for im in ref_images]
+    ref_lf = [copy_features.extract(im) for im in ref_images]
     t_ref_kp = time.perf_counter() - t0
     log(f"reference keypoints: {t_ref_kp:.0f} s")
     milvus_dir = tempfile.TemporaryDirectory(prefix="copydetect-")
@@ -386,17 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         t_ref_index = time.perf_counter() - t0
         log(f"keypoint graphs built (Milvus Lite closed and reopened): {t_ref_index:.0f} s")
 
-    qfs: dict[int, copy_verify.LocalFeatures] = {}
+    qfs: dict[int, copy_features.LocalFeatures] = {}
     defaults = CopyThresholds(model_version="-")  # the checker's uncalibrated thresholds
 
-    def verify_first(q: int) -> copy_verify.Verification:
+    def verify_first(q: int) -> copy_evidence.Verification:
         """Stage 2 of query ``q``'s first descriptor candidate, before the vote (the checker's
         ``_verify_first``)."""
         j = preds["candidates"][q][0][0]
         return verify_in_order(qfs[q], {0: ref_lf[j]}, {0: int(ref_h[j])}, copy_threshold=defaults.copy,
                                dense_few_k=args.dense_few_k)[0]
 
-    def verify(q: int) -> list[tuple[int, copy_verify.Verification]]:
+    def verify(q: int) -> list[tuple[int, copy_evidence.Verification]]:
         """Stage 2 of query ``q``, on its candidates as the checker orders them (no voting
         candidates after a sure first one), up to a sure copy (the candidates after it are left
         out, as the checker leaves them unverified)."""
@@ -410,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_extract = t_vote = t_stage2 = 0.0
     vote_batch_s: list[float] = []
-    checked: list[list[tuple[int, copy_verify.Verification]]] = []
-    first: dict[int, copy_verify.Verification] = {}
+    checked: list[list[tuple[int, copy_evidence.Verification]]] = []
+    first: dict[int, copy_evidence.Verification] = {}
     voted: dict[int, list[tuple[int, float]]] = {}
 
     def vote(qs: list[int]) -> None:
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, n, args.screen_batch):  # as a screening job: one keypoint search per batch
         batch = range(start, min(start + args.screen_batch, n))
         t0 = time.perf_counter()
-        extracted = thread_map(lambda q: copy_verify.extract(queries[q], looks[q].block, looks[q].pasted,
+        extracted = thread_map(lambda q: copy_features.extract(queries[q], looks[q].block, looks[q].pasted,
                                                              looks[q].pasted_block), batch, args.threads)
         for q, features_q in zip(batch, extracted, strict=True):
             qfs[q] = features_q
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     preds["voting"] = [voted[q] for q in range(n)]
     close_milvus(settings)
     milvus_dir.cleanup()
-    verification = rescore(checked, copy_verify.SCORE_WEIGHTS)
+    verification = rescore(checked, copy_scoring.SCORE_WEIGHTS)
     smoothed = [{j: v.smoothed_score for j, v in pairs} for pairs in checked]
     inliers = [{j: v.inliers for j, v in pairs} for pairs in checked]
     preds["verified_without_margin"] = verification
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     descriptor_only = [[(j, v) for j, v in pairs if j in {c for c, _ in preds["candidates"][q][:VERIFY_K]}]
                        for q, pairs in enumerate(checked)]
     preds["verified_descriptor_only"] = copy_rescore(
-        rescore(descriptor_only, copy_verify.SCORE_WEIGHTS), ref_h, smoothed, inliers)
+        rescore(descriptor_only, copy_scoring.SCORE_WEIGHTS), ref_h, smoothed, inliers)
 
     idx = np.random.default_rng(args.seed).permutation(n)
     cal, test = idx[: n // 2], idx[n // 2:]
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         in_cal = set(cal.tolist())
         sift = [(q, j, v) for q in in_cal for j, v in checked[q] if v.method == "sift" and v.transform]
-        x = np.array([copy_verify.features_vector(v.inliers, v.inlier_ratio, v.coverage, v.residual)
+        x = np.array([copy_scoring.features_vector(v.inliers, v.inlier_ratio, v.coverage, v.residual)
                       for _, _, v in sift])
         y = np.array([j in truth[q] for q, j, _ in sift], float)
         fitted = tuple(round(float(w), 3) for w in fit_logistic(x, y))
@@ -539,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         "bfloat16": uses_bfloat16(torch.device("cpu"), precision),
         "vote_keypoints": copy_vote.VOTE_KEYPOINTS, "query_keypoints": copy_vote.QUERY_KEYPOINTS,
         "vote_neighbours": copy_vote.VOTE_NEIGHBOURS,
-        "score_weights": list(copy_verify.SCORE_WEIGHTS), "fitted_weights": fitted,
-        "copy_weights": list(copy_verify.COPY_WEIGHTS), "fitted_copy_weights": fitted_copy,
+        "score_weights": list(copy_scoring.SCORE_WEIGHTS), "fitted_weights": fitted,
+        "copy_weights": list(copy_scoring.COPY_WEIGHTS), "fitted_copy_weights": fitted_copy,
         "results": results, "results_held_out_half": results_held_out,
         "per_edit_recall_at_1": per_edit, "verdicts": verdict,
         "default_verdict_errors": verdict_errors(preds["verified"], checked, truth, edits, default_t),

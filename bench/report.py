@@ -21,7 +21,7 @@ from pathlib import Path
 from copydetect import print_report, shared_dir
 from PIL import Image
 
-from agman_milvus.core import copy_verify
+from agman_milvus.core import copy_features, copy_verify
 from agman_milvus.usecases.reports import ReportRow, ScreeningReport, report_html
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             original = load(source)
             query = Path(tmp) / f"q{i}.jpg"
             original.rotate(5, expand=True, fillcolor=(255, 255, 255)).save(query, quality=90)
-            v = copy_verify.verify(copy_verify.extract(load(str(query))), copy_verify.extract(original))
+            v = copy_verify.verify(copy_features.extract(load(str(query))), copy_features.extract(original))
             rows.append(ReportRow(query=str(query), verdict="copy", score=v.score, product_id=photo["id"],
                                   image_id=i, match_source=source, verification=v.to_dict()))
         report = ScreeningReport(job_id=1, status="done", done=len(rows), total=len(rows), created_at=None,

@@ -1,13 +1,9 @@
 """Stage 2 of copy checks: geometric and photometric verification of one candidate.
 
-A candidate found by the copy descriptor is confirmed (or not) from local features:
+A candidate found by the copy descriptor is confirmed (or not) from the local features of both
+images (:mod:`agman_milvus.core.copy_features`):
 
-1. **Local features.** SIFT keypoints (up to :data:`N_FEATURES`) detected on the grey image at
-   :data:`SIFT_SIDE` px (its longer side) and placed in the frame of the grey image resized so
-   its longer side is :data:`WORK_SIDE` px (small queries are upscaled), in which every fit's
-   pixel thresholds are set; plus a :data:`THUMB_SIDE` px grey thumbnail and a
-   :data:`CHROMA_SIDE` px colour (Cr, Cb) thumbnail for the photometric check.
-2. **Geometry.** Lowe's ratio test (a matrix product of the query's descriptors with each
+1. **Geometry.** Lowe's ratio test (a matrix product of the query's descriptors with each
    candidate's, :func:`verify_all`), then a RANSAC similarity (rotation, scale, translation) from
    the candidate to the query, or a general affine one when it explains 1.25x the matches (a
    copy stretched to another aspect ratio). A mirrored query is tried as well when the direct
@@ -18,84 +14,56 @@ A candidate found by the copy descriptor is confirmed (or not) from local featur
    doubt verified against that picture alone too, with its own keypoints. A fit that leaves
    cells differing (below) but could still score is refined by ECC from it (:func:`_refined`):
    on a repeating pattern or a small copy's few keypoints RANSAC can settle a little off.
-3. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
+2. **Photometry.** Catalogue photos from one shoot (same model and pose, another product or
    colour) align well and give dozens of inliers; what tells them apart is the picture itself.
    The candidate is warped onto the query, one global brightness/contrast change is fitted,
-   and a 16-px cell (at :data:`WORK_SIDE`) differs when its mean difference stays above
-   :data:`CELL_DIFF` grey levels. Shoot-mates often differ only in colour (a pink and a blue
-   shirt are one grey), so a cell also differs when its colour about grey (Cr, Cb) does, by
-   over :data:`CHROMA_DIFF`, after one global saturation factor is fitted (brightness,
-   contrast and saturation changes scale it; a greyscale copy fits a factor of 0 and shows no
-   colour difference). The residual is the share of differing cells among the overlap's
-   *content* cells: those where the candidate shows something (not flat, near-white
-   backdrop) or that differ. A product on a white backdrop fills a small part of its photo;
-   counted over the whole overlap, another product's difference was diluted.
-   A pixelated picture (:func:`pixel_block`: its edges fall on a regular grid) is compared a
+   and a 16-px cell (at :data:`~agman_milvus.core.copy_features.WORK_SIDE`) differs when its
+   mean difference stays above :data:`CELL_DIFF` grey levels. Shoot-mates often differ only in
+   colour (a pink and a blue shirt are one grey), so a cell also differs when its colour about
+   grey (Cr, Cb) does, by over :data:`CHROMA_DIFF`, after one global saturation factor is
+   fitted (brightness, contrast and saturation changes scale it; a greyscale copy fits a factor
+   of 0 and shows no colour difference). The residual is the share of differing cells among
+   the overlap's *content* cells: those where the candidate shows something (not flat,
+   near-white backdrop) or that differ. A product on a white backdrop fills a small part of its
+   photo; counted over the whole overlap, another product's difference was diluted.
+   A pixelated picture (:func:`~agman_milvus.core.copy_features.pixel_block`) is compared a
    second time with both images smoothed at its block size, so the blocks' edges do not count
-   as differences; that score (``smoothed_score``) makes a copy only by the margin rule below.
+   as differences; that score (``smoothed_score``) makes a copy only by the margin rule of
+   :func:`~agman_milvus.core.copy_scoring.copy_scores`.
    Textureless, blurred or pixelated pictures give too few good keypoints for a fit; for them
    (or on request, ``dense=True``, for a query's best candidates) a dense alignment (OpenCV's
    ECC, affine, started from "same frame") is tried when the fit fails, and its correlation
    with the residual gives the score (``method="dense"``).
-4. **Score.** A logistic model over (log inliers, inlier ratio, matched-region coverage,
-   residual), coefficients :data:`SCORE_WEIGHTS` fitted on the synthetic edit benchmark
-   (``bench/copydetect.py --fit``).
-5. **Copy score** (:func:`copy_scores`), over all of one query's verified candidates: each
-   candidate's score weighed against the best *other* candidate's (:data:`COPY_WEIGHTS`),
-   unless the verification alone is beyond doubt (:data:`SURE`); it may lower a score, and
-   raise it by :data:`MAX_LIFT` at most. A candidate matched by :data:`DECISIVE_INLIERS`
-   keypoint inliers is weighed against the others' keypoint verifications only. A pixelated
-   picture's smoothed score goes through the same model against the other candidates' best
-   evidence, never taken as sure on its own.
-   Catalogue photos from one shoot often align with a query almost as well as each other; a
-   copy's original stands out. The copy thresholds over this score come from calibration.
+3. **Score** (:func:`~agman_milvus.core.copy_scoring.score`) over the fit's evidence; the copy
+   score weighs it against the query's other candidates
+   (:func:`~agman_milvus.core.copy_scoring.copy_scores`).
 
 Everything is in the query's (or candidate's) *original* pixel coordinates in the returned
-:class:`Verification`, so the matched region and the inlier lines can be drawn on the images a
-reviewer sees (:func:`draw_evidence`).
+:class:`~agman_milvus.core.copy_evidence.Verification`, so the matched region and the inlier
+lines can be drawn on the images a reviewer sees
+(:func:`~agman_milvus.core.copy_evidence.draw_evidence`).
 """
 
 from __future__ import annotations
 
-import io
 import math
-import struct
-import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from agman_milvus.core.pasted import Box
-from agman_milvus.core.phash import hamming
+from agman_milvus.core.copy_evidence import Verification
+from agman_milvus.core.copy_features import CHROMA_BLUR, GREY_BLUR, LocalFeatures
+from agman_milvus.core.copy_scoring import SURE, logistic, score
 
-__all__ = [
-    "COPY_WEIGHTS", "SAME_PICTURE_BITS", "EarlierFeatures", "LocalFeatures", "SCORE_WEIGHTS", "Verification",
-    "copy_margins", "copy_scores", "draw_evidence", "evidence_jpeg", "extract", "features_vector",
-    "frame_correlation", "frames_resemble", "margins",
-    "same_picture", "score", "verify", "verify_all",
-]
+__all__ = ["FRAME_RESEMBLES", "frame_correlation", "frames_resemble", "verify", "verify_all"]
 
-WORK_SIDE = 448
-#: SIFT's input side. Detected at WORK_SIDE (224 px catalogue photos upscaled, and SIFT doubles
-#: its first octave again) a photo gave 295 keypoints in 38.7 ms, at 224 px 123 in 8.8; the
-#: finer octave's keypoints were noise to the edits: at 224, with the score weights refitted, on
-#: bench/copydetect.py's 2,000 references recall@1 rose 0.925 / 0.929 -> 0.940 / 0.944 (two
-#: seeds) and a screening job ran 1.3x faster (docs/benchmarks.md, "SIFT at 224 px").
-SIFT_SIDE = 224
-THUMB_SIDE = 224
-CHROMA_SIDE = 112
-N_FEATURES = 1000
 RATIO = 0.8
 RANSAC_PX = 8.0  # reprojection threshold at WORK_SIDE
 CELL = 8  # residual cell side at THUMB_SIDE (16 px at WORK_SIDE)
 CELL_DIFF = 16.0  # grey levels (0-255) a cell's mean difference may keep after the fit
 CHROMA_DIFF = 10.0  # Cr/Cb levels a cell's mean colour difference may keep after the fit
-GREY_BLUR = 1.2  # Gaussian sigma (thumbnail pixels) of both grey thumbnails before cells are compared
-CHROMA_BLUR = 0.6  # the same for the colour thumbnails (half the grey ones' side)
 BACKGROUND_GREY = 235.0  # a candidate cell lighter than this, and flat, is backdrop, not content
 CONTENT_SPREAD = 6.0  # grey levels of spread within a cell that make it content all the same
 MIN_INLIERS = 6
@@ -108,9 +76,6 @@ MIRROR_BELOW = 0.9  # score under which the mirrored query is tried too
 #: both originals whose second-pass fit beat their direct and flipped fits (docs/benchmarks.md).
 MIRROR_AGAIN = 0.05
 MAX_LINES = 40  # inlier pairs kept for drawing
-#: JPEG quality of an evidence picture: on 224 px catalogue photos about 20 KB in 2-3 ms, where
-#: an optimised PNG took 55-80 KB and 50-90 ms (lines and outline stay legible)
-EVIDENCE_QUALITY = 85
 ECC_QUARTER_ITERATIONS = 50  # dense alignment: iterations on quarter-size thumbnails, then
 ECC_HALF_ITERATIONS = 50  # on half-size ones (from close, most stop early), then
 ECC_FINE_ITERATIONS = 20  # at full size (the correlation that scores it is the full size's)
@@ -134,7 +99,7 @@ ECC_HALF_MIN = 0.85
 #: the 4,294 at quarter size, none of those (docs/benchmarks.md).
 ECC_QUARTER_MIN = 0.8
 #: Keypoints under which (in either image) the dense alignment is tried when the fit fails. 60
-#: when SIFT ran at 448 px; at :data:`SIFT_SIDE` a photo holds about half as many keypoints and a
+#: when SIFT ran at 448 px; at ``copy_features.SIFT_SIDE`` a photo holds about half as many keypoints and a
 #: quarter of catalogue photos fell under 60: on bench/copydetect.py at 2,000 references 45 took
 #: the verification from 47.6 to 42.8 and 45.7 to 43.3 ms a query (two seeds), 1 of 1,202
 #: originals fewer called a copy; at 1,000 every verdict at the default lines stayed (30: one
@@ -146,412 +111,16 @@ MIRROR_FRAME_MARGIN = 0.02
 #: Correlation of tiny grey thumbnails (the query's or its mirror's with the candidate's) under
 #: which :func:`frames_resemble` says a dense alignment from "same frame" cannot succeed.
 FRAME_RESEMBLES = 0.4
-#: The most a pixelated picture's blocks may be stretched along one axis against the other
-#: (:func:`pixel_block`): ``paste`` resizes a picture by 1.3-2.0 per axis, up to 1.54 apart.
-MAX_BLOCK_STRETCH = 1.6
 BLOCK_BLUR = 0.5  # Gaussian sigma, in blocks, that smooths a pixelated picture's blocks away
-#: The factor on a score with a pixelated picture's blocks smoothed away that sets a floor under
-#: the copy score: at the block size, another product of one shoot can look the same (on
-#: bench/copydetect.py, 2 of 240 queries without an original scored 0.84 and 0.91 so), so taken
-#: alone it flags a near-duplicate; :func:`copy_scores` makes a copy of it only by its margin.
-PIXELATED_MAX = 0.6
-
-#: Logistic weights over :func:`features_vector`: bias, log(1+inliers), inlier ratio, coverage,
-#: residual. Fitted by ``bench/copydetect.py --fit`` on edited catalogue photos (500 references,
-#: 500 queries, seed 7; docs/benchmarks.md), again when SIFT moved to :data:`SIFT_SIDE` (fewer
-#: keypoints: fewer inliers for the same fit).
-SCORE_WEIGHTS = (-8.326, 2.92, 5.181, -6.044, -7.752)
-
-#: Logistic weights of the copy score over (1, verification score, its margin over the best
-#: other candidate's). Fitted, as ``bench/copydetect.py --fit`` now does, on the verifications
-#: of one benchmark run (500 references, 500 queries, seed 7; cross-validated on halves: "copy"
-#: recall at precision 0.99 from 0.64 / 0.48 with the verification score alone to 0.81 / 0.76).
-#: Refitted with the score above, the margin carries it all (the score's own weight is near 0).
-COPY_WEIGHTS = (-4.677, -0.298, 12.891)
-#: A verification score from which a candidate is a copy on its own, whatever the others score
-#: (many inliers, nothing left differing: a pixel copy beside look-alike photos of the same
-#: product line, which the margin alone called a near-duplicate). 0.95, not 0.93: on two seeds
-#: of bench/copydetect.py, 3 of the 7 wrong "copy" calls scored 0.93-0.95; weighed against the
-#: other candidates, 2 of them are no longer copies, and 1 of 720 originals lost its verdict.
-SURE = 0.95
-#: The most the other candidates' weakness may raise a verification score: unbounded, a weak
-#: alignment with nothing else near was lifted to 0.99 (an unrelated photo in `agman demo`). With
-#: both rules, on three benchmark runs (docs/benchmarks.md): micro-AP 0.878-0.910, the default
-#: threshold's precision 0.981-0.993 at recall 0.72-0.74, and the verdict calibrated for 99%
-#: on half the queries kept recall 0.53-0.76 on the other half (0.28-0.78 without them).
-MAX_LIFT = 0.1
 #: A keypoint fit is refined by ECC (:func:`_refined`) when its residual is above
 #: REFINE_ABOVE and its score, were nothing left differing, would reach REFINE_FROM.
 REFINE_ABOVE = 0.1
 REFINE_FROM = 0.3
-#: Keypoint inliers from which a candidate is weighed against keypoint verifications only
-#: (:func:`copy_scores`).
-DECISIVE_INLIERS = 20
-#: pHash distance under which two catalogue images show one picture (they do not count against
-#: each other in :func:`margins`).
-SAME_PICTURE_BITS = 2
-
-#: The header of :meth:`LocalFeatures.to_bytes`: magic (format and version), keypoints, original
-#: width and height, scale, pixel block, grey thumbnail's height and width, colour thumbnail's.
-_STORED = struct.Struct("<8sIIIddIIII")
-_STORED_FAMILY = b"AGLOCF"
-_STORED_MAGIC = _STORED_FAMILY + b"02"  # 02: keypoints detected at SIFT_SIDE (01: at WORK_SIDE)
-
-
-class EarlierFeatures(ValueError):
-    """A stored local-features record of an earlier version: its keypoints came from another
-    detector setting, so the score model's weights do not fit them; extract them again."""
-
-
-def _flipped_bins() -> np.ndarray:
-    """For a SIFT descriptor (4 x 4 cells by 8 orientation bins, row-major), the source index
-    of each entry of its mirror image's: cell row r <- 3 - r, orientation bin o <- -o mod 8."""
-    row, col, ori = np.meshgrid(np.arange(4), np.arange(4), np.arange(8), indexing="ij")
-    return (((3 - row) * 4 + col) * 8 + (8 - ori) % 8).ravel()
-
-
-_FLIPPED_BINS = _flipped_bins()
-
-_local = threading.local()
-
-
-def _detector() -> Any:
-    """One SIFT detector per thread (screening threads and workers run checks concurrently)."""
-    if getattr(_local, "sift", None) is None:
-        _local.sift = cv2.SIFT_create(nfeatures=N_FEATURES)
-    return _local.sift
-
-
-@dataclass
-class LocalFeatures:
-    """SIFT keypoints of one image (found at ``SIFT_SIDE``, placed in the ``WORK_SIDE`` frame), its
-    grey and its colour thumbnails."""
-
-    points: np.ndarray  # [N, 2] float32, work-image pixels
-    descriptors: np.ndarray  # [N, 128] uint8
-    size: tuple[int, int]  # original (width, height)
-    scale: float  # work pixels per original pixel
-    thumb: np.ndarray  # [h, w] uint8 grey, longer side THUMB_SIDE
-    chroma: np.ndarray  # [h, w, 2] uint8 Cr, Cb (YCrCb), longer side CHROMA_SIDE
-    block: float = 0.0  # side of a pixelated picture's blocks (original pixels), 0: not pixelated
-
-    def to_bytes(self) -> bytes:
-        """The stored form (:meth:`from_bytes`): a fixed header (:data:`_STORED`), then the
-        points, descriptors, grey and colour thumbnails as raw little-endian arrays."""
-        header = _STORED.pack(_STORED_MAGIC, len(self.points), *self.size, self.scale, self.block,
-                              *self.thumb.shape, *self.chroma.shape[:2])
-        return b"".join([header, self.points.astype("<f4").tobytes(), self.descriptors.tobytes(),
-                         self.thumb.tobytes(), self.chroma.tobytes()])
-
-    @classmethod
-    def from_bytes(cls, data: bytes | bytearray) -> LocalFeatures:
-        """Features from :meth:`to_bytes` (:class:`EarlierFeatures` for a record of an earlier
-        version, ValueError when ``data`` is no such record, or is cut short). A ``bytearray``
-        gives writable arrays over its memory, without copies."""
-        if bytes(data[:len(_STORED_MAGIC)]) != _STORED_MAGIC:
-            if bytes(data[:len(_STORED_FAMILY)]) == _STORED_FAMILY:
-                raise EarlierFeatures(f"local features of format {bytes(data[:8])!r}, not {_STORED_MAGIC!r}")
-            raise ValueError("not a local-features record")
-        if len(data) < _STORED.size:
-            raise ValueError("local-features record cut short")
-        _, n, w, h, scale, block, th, tw, ch, cw = _STORED.unpack_from(data)
-        parts = {"points": (np.dtype("<f4"), (n, 2)), "descriptors": (np.dtype(np.uint8), (n, 128)),
-                 "thumb": (np.dtype(np.uint8), (th, tw)), "chroma": (np.dtype(np.uint8), (ch, cw, 2))}
-        if len(data) != _STORED.size + sum(t.itemsize * math.prod(s) for t, s in parts.values()):
-            raise ValueError("local-features record of the wrong length")
-        arrays, offset = {}, _STORED.size
-        for name, (dtype, shape) in parts.items():
-            count = math.prod(shape)
-            arrays[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
-            offset += dtype.itemsize * count
-        return cls(arrays["points"], arrays["descriptors"], (w, h), scale, arrays["thumb"], arrays["chroma"],
-                   block)
-
-    work: np.ndarray | None = field(default=None, repr=False)  # the grey work image (queries)
-    #: a query's pasted picture (:func:`agman_milvus.core.pasted.pasted_region`), cut out, and
-    #: its top-left corner in the query's original pixels
-    pasted_image: Image.Image | None = field(default=None, repr=False, compare=False)
-    pasted_at: tuple[int, int] = (0, 0)
-    pasted_block: float = 0.0  # the pasted picture's pixel block: 0.0 unless it is pixelated
-    _mirror: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
-    _flipped: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
-    _pasted: LocalFeatures | None = field(default=None, init=False, repr=False, compare=False)
-    _compared: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
-                                                            compare=False)
-    _tiny_thumb: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
-
-    def mirrored(self) -> LocalFeatures:
-        """The features of the mirrored image, extracted on the first call. SIFT on the mirror
-        image keeps partly other keypoints than :meth:`flipped` has (on catalogue photos 7-46%
-        of them sit where no mirrored keypoint does), so a promising mirrored fit is made again
-        with these (:func:`verify_all`)."""
-        if self._mirror is None:
-            chroma = self.flipped().chroma  # flipped() refuses features without a work image
-            self._mirror = _extract_grey(np.ascontiguousarray(self.work[:, ::-1]), self.size, self.scale,
-                                         chroma, self.block)
-        return self._mirror
-
-    def flipped(self) -> LocalFeatures:
-        """The mirror image's features without a second SIFT pass, on the first call: these
-        keypoints mirrored (x -> work width - 0.5 - x, where SIFT's own on the mirror image
-        fall), each descriptor's rows of cells reversed and its orientation bins negated, as a
-        horizontal flip turns them in the keypoint's frame (median 0-7% from SIFT's own
-        descriptor at the same point on catalogue photos), the thumbnails flipped; no work
-        image (fits and dense alignments do not read it)."""
-        if self.work is None:
-            raise ValueError("the mirror image's features need features from extract(), not stored ones")
-        if self._flipped is None:
-            points = self.points.copy()
-            points[:, 0] = self.work.shape[1] - 0.5 - points[:, 0]
-            self._flipped = LocalFeatures(
-                points, np.ascontiguousarray(self.descriptors[:, _FLIPPED_BINS]), self.size, self.scale,
-                np.ascontiguousarray(self.thumb[:, ::-1]), np.ascontiguousarray(self.chroma[:, ::-1]),
-                self.block)
-        return self._flipped
-
-    def compared(self) -> tuple[np.ndarray, np.ndarray]:
-        """The grey and the colour thumbnail as a query's residual compares them (float32,
-        blurred by :data:`GREY_BLUR` and :data:`CHROMA_BLUR`, colour about grey), computed on
-        the first call: a query is compared with up to 20 candidates."""
-        if self._compared is None:
-            self._compared = (cv2.GaussianBlur(self.thumb, (0, 0), GREY_BLUR).astype(np.float32),
-                              cv2.GaussianBlur(self.chroma, (0, 0), CHROMA_BLUR).astype(np.float32) - 128.0)
-        return self._compared
-
-    def tiny(self) -> np.ndarray:
-        """The grey thumbnail at 24 x 24 px, zero-mean, unit norm (:func:`_tiny`), computed on the
-        first call: the frame comparisons (:func:`frames_resemble`) take it for every candidate."""
-        if self._tiny_thumb is None:
-            self._tiny_thumb = _tiny(self.thumb)
-        return self._tiny_thumb
-
-    def pasted(self) -> LocalFeatures | None:
-        """The features of the query's pasted picture (None without one), extracted on the
-        first call: a framed query whose candidate is a copy beyond doubt does not need them."""
-        if self._pasted is None and self.pasted_image is not None:
-            self._pasted = extract(self.pasted_image, self.pasted_block)
-        return self._pasted
-
-
-def _resize_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
-    h, w = image.shape[:2]
-    s = side / max(w, h)
-    interp = cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA
-    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp), s
-
-
-def _extract_grey(work: np.ndarray, size: tuple[int, int], scale: float,
-                  chroma: np.ndarray, block: float) -> LocalFeatures:
-    sift_image, _ = _resize_side(work, SIFT_SIDE)
-    kps, desc = _detector().detectAndCompute(sift_image, None)
-    order = np.argsort([-k.response for k in kps], kind="stable")  # strongest first
-    points = np.array([kps[i].pt for i in order], np.float32).reshape(-1, 2)
-    # SIFT's points sit a quarter pixel past the pixel centres (its first octave is the image
-    # doubled): onto the work image in that same convention (each axis rounds on its own), so a
-    # mirrored point is still at work width - 0.5 - x (:meth:`LocalFeatures.flipped`)
-    to_work = np.array([work.shape[1] / sift_image.shape[1], work.shape[0] / sift_image.shape[0]], np.float32)
-    points = (points + 0.25) * to_work - 0.25
-    descriptors = (np.zeros((0, 128), np.uint8) if desc is None
-                   else np.clip(np.rint(desc[order]), 0, 255).astype(np.uint8))
-    thumb, _ = _resize_side(work, THUMB_SIDE)
-    return LocalFeatures(points, descriptors, size, scale, thumb, chroma, block, work)
-
-
-def extract(image: Image.Image, block: float | None = None, pasted: Box | None = None,
-            pasted_block: float = 0.0) -> LocalFeatures:
-    """Local features of ``image`` (any mode); ``block``: its :func:`pixel_block` when the
-    caller has it already; ``pasted``: a query's pasted picture (its
-    :func:`~agman_milvus.core.pasted.pasted_region`) and ``pasted_block`` that picture's pixel
-    block, kept for :meth:`LocalFeatures.pasted`."""
-    rgb = image.convert("RGB")
-    grey = np.asarray(rgb.convert("L"))
-    work, scale = _resize_side(grey, WORK_SIDE)
-    small, _ = _resize_side(np.asarray(rgb), CHROMA_SIDE)
-    chroma = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:])
-    features = _extract_grey(work, image.size, scale, chroma, pixel_block(grey) if block is None else block)
-    if pasted is not None:
-        features.pasted_image = rgb.crop(pasted)
-        features.pasted_at = (pasted[0], pasted[1])
-        features.pasted_block = pasted_block
-    return features
-
-
-def pixel_block(grey: np.ndarray) -> float:
-    """The side of the blocks (pixels) of a pixelated picture, 0.0 for any other.
-
-    Along each axis, the neighbour differences averaged over the other axis peak where the
-    blocks meet: a pixelated picture's peaks are evenly spaced (at least 3 px apart, 70% of the
-    gaps within 15% of the median); a photo's are not. The two spacings may differ by up to
-    :data:`MAX_BLOCK_STRETCH` (a pixelated picture pasted at another aspect ratio), and the
-    block is their geometric mean. Pixelation followed by a rescale, a pad or a paste is found
-    too; followed by JPEG, blur or rotation mostly not.
-    """
-    if min(grey.shape) < 3:
-        return 0.0
-    spacing = []
-    for profile in _edge_profiles(grey):
-        inner = profile[1:-1]
-        peaks = np.flatnonzero((inner > profile[:-2]) & (inner >= profile[2:])
-                               & (inner > 2 * np.median(profile) + 0.5)) + 1
-        if len(peaks) < 6:
-            return 0.0
-        gaps = np.diff(peaks)
-        median = float(np.median(gaps))
-        regular = np.abs(gaps - median) <= max(1.0, 0.15 * median)
-        if median < 3 or regular.mean() <= 0.7:
-            return 0.0
-        spacing.append(float(gaps[regular].mean()))
-    wide, narrow = max(spacing), min(spacing)
-    return math.sqrt(wide * narrow) if wide <= MAX_BLOCK_STRETCH * narrow else 0.0
-
-
-def _edge_profiles(grey: np.ndarray, stripe: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """The mean absolute grey difference across each column boundary and each row boundary,
-    read in stripes of ``stripe`` rows (a few MB at a time, whatever the photo's size)."""
-    h, w = grey.shape
-    across_columns = np.zeros(w - 1)
-    across_rows = np.empty(h - 1)
-    for top in range(0, h - 1, stripe):
-        rows = grey[top : top + stripe + 1].astype(np.int16)  # one more row: the next boundary
-        across_columns += np.abs(np.diff(rows[:stripe], axis=1)).sum(axis=0)
-        across_rows[top : top + len(rows) - 1] = np.abs(np.diff(rows, axis=0)).mean(axis=1)
-    if (h - 1) % stripe == 0:  # the last row was not in any stripe's first ``stripe`` rows
-        across_columns += np.abs(np.diff(grey[-1].astype(np.int16)))
-    return across_columns / h, across_rows
-
-
-@dataclass
-class Verification:
-    """The evidence that a candidate is (or is not) a copy of the query."""
-
-    score: float
-    inliers: int
-    matches: int
-    inlier_ratio: float
-    coverage: float  # share of the overlap spanned by the inliers (dense: ECC correlation)
-    residual: float  # share of the overlap's content cells that still differ (grey or colour)
-    mirrored: bool
-    method: str = "sift"
-    transform: list[list[float]] | None = None  # 2x3, candidate -> query, original pixels
-    region: list[list[float]] = field(default_factory=list)  # candidate's outline in the query
-    lines: list[list[float]] = field(default_factory=list)  # [xq, yq, xc, yc] inlier pairs
-    colour_residual: float = 0.0  # share of the overlap's content cells that differ in colour
-    #: the score with a pixelated picture's blocks smoothed away (0.0: neither is pixelated)
-    smoothed_score: float = 0.0
-
-    @property
-    def rank(self) -> float:
-        """The score, or the smoothed one as far as it counts (:func:`pixelated_floor`)."""
-        return pixelated_floor(self.score, self.smoothed_score)
-
-    def moved(self, dx: float, dy: float) -> Verification:
-        """This verification with its query coordinates moved by ``(dx, dy)`` (one made on a
-        part of the query, put back into the whole query's pixels)."""
-        transform = None if self.transform is None else [
-            [*row[:2], row[2] + d] for row, d in zip(self.transform, (dx, dy), strict=True)]
-        return replace(self, transform=transform,
-                       region=[[x + dx, y + dy] for x, y in self.region],
-                       lines=[[xq + dx, yq + dy, xc, yc] for xq, yq, xc, yc in self.lines])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Verification:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def features_vector(inliers: int, ratio: float, coverage: float, residual: float) -> np.ndarray:
-    """The score model's inputs (with a leading 1 for the bias)."""
-    return np.array([1.0, math.log1p(inliers), ratio, coverage, residual])
-
-
-def score(inliers: int, ratio: float, coverage: float, residual: float,
-          weights: tuple[float, ...] = SCORE_WEIGHTS) -> float:
-    """Probability-like copy score in [0, 1]."""
-    return _logistic(float(np.dot(weights, features_vector(inliers, ratio, coverage, residual))))
-
-
-def _logistic(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
-
-
-def same_picture(a: int | None, b: int | None) -> bool:
-    """Whether two catalogue images show one picture (e.g. one photo filed under two products):
-    their pHashes, where both are known, within :data:`SAME_PICTURE_BITS`."""
-    return a is not None and b is not None and hamming(a, b) <= SAME_PICTURE_BITS
-
-
-def margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
-            others: Sequence[float] | None = None) -> list[float]:
-    """Each candidate's score minus the best score among the *other* candidates (``others``:
-    the scores to compare with, default ``scores`` themselves), leaving out those that show the
-    same picture (:func:`same_picture`; ``hashes``: the candidates' pHashes)."""
-    hashes = [None] * len(scores) if hashes is None else hashes
-    others = scores if others is None else others
-    return [s - max((t for k, t in enumerate(others) if k != i and not same_picture(hashes[i], hashes[k])),
-                    default=0.0)
-            for i, s in enumerate(scores)]
-
-
-def copy_margins(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
-                 inliers: Sequence[int] | None = None) -> list[float]:
-    """The margins :func:`copy_scores` weighs each verification ``scores`` by: :func:`margins`,
-    except that a candidate verified by :data:`DECISIVE_INLIERS` keypoint ``inliers`` or more
-    (per candidate, 0 for a dense alignment) is weighed against keypoint verifications only."""
-    margin = margins(scores, hashes)
-    if inliers is not None and max(inliers, default=0) >= DECISIVE_INLIERS:
-        keypoint_rivals = [s if n > 0 else 0.0 for s, n in zip(scores, inliers, strict=True)]
-        by_keypoints = margins(scores, hashes, keypoint_rivals)
-        margin = [k if n >= DECISIVE_INLIERS else m
-                  for m, k, n in zip(margin, by_keypoints, inliers, strict=True)]
-    return margin
-
-
-def copy_scores(scores: Sequence[float], hashes: Sequence[int | None] | None = None,
-                weights: tuple[float, ...] = COPY_WEIGHTS,
-                smoothed: Sequence[float] | None = None,
-                inliers: Sequence[int] | None = None) -> list[float]:
-    """Copy scores of one query's candidates from their verification ``scores`` and
-    :func:`margins` (``hashes``: the candidates' pHashes, None where unknown). A score of at
-    least :data:`SURE` is kept as it is; none is raised by more than :data:`MAX_LIFT`.
-
-    A candidate verified by :data:`DECISIVE_INLIERS` keypoint inliers or more (``inliers``: per
-    candidate, 0 for a dense alignment) is weighed against the other candidates' keypoint
-    verifications only: keypoints that match it that well would match the query's own
-    original as well, so a candidate that aligned only densely (a look-alike's outline) is
-    no rival to it.
-
-    Where a pixelated picture was compared (``smoothed``: :attr:`Verification.smoothed_score`),
-    the smoothed score goes through the same margin model, weighed against the other
-    candidates' best evidence (score or smoothed score) and never taken as sure on its own: at
-    the block size, another product of one shoot can look the same, but then it has a
-    look-alike beside it. The copy score is the larger of the two, and at least the smoothed
-    score times :data:`PIXELATED_MAX` (a near-duplicate for a reviewer when the margin is small).
-    """
-    margin = copy_margins(scores, hashes, inliers)
-    out = [s if s >= SURE else _margin_model(s, m, weights) for s, m in zip(scores, margin, strict=True)]
-    if smoothed is not None and any(smoothed):
-        best = [max(s, t) for s, t in zip(scores, smoothed, strict=True)]
-        out = [max(pixelated_floor(c, t), _margin_model(t, margin, weights) if t > 0 else 0.0)
-               for c, t, margin in zip(out, smoothed, margins(smoothed, hashes, best), strict=True)]
-    return out
-
-
-def _margin_model(score: float, margin: float, weights: tuple[float, ...]) -> float:
-    """The copy model over a verification score and its margin, lifting by :data:`MAX_LIFT` at most."""
-    return min(score + MAX_LIFT, _logistic(weights[0] + weights[1] * score + weights[2] * margin))
-
-
-def pixelated_floor(score: float, smoothed: float) -> float:
-    """``score``, raised to the ``smoothed`` score (a pixelated picture's blocks smoothed away)
-    scaled by :data:`PIXELATED_MAX`."""
-    return max(score, PIXELATED_MAX * smoothed)
 
 
 _NONE = Verification(score=0.0, inliers=0, matches=0, inlier_ratio=0.0, coverage=0.0, residual=1.0,
                      mirrored=False)
+
 
 
 def verify(query: LocalFeatures, candidate: LocalFeatures, *, dense: bool = False) -> Verification:
@@ -568,7 +137,7 @@ def verify_all(query: LocalFeatures, candidates: Sequence[LocalFeatures], *,
     ``dense_if_few`` (per candidate, default all) limits the few-keypoints dense alignment to
     the candidates it marks. A query with a pasted picture (:meth:`LocalFeatures.pasted`) has
     each candidate not beyond doubt (:data:`SURE`) verified against that picture alone too, the
-    better verification kept, in the whole query's pixels: at :data:`SIFT_SIDE` the whole query
+    better verification kept, in the whole query's pixels: at ``copy_features.SIFT_SIDE`` the whole query
     often holds too few of the picture's keypoints for a fit (a picture on a third of a
     520 x 400 query). A pixelated pasted picture, whose blocks defeat SIFT, is aligned densely
     where the frames resemble (:func:`frames_resemble`)."""
@@ -656,13 +225,6 @@ def _frame_looks_mirrored(query: LocalFeatures, candidate: LocalFeatures) -> boo
     return flipped > direct + MIRROR_FRAME_MARGIN
 
 
-def _tiny(thumb: np.ndarray, side: int = 24) -> np.ndarray:
-    """``thumb`` at ``side`` x ``side`` px, zero-mean, unit norm."""
-    t = cv2.resize(np.ascontiguousarray(thumb), (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-    t -= t.mean()
-    return t / max(float(np.linalg.norm(t)), 1e-6)
-
-
 def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) -> Verification:
     """ECC affine alignment of the thumbnails from "same frame", then the residual check
     (``mirrored``: ``q`` holds the mirrored query's features). A pixelated query is aligned
@@ -696,12 +258,12 @@ def _verify_dense(q: LocalFeatures, c: LocalFeatures, mirrored: bool = False) ->
     residual, colour = _residual(q, c, m)
     z = 30.0 * (float(cc) - 0.9) - 10.0 * residual
     blocks = _smoothed_residual(q, c, m)
-    smoothed = 0.0 if blocks is None else _logistic(30.0 * (float(smoothed_cc) - 0.9) - 10.0 * blocks)
+    smoothed = 0.0 if blocks is None else logistic(30.0 * (float(smoothed_cc) - 0.9) - 10.0 * blocks)
     work_c = (c.size[0] * c.scale, c.size[1] * c.scale)
     corners = np.array([[0, 0], [work_c[0], 0], [work_c[0], work_c[1]], [0, work_c[1]]], np.float64)
     quad = corners @ m[:, :2].T + m[:, 2]
     return Verification(
-        score=_logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
+        score=logistic(z), inliers=0, matches=0, inlier_ratio=0.0,
         coverage=float(cc), residual=residual, mirrored=mirrored, method="dense", colour_residual=colour,
         smoothed_score=smoothed, transform=_to_original(m, q, c, mirrored).tolist(),
         region=[list(map(float, p)) for p in _query_original(quad, q, mirrored)],
@@ -1005,39 +567,3 @@ def _colour_cells(q: LocalFeatures, c: LocalFeatures, m: np.ndarray,
     d = a - factor * b
     diff, usable = _cell_means(np.sqrt(d[:, :, 0] ** 2 + d[:, :, 1] ** 2), valid, cell)
     return (diff > CHROMA_DIFF) & usable
-
-
-def draw_evidence(query: Image.Image, candidate: Image.Image, v: Verification | dict[str, Any],
-                  height: int = 256) -> Image.Image:
-    """Query (left) and candidate (right) side by side at ``height`` px: the candidate's outline
-    as mapped into the query (the matched region, drawn within the query's side only: a crop's
-    original reaches past it) and the inlier pairs joined by lines."""
-    if isinstance(v, dict):
-        v = Verification.from_dict(v)
-    q = np.asarray(query.convert("RGB"))
-    c = np.asarray(candidate.convert("RGB"))
-    sq, sc = height / q.shape[0], height / c.shape[0]
-    q = cv2.resize(q, (max(1, round(q.shape[1] * sq)), height), interpolation=cv2.INTER_AREA)
-    c = cv2.resize(c, (max(1, round(c.shape[1] * sc)), height), interpolation=cv2.INTER_AREA)
-    if v.region:
-        poly = np.round(np.asarray(v.region) * sq).astype(np.int32)
-        cv2.polylines(q, [poly], True, (0, 200, 0), 2, cv2.LINE_AA)
-    gap = 8
-    canvas = np.full((height, q.shape[1] + gap + c.shape[1], 3), 255, np.uint8)
-    canvas[:, :q.shape[1]] = q
-    canvas[:, q.shape[1] + gap:] = c
-    off = q.shape[1] + gap
-    for xq, yq, xc, yc in v.lines:
-        p1 = (round(xq * sq), round(yq * sq))
-        p2 = (round(xc * sc) + off, round(yc * sc))
-        cv2.line(canvas, p1, p2, (255, 160, 0), 1, cv2.LINE_AA)
-        cv2.circle(canvas, p1, 2, (255, 80, 0), -1, cv2.LINE_AA)
-        cv2.circle(canvas, p2, 2, (255, 80, 0), -1, cv2.LINE_AA)
-    return Image.fromarray(canvas)
-
-
-def evidence_jpeg(query: Image.Image, candidate: Image.Image, v: Verification | dict[str, Any]) -> bytes:
-    """:func:`draw_evidence` as JPEG bytes (quality :data:`EVIDENCE_QUALITY`)."""
-    buf = io.BytesIO()
-    draw_evidence(query, candidate, v).save(buf, "JPEG", quality=EVIDENCE_QUALITY)
-    return buf.getvalue()

@@ -16,7 +16,7 @@ most voted): 300 stored keypoints do as well as 1,000 (0.88 both); 250 query key
 the mirrored query too lifts flips (0.79 -> 0.91) but not the whole (0.90). 150 query
 keypoints instead of 250 (an A/B run of bench/copydetect.py): the same recall@1 (0.903),
 candidate recall 0.942 against 0.933, and 40% fewer lookups. Those sizes were measured with
-SIFT at 448 px; at 224 (:data:`~agman_milvus.core.copy_verify.SIFT_SIDE`) 146 keypoints are
+SIFT at 448 px; at 224 (:data:`~agman_milvus.core.copy_features.SIFT_SIDE`) 146 keypoints are
 stored a catalogue photo on average (269 at 448, 200 photos), and voting's recall@1 rose from
 0.74 to 0.82 (its finest-scale keypoints had been noise to the edits).
 """
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from agman_milvus.core.copy_verify import LocalFeatures
+from agman_milvus.core.copy_features import LocalFeatures
 
 __all__ = ["VOTE_KEYPOINTS", "VOTE_NEIGHBOURS", "QUERY_KEYPOINTS", "root_sift", "tally", "vote_many",
            "vote_vectors"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from agman_milvus.core.copy_verify import EarlierFeatures, LocalFeatures, extract
+from agman_milvus.core.copy_features import EarlierFeatures, LocalFeatures, extract
 
 __all__ = ["LocalFeatureCache", "cache_root"]
 

@@ -24,7 +24,7 @@ A check has two stages:
    them from a copy. A logistic score over inliers, inlier ratio, matched-region coverage and
    residual is the verification's ``score``; the match's ``score`` (the copy score) weighs it
    against the query's best *other* candidate
-   (:func:`agman_milvus.core.copy_verify.copy_scores`): when several look-alike catalogue
+   (:func:`agman_milvus.core.copy_scoring.copy_scores`): when several look-alike catalogue
    photos align about equally well, none of them is called the original. Candidates are
    verified best-ranked first until one is a copy beyond doubt (:func:`verify_in_order`). The
    candidates' keypoints are cached on disk by image content
@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from agman_milvus.core import copy_verify, copy_vote
+from agman_milvus.core import copy_evidence, copy_features, copy_scoring, copy_verify, copy_vote
 from agman_milvus.core.config import Settings
 from agman_milvus.core.images import ImageSource
 from agman_milvus.core.pasted import Box, pasted_region
@@ -189,7 +189,7 @@ class CopyMatch:
     metadata: dict[str, Any] = field(default_factory=dict)
     source_uri: str | None = None
     candidate_score: float = 0.0
-    verification: copy_verify.Verification | None = None
+    verification: copy_evidence.Verification | None = None
 
     @property
     def attributes_agreeing(self) -> int:
@@ -331,13 +331,13 @@ class CopyChecker(UseCase):
 
     def _verify_first(
         self, queries: Sequence[_Query], firsts: Sequence[Hit | None], infos: dict[int, ImageInfo],
-    ) -> list[dict[int, copy_verify.Verification]]:
+    ) -> list[dict[int, copy_evidence.Verification]]:
         """Stage 2 of each query's first descriptor candidate, before the keypoint vote: a query
         whose first candidate is a sure copy is not voted for (its other candidates would be
         verified only if they showed the same picture). Per query, by image id; empty where there
         is no first candidate or its image cannot be read (``infos``: catalogue images by id)."""
 
-        def verify(n: int) -> dict[int, copy_verify.Verification]:
+        def verify(n: int) -> dict[int, copy_evidence.Verification]:
             hit = firsts[n]
             if hit is None:
                 return {}
@@ -352,7 +352,7 @@ class CopyChecker(UseCase):
 
         return thread_map(verify, range(len(queries)))
 
-    def _candidate_features(self, info: ImageInfo) -> copy_verify.LocalFeatures | None:
+    def _candidate_features(self, info: ImageInfo) -> copy_features.LocalFeatures | None:
         """A candidate's local features (cached by content), or None when its image is not
         stored or cannot be read."""
         if not info.source_uri:
@@ -374,14 +374,14 @@ class CopyChecker(UseCase):
 
     @staticmethod
     def copy_scores(
-        verifications: Sequence[copy_verify.Verification | None], infos: Sequence[ImageInfo],
+        verifications: Sequence[copy_evidence.Verification | None], infos: Sequence[ImageInfo],
     ) -> list[float]:
-        """Copy scores of one query's candidates (:func:`copy_verify.copy_scores` over their
+        """Copy scores of one query's candidates (:func:`copy_scoring.copy_scores` over their
         stored pHashes; 0 for an unverified one)."""
         verified = [i for i, v in enumerate(verifications) if v is not None]
         hashes = [stored_phash(infos[i]) for i in verified]
         out = [0.0] * len(verifications)
-        scored = copy_verify.copy_scores([verifications[i].score for i in verified], hashes,
+        scored = copy_scoring.copy_scores([verifications[i].score for i in verified], hashes,
                                          smoothed=[verifications[i].smoothed_score for i in verified],
                                          inliers=[verifications[i].inliers for i in verified])
         for i, score in zip(verified, scored, strict=True):
@@ -390,8 +390,8 @@ class CopyChecker(UseCase):
 
     def verify_candidates(
         self, query: _Query, candidates: Sequence[tuple[Hit, float, ImageInfo]], workers: int = 1,
-        known: dict[int, copy_verify.Verification] | None = None,
-    ) -> list[copy_verify.Verification | None]:
+        known: dict[int, copy_evidence.Verification] | None = None,
+    ) -> list[copy_evidence.Verification | None]:
         """Stage 2 for the first ``verify_k + vote_k`` candidates (both sources' share), best-ranked
         first, ``workers`` at a time, until a sure copy (:func:`verify_in_order`); ``known``:
         verifications already made, by image id (:meth:`score_candidates` verifies each query's
@@ -400,7 +400,7 @@ class CopyChecker(UseCase):
         query.extract()
         known = known or {}
         done = {k: known[hit.image_id] for k, (hit, _, _) in enumerate(candidates) if hit.image_id in known}
-        readable: dict[int, copy_verify.LocalFeatures] = {}
+        readable: dict[int, copy_features.LocalFeatures] = {}
         for k, (_, _, info) in enumerate(candidates[:self.verify_k + self.vote_k]):
             if k not in done:
                 features = self._candidate_features(info)
@@ -411,7 +411,7 @@ class CopyChecker(UseCase):
                                 workers=workers, known=done)
         return [found.get(k) for k in range(len(candidates))]
 
-    def verify_scored(self, scored: _Scored) -> list[list[copy_verify.Verification | None]]:
+    def verify_scored(self, scored: _Scored) -> list[list[copy_evidence.Verification | None]]:
         """Stage 2 for every query of a batch: each query's candidates' verifications, on all
         cores (:func:`thread_map`): queries side by side, or a single query's candidates shared
         out."""
@@ -422,7 +422,7 @@ class CopyChecker(UseCase):
         return thread_map(lambda job: self.verify_candidates(job[0], job[1], known=job[2]), jobs)
 
     def _decide(self, query: _Query, candidates: list[tuple[Hit, float, ImageInfo]],
-                verifications: list[copy_verify.Verification | None], top_k: int,
+                verifications: list[copy_evidence.Verification | None], top_k: int,
                 stored: dict[str, dict[int, np.ndarray]]) -> CopyCheck:
         """The query's matches and verdict (``stored``: the candidates' attribute vectors, by
         attribute name and image id, read for the whole batch at once)."""
@@ -454,7 +454,7 @@ class CopyChecker(UseCase):
 
 
 def dense_alignments(
-    query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
+    query: copy_features.LocalFeatures, candidates: dict[int, copy_features.LocalFeatures],
     dense_few_k: int = DENSE_FEW_K,
 ) -> tuple[dict[int, bool], dict[int, bool]]:
     """For each candidate (by its rank in the query's candidate list): whether the dense
@@ -474,27 +474,27 @@ def dense_alignments(
     return dense, {k: wanted or k < dense_few_k for k, wanted in dense.items()}
 
 
-def is_sure(verification: copy_verify.Verification, copy_threshold: float) -> bool:
-    """Whether ``verification`` shows a copy beyond doubt: a score of :data:`copy_verify.SURE`
+def is_sure(verification: copy_evidence.Verification, copy_threshold: float) -> bool:
+    """Whether ``verification`` shows a copy beyond doubt: a score of :data:`copy_scoring.SURE`
     and ``copy_threshold`` or more, which the other candidates cannot lower."""
-    return verification.score >= max(copy_verify.SURE, copy_threshold)
+    return verification.score >= max(copy_scoring.SURE, copy_threshold)
 
 
 def verify_in_order(
-    query: copy_verify.LocalFeatures, candidates: dict[int, copy_verify.LocalFeatures],
+    query: copy_features.LocalFeatures, candidates: dict[int, copy_features.LocalFeatures],
     hashes: dict[int, int | None], *, copy_threshold: float, workers: int = 1,
-    dense_few_k: int = DENSE_FEW_K, known: dict[int, copy_verify.Verification] | None = None,
-) -> dict[int, copy_verify.Verification]:
+    dense_few_k: int = DENSE_FEW_K, known: dict[int, copy_evidence.Verification] | None = None,
+) -> dict[int, copy_evidence.Verification]:
     """Stage 2 for one query: its ``candidates`` (features by rank) verified best-ranked first,
     ``workers`` at a time on one pool (the dense alignments of the best-ranked spread over
     them), until one is a copy beyond doubt (:func:`is_sure`). After it only those showing the
     same picture (``hashes``: pHashes by rank, None where unknown;
-    :func:`copy_verify.same_picture`) are verified, to be called copies too. ``known``:
+    :func:`copy_scoring.same_picture`) are verified, to be called copies too. ``known``:
     verifications of other ranks already made (a sure one among them counts). Returns the
     verifications by rank, ``known`` included."""
     dense, dense_if_few = dense_alignments(query, candidates, dense_few_k)
 
-    def verify(k: int) -> copy_verify.Verification:
+    def verify(k: int) -> copy_evidence.Verification:
         return copy_verify.verify_all(query, [candidates[k]], dense=[dense[k]],
                                       dense_if_few=[dense_if_few[k]])[0]
 
@@ -504,7 +504,7 @@ def verify_in_order(
     with thread_pool(workers) as map_items:
         for start in range(0, len(ranks), workers):
             todo = [k for k in ranks[start:start + workers]
-                    if not sure or any(copy_verify.same_picture(hashes.get(k), h) for h in sure)]
+                    if not sure or any(copy_scoring.same_picture(hashes.get(k), h) for h in sure)]
             for k, v in zip(todo, map_items(verify, todo), strict=True):
                 found[k] = v
                 if is_sure(v, copy_threshold):
@@ -521,13 +521,13 @@ def stored_phash(info: ImageInfo) -> int | None:
 class QueryLook:
     """What stage 1 finds in a query before embedding it (:func:`inspect_query`)."""
 
-    block: float = 0.0  # its pixel block (copy_verify.pixel_block): 0.0 unless pixelated
+    block: float = 0.0  # its pixel block (copy_features.pixel_block): 0.0 unless pixelated
     pasted: Box | None = None  # the frame of a picture pasted into it (pasted_region), None for most
     pasted_block: float = 0.0  # that picture's own pixel block: 0.0 unless it is pixelated
 
 
 def inspect_query(image: Image.Image) -> QueryLook:
-    """A query's pixel block (:func:`~agman_milvus.core.copy_verify.pixel_block`), the frame
+    """A query's pixel block (:func:`~agman_milvus.core.copy_features.pixel_block`), the frame
     of a picture pasted into it (:func:`~agman_milvus.core.pasted.pasted_region`) and that
     picture's pixel block: a picture pixelated, then pasted into a photo, leaves the photo's
     own edges off the grid."""
@@ -536,8 +536,8 @@ def inspect_query(image: Image.Image) -> QueryLook:
     pasted_block = 0.0
     if pasted is not None:
         left, top, right, bottom = pasted
-        pasted_block = copy_verify.pixel_block(grey[top:bottom, left:right])
-    return QueryLook(copy_verify.pixel_block(grey), pasted, pasted_block)
+        pasted_block = copy_features.pixel_block(grey[top:bottom, left:right])
+    return QueryLook(copy_features.pixel_block(grey), pasted, pasted_block)
 
 
 def query_views(image: Image.Image, look: QueryLook = QueryLook()) -> list[Image.Image]:
@@ -585,13 +585,13 @@ class _Query:
     embeddings: np.ndarray  # [K, D]
     phash: int
     look: QueryLook
-    features: copy_verify.LocalFeatures | None = None
+    features: copy_features.LocalFeatures | None = None
 
     def extract(self) -> None:
         """Compute the query's local features (once; its mirror image's when first needed)."""
         if self.features is None:
             look = self.look
-            self.features = copy_verify.extract(self.image, look.block, look.pasted, look.pasted_block)
+            self.features = copy_features.extract(self.image, look.block, look.pasted, look.pasted_block)
 
 
 def _best_of_views(hits_of_views: Sequence[list[Hit]], skip: set[int]) -> dict[int, Hit]:
@@ -636,4 +636,4 @@ class _Scored:
     queries: list[_Query]
     candidates: list[list[tuple[Hit, float, ImageInfo]]]
     #: each query's verifications made in stage 1 (its first candidate's), by image id
-    verified: list[dict[int, copy_verify.Verification]]
+    verified: list[dict[int, copy_evidence.Verification]]

@@ -5,7 +5,7 @@ The HTML pages are rendered from the templates ``screening_report.html`` and
 value escaped. A thumbnail that cannot be read shows as a short note instead. A verified match
 also shows its evidence picture: query and match side by side, the matched region outlined on
 the query and the inlier keypoint pairs joined by lines
-(:func:`agman_milvus.core.copy_verify.draw_evidence`); CSV and JSON keep the numbers.
+(:func:`agman_milvus.core.copy_evidence.draw_evidence`); CSV and JSON keep the numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from agman_milvus.core.copy_verify import evidence_jpeg
+from agman_milvus.core.copy_evidence import evidence_jpeg
 from agman_milvus.services.store.catalog import Catalog
 from agman_milvus.usecases.rendering import render_page, thumbnail_data_uri
 

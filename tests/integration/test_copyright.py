@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from agman_milvus.core.copy_edits import EDITS, random_edit
+from agman_milvus.core.copy_features import pixel_block
 from agman_milvus.core.copy_metrics import micro_average_precision, threshold_for_precision
-from agman_milvus.core.copy_verify import pixel_block
 from agman_milvus.usecases.copyright import (
     COPY,
     DENSE_FEW_K,

@@ -1,5 +1,5 @@
-"""Stage 2 of copy checks on real pixels: SIFT + RANSAC + photometric residual, the evidence
-picture, and the on-disk keypoint cache."""
+"""Stage 2 of copy checks on real pixels: SIFT + RANSAC + photometric residual, dense alignment,
+mirrored queries."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from agman_milvus.core import copy_verify as cv
 from agman_milvus.core.copy_edits import EDITS
-from agman_milvus.services.local_features import LocalFeatureCache
+from agman_milvus.core.copy_features import extract
+from agman_milvus.core.copy_scoring import PIXELATED_MAX, SURE, copy_scores
 
 
 def textured(seed: int, size: int = 200) -> Image.Image:
@@ -33,17 +34,17 @@ def test_an_edited_copy_verifies_with_its_region_and_an_unrelated_image_does_not
     edited = ImageOps.expand(original.rotate(12, expand=True, fillcolor=(255, 255, 255)), 30, fill=(0, 0, 0))
     buf = io.BytesIO()
     edited.save(buf, "JPEG", quality=40)
-    query = cv.extract(Image.open(buf).convert("RGB"))
-    v = cv.verify(query, cv.extract(original))
+    query = extract(Image.open(buf).convert("RGB"))
+    v = cv.verify(query, extract(original))
     assert v.inliers >= 20 and v.residual < 0.2 and v.score > 0.9 and not v.mirrored
     # the original's outline lands inside the padded, rotated query, around its centre
     region = np.asarray(v.region)
     assert region.shape == (4, 2)
     centre = region.mean(axis=0)
     assert np.allclose(centre, np.array(edited.size) / 2, atol=12)
-    assert cv.verify(query, cv.extract(textured(2))).score < 0.1
+    assert cv.verify(query, extract(textured(2))).score < 0.1
 
-    mirrored = cv.verify(cv.extract(ImageOps.mirror(original)), cv.extract(original))
+    mirrored = cv.verify(extract(ImageOps.mirror(original)), extract(original))
     assert mirrored.mirrored and mirrored.score > 0.9
 
 
@@ -52,8 +53,8 @@ def test_a_keypoint_fit_a_little_off_is_refined_by_ecc() -> None:
     pattern, or on few keypoints of a small copy) leaves differing cells along every edge;
     ECC from it finds the true alignment, and the residual drops."""
     original = textured(3, 240)
-    candidate = cv.extract(original)
-    query = cv.extract(original.resize((120, 120), Image.Resampling.BILINEAR))
+    candidate = extract(original)
+    query = extract(original.resize((120, 120), Image.Resampling.BILINEAR))
     true = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # candidate -> query, work pixels (both 448 px)
     off = np.array([[1.04, 0.0, 6.0], [0.0, 1.04, -6.0]])
     refined = cv._refined(query, candidate, off)
@@ -68,7 +69,7 @@ def test_a_stretched_copy_verifies_with_an_affine_fit() -> None:
     original = textured(12, 240)
     canvas = Image.fromarray(np.asarray(textured(13, 420)))
     canvas.paste(original.resize((330, 200)), (40, 90))
-    v = cv.verify(cv.extract(canvas), cv.extract(original))
+    v = cv.verify(extract(canvas), extract(original))
     sx, sy = np.linalg.norm(np.asarray(v.transform)[:, 0]), np.linalg.norm(np.asarray(v.transform)[:, 1])
     assert sx / sy == pytest.approx(330 / 200, rel=0.05)
     assert v.residual < 0.1 and v.score > 0.9, v
@@ -79,8 +80,8 @@ def test_aligned_but_different_content_shows_in_the_residual() -> None:
     a = textured(3)
     b = np.asarray(a).copy()
     b[30:170, 30:170] = np.asarray(textured(4))[30:170, 30:170]  # another 'garment' in the middle
-    v = cv.verify(cv.extract(Image.fromarray(b)), cv.extract(a))
-    copy = cv.verify(cv.extract(a), cv.extract(a))
+    v = cv.verify(extract(Image.fromarray(b)), extract(a))
+    copy = cv.verify(extract(a), extract(a))
     assert v.inliers >= 10  # the frame around still matches
     assert v.residual > 0.4 and copy.residual < 0.05
     assert v.score < copy.score
@@ -97,10 +98,10 @@ def test_the_residual_counts_the_product_not_the_white_backdrop() -> None:
     product = np.asarray(textured(8, 80)).copy()
     mate = product.copy()
     mate[40:] = np.asarray(textured(9, 80))[40:]
-    original = cv.extract(on_white(product))
-    v = cv.verify(cv.extract(on_white(mate)), original)
+    original = extract(on_white(product))
+    v = cv.verify(extract(on_white(mate)), original)
     assert v.residual > 0.3, v
-    assert cv.verify(cv.extract(on_white(product)), original).residual < 0.05
+    assert cv.verify(extract(on_white(product)), original).residual < 0.05
 
 
 def test_a_colour_variant_shows_in_the_residual_and_a_desaturated_copy_does_not() -> None:
@@ -111,107 +112,16 @@ def test_a_colour_variant_shows_in_the_residual_and_a_desaturated_copy_does_not(
     variant = a.copy()
     # the middle 'garment' in another hue of the same grey level: colour about grey reversed
     variant[40:160, 40:160] = np.clip(2 * grey[40:160, 40:160, None] - a[40:160, 40:160], 0, 255)
-    original = cv.extract(Image.fromarray(a.astype(np.uint8)))
-    shifted = cv.verify(cv.extract(Image.fromarray(variant.astype(np.uint8))), original)
+    original = extract(Image.fromarray(a.astype(np.uint8)))
+    shifted = cv.verify(extract(Image.fromarray(variant.astype(np.uint8))), original)
     assert shifted.inliers >= 20 and shifted.colour_residual > 0.3
     assert shifted.residual == shifted.colour_residual
     for name in ("desaturated", "greyscale"):
         strength = 0.3 if name == "desaturated" else 0.0
         copy = ImageEnhance.Color(Image.fromarray(a.astype(np.uint8))).enhance(strength)
-        v = cv.verify(cv.extract(copy), original)
+        v = cv.verify(extract(copy), original)
         assert v.colour_residual < 0.05, name
         assert v.score > shifted.score, name
-
-
-def test_evidence_picture_shows_both_images(tmp_path: Path) -> None:
-    original = textured(5)
-    query = original.crop((20, 10, 190, 180)).resize((120, 120))
-    v = cv.verify(cv.extract(query), cv.extract(original))
-    pic = cv.draw_evidence(query, original, v.to_dict(), height=128)
-    assert pic.height == 128 and pic.width == 128 + 8 + 128
-    picture = cv.evidence_jpeg(query, original, v)
-    assert Image.open(io.BytesIO(picture)).format == "JPEG"
-
-
-def test_evidence_outline_stays_on_the_query_side() -> None:
-    """An original cut off by the query's right edge maps to an outline reaching past it: the
-    outline is drawn on the query's side only, the candidate's side as it is without one."""
-    original = textured(5)
-    query = Image.new("RGB", (160, 240), (255, 255, 255))
-    query.paste(original, (20, 20))  # the original's right 60 px cut off
-    v = cv.verify(cv.extract(query), cv.extract(original))
-    assert max(x for x, _ in v.region) > query.width + 20
-    drawn = np.asarray(cv.draw_evidence(query, original, v, height=240))
-    bare = np.asarray(cv.draw_evidence(query, original, replace(v, region=[]), height=240))
-    assert (drawn[:, :160] != bare[:, :160]).any()
-    assert (drawn[:, 160:] == bare[:, 160:]).all()
-
-
-def test_keypoint_cache_computes_once_and_reads_back(tmp_path: Path) -> None:
-    cache = LocalFeatureCache(tmp_path)
-    calls = []
-
-    def load() -> Image.Image:
-        calls.append(1)
-        return textured(6)
-
-    first = cache.get("ab" * 32, load)
-    again = LocalFeatureCache(tmp_path).get("ab" * 32, load)  # a fresh process: from disk
-    assert len(calls) == 1 and cache.path("ab" * 32).is_file()
-    assert np.array_equal(first.descriptors, again.descriptors) and again.size == first.size
-    assert np.array_equal(first.chroma, again.chroma)
-    assert cv.verify(cv.extract(textured(6)), again).score > 0.9
-    path = cache.path("ab" * 32)
-    path.write_bytes(path.read_bytes()[:-100])  # a damaged file is recomputed and replaced
-    assert np.array_equal(LocalFeatureCache(tmp_path).get("ab" * 32, load).descriptors, first.descriptors)
-    assert len(calls) == 2 and len(path.read_bytes()) == len(first.to_bytes())
-
-
-def test_keypoint_cache_extracts_again_what_an_earlier_version_stored(tmp_path: Path) -> None:
-    """A record of an earlier format version, or an ``.npz`` file of an earlier version still,
-    holds keypoints of another detector setting: they are extracted again and replace it."""
-    cache = LocalFeatureCache(tmp_path)
-    current = cv.extract(textured(7)).to_bytes()
-    earlier = cache.path("cd" * 32)
-    earlier.parent.mkdir(parents=True)
-    earlier.write_bytes(b"AGLOCF01" + current[8:])
-    npz = cache.path("ef" * 32).with_suffix(".npz")
-    npz.parent.mkdir(parents=True)
-    np.savez(npz, points=np.zeros((3, 2), np.float32))
-    calls = []
-    for key in ("cd" * 32, "ef" * 32):
-        feats = cache.get(key, lambda: calls.append(1) or textured(7))
-        assert feats.chroma.shape[2] == 2 and cache.path(key).read_bytes() == current
-    assert calls == [1, 1] and not npz.exists()
-    with pytest.raises(cv.EarlierFeatures):
-        cv.LocalFeatures.from_bytes(b"AGLOCF01" + current[8:])
-
-
-def test_keypoints_land_where_the_picture_s_features_are_in_the_work_frame() -> None:
-    """SIFT runs at ``SIFT_SIDE``; its keypoints are placed where the picture's features are in
-    the ``WORK_SIDE`` frame that every fit's pixel thresholds are set in."""
-    grey = np.full((300, 200), 255, np.uint8)
-    grey[74:87, 44:57] = 0  # a dark square centred on pixel (50, 80)
-    feats = cv.extract(Image.fromarray(grey))
-    assert feats.scale == cv.WORK_SIDE / 300 and feats.work.shape == (448, 299)
-    expected = (np.array([50, 80]) + 0.5) * feats.scale - 0.5
-    assert np.linalg.norm(feats.points - expected, axis=1).min() < 2.0
-
-
-def test_stored_features_read_back_exactly_and_refuse_damaged_records() -> None:
-    feats = cv.extract(textured(9), block=2.5)
-    data = feats.to_bytes()
-    back = cv.LocalFeatures.from_bytes(bytearray(data))
-    for name in ("points", "descriptors", "thumb", "chroma"):
-        assert np.array_equal(getattr(back, name), getattr(feats, name))
-        assert getattr(back, name).dtype == getattr(feats, name).dtype
-    assert (back.size, back.scale, back.block) == (feats.size, feats.scale, 2.5)
-    back.thumb[0, 0] ^= 1  # arrays over a bytearray are writable
-    empty = cv.LocalFeatures.from_bytes(cv.extract(Image.new("RGB", (64, 64), "white")).to_bytes())
-    assert empty.points.shape == (0, 2) and empty.descriptors.shape == (0, 128)
-    for damaged in (data[:-1], data + b"x", b"AGLOCF00" + data[8:], data[:20]):
-        with pytest.raises(ValueError):
-            cv.LocalFeatures.from_bytes(damaged)
 
 
 @pytest.mark.realdata
@@ -219,40 +129,14 @@ def test_every_edit_kind_of_catalogue_photos_verifies(shared_dir: Path) -> None:
     root = shared_dir / "data" / "fashion-products"
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[:40]
     photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
-    refs = [cv.extract(p) for p in photos]
+    refs = [extract(p) for p in photos]
     rng = random.Random(0)
     for n, (name, edit) in enumerate(sorted(EDITS.items())):
         i = n * 3 % len(photos)
         query = edit(photos[i], rng) if name != "paste" else edit(photos[i], rng, photos[-1])
-        q = cv.extract(query)
+        q = extract(query)
         scores = [cv.verify(q, ref).score for ref in refs]
         assert int(np.argmax(scores)) == i, (name, sorted(scores)[-3:])
-
-
-def test_pixel_block_finds_the_blocks_of_a_pixelated_picture_only() -> None:
-    rng = np.random.default_rng(5)
-    smooth = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).resize((200, 200),
-                                                                                      Image.Resampling.BICUBIC)
-    assert cv.pixel_block(np.asarray(smooth.convert("L"))) == 0.0
-    blocky = smooth.resize((20, 20), Image.Resampling.BILINEAR).resize((200, 200), Image.Resampling.NEAREST)
-    assert cv.pixel_block(np.asarray(blocky.convert("L"))) == pytest.approx(10.0, abs=0.5)
-    assert cv.extract(blocky).block == pytest.approx(10.0, abs=0.5)
-    assert cv.pixel_block(np.zeros((2, 2), np.uint8)) == 0.0  # too small to tell
-    tall = smooth.resize((30, 60), Image.Resampling.BILINEAR).resize((300, 600), Image.Resampling.NEAREST)
-    assert cv.pixel_block(np.asarray(tall.convert("L"))) == pytest.approx(10.0, abs=0.5)  # 3 stripes
-    small = smooth.resize((20, 20), Image.Resampling.BILINEAR)
-    stretched = small.resize((200, 280), Image.Resampling.NEAREST)  # 10 x 14 px blocks: pasted so
-    assert cv.pixel_block(np.asarray(stretched.convert("L"))) == pytest.approx(np.sqrt(140), abs=0.5)
-    assert cv.pixel_block(np.asarray(small.resize((200, 400), Image.Resampling.NEAREST).convert("L"))) == 0.0
-
-
-@pytest.mark.parametrize("shape", [(3, 5), (15, 9), (16, 9), (17, 9), (40, 33)])
-def test_edge_profiles_read_in_stripes_equal_the_whole_image_difference(shape: tuple[int, int]) -> None:
-    grey = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    across_columns, across_rows = cv._edge_profiles(grey, stripe=8)
-    whole = grey.astype(np.float64)
-    np.testing.assert_allclose(across_columns, np.abs(np.diff(whole, axis=1)).mean(axis=0))
-    np.testing.assert_allclose(across_rows, np.abs(np.diff(whole, axis=0)).mean(axis=1))
 
 
 @pytest.mark.realdata
@@ -264,24 +148,24 @@ def test_pixelated_catalogue_photos_verify_against_their_originals(shared_dir: P
     root = shared_dir / "data" / "fashion-products"
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[100:112]
     photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
-    refs = [cv.extract(p) for p in photos]
+    refs = [extract(p) for p in photos]
     smoothed, plain, standing_out = [], [], []
     for i in range(6):
-        query = cv.extract(EDITS["pixelate"](photos[i], random.Random(i)))
+        query = extract(EDITS["pixelate"](photos[i], random.Random(i)))
         assert query.block >= 3
         verified = cv.verify_all(query, refs, dense=[True] * len(refs))
         assert int(np.argmax([v.rank for v in verified])) == i
         smoothed.append(verified[i].smoothed_score)
         plain.append(verified[i].score)
-        copy = cv.copy_scores([v.score for v in verified], smoothed=[v.smoothed_score for v in verified])
-        assert copy[i] >= cv.PIXELATED_MAX * verified[i].smoothed_score >= 0.4  # flagged at least
+        copy = copy_scores([v.score for v in verified], smoothed=[v.smoothed_score for v in verified])
+        assert copy[i] >= PIXELATED_MAX * verified[i].smoothed_score >= 0.4  # flagged at least
         rival = max(max(v.score, v.smoothed_score) for k, v in enumerate(verified) if k != i)
         standing_out.append(verified[i].smoothed_score - rival > 0.5)
         assert (copy[i] >= 0.85) == standing_out[-1]
         assert all(c < 0.75 for k, c in enumerate(copy) if k != i)  # no other photo called a copy
     assert np.median(smoothed) > 0.8 and np.median(smoothed) > np.median(plain) + 0.2
     assert 0 < sum(standing_out) < 6  # both cases are in this sample
-    unpixelated = cv.verify(cv.extract(photos[0]), refs[0])
+    unpixelated = cv.verify(extract(photos[0]), refs[0])
     assert unpixelated.smoothed_score == 0.0 and unpixelated.rank == unpixelated.score
 
 
@@ -293,10 +177,10 @@ def test_flipped_pixelated_catalogue_photos_align_densely_on_the_mirrored_query(
     root = shared_dir / "data" / "fashion-products"
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))[200:206]
     photos = [Image.open(root / r["file"]).convert("RGB") for r in rows]
-    refs = [cv.extract(p) for p in photos]
+    refs = [extract(p) for p in photos]
     smoothed, methods = [], []
     for i, photo in enumerate(photos):
-        query = cv.extract(ImageOps.mirror(EDITS["pixelate"](photo, random.Random(i))))
+        query = extract(ImageOps.mirror(EDITS["pixelate"](photo, random.Random(i))))
         verified = cv.verify_all(query, refs, dense=[True] * len(refs))
         assert int(np.argmax([v.rank for v in verified])) == i  # before: 2 of the 6 ranked another
         assert verified[i].mirrored
@@ -309,17 +193,17 @@ def test_a_mirrored_frame_is_told_from_the_same_frame() -> None:
     ramp = np.tile(np.linspace(0, 255, 120, dtype=np.float32), (90, 1))
     texture = np.asarray(textured(4, 120).convert("L").resize((120, 90)), np.float32)
     picture = (0.7 * ramp + 0.3 * texture).astype(np.uint8)
-    features = cv.extract(Image.fromarray(picture))
-    assert cv._frame_looks_mirrored(cv.extract(Image.fromarray(picture[:, ::-1].copy())), features)
-    assert not cv._frame_looks_mirrored(cv.extract(Image.fromarray(picture)), features)
+    features = extract(Image.fromarray(picture))
+    assert cv._frame_looks_mirrored(extract(Image.fromarray(picture[:, ::-1].copy())), features)
+    assert not cv._frame_looks_mirrored(extract(Image.fromarray(picture)), features)
 
 
 def test_frames_resemble_in_either_orientation_and_not_across_pictures() -> None:
     picture = textured(6)
-    original = cv.extract(picture)
-    assert cv.frames_resemble(cv.extract(picture.filter(ImageFilter.GaussianBlur(3))), original)
-    assert cv.frames_resemble(cv.extract(ImageOps.mirror(picture)), original)
-    others = [cv.extract(textured(seed)) for seed in range(7, 12)]
+    original = extract(picture)
+    assert cv.frames_resemble(extract(picture.filter(ImageFilter.GaussianBlur(3))), original)
+    assert cv.frames_resemble(extract(ImageOps.mirror(picture)), original)
+    others = [extract(textured(seed)) for seed in range(7, 12)]
     assert not any(cv.frames_resemble(other, original) for other in others)
 
 
@@ -328,10 +212,10 @@ def test_a_pixelated_query_aligns_densely_its_first_candidates_and_the_most_rese
 
     picture = textured(6)
     blocks = picture.resize((40, 40), Image.Resampling.BOX).resize((200, 200), Image.Resampling.NEAREST)
-    query = cv.extract(blocks)
+    query = extract(blocks)
     assert query.block > 0
-    unrelated = [cv.extract(textured(seed)) for seed in range(20, 32)]
-    resembling = [cv.extract(picture.filter(ImageFilter.GaussianBlur(r))) for r in (1, 2, 3, 4, 5, 6, 7, 8)]
+    unrelated = [extract(textured(seed)) for seed in range(20, 32)]
+    resembling = [extract(picture.filter(ImageFilter.GaussianBlur(r))) for r in (1, 2, 3, 4, 5, 6, 7, 8)]
     candidates = dict(enumerate(unrelated + resembling))
     dense, dense_if_few = dense_alignments(query, candidates)
     past_first = [k for k, wanted in dense.items() if wanted and k >= DENSE_K]
@@ -340,57 +224,6 @@ def test_a_pixelated_query_aligns_densely_its_first_candidates_and_the_most_rese
     assert all(dense_if_few[k] for k in past_first)
     plain, _ = dense_alignments(replace(query, block=0.0), candidates)  # the same query, not pixelated
     assert [k for k, wanted in plain.items() if wanted] == list(range(DENSE_K))
-
-
-def test_copy_score_weighs_a_candidate_against_the_others() -> None:
-    from agman_milvus.core.copy_verify import copy_scores
-
-    alone, = copy_scores([0.9])
-    stands_out = copy_scores([0.9, 0.2, 0.1])
-    look_alikes = copy_scores([0.9, 0.88, 0.85])
-    assert alone > stands_out[0] > 0.85 > look_alikes[0]  # three shots align: none is the original
-    assert stands_out[1] < 0.01 and look_alikes == sorted(look_alikes, reverse=True)
-    # one picture filed twice (pHashes 1 bit apart) does not count against itself
-    twice = copy_scores([0.9, 0.9, 0.2], hashes=[0b1011, 0b1010, 0xFFFF_0000])
-    assert twice[0] == twice[1] == stands_out[0]
-    assert copy_scores([0.9, 0.9, 0.2], hashes=[0b1011, None, 0])[0] < 0.85  # unknown: counted
-    assert copy_scores([]) == []
-    # a verification beyond doubt stands on its own, even beside a close look-alike
-    assert copy_scores([0.99, 0.87])[0] == 0.99 and copy_scores([0.99, 0.87])[1] < 0.5
-    # nothing near lifts a weak alignment, but not far
-    assert 0.6 < copy_scores([0.6, 0.01])[0] <= 0.7
-
-
-def test_a_dense_look_alike_is_no_rival_to_a_decisive_keypoint_match() -> None:
-    """A greyscale copy matched by 33 keypoint inliers, beside another product whose outline
-    alone aligned densely as well (0 inliers: its keypoints matched nothing): the keypoint
-    match is weighed against keypoint evidence only. Below DECISIVE_INLIERS, or against a
-    keypoint rival, the margin counts as before, and the dense one stays weighed against it."""
-    from agman_milvus.core.copy_verify import DECISIVE_INLIERS, copy_scores
-
-    scores = [0.73, 0.71, 0.1]
-    plain = copy_scores(scores)
-    decisive = copy_scores(scores, inliers=[33, 0, 45])
-    assert plain[0] < 0.2 and decisive[0] == pytest.approx(0.83)  # lifted by MAX_LIFT at most
-    assert decisive[1] == plain[1] < 0.2  # the dense one still meets the keypoint match
-    assert copy_scores(scores, inliers=[DECISIVE_INLIERS - 1, 0, 45]) == plain
-    assert copy_scores(scores, inliers=[33, 8, 45]) == plain  # a keypoint rival counts
-
-
-def test_a_pixelated_match_is_a_copy_when_it_stands_out() -> None:
-    """The score with a pixelated picture's blocks smoothed away goes through the margin model:
-    alone, it makes a copy; beside a look-alike of one shoot, a near-duplicate at most; never
-    sure on its own."""
-    from agman_milvus.core.copy_verify import PIXELATED_MAX, copy_scores
-
-    stands_out = copy_scores([0.05, 0.1, 0.0], smoothed=[0.85, 0.2, 0.0])
-    assert stands_out[0] >= 0.9 and stands_out[1] < 0.2
-    look_alikes = copy_scores([0.05, 0.1], smoothed=[0.91, 0.74])  # 2 shoot-mates, no original
-    assert PIXELATED_MAX * 0.91 <= look_alikes[0] < 0.75
-    assert copy_scores([0.0, 0.0], smoothed=[0.99, 0.95])[0] < 0.75
-    # a keypoint match beside it counts against the smoothed one
-    assert copy_scores([0.8, 0.0], smoothed=[0.0, 0.85])[1] < 0.75
-    assert copy_scores([0.05, 0.0], smoothed=[0.85, 0.0])[0] == copy_scores([0.05], smoothed=[0.85])[0]
 
 
 def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_twice() -> None:
@@ -402,13 +235,13 @@ def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_t
     original, other = textured(1), textured(2)
     buf = io.BytesIO()
     original.save(buf, "JPEG", quality=60)
-    query = cv.extract(Image.open(buf).convert("RGB"))
-    candidates = {0: cv.extract(other), 1: cv.extract(original), 2: cv.extract(textured(3)),
-                  3: cv.extract(original)}
+    query = extract(Image.open(buf).convert("RGB"))
+    candidates = {0: extract(other), 1: extract(original), 2: extract(textured(3)),
+                  3: extract(original)}
     hashes = {0: phash(other), 1: phash(original), 2: phash(textured(3)), 3: phash(original)}
     found = verify_in_order(query, candidates, hashes, copy_threshold=0.75)
     assert sorted(found) == [0, 1, 3]  # 2 is left out, 3 shows the same picture as the copy
-    assert found[1].score >= cv.SURE and found[3].score >= cv.SURE and found[0].score < 0.5
+    assert found[1].score >= SURE and found[3].score >= SURE and found[0].score < 0.5
     # two at a time: the round that finds the copy is verified whole
     assert sorted(verify_in_order(query, candidates, hashes, copy_threshold=0.75, workers=2)) == [0, 1, 3]
     first = {0: candidates[1], 1: candidates[0], 2: candidates[2]}
@@ -428,43 +261,28 @@ def test_verification_stops_at_a_sure_copy_but_verifies_the_same_picture_filed_t
 def test_a_mirrored_query_is_fitted_with_its_own_keypoints_mirrored_first() -> None:
     """The mirror image's SIFT pass runs only for a candidate that the query's keypoints,
     mirrored, fit better than directly, but not beyond doubt; once a query."""
-    original = cv.extract(textured(4))
-    query = cv.extract(textured(4))
+    original = extract(textured(4))
+    query = extract(textured(4))
     cv.verify(query, original)  # a direct match: nothing mirrored
     assert query._flipped is None and query._mirror is None
-    flipped_copy = cv.extract(ImageOps.mirror(textured(4)))
+    flipped_copy = extract(ImageOps.mirror(textured(4)))
     v = cv.verify(flipped_copy, original)
-    assert v.mirrored and v.score > cv.SURE and flipped_copy._mirror is None
-    unrelated = cv.extract(ImageOps.mirror(textured(5)))
+    assert v.mirrored and v.score > SURE and flipped_copy._mirror is None
+    unrelated = extract(ImageOps.mirror(textured(5)))
     assert cv.verify(unrelated, original).score < 0.1 and unrelated._mirror is None
-    inverted = cv.extract(ImageOps.mirror(ImageOps.invert(textured(4))))  # a few inliers, no copy
+    inverted = extract(ImageOps.mirror(ImageOps.invert(textured(4))))  # a few inliers, no copy
     assert cv.verify(inverted, original).score < cv.MIRROR_AGAIN and inverted._mirror is None
-    blurred = cv.extract(ImageOps.mirror(textured(4).filter(ImageFilter.GaussianBlur(4))))
-    assert 0.3 < cv.verify(blurred, original).score < cv.SURE
+    blurred = extract(ImageOps.mirror(textured(4).filter(ImageFilter.GaussianBlur(4))))
+    assert 0.3 < cv.verify(blurred, original).score < SURE
     assert blurred._mirror is not None and blurred.mirrored() is blurred._mirror
-
-
-def test_flipped_keypoints_are_those_of_the_mirror_image() -> None:
-    """Where SIFT on the mirror image finds a keypoint at a flipped one's place, their
-    descriptors agree (the bins' permutation is that of a horizontal flip)."""
-    query = cv.extract(textured(6))
-    flipped, mirror = query.flipped(), query.mirrored()
-    dist = ((flipped.points[:, None, :] - mirror.points[None, :, :]) ** 2).sum(-1)
-    nearest = dist.argmin(axis=1)
-    same = dist[np.arange(len(dist)), nearest] < 0.01
-    assert same.mean() > 0.4
-    a = flipped.descriptors[same].astype(np.float32)
-    b = mirror.descriptors[nearest[same]].astype(np.float32)
-    assert np.median(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)) < 0.1
-    assert np.array_equal(flipped.thumb, query.thumb[:, ::-1])
 
 
 def test_ratio_matches_are_those_of_opencvs_brute_force_matcher() -> None:
     """The matrix-product ratio test keeps exactly the pairs of OpenCV's BFMatcher (k=2)."""
     import cv2
 
-    query = cv.extract(EDITS["rotate"](textured(3), random.Random(1)))
-    candidates = [cv.extract(textured(s)) for s in (3, 4)] + [cv.extract(Image.new("RGB", (64, 64), "white"))]
+    query = extract(EDITS["rotate"](textured(3), random.Random(1)))
+    candidates = [extract(textured(s)) for s in (3, 4)] + [extract(Image.new("RGB", (64, 64), "white"))]
     found = cv._ratio_matches_many(query.descriptors, [c.descriptors for c in candidates])
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     for candidate, pairs in zip(candidates, found, strict=True):

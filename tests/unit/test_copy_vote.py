@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from agman_milvus.core import copy_verify, copy_vote
+from agman_milvus.core import copy_features, copy_vote
 
 
 def textured(seed: int, size: int = 160) -> Image.Image:
@@ -32,12 +32,12 @@ def test_root_sift_is_unit_length_and_hellinger() -> None:
 
 
 def test_vote_vectors_take_the_strongest_keypoints() -> None:
-    features = copy_verify.extract(textured(1))
+    features = copy_features.extract(textured(1))
     assert len(features.descriptors) > 20
     vectors = copy_vote.vote_vectors(features, limit=20)
     assert vectors.shape == (20, 128) and vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, copy_vote.root_sift(features.descriptors[:20]))
-    blank = copy_verify.extract(Image.new("RGB", (64, 64), "white"))
+    blank = copy_features.extract(Image.new("RGB", (64, 64), "white"))
     assert copy_vote.vote_vectors(blank).shape == (0, 128)
 
 
@@ -47,7 +47,7 @@ def test_tally_counts_each_image_once_per_keypoint_by_rank() -> None:
 
 
 def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
-    refs = [copy_verify.extract(textured(seed)) for seed in range(6)]
+    refs = [copy_features.extract(textured(seed)) for seed in range(6)]
     stored = np.concatenate([copy_vote.vote_vectors(f) for f in refs])
     owner = np.concatenate([np.full(len(copy_vote.vote_vectors(f)), i) for i, f in enumerate(refs)])
 
@@ -56,10 +56,10 @@ def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
         return owner[nearest].tolist()
 
     copy = textured(3).crop((20, 10, 150, 140)).rotate(12, expand=True, fillcolor="white")
-    features = copy_verify.extract(copy)
+    features = copy_features.extract(copy)
     [votes] = copy_vote.vote_many([[features]], search)
     assert max(votes, key=votes.__getitem__) == 3
-    blank = copy_verify.extract(Image.new("RGB", (32, 32)))
+    blank = copy_features.extract(Image.new("RGB", (32, 32)))
     assert copy_vote.vote_many([[blank]], search) == [{}]
 
     # several queries share one search; each gets the votes it would get alone
@@ -69,7 +69,7 @@ def test_vote_finds_the_original_of_a_cropped_rotated_copy() -> None:
         calls.append(len(vectors))
         return search(vectors, k)
 
-    other = copy_verify.extract(textured(5).rotate(8, fillcolor="white"))
+    other = copy_features.extract(textured(5).rotate(8, fillcolor="white"))
     together = copy_vote.vote_many([[features], [blank], [other]], counted)
     assert len(calls) == 1
     assert together == [votes, {}, *copy_vote.vote_many([[other]], search)]

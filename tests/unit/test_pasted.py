@@ -10,6 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from agman_milvus.core import copy_verify as cv
+from agman_milvus.core.copy_features import extract, pixel_block
+from agman_milvus.core.copy_scoring import SURE
 from agman_milvus.core.pasted import pasted_region
 from agman_milvus.usecases.copyright import QueryLook, inspect_query, query_views
 from tests.unit.test_copy_verify import textured
@@ -91,16 +93,16 @@ def test_a_copy_pasted_small_verifies_through_its_region() -> None:
     canvas.paste(original.rotate(20, expand=True, fillcolor=(255, 255, 255)).resize((220, 220)), (400, 266))
     box = pasted_region(grey(canvas))
     assert box is not None and np.allclose(box, (400, 266, 620, 486), atol=8), box
-    plain = cv.verify(cv.extract(canvas), cv.extract(original))
-    framed = cv.verify(cv.extract(canvas, pasted=box), cv.extract(original))
-    assert plain.score < cv.SURE and framed.score > plain.score + 0.1 and framed.inliers > 2 * plain.inliers
+    plain = cv.verify(extract(canvas), extract(original))
+    framed = cv.verify(extract(canvas, pasted=box), extract(original))
+    assert plain.score < SURE and framed.score > plain.score + 0.1 and framed.inliers > 2 * plain.inliers
     centre = np.asarray(framed.region).mean(axis=0)
     assert np.allclose(centre, (510, 376), atol=10)  # the original's outline, in the whole query
     lines = np.asarray(framed.lines)
     assert ((lines[:, 0] > 400) & (lines[:, 0] < 620) & (lines[:, 1] > 266) & (lines[:, 1] < 486)).all()
     # an unrelated picture does not align at all, the picture alone (extracted once) neither
-    query = cv.extract(canvas, pasted=box)
-    assert cv.verify(query, cv.extract(textured(23, 240))).score < 0.1
+    query = extract(canvas, pasted=box)
+    assert cv.verify(query, extract(textured(23, 240))).score < 0.1
     assert query._pasted is not None and query.pasted() is query._pasted
 
 
@@ -140,10 +142,10 @@ def test_a_pixelated_picture_pasted_at_another_aspect_verifies_through_its_regio
     assert look.block == 0.0 and look.pasted is not None
     assert np.allclose(look.pasted, (110, 90, 310, 370), atol=4), look
     assert look.pasted_block == pytest.approx(np.sqrt(10 * 14), rel=0.1)
-    assert cv.pixel_block(grey(query_views(canvas, look)[3])) == 0.0  # its blocks scaled away
+    assert pixel_block(grey(query_views(canvas, look)[3])) == 0.0  # its blocks scaled away
 
-    query = cv.extract(canvas, look.block, look.pasted, look.pasted_block)
-    found = cv.verify(query, cv.extract(original))
+    query = extract(canvas, look.block, look.pasted, look.pasted_block)
+    found = cv.verify(query, extract(original))
     assert found.smoothed_score > 0.8 and found.method == "dense", found
-    assert cv.verify(cv.extract(canvas), cv.extract(original)).rank < 0.3  # the whole query alone
-    assert cv.verify(query, cv.extract(product_on(pink, 43))).rank < 0.3  # another product
+    assert cv.verify(extract(canvas), extract(original)).rank < 0.3  # the whole query alone
+    assert cv.verify(query, extract(product_on(pink, 43))).rank < 0.3  # another product

@@ -718,7 +718,7 @@ def _copy_checks(client: Any, items: Sequence[Any], unrelated: Sequence[Path], u
 def _copy_card(client: Any, check: Any, query: Any, label: str, expected: str, names: list[str],
                t: Any) -> page.CopyCheck:
     """The page's card for one check: query, best match, verdict and the evidence behind it."""
-    from agman_milvus.core.copy_verify import draw_evidence
+    from agman_milvus.core.copy_evidence import draw_evidence
 
     best = check.best
     evidence: list[tuple[str, Any]] = [("verdict score", round(check.score, 4))]
