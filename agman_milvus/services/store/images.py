@@ -219,14 +219,6 @@ class ImageRepository(Repository):
                 changed += result.rowcount
         return changed
 
-    def list_pending(self, limit: int = 1000) -> list[Image]:
-        """Oldest pending images first."""
-        with self.sessions() as s:
-            return list(s.scalars(
-                select(Image).where(Image.status == ImageStatus.pending)
-                .order_by(Image.id).limit(limit)
-            ))
-
     def iter_ids(
         self, statuses: ImageStatus | Iterable[ImageStatus], batch_size: int = 5000
     ) -> Iterator[tuple[int, str | None]]:
