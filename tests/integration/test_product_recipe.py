@@ -264,6 +264,50 @@ def test_cli_trains_product_by_default_and_paper_on_request(catalog: Path, tmp_p
     assert not (tmp_path / "mixed").exists()
 
 
+def test_eval_ranks_a_checkpoint_at_another_value_weight(catalog: Path, tmp_path: Path) -> None:
+    """`agman eval --value-weight W` ranks with that blend of the value posterior, as the
+    checkpoint would with W built in; the checkpoint's own weight gives its own result."""
+    from typer.testing import CliRunner
+
+    from agman_milvus.app.cli import app
+    from agman_milvus.core.model import save_checkpoint
+
+    runner = CliRunner()
+    data = ["--catalog", str(catalog), "--attributes", "colour,mark", "--min-count", "2"]
+    trained = runner.invoke(app, ["train", "global", "-o", str(tmp_path / "run"), *data, "--image-size", "48",
+                                  "--epochs", "1", "--batch-size", "16", "--backbone", "mobilenet_v2",
+                                  "--random-init", "--workers", "0", "--threads", "1", "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+    checkpoint = tmp_path / "run" / "best.safetensors"
+    net = load_checkpoint(checkpoint)
+    own = net.value_head.config()["weight"]
+    evaluate = [*data, "--split", "test", "--workers", "0", "--threads", "1",
+                "--checkpoint", str(checkpoint)]
+    reports = {}
+    for weight in (None, own, 0.3):
+        out = tmp_path / f"{weight}.json"
+        option = [] if weight is None else ["--value-weight", str(weight)]
+        result = runner.invoke(app, ["eval", *evaluate, *option, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[weight] = json.loads(out.read_text())
+    assert "value_weight" not in reports[None] and reports[0.3]["value_weight"] == 0.3
+    assert reports[own]["per_attribute"] == reports[None]["per_attribute"]
+    net.value_head.weight.fill_(0.3)
+    retrieval, table = catalog_source(catalog, ["colour", "mark"], min_count=2, seed=0).split("test")
+    blended = evaluate_map(net, retrieval, table, workers=0, precision="float32").to_json()
+    maps = {name: [report["per_attribute"][a]["map"] for a in ("colour", "mark")]
+            for name, report in (("option", reports[0.3]), ("built in", blended))}
+    assert maps["option"] == pytest.approx(maps["built in"])
+    # a checkpoint without a value head (the paper's recipe), or no checkpoint, is refused
+    net.value_head = None
+    save_checkpoint(net, tmp_path / "bare.safetensors")
+    refused = runner.invoke(app, ["eval", *evaluate[:-1], str(tmp_path / "bare.safetensors"),
+                                  "--value-weight", "0.5"])
+    assert refused.exit_code == 2 and "needs a checkpoint with a value head" in refused.output
+    refused = runner.invoke(app, ["eval", *data, "--imagenet-floor", "mobilenet_v2", "--value-weight", "0.5"])
+    assert refused.exit_code == 2 and "--value-weight is for --checkpoint" in refused.output
+
+
 def test_eval_linear_probe_reports_intervals(catalog: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

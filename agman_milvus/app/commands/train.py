@@ -300,6 +300,11 @@ def register(app: typer.Typer) -> None:
                                              "embeds (AGMAN_PRECISION: bfloat16 on CUDA and on CPUs "
                                              "that compute it natively); default float32 on CPU, "
                                              "auto on CUDA"),
+        value_weight: float | None = typer.Option(
+            None, min=0.0, max=1.0,
+            help="With --checkpoint of the product recipe: rank with this blend of the value posterior "
+                 "instead of the checkpoint's own (0 = the raw attribute embedding, 1 = the posterior "
+                 "alone)"),
     ) -> None:
         """MAP per attribute and overall with 95% bootstrap intervals over queries (or TR accuracy
         for Zappos triplets)."""
@@ -319,6 +324,8 @@ def register(app: typer.Typer) -> None:
         computed = computed_precision(on, precision)  # what "auto" (or no option) is here
         if sum(x is not None for x in (checkpoint, imagenet_floor, linear_probe)) != 1:
             raise typer.BadParameter("give exactly one of --checkpoint, --imagenet-floor or --linear-probe")
+        if value_weight is not None and (checkpoint is None or zappos is not None):
+            raise typer.BadParameter("--value-weight is for --checkpoint on a catalog or reference split")
         if fold_valid and linear_probe is None:
             raise typer.BadParameter("--fold-valid is for --linear-probe (a checkpoint was trained "
                                      "already: `agman train --fold-valid`)")
@@ -339,6 +346,12 @@ def register(app: typer.Typer) -> None:
             if checkpoint is not None:
                 net = load_checkpoint(checkpoint)
                 name = str(checkpoint)
+                if value_weight is not None:
+                    if net.value_head is None:
+                        raise typer.BadParameter("--value-weight needs a checkpoint with a value head "
+                                                 "(the product recipe's)")
+                    net.value_head.weight.fill_(value_weight)
+                    name += f" at value weight {value_weight:g}"
             elif linear_probe is not None:
                 from agman_milvus.training.probe import train_linear_probe
 
@@ -358,6 +371,8 @@ def register(app: typer.Typer) -> None:
                            "ci95": intervals}
             if linear_probe is not None:
                 result_json["probe_training_labels"] = len(source.train)
+            if value_weight is not None:
+                result_json["value_weight"] = value_weight
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result_json, indent=1))
