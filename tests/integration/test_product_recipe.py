@@ -292,7 +292,7 @@ def test_eval_ranks_a_checkpoint_at_another_value_weight(catalog: Path, tmp_path
         reports[weight] = json.loads(out.read_text())
     assert "value_weight" not in reports[None] and reports[0.3]["value_weight"] == 0.3
     assert reports[own]["per_attribute"] == reports[None]["per_attribute"]
-    net.value_head.weight.fill_(0.3)
+    net.value_head.set_weight(0.3)
     retrieval, table = catalog_source(catalog, ["colour", "mark"], min_count=2, seed=0).split("test")
     blended = evaluate_map(net, retrieval, table, workers=0, precision="float32").to_json()
     maps = {name: [report["per_attribute"][a]["map"] for a in ("colour", "mark")]

@@ -29,11 +29,11 @@ def test_weight_zero_returns_the_embedding_and_one_the_value_posterior() -> None
     head.proxies[0].copy_(torch.eye(3, 8))
     near_first = _unit(torch.tensor([[1.0, 0.1, 0, 0, 0, 0.3, 0, 0], [1.0, 0, 0.1, 0, 0, 0, -0.3, 0]]))
     torch.testing.assert_close(head.blend(near_first, 0), near_first)
-    head.weight.fill_(1.0)
+    head.set_weight(1.0)
     snapped = head.blend(near_first, 0)  # both confidently value 0: the same vector, proxy 0
     torch.testing.assert_close(snapped[0], snapped[1], atol=1e-4, rtol=0)
     assert float(snapped[0, 0]) > 0.999
-    head.weight.fill_(0.5)  # in between: the same value first, the embedding still tells them apart
+    head.set_weight(0.5)  # in between: the same value first, the embedding still tells them apart
     half = head.blend(near_first, 0)
     assert float(half[0] @ half[1]) > float(near_first[0] @ near_first[1])
     assert float(half[0] @ half[1]) < 0.9999
@@ -43,6 +43,10 @@ def test_weight_zero_returns_the_embedding_and_one_the_value_posterior() -> None
 def test_weight_outside_zero_one_is_refused() -> None:
     with pytest.raises(ValueError, match="weight"):
         ValueHead([2], dim=4, weight=1.5)
+    head = ValueHead([2], dim=4, weight=0.7)
+    with pytest.raises(ValueError, match="weight"):
+        head.set_weight(-0.1)
+    assert float(head.weight) == pytest.approx(0.7)  # a refused weight leaves the blend as it was
 
 
 @pytest.mark.parametrize("name", ["agman", "asen_v2", "global"])
@@ -71,5 +75,5 @@ def test_checkpoint_keeps_the_value_head_and_its_weight_is_part_of_the_version(t
     assert loaded.value_head is not None and loaded.value_head.config() == {"scale": 16.0, "weight": 0.5}
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_all(images), model.eval().embed_all(images))
-    model.value_head.weight.fill_(0.25)
+    model.value_head.set_weight(0.25)
     assert save_checkpoint(model, tmp_path / "b.safetensors") != version

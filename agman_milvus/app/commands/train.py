@@ -350,7 +350,7 @@ def register(app: typer.Typer) -> None:
                     if net.value_head is None:
                         raise typer.BadParameter("--value-weight needs a checkpoint with a value head "
                                                  "(the product recipe's)")
-                    net.value_head.weight.fill_(value_weight)
+                    net.value_head.set_weight(value_weight)
                     name += f" at value weight {value_weight:g}"
             elif linear_probe is not None:
                 from agman_milvus.training.probe import train_linear_probe

@@ -32,12 +32,17 @@ class ValueHead(nn.Module):
         self, value_counts: Sequence[int], dim: int, scale: float = 16.0, weight: float = 0.0
     ) -> None:
         super().__init__()
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"value head weight must lie in [0, 1], got {weight}")
         self.proxies = nn.ParameterList(
             nn.Parameter(torch.randn(max(1, n), dim) * 0.01) for n in value_counts)
         self.register_buffer("scale", torch.tensor(float(scale)))
-        self.register_buffer("weight", torch.tensor(float(weight)))
+        self.register_buffer("weight", torch.tensor(0.0))
+        self.set_weight(weight)
+
+    def set_weight(self, weight: float) -> None:
+        """Blend ``weight`` of the posterior into the retrieval vectors from now on (in [0, 1])."""
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"value head weight must lie in [0, 1], got {weight}")
+        self.weight.fill_(float(weight))
 
     def logits(self, embeddings: torch.Tensor, attribute: int) -> torch.Tensor:
         """Value logits [B, V] of unit embeddings [B, D] for one attribute."""
